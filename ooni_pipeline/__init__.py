@@ -1,0 +1,1 @@
+"""OONI's data jobs as Dagster software-defined assets."""

@@ -1,0 +1,242 @@
+"""One small interface to ClickHouse, on a server or embedded (chdb).
+
+Assets talk to ``ClickHouse`` only: run a command, query into a DataFrame or rows,
+stream a large result as bytes, insert a DataFrame or an Arrow table. Values always
+travel as bound parameters (``{name:Type}`` placeholders, bound by the engine);
+identifiers go through ``quote_identifier``.
+
+Two backends:
+- a server, through clickhouse-connect (``http(s)://user:password@host:port/db``);
+- embedded chdb at a directory (``chdb:///abs/path``), through clickhouse-connect's
+  chdb backend, plus chdb's own ``send_query`` for streaming, which is the only
+  streaming path that neither buffers the result nor crawls row by row.
+
+chdb lets one process at a time open a data directory, and a process can open only
+one directory in its lifetime. Opening therefore waits on the lock, up to a bounded
+timeout, and fails with a message that says what is going on.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import pandas as pd
+import pyarrow as pa
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+# chdb's words for "another process holds this directory".
+_LOCKED_MARKERS = ("Cannot lock file", "Error initializing EmbeddedServer", "Resource temporarily unavailable")
+
+
+class ClickHouseError(RuntimeError):
+    """A ClickHouse failure whose message is safe to show (no credentials)."""
+
+
+def quote_identifier(name: str) -> str:
+    """Validate a table or column name and return it quoted for SQL."""
+    if not isinstance(name, str) or not _IDENTIFIER.match(name):
+        raise ValueError(f"invalid ClickHouse identifier: {name!r}")
+    return f"`{name}`"
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, for logs and messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def _redact_text(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+class ClickHouse:
+    """An open connection. Use as a context manager, or call ``close()``.
+
+    ``url`` is either ``chdb:///abs/path`` or an ``http(s)://`` server URL.
+    """
+
+    def __init__(self, url: str, *, lock_timeout_s: float = 600.0, lock_poll_s: float = 0.5):
+        self.url = url
+        self.display_url = redact_url(url)
+        parts = urlsplit(url)
+        self.embedded = parts.scheme == "chdb"
+        self._secrets = [p for p in (parts.password,) if p]
+        self._lock_timeout_s = lock_timeout_s
+        self._lock_poll_s = lock_poll_s
+        self._chdb_conn: Any = None
+        self.path = parts.path if self.embedded else None
+        if self.embedded and not (self.path and self.path.startswith("/")):
+            raise ClickHouseError(f"chdb URL needs an absolute path: {url!r}")
+        self._client = self._open()
+
+    # -- opening ----------------------------------------------------------------
+    def _open(self) -> Any:
+        import clickhouse_connect
+
+        if not self.embedded:
+            try:
+                return clickhouse_connect.get_client(dsn=self.url, compress=False)
+            except Exception as exc:  # re-raised with the password removed
+                raise ClickHouseError(
+                    f"cannot connect to ClickHouse at {self.display_url}: "
+                    f"{_redact_text(str(exc), self._secrets)}"
+                ) from None
+        import os
+
+        os.makedirs(self.path, exist_ok=True)
+        deadline = time.monotonic() + self._lock_timeout_s
+        waited = False
+        while True:
+            try:
+                client = clickhouse_connect.get_client(dsn=f"chdb://{self.path}")
+                if waited:
+                    self._log_wait_end()
+                return client
+            except Exception as exc:
+                message = str(exc)
+                if "already initialized with path" in message:
+                    raise ClickHouseError(
+                        f"this process already opened embedded ClickHouse at another path; "
+                        f"chdb allows one data directory per process ({self.path!r} requested): {message}"
+                    ) from None
+                if not any(marker in message for marker in _LOCKED_MARKERS):
+                    raise ClickHouseError(f"cannot open embedded ClickHouse at {self.path}: {message}") from None
+                if time.monotonic() >= deadline:
+                    raise ClickHouseError(
+                        f"embedded ClickHouse at {self.path} is held by another process; gave up after "
+                        f"{self._lock_timeout_s:.0f} s. Only one process may open it at a time: "
+                        "keep the 'clickhouse' pool limit at 1 in dagster.yaml, or use a ClickHouse server."
+                    ) from None
+                waited = True
+                time.sleep(self._lock_poll_s)
+
+    def _log_wait_end(self) -> None:
+        import logging
+
+        logging.getLogger(__name__).info("embedded ClickHouse lock at %s acquired after waiting", self.path)
+
+    def _chdb(self) -> Any:
+        if self._chdb_conn is None:
+            import chdb
+
+            self._chdb_conn = chdb.connect(self.path)
+        return self._chdb_conn
+
+    def close(self) -> None:
+        """Release the connection (and, embedded, the directory lock)."""
+        if self._chdb_conn is not None:
+            self._chdb_conn.close()
+            self._chdb_conn = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def __enter__(self) -> ClickHouse:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- queries ----------------------------------------------------------------
+    def _wrap(self, exc: Exception, sql: str) -> ClickHouseError:
+        first_line = " ".join(sql.split())[:200]
+        return ClickHouseError(f"{_redact_text(str(exc), self._secrets)} (query: {first_line})")
+
+    def command(self, sql: str, parameters: Mapping[str, Any] | None = None) -> Any:
+        """Run a statement; return its scalar result if any."""
+        try:
+            return self._client.command(sql, parameters=dict(parameters or {}))
+        except Exception as exc:
+            raise self._wrap(exc, sql) from None
+
+    def query_df(self, sql: str, parameters: Mapping[str, Any] | None = None) -> pd.DataFrame:
+        """A small result as a DataFrame."""
+        try:
+            return self._client.query_df(sql, parameters=dict(parameters or {}))
+        except Exception as exc:
+            raise self._wrap(exc, sql) from None
+
+    def query_rows(self, sql: str, parameters: Mapping[str, Any] | None = None) -> list[tuple]:
+        """A small result as a list of tuples."""
+        try:
+            return list(self._client.query(sql, parameters=dict(parameters or {})).result_rows)
+        except Exception as exc:
+            raise self._wrap(exc, sql) from None
+
+    def scalar(self, sql: str, parameters: Mapping[str, Any] | None = None) -> Any:
+        rows = self.query_rows(sql, parameters)
+        return rows[0][0] if rows else None
+
+    def stream(
+        self, sql: str, parameters: Mapping[str, Any] | None = None, fmt: str = "CSV"
+    ) -> Iterator[bytes]:
+        """A large result as an iterator of byte chunks, never held whole.
+
+        Use a format without a header (``CSV``, ``TSV``...): chdb repeats the
+        header of ``*WithNames`` formats in every chunk; see ``header()``.
+        """
+        params = dict(parameters or {})
+        try:
+            if self.embedded:
+                result = self._chdb().send_query(sql, fmt, params=params)
+                with result:
+                    for chunk in result:
+                        data = chunk.bytes()
+                        if data:
+                            yield data
+            else:
+                with self._client.raw_stream(sql, parameters=params, fmt=fmt) as stream:
+                    for data in stream:
+                        if data:
+                            yield data
+        except ClickHouseError:
+            raise
+        except Exception as exc:
+            raise self._wrap(exc, sql) from None
+
+    def header(self, sql: str, parameters: Mapping[str, Any] | None = None) -> list[str]:
+        """The column names a query would return, without running it for data."""
+        try:
+            result = self._client.query(f"SELECT * FROM ({sql}) LIMIT 0", parameters=dict(parameters or {}))
+        except Exception as exc:
+            raise self._wrap(exc, sql) from None
+        return list(result.column_names)
+
+    def insert_df(self, table: str, df: pd.DataFrame) -> None:
+        quote_identifier(table)
+        try:
+            self._client.insert_df(table, df)
+        except Exception as exc:
+            raise self._wrap(exc, f"INSERT INTO {table}") from None
+
+    def insert_arrow(self, table: str, data: pa.Table) -> None:
+        quote_identifier(table)
+        try:
+            self._client.insert_arrow(table, data)
+        except Exception as exc:
+            raise self._wrap(exc, f"INSERT INTO {table}") from None
+
+    def count(self, table: str) -> int:
+        return int(self.scalar(f"SELECT count() FROM {quote_identifier(table)}"))
+
+    def columns(self, table: str) -> list[tuple[str, str]]:
+        """(name, type) of each column of a table, in order."""
+        return [
+            (str(name), str(type_))
+            for name, type_ in self.query_rows(
+                "SELECT name, type FROM system.columns WHERE database = currentDatabase() "
+                "AND table = {table:String} ORDER BY position",
+                {"table": table},
+            )
+        ]

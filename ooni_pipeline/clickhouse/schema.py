@@ -1,0 +1,118 @@
+"""OONI's table definitions, created on first use (``CREATE TABLE IF NOT EXISTS``).
+
+Column lists follow ``docs/Database.md`` of ooni/backend (see CONTRACT.md). A
+staging table (``_tmp``, ``_flip``) has exactly the DDL of its live table.
+"""
+
+from __future__ import annotations
+
+from ooni_pipeline.clickhouse.connection import ClickHouse, quote_identifier
+
+FASTPATH_COLUMNS = """
+    measurement_uid String,
+    report_id String,
+    input String,
+    probe_cc LowCardinality(String),
+    probe_asn Int32,
+    test_name LowCardinality(String),
+    test_start_time DateTime,
+    measurement_start_time DateTime,
+    filename String,
+    scores String,
+    platform String,
+    anomaly String,
+    confirmed String,
+    msm_failure String,
+    domain String,
+    software_name String,
+    software_version String,
+    control_failure String,
+    blocking_general Float32,
+    is_ssl_expected Int8,
+    page_len Int32,
+    page_len_ratio Float32,
+    server_cc String,
+    server_asn Int8,
+    server_as_name String,
+    update_time DateTime64(3) MATERIALIZED now64(),
+    test_version String,
+    architecture String,
+    engine_name LowCardinality(String),
+    engine_version String,
+    test_runtime Float32,
+    blocking_type String,
+    test_helper_address LowCardinality(String),
+    test_helper_type LowCardinality(String)
+"""
+
+_FINGERPRINT_COLUMNS = """
+    name String,
+    scope Enum8({scopes}),
+    other_names String,
+    location_found String,
+    pattern_type Enum8('full' = 1, 'prefix' = 2, 'contains' = 3, 'regexp' = 4),
+    pattern String,
+    confidence_no_fp UInt8,
+    expected_countries String,
+    source String,
+    exp_url String,
+    notes String
+"""
+
+DNS_SCOPES = ("nat", "isp", "prod", "inst", "vbw", "fp")
+HTTP_SCOPES = (*DNS_SCOPES, "injb", "prov")
+PATTERN_TYPES = ("full", "prefix", "contains", "regexp")
+
+
+def _enum(values: tuple[str, ...]) -> str:
+    return ", ".join(f"'{value}' = {i}" for i, value in enumerate(values, start=1))
+
+
+# name -> (columns, engine clause)
+_TABLES: dict[str, tuple[str, str]] = {
+    "fastpath": (
+        FASTPATH_COLUMNS,
+        "ENGINE = ReplacingMergeTree(update_time) "
+        "ORDER BY (measurement_start_time, report_id, input, measurement_uid)",
+    ),
+    "citizenlab": (
+        "domain String, url String, cc FixedString(32), category_code String",
+        "ENGINE = ReplacingMergeTree ORDER BY (domain, url, cc, category_code)",
+    ),
+    "fingerprints_dns": (
+        _FINGERPRINT_COLUMNS.format(scopes=_enum(DNS_SCOPES)),
+        "ENGINE = EmbeddedRocksDB PRIMARY KEY name",
+    ),
+    "fingerprints_http": (
+        _FINGERPRINT_COLUMNS.format(scopes=_enum(HTTP_SCOPES)),
+        "ENGINE = EmbeddedRocksDB PRIMARY KEY name",
+    ),
+    "asnmeta": (
+        "asn UInt32, org_name String, cc String, changed Date, aut_name String, source String",
+        "ENGINE = MergeTree ORDER BY (asn, changed)",
+    ),
+}
+
+# staging table -> its live table
+STAGING_OF = {
+    "citizenlab_flip": "citizenlab",
+    "fingerprints_dns_tmp": "fingerprints_dns",
+    "fingerprints_http_tmp": "fingerprints_http",
+    "asnmeta_tmp": "asnmeta",
+}
+
+KNOWN_TABLES = (*_TABLES, *STAGING_OF)
+
+
+def create_table_sql(name: str) -> str:
+    """The ``CREATE TABLE IF NOT EXISTS`` statement of a known OONI table."""
+    columns, engine = _TABLES[STAGING_OF.get(name, name)]
+    return f"CREATE TABLE IF NOT EXISTS {quote_identifier(name)} ({columns}) {engine}"
+
+
+def ensure_tables(ch: ClickHouse, *names: str) -> None:
+    """Create the named tables if missing; idempotent."""
+    for name in names:
+        if name not in KNOWN_TABLES:
+            raise ValueError(f"unknown table {name!r}; known: {', '.join(KNOWN_TABLES)}")
+        ch.command(create_table_sql(name))

@@ -1,0 +1,42 @@
+"""Pieces every domain's assets share: pool, retry policy, owner, metadata helpers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dagster as dg
+
+from ooni_pipeline.clickhouse import ClickHouse
+
+# Every step that opens ClickHouse takes a slot of this pool. dagster.yaml limits it
+# to 1 on the embedded default (chdb lets one process hold its directory).
+CLICKHOUSE_POOL = "clickhouse"
+OWNER = "team:ooni-backend"
+
+# OONI's jobs retried 3 times, 10 minutes apart; jitter spreads retries of
+# assets that failed together.
+NETWORK_RETRY_POLICY = dg.RetryPolicy(
+    max_retries=3, delay=600, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
+)
+
+
+def table_schema(ch: ClickHouse, table: str) -> dg.TableSchema:
+    """The table's columns as Dagster shows them."""
+    return dg.TableSchema(columns=[dg.TableColumn(name, type_) for name, type_ in ch.columns(table)])
+
+
+def column_schema_metadata(ch: ClickHouse, table: str) -> dict[str, Any]:
+    return {"dagster/column_schema": table_schema(ch, table)}
+
+
+def last_metadata(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext, key: dg.AssetKey) -> dict[str, Any]:
+    """Raw values of the metadata of the asset's latest materialization ({} if none)."""
+    event = context.instance.get_latest_materialization_event(key)
+    if event is None or event.asset_materialization is None:
+        return {}
+    return {name: getattr(value, "value", value) for name, value in event.asset_materialization.metadata.items()}
+
+
+def top_counts(rows: list[tuple[str, int]], limit: int = 20) -> dict[str, int]:
+    """The ``limit`` largest (label, count) pairs, for compact JSON metadata."""
+    return {str(label): int(count) for label, count in sorted(rows, key=lambda r: -r[1])[:limit]}

@@ -1,0 +1,252 @@
+"""Object stores with all-or-nothing streaming writes.
+
+``open_writer(key)`` returns a writer; the object appears under ``key`` only when
+the ``with`` block ends without error. On S3 that is a multipart upload (aborted on
+any error, so no partial object and no open upload is left behind); locally a
+temporary file in the same directory renamed into place.
+
+The S3 writer uploads parts from a background thread through a short queue, so a
+producer reading from ClickHouse keeps reading while a part travels: a server
+drops an HTTP query whose client stops reading for about 30 s.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import tempfile
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+MIN_PART_SIZE = 5 * 1024 * 1024
+
+
+class ObjectWriter(ABC):
+    @abstractmethod
+    def write(self, data: bytes) -> None: ...
+
+
+class ObjectStore(ABC):
+    """The operations assets need, with the same keys on every backend."""
+
+    @abstractmethod
+    def open_writer(self, key: str) -> Any:
+        """A context manager yielding an ``ObjectWriter``; commits on clean exit."""
+
+    @abstractmethod
+    def open_reader(self, key: str) -> IO[bytes]: ...
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def list_keys(self, prefix: str) -> list[str]: ...
+
+    @abstractmethod
+    def address(self, key: str) -> str:
+        """Where a person finds the object (``s3://bucket/key`` or a path)."""
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        with self.open_writer(key) as writer:
+            writer.write(data)
+
+    def read_bytes(self, key: str) -> bytes:
+        with self.open_reader(key) as reader:
+            return reader.read()
+
+
+def _check_key(key: str) -> str:
+    if not key or key.startswith("/") or ".." in key.split("/"):
+        raise ValueError(f"invalid object key: {key!r}")
+    return key
+
+
+class LocalObjectStore(ObjectStore):
+    """A directory; keys are relative paths inside it."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root).absolute()
+
+    def _path(self, key: str) -> Path:
+        return self.root / _check_key(key)
+
+    @contextmanager
+    def open_writer(self, key: str) -> Iterator[ObjectWriter]:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                yield _FileWriter(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def open_reader(self, key: str) -> IO[bytes]:
+        return open(self._path(key), "rb")
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list_keys(self, prefix: str) -> list[str]:
+        if not self.root.exists():
+            return []
+        keys = []
+        for path in self.root.rglob("*"):
+            if path.is_file() and not path.name.endswith(".partial"):
+                key = path.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    keys.append(key)
+        return sorted(keys)
+
+    def address(self, key: str) -> str:
+        return str(self._path(key))
+
+
+class _FileWriter(ObjectWriter):
+    def __init__(self, handle: IO[bytes]):
+        self._handle = handle
+
+    def write(self, data: bytes) -> None:
+        self._handle.write(data)
+
+
+class S3ObjectStore(ObjectStore):
+    """An S3 bucket (AWS or any S3-compatible endpoint) through a boto3 client."""
+
+    def __init__(self, client: Any, bucket: str, part_size: int = 16 * 1024 * 1024):
+        if part_size < MIN_PART_SIZE:
+            raise ValueError(f"part_size must be at least {MIN_PART_SIZE} bytes (S3's minimum)")
+        self.client = client
+        self.bucket = bucket
+        self.part_size = part_size
+
+    @contextmanager
+    def open_writer(self, key: str) -> Iterator[ObjectWriter]:
+        writer = _MultipartWriter(self.client, self.bucket, _check_key(key), self.part_size)
+        try:
+            yield writer
+            writer.complete()
+        except BaseException:
+            writer.abort()
+            raise
+
+    def open_reader(self, key: str) -> IO[bytes]:
+        return self.client.get_object(Bucket=self.bucket, Key=_check_key(key))["Body"]
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=_check_key(key))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+        return True
+
+    def list_keys(self, prefix: str) -> list[str]:
+        keys = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            keys.extend(item["Key"] for item in page.get("Contents", []))
+        return sorted(keys)
+
+    def address(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+
+_DONE = object()
+
+
+class _MultipartWriter(ObjectWriter):
+    """Buffers writes into parts; a background thread uploads them in order."""
+
+    def __init__(self, client: Any, bucket: str, key: str, part_size: int):
+        self.client = client
+        self.bucket = bucket
+        self.key = key
+        self.part_size = part_size
+        self._buffer = bytearray()
+        self._upload_id: str | None = None
+        self._parts: list[dict[str, Any]] = []
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=2)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def write(self, data: bytes) -> None:
+        self._raise_if_failed()
+        self._buffer += data
+        while len(self._buffer) >= self.part_size:
+            part = bytes(self._buffer[: self.part_size])
+            del self._buffer[: self.part_size]
+            self._send(part)
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"upload of {self.key} failed: {self._error}") from self._error
+
+    def _send(self, part: bytes) -> None:
+        if self._thread is None:
+            response = self.client.create_multipart_upload(Bucket=self.bucket, Key=self.key)
+            self._upload_id = response["UploadId"]
+            self._thread = threading.Thread(target=self._upload_parts, name=f"upload {self.key}", daemon=True)
+            self._thread.start()
+        while True:  # don't block forever on a dead uploader
+            self._raise_if_failed()
+            try:
+                self._queue.put(part, timeout=1.0)
+                return
+            except queue.Full:
+                continue
+
+    def _upload_parts(self) -> None:
+        number = 0
+        while True:
+            part = self._queue.get()
+            if part is _DONE:
+                return
+            if self._error is not None:
+                continue  # drain so the producer is never blocked
+            number += 1
+            try:
+                response = self.client.upload_part(
+                    Bucket=self.bucket, Key=self.key, UploadId=self._upload_id, PartNumber=number, Body=part
+                )
+                self._parts.append({"PartNumber": number, "ETag": response["ETag"]})
+            except BaseException as exc:  # handed to the producer thread
+                self._error = exc
+
+    def _join(self) -> None:
+        if self._thread is not None:
+            self._queue.put(_DONE)
+            self._thread.join()
+
+    def complete(self) -> None:
+        if self._thread is None:
+            # Small object: one PUT is just as atomic.
+            self.client.put_object(Bucket=self.bucket, Key=self.key, Body=bytes(self._buffer))
+            return
+        if self._buffer:
+            self._send(bytes(self._buffer))
+            self._buffer.clear()
+        self._join()
+        self._raise_if_failed()
+        self.client.complete_multipart_upload(
+            Bucket=self.bucket, Key=self.key, UploadId=self._upload_id, MultipartUpload={"Parts": self._parts}
+        )
+
+    def abort(self) -> None:
+        if self._thread is not None:
+            self._error = self._error or RuntimeError("aborted")
+            self._join()
+        if self._upload_id is not None:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self._upload_id)
+            self._upload_id = None

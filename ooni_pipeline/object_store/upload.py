@@ -1,0 +1,88 @@
+"""Streaming compressed upload: the one way exports and backups write objects.
+
+Chunks (e.g. CSV straight out of ClickHouse) are compressed as they arrive and
+written to an all-or-nothing object writer: no temporary file, memory bounded by
+the compressor's window plus the writer's few parts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import zstandard
+
+from ooni_pipeline.object_store.stores import ObjectStore
+
+Compression = Literal["gzip", "zstd", "none"]
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    key: str
+    address: str
+    raw_bytes: int
+    bytes: int
+    sha256: str
+    duration_s: float
+
+
+class _Identity:
+    def compress(self, data: bytes) -> bytes:
+        return data
+
+    def flush(self) -> bytes:
+        return b""
+
+
+def _compressor(compression: Compression):
+    if compression == "gzip":
+        return zlib.compressobj(6, zlib.DEFLATED, 31)  # wbits 31: gzip container
+    if compression == "zstd":
+        return zstandard.ZstdCompressor(level=3).compressobj()
+    if compression == "none":
+        return _Identity()
+    raise ValueError(f"unknown compression {compression!r}")
+
+
+def stream_upload(
+    store: ObjectStore,
+    key: str,
+    chunks: Iterable[bytes],
+    compression: Compression,
+    progress: Callable[[int, int], None] | None = None,
+) -> UploadResult:
+    """Compress ``chunks`` into the object ``key``; nothing appears there on failure.
+
+    ``progress(raw_bytes, compressed_bytes)`` is called after each chunk.
+    """
+    start = time.monotonic()
+    compressor = _compressor(compression)
+    digest = hashlib.sha256()
+    raw = written = 0
+    with store.open_writer(key) as writer:
+        for chunk in chunks:
+            raw += len(chunk)
+            out = compressor.compress(chunk)
+            if out:
+                digest.update(out)
+                written += len(out)
+                writer.write(out)
+            if progress is not None:
+                progress(raw, written)
+        out = compressor.flush()
+        digest.update(out)
+        written += len(out)
+        writer.write(out)
+    return UploadResult(
+        key=key,
+        address=store.address(key),
+        raw_bytes=raw,
+        bytes=written,
+        sha256=digest.hexdigest(),
+        duration_s=time.monotonic() - start,
+    )

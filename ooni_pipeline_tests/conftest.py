@@ -1,0 +1,105 @@
+"""The shared test rig: real chdb, moto's S3 server on 127.0.0.1, an upstream HTTP
+server with fault injection, and local git repositories.
+
+chdb allows one data directory per process, so the whole session shares one; each
+test starts from an empty database (all tables dropped).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+
+from ooni_pipeline.clickhouse import ClickHouse, ClickHouseResource, quote_identifier
+from ooni_pipeline.object_store import ObjectStoreResource
+from ooni_pipeline_tests.rig import GitRepo, UpstreamServer
+
+
+@pytest.fixture(scope="session")
+def chdb_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("chdb") / "clickhouse"
+
+
+@pytest.fixture
+def clickhouse(chdb_path: Path) -> ClickHouseResource:
+    """The resource, on the session's embedded database, emptied for this test."""
+    resource = ClickHouseResource(url=f"chdb://{chdb_path}", lock_timeout_s=60)
+    with resource.connect() as ch:
+        for (table,) in ch.query_rows("SELECT name FROM system.tables WHERE database = currentDatabase()"):
+            ch.command(f"DROP TABLE IF EXISTS {quote_identifier(table)} SYNC")
+    return resource
+
+
+@pytest.fixture
+def ch(clickhouse: ClickHouseResource) -> Iterator[ClickHouse]:
+    with clickhouse.connect() as connection:
+        yield connection
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """moto in server mode: a real S3 endpoint over HTTP on 127.0.0.1."""
+    from moto.server import ThreadedMotoServer
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(moto_endpoint: str) -> str:
+    name = f"ooni-test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def s3_client(moto_endpoint: str):
+    return boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
+
+
+@pytest.fixture
+def s3_store_resource(moto_endpoint: str, s3_bucket: str) -> ObjectStoreResource:
+    return ObjectStoreResource(bucket=s3_bucket, endpoint_url=moto_endpoint, region_name="us-east-1", part_size_mb=5)
+
+
+@pytest.fixture
+def local_store_resource(tmp_path: Path) -> ObjectStoreResource:
+    return ObjectStoreResource(local_dir=str(tmp_path / "objects"))
+
+
+@pytest.fixture(params=["local", "s3"])
+def object_store_resource(request: pytest.FixtureRequest) -> ObjectStoreResource:
+    """Both object stores, one after the other."""
+    if request.param == "local":
+        return request.getfixturevalue("local_store_resource")
+    return request.getfixturevalue("s3_store_resource")
+
+
+@pytest.fixture
+def upstream() -> Iterator[UpstreamServer]:
+    server = UpstreamServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def git_repo(tmp_path: Path) -> GitRepo:
+    return GitRepo(tmp_path / "upstream-repo")

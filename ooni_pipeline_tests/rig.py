@@ -1,0 +1,141 @@
+"""Test rig components: a fault-injecting HTTP server and a local git repository.
+
+Everything listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    delay_s: float = 0.0
+    truncate_to: int | None = None  # send Content-Length of the full body, then stop early
+
+
+class UpstreamServer:
+    """Serves files by path. Queued faults are served first, then the file itself.
+
+    Files get an ETag (sha256) and a Last-Modified header; a matching
+    If-None-Match gets 304.
+    """
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.faults: dict[str, list[Reply]] = {}
+        self.log: list[tuple[str, int, dict[str, str]]] = []
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                reply = server._reply_for(self.path, dict(self.headers))
+                server.log.append((self.path, reply.status, dict(self.headers)))
+                if reply.delay_s:
+                    time.sleep(reply.delay_s)
+                self.send_response(reply.status)
+                for name, value in reply.headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(reply.body)))
+                self.end_headers()
+                body = reply.body if reply.truncate_to is None else reply.body[: reply.truncate_to]
+                try:
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                if reply.truncate_to is not None:
+                    self.close_connection = True
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def base_url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def url(self, path: str) -> str:
+        return f"{self.base_url}/{path.lstrip('/')}"
+
+    def put(self, path: str, body: bytes | str) -> str:
+        """Serve ``body`` at ``path``; returns its URL."""
+        data = body.encode() if isinstance(body, str) else body
+        with self._lock:
+            self.files["/" + path.lstrip("/")] = data
+        return self.url(path)
+
+    def remove(self, path: str) -> None:
+        with self._lock:
+            self.files.pop("/" + path.lstrip("/"), None)
+
+    def fail(self, path: str, *replies: Reply) -> None:
+        """Serve these replies, in order, before the file."""
+        with self._lock:
+            self.faults.setdefault("/" + path.lstrip("/"), []).extend(replies)
+
+    def hits(self, path: str) -> list[int]:
+        return [status for p, status, _ in self.log if p == "/" + path.lstrip("/")]
+
+    def _reply_for(self, path: str, headers: dict[str, str]) -> Reply:
+        with self._lock:
+            queued = self.faults.get(path)
+            if queued:
+                return queued.pop(0)
+            if path not in self.files:
+                return Reply(404, b"not found")
+            body = self.files[path]
+        etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+        reply_headers = {"ETag": etag, "Last-Modified": "Sun, 01 Nov 2026 00:00:00 GMT"}
+        if headers.get("If-None-Match") == etag:
+            return Reply(304, b"", reply_headers)
+        return Reply(200, body, reply_headers)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class GitRepo:
+    """A local git repository reachable by a file:// URL."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+        self._git("init", "-q", "-b", "master")
+        self._git("config", "user.email", "tests@example.org")
+        self._git("config", "user.name", "tests")
+
+    @property
+    def url(self) -> str:
+        return self.path.absolute().as_uri()
+
+    def _git(self, *args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=self.path, check=True, capture_output=True, text=True
+        ).stdout.strip()
+
+    def commit(self, files: dict[str, bytes | str], message: str = "update", remove: tuple[str, ...] = ()) -> str:
+        """Write ``files`` (relative path -> content), remove others, commit; return the SHA."""
+        for name, content in files.items():
+            target = self.path / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(content.encode() if isinstance(content, str) else content)
+        for name in remove:
+            (self.path / name).unlink()
+        self._git("add", "-A")
+        self._git("commit", "-q", "--allow-empty", "-m", message)
+        return self._git("rev-parse", "HEAD")

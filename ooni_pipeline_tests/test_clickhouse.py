@@ -1,0 +1,160 @@
+"""The ClickHouse layer on real embedded ClickHouse (chdb)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from ooni_pipeline.clickhouse import ClickHouse, ClickHouseError, quote_identifier
+from ooni_pipeline.clickhouse.connection import redact_url
+from ooni_pipeline.clickhouse.schema import KNOWN_TABLES, ensure_tables
+from ooni_pipeline.clickhouse.swap import RowBounds, TableUpdateError, replace_table
+
+
+def test_bound_parameters_carry_hostile_values(ch: ClickHouse) -> None:
+    ch.command("CREATE TABLE t (id UInt32, s String) ENGINE = MergeTree ORDER BY id")
+    hostile = "x'); DROP TABLE t; --\"\\"
+    ch.insert_df("t", pd.DataFrame({"id": [1, 2], "s": [hostile, "plain"]}))
+    rows = ch.query_rows("SELECT id FROM t WHERE s = {s:String}", {"s": hostile})
+    assert rows == [(1,)]
+    assert ch.count("t") == 2
+
+
+def test_identifiers_are_validated() -> None:
+    assert quote_identifier("fastpath") == "`fastpath`"
+    for bad in ["", "a b", "t; DROP TABLE x", "`x`", "1abc", "a.b"]:
+        with pytest.raises(ValueError, match="invalid ClickHouse identifier"):
+            quote_identifier(bad)
+
+
+def test_stream_yields_the_whole_result_in_chunks(ch: ClickHouse) -> None:
+    chunks = list(ch.stream("SELECT number, toString(number) FROM numbers({n:UInt64})", {"n": 300_000}))
+    assert len(chunks) > 1
+    lines = b"".join(chunks).splitlines()
+    assert len(lines) == 300_000
+    assert lines[0] == b'0,"0"' and lines[-1] == b'299999,"299999"'
+
+
+def test_header_and_columns(ch: ClickHouse) -> None:
+    ensure_tables(ch, "asnmeta")
+    assert ch.header("SELECT asn, org_name FROM asnmeta") == ["asn", "org_name"]
+    assert ch.columns("asnmeta")[0] == ("asn", "UInt32")
+
+
+def test_ensure_tables_creates_every_known_table_idempotently(ch: ClickHouse) -> None:
+    ensure_tables(ch, *KNOWN_TABLES)
+    ensure_tables(ch, *KNOWN_TABLES)
+    names = {row[0] for row in ch.query_rows("SELECT name FROM system.tables WHERE database = currentDatabase()")}
+    assert set(KNOWN_TABLES) <= names
+    assert dict(ch.columns("fastpath"))["update_time"] == "DateTime64(3)"
+    with pytest.raises(ValueError, match="unknown table"):
+        ensure_tables(ch, "nope")
+
+
+def test_errors_name_the_query(ch: ClickHouse) -> None:
+    with pytest.raises(ClickHouseError, match="no_such_table"):
+        ch.command("SELECT * FROM no_such_table")
+
+
+def test_redact_url() -> None:
+    assert redact_url("https://ooni:s3cret@ch.example.org:8443/ooni") == "https://ooni:***@ch.example.org:8443/ooni"
+    assert redact_url("chdb:///var/lib/x") == "chdb:///var/lib/x"
+
+
+def test_server_connection_error_hides_the_password() -> None:
+    with pytest.raises(ClickHouseError) as info:
+        ClickHouse("http://ooni:topsecretpw@127.0.0.1:9/default")
+    assert "topsecretpw" not in str(info.value)
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def _fill_asnmeta(rows: list[tuple[int, str]]):
+    def fill(ch: ClickHouse, table: str) -> None:
+        ch.insert_df(
+            table,
+            pd.DataFrame(
+                {
+                    "asn": [r[0] for r in rows],
+                    "org_name": [r[1] for r in rows],
+                    "cc": "IT",
+                    "changed": pd.Timestamp("2020-01-01").date(),
+                    "aut_name": "",
+                    "source": "test",
+                }
+            ),
+        )
+
+    return fill
+
+
+def test_replace_table_swaps_atomically(ch: ClickHouse) -> None:
+    replace_table(ch, live="asnmeta", staging="asnmeta_tmp", fill=_fill_asnmeta([(1, "old")]))
+    result = replace_table(
+        ch, live="asnmeta", staging="asnmeta_tmp", fill=_fill_asnmeta([(2, "new"), (3, "new")]),
+        bounds=RowBounds(1, 10),
+    )
+    assert (result.rows, result.previous_rows) == (2, 1)
+    assert ch.query_rows("SELECT asn FROM asnmeta ORDER BY asn") == [(2,), (3,)]
+    # The staging table now holds the previous content, for diffs.
+    assert ch.query_rows("SELECT asn FROM asnmeta_tmp") == [(1,)]
+
+
+@pytest.mark.parametrize("failure", ["fill", "bounds", "validate"])
+def test_replace_table_failure_keeps_the_live_table(ch: ClickHouse, failure: str) -> None:
+    replace_table(ch, live="asnmeta", staging="asnmeta_tmp", fill=_fill_asnmeta([(1, "old")]))
+
+    def failing_fill(ch: ClickHouse, table: str) -> None:
+        _fill_asnmeta([(5, "partial")])(ch, table)  # a partial write, then the failure
+        raise RuntimeError("injected failure while inserting")
+
+    def refuse(ch: ClickHouse, table: str) -> None:
+        raise ValueError("injected validation failure")
+
+    kwargs = {
+        "fill": failing_fill if failure == "fill" else _fill_asnmeta([(7, "x")] * 3),
+        "bounds": RowBounds(5, 10) if failure == "bounds" else None,
+        "validate": refuse if failure == "validate" else None,
+    }
+    with pytest.raises(TableUpdateError, match="asnmeta_tmp"):
+        replace_table(ch, live="asnmeta", staging="asnmeta_tmp", **kwargs)
+    assert ch.query_rows("SELECT asn, org_name FROM asnmeta") == [(1, "old")]
+
+
+def test_second_process_waits_for_the_embedded_lock(chdb_path: Path, ch: ClickHouse) -> None:
+    """While this process holds the directory, another one waits, then succeeds."""
+    ch.command("CREATE TABLE lock_probe (x UInt8) ENGINE = MergeTree ORDER BY x")
+    script = textwrap.dedent(
+        f"""
+        import time
+        from ooni_pipeline.clickhouse import ClickHouse
+        start = time.monotonic()
+        with ClickHouse("chdb://{chdb_path}", lock_timeout_s=60, lock_poll_s=0.2) as ch:
+            ch.command("INSERT INTO lock_probe VALUES (1)")
+        print(f"waited {{time.monotonic() - start:.1f}}")
+        """
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)
+    assert child.poll() is None, child.communicate()  # still waiting on our lock
+    ch.close()
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 0, err
+    assert float(out.split()[1]) >= 2.5
+    with ClickHouse(f"chdb://{chdb_path}") as again:
+        assert again.count("lock_probe") == 1
+
+
+def test_lock_wait_gives_up_with_a_clear_message(chdb_path: Path, ch: ClickHouse) -> None:
+    script = f"""
+from ooni_pipeline.clickhouse import ClickHouse
+ClickHouse("chdb://{chdb_path}", lock_timeout_s=1, lock_poll_s=0.2)
+"""
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert child.returncode != 0
+    assert "held by another process" in child.stderr

@@ -1,0 +1,49 @@
+"""Fetching with retries and conditional GET, against the local upstream server."""
+
+from __future__ import annotations
+
+import pytest
+
+from ooni_pipeline.fetch import FetchError, fetch, fetch_bytes, http_session
+from ooni_pipeline_tests.rig import Reply, UpstreamServer
+
+
+def test_retries_5xx_then_succeeds(upstream: UpstreamServer) -> None:
+    url = upstream.put("f.csv", "a,b\n")
+    upstream.fail("f.csv", Reply(500), Reply(503))
+    body, validators = fetch_bytes(url)
+    assert body == b"a,b\n"
+    assert upstream.hits("f.csv") == [500, 503, 200]
+    assert validators.etag
+
+
+def test_404_is_final_and_named(upstream: UpstreamServer) -> None:
+    with pytest.raises(FetchError, match=r"missing\.csv.*HTTP 404"):
+        fetch_bytes(upstream.url("missing.csv"))
+    assert upstream.hits("missing.csv") == [404]
+
+
+def test_truncated_body_is_an_error(upstream: UpstreamServer) -> None:
+    url = upstream.put("t.csv", "x" * 10_000)
+    upstream.fail("t.csv", Reply(200, b"x" * 10_000, truncate_to=5_000))
+    with pytest.raises(FetchError, match="truncated"):
+        fetch_bytes(url)
+
+
+def test_conditional_get(upstream: UpstreamServer) -> None:
+    url = upstream.put("c.csv", "v1")
+    body, validators = fetch_bytes(url)
+    assert body == b"v1"
+    body, again = fetch_bytes(url, previous=validators)
+    assert body is None and again == validators
+    upstream.put("c.csv", "v2")
+    body, newer = fetch_bytes(url, previous=validators)
+    assert body == b"v2" and newer.etag != validators.etag
+
+
+def test_slow_response_times_out(upstream: UpstreamServer) -> None:
+    url = upstream.put("slow", "late")
+    upstream.fail("slow", *[Reply(200, b"late", delay_s=2.0)] * 2)
+    with pytest.raises(FetchError, match="slow"):
+        with fetch(url, session=http_session(retries=1, backoff_s=0), timeout=(1, 0.5)):
+            pass
