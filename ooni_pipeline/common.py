@@ -22,21 +22,59 @@ NETWORK_RETRY_POLICY = dg.RetryPolicy(
 
 def table_schema(ch: ClickHouse, table: str) -> dg.TableSchema:
     """The table's columns as Dagster shows them."""
-    return dg.TableSchema(columns=[dg.TableColumn(name, type_) for name, type_ in ch.columns(table)])
+    return dg.TableSchema(
+        columns=[dg.TableColumn(name, type_) for name, type_ in ch.columns(table)]
+    )
 
 
 def column_schema_metadata(ch: ClickHouse, table: str) -> dict[str, Any]:
     return {"dagster/column_schema": table_schema(ch, table)}
 
 
-def last_metadata(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext, key: dg.AssetKey) -> dict[str, Any]:
+def last_metadata(
+    context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext, key: dg.AssetKey
+) -> dict[str, Any]:
     """Raw values of the metadata of the asset's latest materialization ({} if none)."""
     event = context.instance.get_latest_materialization_event(key)
     if event is None or event.asset_materialization is None:
         return {}
-    return {name: getattr(value, "value", value) for name, value in event.asset_materialization.metadata.items()}
+    return {
+        name: getattr(value, "value", value)
+        for name, value in event.asset_materialization.metadata.items()
+    }
 
 
 def top_counts(rows: list[tuple[str, int]], limit: int = 20) -> dict[str, int]:
     """The ``limit`` largest (label, count) pairs, for compact JSON metadata."""
     return {str(label): int(count) for label, count in sorted(rows, key=lambda r: -r[1])[:limit]}
+
+
+def asset_schedule(
+    name: str,
+    selection: dg.AssetSelection | list[Any],
+    cron_schedule: str,
+    *,
+    retry: bool = True,
+    description: str | None = None,
+) -> dg.ScheduleDefinition:
+    """The schedule ``<name>_schedule`` running job ``<name>_job``, on by default, in UTC.
+
+    The job carries ``NETWORK_RETRY_POLICY`` for its steps (``retry=True``), so
+    unattended runs retry as OONI's timers did, while a run launched by hand or
+    by a test fails at once. Missed ticks are not replayed (the daemon only runs
+    the latest), so a stopped daemon does not cause a pile-up.
+    """
+    job = dg.define_asset_job(
+        name=f"{name}_job",
+        selection=selection,
+        op_retry_policy=NETWORK_RETRY_POLICY if retry else None,
+        description=description,
+    )
+    return dg.ScheduleDefinition(
+        name=f"{name}_schedule",
+        job=job,
+        cron_schedule=cron_schedule,
+        execution_timezone="UTC",
+        default_status=dg.DefaultScheduleStatus.RUNNING,
+        description=description,
+    )

@@ -80,7 +80,9 @@ class Fetched:
         try:
             yield from self.response.iter_content(chunk_size)
         except requests.RequestException as exc:
-            raise FetchError(f"reading {self.url} failed (truncated or interrupted body): {exc}") from exc
+            raise FetchError(
+                f"reading {self.url} failed (truncated or interrupted body): {exc}"
+            ) from exc
 
 
 @contextmanager
@@ -106,7 +108,9 @@ def fetch(
             yield Fetched(url, None, previous)
             return
         if response.status_code != 200:
-            raise FetchError(f"fetching {url} failed: HTTP {response.status_code} {response.reason}")
+            raise FetchError(
+                f"fetching {url} failed: HTTP {response.status_code} {response.reason}"
+            )
         validators = Validators(response.headers.get("ETag"), response.headers.get("Last-Modified"))
         yield Fetched(url, response, validators)
 

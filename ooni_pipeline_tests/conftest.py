@@ -31,7 +31,9 @@ def clickhouse(chdb_path: Path) -> ClickHouseResource:
     """The resource, on the session's embedded database, emptied for this test."""
     resource = ClickHouseResource(url=f"chdb://{chdb_path}", lock_timeout_s=60)
     with resource.connect() as ch:
-        for (table,) in ch.query_rows("SELECT name FROM system.tables WHERE database = currentDatabase()"):
+        for (table,) in ch.query_rows(
+            "SELECT name FROM system.tables WHERE database = currentDatabase()"
+        ):
             ch.command(f"DROP TABLE IF EXISTS {quote_identifier(table)} SYNC")
     return resource
 
@@ -66,7 +68,9 @@ def moto_endpoint() -> Iterator[str]:
 @pytest.fixture
 def s3_bucket(moto_endpoint: str) -> str:
     name = f"ooni-test-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
+    boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1").create_bucket(
+        Bucket=name
+    )
     return name
 
 
@@ -77,7 +81,9 @@ def s3_client(moto_endpoint: str):
 
 @pytest.fixture
 def s3_store_resource(moto_endpoint: str, s3_bucket: str) -> ObjectStoreResource:
-    return ObjectStoreResource(bucket=s3_bucket, endpoint_url=moto_endpoint, region_name="us-east-1", part_size_mb=5)
+    return ObjectStoreResource(
+        bucket=s3_bucket, endpoint_url=moto_endpoint, region_name="us-east-1", part_size_mb=5
+    )
 
 
 @pytest.fixture

@@ -128,7 +128,9 @@ class GitRepo:
             ["git", *args], cwd=self.path, check=True, capture_output=True, text=True
         ).stdout.strip()
 
-    def commit(self, files: dict[str, bytes | str], message: str = "update", remove: tuple[str, ...] = ()) -> str:
+    def commit(
+        self, files: dict[str, bytes | str], message: str = "update", remove: tuple[str, ...] = ()
+    ) -> str:
         """Write ``files`` (relative path -> content), remove others, commit; return the SHA."""
         for name, content in files.items():
             target = self.path / name

@@ -34,7 +34,9 @@ def test_identifiers_are_validated() -> None:
 
 
 def test_stream_yields_the_whole_result_in_chunks(ch: ClickHouse) -> None:
-    chunks = list(ch.stream("SELECT number, toString(number) FROM numbers({n:UInt64})", {"n": 300_000}))
+    chunks = list(
+        ch.stream("SELECT number, toString(number) FROM numbers({n:UInt64})", {"n": 300_000})
+    )
     assert len(chunks) > 1
     lines = b"".join(chunks).splitlines()
     assert len(lines) == 300_000
@@ -50,7 +52,12 @@ def test_header_and_columns(ch: ClickHouse) -> None:
 def test_ensure_tables_creates_every_known_table_idempotently(ch: ClickHouse) -> None:
     ensure_tables(ch, *KNOWN_TABLES)
     ensure_tables(ch, *KNOWN_TABLES)
-    names = {row[0] for row in ch.query_rows("SELECT name FROM system.tables WHERE database = currentDatabase()")}
+    names = {
+        row[0]
+        for row in ch.query_rows(
+            "SELECT name FROM system.tables WHERE database = currentDatabase()"
+        )
+    }
     assert set(KNOWN_TABLES) <= names
     assert dict(ch.columns("fastpath"))["update_time"] == "DateTime64(3)"
     with pytest.raises(ValueError, match="unknown table"):
@@ -63,7 +70,10 @@ def test_errors_name_the_query(ch: ClickHouse) -> None:
 
 
 def test_redact_url() -> None:
-    assert redact_url("https://ooni:s3cret@ch.example.org:8443/ooni") == "https://ooni:***@ch.example.org:8443/ooni"
+    assert (
+        redact_url("https://ooni:s3cret@ch.example.org:8443/ooni")
+        == "https://ooni:***@ch.example.org:8443/ooni"
+    )
     assert redact_url("chdb:///var/lib/x") == "chdb:///var/lib/x"
 
 
@@ -96,7 +106,10 @@ def _fill_asnmeta(rows: list[tuple[int, str]]):
 def test_replace_table_swaps_atomically(ch: ClickHouse) -> None:
     replace_table(ch, live="asnmeta", staging="asnmeta_tmp", fill=_fill_asnmeta([(1, "old")]))
     result = replace_table(
-        ch, live="asnmeta", staging="asnmeta_tmp", fill=_fill_asnmeta([(2, "new"), (3, "new")]),
+        ch,
+        live="asnmeta",
+        staging="asnmeta_tmp",
+        fill=_fill_asnmeta([(2, "new"), (3, "new")]),
         bounds=RowBounds(1, 10),
     )
     assert (result.rows, result.previous_rows) == (2, 1)
@@ -139,7 +152,9 @@ def test_second_process_waits_for_the_embedded_lock(chdb_path: Path, ch: ClickHo
         print(f"waited {{time.monotonic() - start:.1f}}")
         """
     )
-    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     time.sleep(3)
     assert child.poll() is None, child.communicate()  # still waiting on our lock
     ch.close()
@@ -155,6 +170,8 @@ def test_lock_wait_gives_up_with_a_clear_message(chdb_path: Path, ch: ClickHouse
 from ooni_pipeline.clickhouse import ClickHouse
 ClickHouse("chdb://{chdb_path}", lock_timeout_s=1, lock_poll_s=0.2)
 """
-    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    child = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
     assert child.returncode != 0
     assert "held by another process" in child.stderr

@@ -10,7 +10,15 @@ from ooni_pipeline.definitions import defs
 
 def test_definitions_validate_from_the_command_line() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "dagster", "definitions", "validate", "-m", "ooni_pipeline.definitions"],
+        [
+            sys.executable,
+            "-m",
+            "dagster",
+            "definitions",
+            "validate",
+            "-m",
+            "ooni_pipeline.definitions",
+        ],
         capture_output=True,
         text=True,
         timeout=180,

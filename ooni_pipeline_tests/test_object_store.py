@@ -28,7 +28,9 @@ def test_streaming_upload_round_trip(object_store_resource: ObjectStoreResource)
     assert store.list_keys("exports/") == ["exports/x/a.csv.gz"]
 
 
-def test_multipart_upload_of_many_parts(s3_store_resource: ObjectStoreResource, s3_client, s3_bucket: str) -> None:
+def test_multipart_upload_of_many_parts(
+    s3_store_resource: ObjectStoreResource, s3_client, s3_bucket: str
+) -> None:
     store = s3_store_resource.get_store()  # 5 MiB parts
     result = stream_upload(store, "big.bin.zst", _chunks(17), "zstd")
     head = s3_client.head_object(Bucket=s3_bucket, Key="big.bin.zst")
@@ -43,7 +45,9 @@ def _failing_after(mb: int):
     raise RuntimeError("injected failure mid-object")
 
 
-def test_failed_multipart_upload_leaves_nothing(s3_store_resource: ObjectStoreResource, s3_client, s3_bucket: str) -> None:
+def test_failed_multipart_upload_leaves_nothing(
+    s3_store_resource: ObjectStoreResource, s3_client, s3_bucket: str
+) -> None:
     store = s3_store_resource.get_store()
     with pytest.raises(RuntimeError, match="injected failure"):
         stream_upload(store, "clickhouse_export/csv/t.csv.zstd", _failing_after(12), "none")
@@ -51,7 +55,9 @@ def test_failed_multipart_upload_leaves_nothing(s3_store_resource: ObjectStoreRe
     assert s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
 
 
-def test_failed_upload_keeps_the_previous_object(object_store_resource: ObjectStoreResource) -> None:
+def test_failed_upload_keeps_the_previous_object(
+    object_store_resource: ObjectStoreResource,
+) -> None:
     store = object_store_resource.get_store()
     store.put_bytes("k/obj", b"previous")
     with pytest.raises(RuntimeError):
@@ -60,7 +66,9 @@ def test_failed_upload_keeps_the_previous_object(object_store_resource: ObjectSt
     assert store.list_keys("k/") == ["k/obj"]  # no temporary file left behind
 
 
-def test_part_upload_error_surfaces(s3_store_resource: ObjectStoreResource, s3_client, s3_bucket: str) -> None:
+def test_part_upload_error_surfaces(
+    s3_store_resource: ObjectStoreResource, s3_client, s3_bucket: str
+) -> None:
     """An error in the background part upload fails the writer and aborts the upload."""
     store = s3_store_resource.get_store()
     store.bucket = "no-such-bucket-" + s3_bucket  # upload_part will fail

@@ -29,7 +29,11 @@ import pyarrow as pa
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 # chdb's words for "another process holds this directory".
-_LOCKED_MARKERS = ("Cannot lock file", "Error initializing EmbeddedServer", "Resource temporarily unavailable")
+_LOCKED_MARKERS = (
+    "Cannot lock file",
+    "Error initializing EmbeddedServer",
+    "Resource temporarily unavailable",
+)
 
 
 class ClickHouseError(RuntimeError):
@@ -111,7 +115,9 @@ class ClickHouse:
                         f"chdb allows one data directory per process ({self.path!r} requested): {message}"
                     ) from None
                 if not any(marker in message for marker in _LOCKED_MARKERS):
-                    raise ClickHouseError(f"cannot open embedded ClickHouse at {self.path}: {message}") from None
+                    raise ClickHouseError(
+                        f"cannot open embedded ClickHouse at {self.path}: {message}"
+                    ) from None
                 if time.monotonic() >= deadline:
                     raise ClickHouseError(
                         f"embedded ClickHouse at {self.path} is held by another process; gave up after "
@@ -124,7 +130,9 @@ class ClickHouse:
     def _log_wait_end(self) -> None:
         import logging
 
-        logging.getLogger(__name__).info("embedded ClickHouse lock at %s acquired after waiting", self.path)
+        logging.getLogger(__name__).info(
+            "embedded ClickHouse lock at %s acquired after waiting", self.path
+        )
 
     def _chdb(self) -> Any:
         if self._chdb_conn is None:
@@ -208,7 +216,9 @@ class ClickHouse:
     def header(self, sql: str, parameters: Mapping[str, Any] | None = None) -> list[str]:
         """The column names a query would return, without running it for data."""
         try:
-            result = self._client.query(f"SELECT * FROM ({sql}) LIMIT 0", parameters=dict(parameters or {}))
+            result = self._client.query(
+                f"SELECT * FROM ({sql}) LIMIT 0", parameters=dict(parameters or {})
+            )
         except Exception as exc:
             raise self._wrap(exc, sql) from None
         return list(result.column_names)

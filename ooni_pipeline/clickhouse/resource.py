@@ -20,9 +20,12 @@ class ClickHouseResource(dg.ConfigurableResource):
     embedded database at ``$OONI_DATA_DIR/clickhouse``.
     """
 
-    url: str | None = Field(default=None, description="http(s)://user:password@host:port/db or chdb:///abs/path")
+    url: str | None = Field(
+        default=None, description="http(s)://user:password@host:port/db or chdb:///abs/path"
+    )
     lock_timeout_s: float = Field(
-        default=900.0, description="How long to wait for another process to release embedded ClickHouse"
+        default=900.0,
+        description="How long to wait for another process to release embedded ClickHouse",
     )
 
     def resolved_url(self) -> str:

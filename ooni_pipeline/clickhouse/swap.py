@@ -74,8 +74,12 @@ def replace_table(
         try:
             validate(ch, staging)
         except Exception as exc:
-            raise TableUpdateError(f"validating {staging} failed, {live} left unchanged: {exc}") from exc
+            raise TableUpdateError(
+                f"validating {staging} failed, {live} left unchanged: {exc}"
+            ) from exc
     fill_s = time.monotonic() - start
     start = time.monotonic()
     ch.command(f"EXCHANGE TABLES {quote_identifier(staging)} AND {quote_identifier(live)}")
-    return ReplaceResult(rows=rows, previous_rows=previous_rows, fill_s=fill_s, swap_s=time.monotonic() - start)
+    return ReplaceResult(
+        rows=rows, previous_rows=previous_rows, fill_s=fill_s, swap_s=time.monotonic() - start
+    )

@@ -18,10 +18,16 @@ class ObjectStoreResource(dg.ConfigurableResource):
     """
 
     bucket: str | None = Field(default=None, description="S3 bucket; default $OONI_S3_BUCKET")
-    endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint; default $OONI_S3_ENDPOINT_URL")
+    endpoint_url: str | None = Field(
+        default=None, description="S3-compatible endpoint; default $OONI_S3_ENDPOINT_URL"
+    )
     region_name: str | None = Field(default=None, description="default $AWS_REGION")
-    local_dir: str | None = Field(default=None, description="used when no bucket; default $OONI_DATA_DIR/objects")
-    part_size_mb: int = Field(default=16, description="multipart upload part size (MiB, at least 5)")
+    local_dir: str | None = Field(
+        default=None, description="used when no bucket; default $OONI_DATA_DIR/objects"
+    )
+    part_size_mb: int = Field(
+        default=16, description="multipart upload part size (MiB, at least 5)"
+    )
 
     def get_store(self) -> ObjectStore:
         bucket = self.bucket or settings.env("OONI_S3_BUCKET")
@@ -29,6 +35,8 @@ class ObjectStoreResource(dg.ConfigurableResource):
             return LocalObjectStore(self.local_dir or settings.data_dir() / "objects")
         s3 = S3Resource(
             endpoint_url=self.endpoint_url or settings.env("OONI_S3_ENDPOINT_URL"),
-            region_name=self.region_name or settings.env("AWS_REGION") or settings.env("AWS_DEFAULT_REGION"),
+            region_name=self.region_name
+            or settings.env("AWS_REGION")
+            or settings.env("AWS_DEFAULT_REGION"),
         )
         return S3ObjectStore(s3.get_client(), bucket, part_size=self.part_size_mb * 1024 * 1024)

@@ -155,7 +155,9 @@ class S3ObjectStore(ObjectStore):
 
     def list_keys(self, prefix: str) -> list[str]:
         keys = []
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+        for page in self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=prefix
+        ):
             keys.extend(item["Key"] for item in page.get("Contents", []))
         return sorted(keys)
 
@@ -197,7 +199,9 @@ class _MultipartWriter(ObjectWriter):
         if self._thread is None:
             response = self.client.create_multipart_upload(Bucket=self.bucket, Key=self.key)
             self._upload_id = response["UploadId"]
-            self._thread = threading.Thread(target=self._upload_parts, name=f"upload {self.key}", daemon=True)
+            self._thread = threading.Thread(
+                target=self._upload_parts, name=f"upload {self.key}", daemon=True
+            )
             self._thread.start()
         while True:  # don't block forever on a dead uploader
             self._raise_if_failed()
@@ -218,7 +222,11 @@ class _MultipartWriter(ObjectWriter):
             number += 1
             try:
                 response = self.client.upload_part(
-                    Bucket=self.bucket, Key=self.key, UploadId=self._upload_id, PartNumber=number, Body=part
+                    Bucket=self.bucket,
+                    Key=self.key,
+                    UploadId=self._upload_id,
+                    PartNumber=number,
+                    Body=part,
                 )
                 self._parts.append({"PartNumber": number, "ETag": response["ETag"]})
             except BaseException as exc:  # handed to the producer thread
@@ -240,7 +248,10 @@ class _MultipartWriter(ObjectWriter):
         self._join()
         self._raise_if_failed()
         self.client.complete_multipart_upload(
-            Bucket=self.bucket, Key=self.key, UploadId=self._upload_id, MultipartUpload={"Parts": self._parts}
+            Bucket=self.bucket,
+            Key=self.key,
+            UploadId=self._upload_id,
+            MultipartUpload={"Parts": self._parts},
         )
 
     def abort(self) -> None:
@@ -248,5 +259,7 @@ class _MultipartWriter(ObjectWriter):
             self._error = self._error or RuntimeError("aborted")
             self._join()
         if self._upload_id is not None:
-            self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self._upload_id)
+            self.client.abort_multipart_upload(
+                Bucket=self.bucket, Key=self.key, UploadId=self._upload_id
+            )
             self._upload_id = None
