@@ -9,8 +9,11 @@ import dagster as dg
 
 from ooni_pipeline.clickhouse import ClickHouseResource
 from ooni_pipeline.object_store import ObjectStoreResource
+from ooni_pipeline.test_lists import defs as test_lists_defs
 
-DOMAINS: list[dg.Definitions] = []
+DOMAINS: list[dg.Definitions] = [
+    test_lists_defs,
+]
 
 defs = dg.Definitions.merge(
     *DOMAINS,

@@ -1,0 +1,238 @@
+"""The test-list updater against a local git repository and real chdb."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pytest
+
+from ooni_pipeline.clickhouse import ClickHouse, ClickHouseResource
+from ooni_pipeline.clickhouse.schema import ensure_tables
+from ooni_pipeline.test_lists import citizenlab_schedule
+from ooni_pipeline.test_lists.assets import citizenlab, citizenlab_rows_valid_check
+from ooni_pipeline.test_lists.parse import InvalidURL, url_domain
+from ooni_pipeline_tests.rig import GitRepo
+
+HEADER = "url,category_code,category_description,date_added,source,notes"
+
+
+def _row(url: str, cat: str = "NEWS") -> str:
+    return f'{url},{cat},"News, media",2020-01-01,citizenlab,""'
+
+
+LISTS = {
+    "lists/it.csv": "\n".join(
+        [
+            HEADER,
+            _row("https://www.repubblica.it/"),
+            _row("http://example.it:8080/path?q=1"),
+            _row("http://1.2.3.4/"),
+            _row("https://www.repubblica.it/"),  # duplicate: kept once
+            _row("ftp://files.example.it/"),  # bad scheme
+            _row("http://bad_host.example/"),  # bad host (underscore)
+            _row("http://999.1.1.1/"),  # bad IPv4
+            _row("http://example.it:99999/"),  # bad port
+            _row('"http://exa\\mple.it/"'),  # backslash
+            _row("http://nocat.it/", ""),  # missing category
+            "",
+        ]
+    ),
+    # CRLF line endings, a tab inside a URL
+    "lists/de.csv": "\r\n".join(
+        [HEADER, _row("https://www.spiegel.de/"), _row('"http://tab\tbad.de/"'), ""]
+    ),
+    # UTF-8 BOM, an internationalised domain in punycode, a scheme-less URL
+    "lists/fr.csv": "\ufeff"
+    + "\n".join([HEADER, _row("http://xn--caf-dma.fr/"), _row("lemonde.fr"), ""]),
+    "lists/global.csv": "\n".join(
+        [
+            HEADER,
+            _row("https://www.torproject.org/", "ANON"),
+            _row("https://www.spiegel.de/", "NEWS"),
+            "",
+        ]
+    ),
+    # Files that are not country lists are skipped, even with odd content.
+    "lists/00-LEGEND-category_codes.csv": "CODE,NAME\nNEWS,News\n",
+    "lists/cis.csv": "whatever\n",
+    "lists/official/it.csv": "junk\n",
+    "README.md": "test lists\n",
+}
+
+EXPECTED = {
+    ("www.repubblica.it", "https://www.repubblica.it/", "IT", "NEWS"),
+    ("example.it", "http://example.it:8080/path?q=1", "IT", "NEWS"),
+    ("1.2.3.4", "http://1.2.3.4/", "IT", "NEWS"),
+    ("www.spiegel.de", "https://www.spiegel.de/", "DE", "NEWS"),
+    ("xn--caf-dma.fr", "http://xn--caf-dma.fr/", "FR", "NEWS"),
+    ("lemonde.fr", "lemonde.fr", "FR", "NEWS"),
+    ("www.torproject.org", "https://www.torproject.org/", "ZZ", "ANON"),
+    ("www.spiegel.de", "https://www.spiegel.de/", "ZZ", "NEWS"),
+}
+
+SMALL_BOUNDS = {
+    "ops": {"citizenlab": {"config": {"min_rows_exclusive": 1, "max_rows_exclusive": 100}}}
+}
+
+
+def _table(ch: ClickHouse) -> set[tuple[str, str, str, str]]:
+    rows = ch.query_rows(
+        "SELECT domain, url, replaceAll(toString(cc), '\\0', ''), category_code FROM citizenlab"
+    )
+    return set(rows)
+
+
+def _run(clickhouse: ClickHouseResource, instance: dg.DagsterInstance, run_config=SMALL_BOUNDS):
+    return dg.materialize(
+        [citizenlab, citizenlab_rows_valid_check],
+        resources={"clickhouse": clickhouse},
+        instance=instance,
+        run_config=run_config,
+        raise_on_error=False,
+    )
+
+
+@pytest.fixture
+def repo(git_repo: GitRepo, monkeypatch: pytest.MonkeyPatch) -> GitRepo:
+    git_repo.commit(LISTS, "initial lists")
+    monkeypatch.setenv("OONI_TEST_LISTS_REPO", git_repo.url)
+    return git_repo
+
+
+def _metadata(result: dg.ExecuteInProcessResult) -> dict:
+    (event,) = result.get_asset_materialization_events()
+    return {k: getattr(v, "value", v) for k, v in event.materialization.metadata.items()}
+
+
+def test_exact_rows_land_and_rejections_are_reported(clickhouse, ch, repo) -> None:
+    result = _run(clickhouse, dg.DagsterInstance.ephemeral())
+    assert result.success
+    assert _table(ch) == EXPECTED
+    meta = _metadata(result)
+    assert meta["dagster/row_count"] == len(EXPECTED)
+    assert meta["commit"] == repo._git("rev-parse", "HEAD")
+    assert meta["rejected_by_reason"] == {
+        "bad_scheme": 1,
+        "bad_host": 2,
+        "bad_port": 1,
+        "bad_characters": 2,
+        "missing_category_code": 1,
+    }
+    assert meta["duplicates"] == 1
+    assert meta["files"] == 4 and meta["countries"] == 4
+    assert meta["urls_added"] == len(EXPECTED) and meta["urls_removed"] == 0
+    assert "lists/it.csv:6: bad_scheme" in meta["rejected_examples"]
+    assert [c.name for c in meta["dagster/column_schema"].columns] == [
+        "domain",
+        "url",
+        "cc",
+        "category_code",
+    ]
+    (check,) = result.get_asset_check_evaluations()
+    assert check.passed
+
+
+def test_unchanged_commit_skips_then_a_new_commit_rewrites(clickhouse, ch, repo) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    assert _run(clickhouse, instance).success
+    again = _run(clickhouse, instance)
+    assert _metadata(again)["skipped"] is True
+    assert _table(ch) == EXPECTED
+
+    repo.commit({"lists/it.csv": LISTS["lists/it.csv"] + _row("https://www.corriere.it/") + "\n"})
+    third = _run(clickhouse, instance)
+    meta = _metadata(third)
+    assert meta["skipped"] is False and meta["urls_added"] == 1 and meta["urls_removed"] == 0
+    assert ("www.corriere.it", "https://www.corriere.it/", "IT", "NEWS") in _table(ch)
+
+
+def _assert_failed_and_unchanged(result, ch: ClickHouse, message: str) -> None:
+    assert not result.success
+    failure = result.get_step_failure_events()[0].step_failure_data.error
+    text = failure.to_string()
+    assert message in text, text
+    assert _table(ch) == EXPECTED
+
+
+def test_clone_failure_leaves_the_table(clickhouse, ch, repo, monkeypatch, tmp_path) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    assert _run(clickhouse, instance).success
+    monkeypatch.setenv("OONI_TEST_LISTS_REPO", (tmp_path / "missing").as_uri())
+    _assert_failed_and_unchanged(_run(clickhouse, instance), ch, "git clone of file://")
+
+
+def test_wrong_header_leaves_the_table(clickhouse, ch, repo) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    assert _run(clickhouse, instance).success
+    repo.commit({"lists/es.csv": "url,category\nhttp://elpais.es/,NEWS\n"})
+    _assert_failed_and_unchanged(_run(clickhouse, instance), ch, "lists/es.csv: header is")
+
+
+def test_out_of_bounds_leaves_the_table(clickhouse, ch, repo) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    assert _run(clickhouse, instance).success
+    repo.commit({}, "same lists, new commit")
+    # Default bounds: more than 20,000 rows are required.
+    _assert_failed_and_unchanged(
+        _run(clickhouse, instance, run_config=None), ch, "outside the sanity bounds"
+    )
+
+
+def test_insert_failure_leaves_the_table(clickhouse, ch, repo) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    assert _run(clickhouse, instance).success
+    repo.commit({}, "new commit")
+    # Break the staging table so the insert fails.
+    ch.command("DROP TABLE citizenlab_flip")
+    ch.command(
+        "CREATE TABLE citizenlab_flip (domain String, url UInt8) ENGINE = MergeTree ORDER BY domain"
+    )
+    _assert_failed_and_unchanged(_run(clickhouse, instance), ch, "filling citizenlab_flip failed")
+
+
+def test_check_fails_on_an_empty_table(clickhouse, ch) -> None:
+    ensure_tables(ch, "citizenlab")
+    result = citizenlab_rows_valid_check(clickhouse=clickhouse)
+    assert not result.passed
+
+
+@pytest.mark.parametrize(
+    ("url", "domain"),
+    [
+        ("https://www.example.org/a?b=c", "www.example.org"),
+        ("HTTP://Example.COM", "Example.COM"),
+        ("example.com/path", "example.com"),
+        ("http://10.0.0.1:8080", "10.0.0.1"),
+        ("https://example.com./", "example.com."),
+    ],
+)
+def test_url_domain_accepts(url: str, domain: str) -> None:
+    assert url_domain(url) == domain
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("", "empty_url"),
+        ("https://example.com/a b", "bad_characters"),
+        ("https://example.com/\r", "bad_characters"),
+        ("javascript://x.com/", "bad_scheme"),
+        ("https://localhost/", "bad_host"),
+        ("https://-bad.com/", "bad_host"),
+        ("https://user@example.com/", "bad_host"),
+        ("https://01.2.3.4/", "bad_host"),
+        ("https://example.123/", "bad_host"),
+        ("https://example.com:0/", "bad_port"),
+        ("https://example.com:http/", "bad_port"),
+        ("https://example.com#frag", "bad_path"),
+    ],
+)
+def test_url_domain_rejects(url: str, reason: str) -> None:
+    with pytest.raises(InvalidURL) as info:
+        url_domain(url)
+    assert info.value.reason == reason
+
+
+def test_schedule() -> None:
+    assert citizenlab_schedule.name == "citizenlab_schedule"
+    assert citizenlab_schedule.cron_schedule == "*/30 * * * *"
+    assert citizenlab_schedule.execution_timezone == "UTC"
