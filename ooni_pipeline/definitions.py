@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import dagster as dg
 
+from ooni_pipeline import test_lists
 from ooni_pipeline.clickhouse import ClickHouseResource
 from ooni_pipeline.object_store import ObjectStoreResource
-from ooni_pipeline.test_lists import defs as test_lists_defs
 
 DOMAINS: list[dg.Definitions] = [
-    test_lists_defs,
+    test_lists.defs,
 ]
 
 defs = dg.Definitions.merge(
