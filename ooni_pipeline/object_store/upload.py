@@ -39,11 +39,13 @@ class _Identity:
         return b""
 
 
-def _compressor(compression: Compression):
+def _compressor(compression: Compression, level: int | None):
     if compression == "gzip":
-        return zlib.compressobj(6, zlib.DEFLATED, 31)  # wbits 31: gzip container
+        return zlib.compressobj(
+            6 if level is None else level, zlib.DEFLATED, 31
+        )  # wbits 31: gzip container
     if compression == "zstd":
-        return zstandard.ZstdCompressor(level=3).compressobj()
+        return zstandard.ZstdCompressor(level=3 if level is None else level).compressobj()
     if compression == "none":
         return _Identity()
     raise ValueError(f"unknown compression {compression!r}")
@@ -55,13 +57,15 @@ def stream_upload(
     chunks: Iterable[bytes],
     compression: Compression,
     progress: Callable[[int, int], None] | None = None,
+    level: int | None = None,
 ) -> UploadResult:
     """Compress ``chunks`` into the object ``key``; nothing appears there on failure.
 
-    ``progress(raw_bytes, compressed_bytes)`` is called after each chunk.
+    ``progress(raw_bytes, compressed_bytes)`` is called after each chunk; ``level``
+    overrides the codec's default compression level (gzip 6, zstd 3).
     """
     start = time.monotonic()
-    compressor = _compressor(compression)
+    compressor = _compressor(compression, level)
     digest = hashlib.sha256()
     raw = written = 0
     with store.open_writer(key) as writer:

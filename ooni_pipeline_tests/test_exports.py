@@ -1,0 +1,251 @@
+"""The website-metrics export on real chdb, both object stores, read back with csv and pandas."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+from datetime import datetime
+
+import dagster as dg
+import pandas as pd
+import pytest
+
+from ooni_pipeline.clickhouse import ClickHouse
+from ooni_pipeline.clickhouse.schema import ensure_tables
+from ooni_pipeline.exports import website_metrics_schedule
+from ooni_pipeline.exports.website_metrics import (
+    CSV_COLUMNS,
+    object_key,
+    website_metrics,
+    website_metrics_object_check,
+)
+
+DAY = "2024-03-10"
+
+
+def _msm(uid: str, start: str, **fields) -> dict:
+    row = {
+        "measurement_uid": uid,
+        "report_id": f"r-{uid}",
+        "input": f"https://{uid}.example.org/",
+        "domain": f"{uid}.example.org",
+        "probe_cc": "IT",
+        "probe_asn": 30722,
+        "test_name": "web_connectivity",
+        "measurement_start_time": datetime.fromisoformat(start),
+        "test_start_time": datetime.fromisoformat(start),
+        "anomaly": "f",
+        "confirmed": "f",
+        "msm_failure": "f",
+        "blocking_type": "",
+    }
+    row.update(fields)
+    return row
+
+
+def _insert(ch: ClickHouse, rows: list[dict]) -> None:
+    ensure_tables(ch, "fastpath")
+    ch.insert_df("fastpath", pd.DataFrame(rows))
+
+
+# (uid, start, fields, expected category)
+CASES = [
+    ("u01", f"{DAY} 00:00:00", {}, "accessible"),
+    ("u02", f"{DAY} 01:00:00", {"anomaly": "t", "blocking_type": "dns"}, "dns"),
+    ("u03", f"{DAY} 02:00:00", {"anomaly": "t", "blocking_type": "tcp_ip"}, "tcp_ip"),
+    ("u04", f"{DAY} 03:00:00", {"anomaly": "t", "blocking_type": "http-diff"}, "http-diff"),
+    (
+        "u05",
+        f"{DAY} 04:00:00",
+        {"anomaly": "t", "blocking_type": "http-failure", "confirmed": "t"},
+        "http-failure",
+    ),
+    ("u06", f"{DAY} 05:00:00", {"anomaly": "t", "blocking_type": ""}, "anomaly"),
+    ("u07", f"{DAY} 06:00:00", {"anomaly": "t", "blocking_type": "weird"}, "anomaly"),
+    (
+        "u08",
+        f"{DAY} 07:00:00",
+        {"msm_failure": "t", "anomaly": "t", "blocking_type": "dns"},
+        "failure",
+    ),
+    ("u09", f"{DAY} 08:00:00", {"anomaly": "f", "blocking_type": "dns"}, "accessible"),
+    (
+        "u10",
+        f"{DAY} 09:00:00",
+        {
+            "input": 'https://ex.org/a,b?q="quoted"&x=ü',
+            "domain": "ex.org",
+            "probe_cc": "DE",
+            "probe_asn": 3320,
+        },
+        "accessible",
+    ),
+    ("u11", f"{DAY} 23:59:59", {"confirmed": "t", "anomaly": "t", "blocking_type": "dns"}, "dns"),
+    # Same second as u01: ordered by explorer_url after the time.
+    ("u00", f"{DAY} 00:00:00", {"probe_cc": "IR", "probe_asn": 197207}, "accessible"),
+]
+
+
+@pytest.fixture
+def day_rows(ch: ClickHouse) -> None:
+    rows = [_msm(uid, start, **fields) for uid, start, fields, _ in CASES]
+    # Excluded: another test, the day before, the next day at midnight.
+    rows += [
+        _msm("x1", f"{DAY} 12:00:00", test_name="telegram"),
+        _msm("x2", "2024-03-09 23:59:59"),
+        _msm("x3", "2024-03-11 00:00:00"),
+    ]
+    _insert(ch, rows)
+    # A newer version of u02 (a separate insert: unmerged duplicate, later update_time).
+    _insert(
+        ch, [_msm("u02", f"{DAY} 01:00:00", anomaly="t", blocking_type="tcp_ip", confirmed="t")]
+    )
+
+
+def _expected() -> list[dict[str, str]]:
+    rows = []
+    for uid, start, fields, category in CASES:
+        m = _msm(uid, start, **fields)
+        confirmed = m["confirmed"] == "t"
+        if uid == "u02":
+            category, confirmed = "tcp_ip", True
+        row = {
+            "measurement_start_time": start,
+            "probe_asn": str(m["probe_asn"]),
+            "input": m["input"],
+            "domain": m["domain"],
+            "explorer_url": f"https://explorer.ooni.org/m/{uid}",
+            "probe_cc": m["probe_cc"],
+        }
+        for c in ("accessible", "dns", "tcp_ip", "http-diff", "http-failure", "anomaly", "failure"):
+            row[c] = "1" if c == category else "0"
+        row["confirmed"] = "1" if confirmed else "0"
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r["measurement_start_time"], r["explorer_url"]))
+
+
+def _materialize(clickhouse, store_resource, partition_key=None, instance=None, tags=None):
+    return dg.materialize(
+        [website_metrics, website_metrics_object_check],
+        resources={"clickhouse": clickhouse, "object_store": store_resource},
+        partition_key=partition_key,
+        instance=instance or dg.DagsterInstance.ephemeral(),
+        tags=tags,
+        raise_on_error=False,
+    )
+
+
+def test_exact_csv_in_both_stores(clickhouse, object_store_resource, day_rows) -> None:
+    result = _materialize(clickhouse, object_store_resource, DAY)
+    assert result.success
+    data = object_store_resource.get_store().read_bytes(object_key(DAY))
+    text = gzip.decompress(data).decode("utf-8")
+    records = list(csv.DictReader(io.StringIO(text, newline="")))
+    assert tuple(csv.reader(io.StringIO(text)).__next__()) == CSV_COLUMNS
+    assert records == _expected()
+
+    df = pd.read_csv(io.BytesIO(data), compression="gzip", keep_default_na=False)
+    assert list(df.columns) == list(CSV_COLUMNS)
+    assert df["tcp_ip"].sum() == 2 and df["dns"].sum() == 1 and df["confirmed"].sum() == 3
+    assert (
+        df[["accessible", "dns", "tcp_ip", "http-diff", "http-failure", "anomaly", "failure"]].sum(
+            axis=1
+        )
+        == 1
+    ).all()
+    assert (
+        df.loc[df.explorer_url.str.endswith("u10"), "input"].item()
+        == 'https://ex.org/a,b?q="quoted"&x=ü'
+    )
+
+    (event,) = result.get_asset_materialization_events()
+    meta = {k: getattr(v, "value", v) for k, v in event.materialization.metadata.items()}
+    assert meta["dagster/row_count"] == len(CASES)
+    assert (
+        meta["total_accessible"] == 4 and meta["total_anomaly"] == 2 and meta["total_failure"] == 1
+    )
+    assert meta["bytes"] == len(data)
+    assert meta["countries"] == 3
+    assert "explorer.ooni.org/m/u00" in meta["preview"]
+    (check,) = result.get_asset_check_evaluations()
+    assert check.passed, check.metadata
+
+
+def test_empty_day_is_a_header_only_csv(clickhouse, local_store_resource, ch) -> None:
+    result = _materialize(clickhouse, local_store_resource, "2016-01-01")
+    assert result.success
+    text = gzip.decompress(
+        local_store_resource.get_store().read_bytes(object_key("2016-01-01"))
+    ).decode()
+    assert text == ",".join(CSV_COLUMNS) + "\n"
+    df = pd.read_csv(io.StringIO(text))
+    assert list(df.columns) == list(CSV_COLUMNS) and len(df) == 0
+
+
+def test_rerun_overwrites_and_check_catches_a_stale_object(
+    clickhouse, local_store_resource, ch, day_rows
+) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    assert _materialize(clickhouse, local_store_resource, DAY, instance).success
+    _insert(ch, [_msm("late", f"{DAY} 10:00:00")])  # a late upload
+
+    # Outside a run, the check looks at the latest materialized day.
+    context = dg.build_asset_check_context(
+        resources={"clickhouse": clickhouse, "object_store": local_store_resource},
+        instance=instance,
+    )
+    stale = website_metrics_object_check(context)
+    assert not stale.passed
+    assert "totals differ" in stale.metadata["problems"].value
+
+    assert _materialize(clickhouse, local_store_resource, DAY, instance).success
+    df = pd.read_csv(
+        io.BytesIO(local_store_resource.get_store().read_bytes(object_key(DAY))), compression="gzip"
+    )
+    assert len(df) == len(CASES) + 1
+
+
+def test_failure_keeps_the_previous_object(clickhouse, s3_store_resource, ch, day_rows) -> None:
+    assert _materialize(clickhouse, s3_store_resource, DAY).success
+    store = s3_store_resource.get_store()
+    before = store.read_bytes(object_key(DAY))
+    ch.command("RENAME TABLE fastpath TO fastpath_away")
+    ch.command(
+        "CREATE TABLE fastpath (measurement_uid String) ENGINE = MergeTree ORDER BY measurement_uid"
+    )
+    result = _materialize(clickhouse, s3_store_resource, DAY)
+    assert not result.success
+    assert store.read_bytes(object_key(DAY)) == before
+
+
+def test_partition_range_run_writes_one_object_per_day(
+    clickhouse, local_store_resource, day_rows
+) -> None:
+    result = _materialize(
+        clickhouse,
+        local_store_resource,
+        tags={
+            "dagster/asset_partition_range_start": "2024-03-09",
+            "dagster/asset_partition_range_end": "2024-03-11",
+        },
+    )
+    assert result.success
+    store = local_store_resource.get_store()
+    assert store.list_keys("exports/website_metrics/") == [
+        object_key(d) for d in ("2024-03-09", "2024-03-10", "2024-03-11")
+    ]
+    (event,) = result.get_asset_materialization_events()[:1]
+    assert event.materialization.metadata["dagster/row_count"].value == len(CASES) + 2
+    assert all(check.passed for check in result.get_asset_check_evaluations())
+
+
+def test_schedule_requests_the_last_days_in_one_run(monkeypatch) -> None:
+    context = dg.build_schedule_context(scheduled_execution_time=datetime(2024, 3, 11, 1, 0))
+    request = website_metrics_schedule(context)
+    assert request.tags["dagster/asset_partition_range_start"] == "2024-03-04"
+    assert request.tags["dagster/asset_partition_range_end"] == "2024-03-10"
+    monkeypatch.setenv("OONI_WEBSITE_METRICS_LOOKBACK_DAYS", "1")
+    request = website_metrics_schedule(context)
+    assert request.tags["dagster/asset_partition_range_start"] == "2024-03-10"
+    assert website_metrics_schedule.cron_schedule == "0 1 * * *"
