@@ -1,4 +1,5 @@
-"""The code location: every domain's definitions merged, plus the shared resources.
+"""The code location: every domain's definitions merged, plus the shared resources,
+source-code references, freshness checks and the failure alert.
 
 Loading this module touches neither the network nor the database.
 """
@@ -10,18 +11,31 @@ import dagster as dg
 from ooni_pipeline import exports, test_lists
 from ooni_pipeline.clickhouse import ClickHouseResource
 from ooni_pipeline.object_store import ObjectStoreResource
+from ooni_pipeline.operations import build_freshness, run_failure_alert_sensor
 
-DOMAINS: list[dg.Definitions] = [
-    test_lists.defs,
-    exports.defs,
-]
+DOMAINS = (
+    test_lists,
+    exports,
+)
 
-defs = dg.Definitions.merge(
-    *DOMAINS,
-    dg.Definitions(
+
+def build_definitions() -> dg.Definitions:
+    domains = dg.Definitions.merge(*(domain.defs for domain in DOMAINS))
+    assets = dg.with_source_code_references(list(domains.assets or []))
+    freshness_checks, freshness_sensor = build_freshness(
+        [asset for asset in assets if isinstance(asset, dg.AssetsDefinition)]
+    )
+    return dg.Definitions(
+        assets=assets,
+        asset_checks=[*(domains.asset_checks or []), *freshness_checks],
+        schedules=domains.schedules,
+        sensors=[*(domains.sensors or []), freshness_sensor, run_failure_alert_sensor],
+        jobs=domains.jobs,
         resources={
             "clickhouse": ClickHouseResource(),
             "object_store": ObjectStoreResource(),
-        }
-    ),
-)
+        },
+    )
+
+
+defs = build_definitions()

@@ -1,0 +1,79 @@
+"""Tell people when a run fails: a Slack-compatible webhook, or the log.
+
+The timers this project replaces failed silently; operators learnt from
+dashboards. ``OONI_ALERT_WEBHOOK_URL`` (a secret: it never appears in logs or
+errors) receives ``{"text": ...}``; unset, the alert is logged by the sensor.
+Runs that Dagster will retry are not reported: only the last failure is.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+import requests
+
+from ooni_pipeline import settings
+from ooni_pipeline.fetch import USER_AGENT
+
+WILL_RETRY_TAG = "dagster/will_retry"
+MAX_ERROR_CHARS = 500
+
+
+def alert_text(context: dg.RunFailureSensorContext, base_url: str) -> str:
+    """A short message: job, assets, error, link to the run."""
+    run = context.dagster_run
+    assets = (
+        ", ".join(sorted(key.to_user_string() for key in (run.asset_selection or [])))
+        or run.job_name
+    )
+    errors = [
+        event.step_failure_data.error.message.strip()
+        for event in context.get_step_failure_events()
+        if event.step_failure_data and event.step_failure_data.error
+    ]
+    error = (errors[0] if errors else (context.failure_event.message or "")).splitlines()
+    first_line = (error[0] if error else "unknown error")[:MAX_ERROR_CHARS]
+    partition = run.tags.get("dagster/partition")
+    where = f" (partition {partition})" if partition else ""
+    return (
+        f":rotating_light: ooni_pipeline: run of {run.job_name} failed{where}\n"
+        f"assets: {assets}\n"
+        f"error: {first_line}\n"
+        f"{base_url.rstrip('/')}/runs/{run.run_id}"
+    )
+
+
+def post_alert(webhook_url: str, text: str, timeout_s: float = 10.0) -> None:
+    """POST ``{"text": text}``; raise without naming the URL on failure."""
+    try:
+        response = requests.post(
+            webhook_url, json={"text": text}, timeout=timeout_s, headers={"User-Agent": USER_AGENT}
+        )
+    except requests.RequestException as exc:
+        raise RuntimeError(
+            f"posting the alert to OONI_ALERT_WEBHOOK_URL failed: {type(exc).__name__}"
+        ) from None
+    if response.status_code >= 300:
+        raise RuntimeError(
+            f"posting the alert to OONI_ALERT_WEBHOOK_URL failed: HTTP {response.status_code}"
+        )
+
+
+@dg.run_failure_sensor(
+    name="run_failure_alert_sensor",
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=30,
+    description="Posts each failed run (not those about to be retried) to OONI_ALERT_WEBHOOK_URL, or logs it.",
+)
+def run_failure_alert_sensor(context: dg.RunFailureSensorContext) -> None:
+    if context.dagster_run.tags.get(WILL_RETRY_TAG) == "true":
+        context.log.info(
+            f"run {context.dagster_run.run_id} failed but will be retried: not reported"
+        )
+        return
+    text = alert_text(context, settings.env("OONI_DAGSTER_URL", "http://127.0.0.1:3000") or "")
+    webhook_url = settings.env("OONI_ALERT_WEBHOOK_URL")
+    if webhook_url:
+        post_alert(webhook_url, text)
+        context.log.info(f"alert posted for run {context.dagster_run.run_id}")
+    else:
+        context.log.warning(f"OONI_ALERT_WEBHOOK_URL unset; alert: {text}")
