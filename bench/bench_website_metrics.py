@@ -80,7 +80,7 @@ def run_ours(workdir: Path) -> None:
     from ooni_pipeline.object_store import LocalObjectStore
 
     with _ch(workdir) as ch:
-        export = export_day(ch, LocalObjectStore(workdir / "ours"), DAY, gzip_level=6)
+        export = export_day(ch, LocalObjectStore(workdir / "ours"), DAY, gzip_level=3)
     print(f"rows={export.totals['rows']} bytes={export.upload.bytes}")
 
 

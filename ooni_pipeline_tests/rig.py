@@ -34,6 +34,8 @@ class UpstreamServer:
         self.files: dict[str, bytes] = {}
         self.faults: dict[str, list[Reply]] = {}
         self.log: list[tuple[str, int, dict[str, str]]] = []
+        self.posts: list[tuple[str, bytes]] = []  # (path, body) of POST requests, e.g. webhooks
+        self.post_status = 200
         self._lock = threading.Lock()
         server = self
 
@@ -58,6 +60,13 @@ class UpstreamServer:
                     pass
                 if reply.truncate_to is not None:
                     self.close_connection = True
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                server.posts.append((self.path, self.rfile.read(length)))
+                self.send_response(server.post_status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)

@@ -175,3 +175,16 @@ ClickHouse("chdb://{chdb_path}", lock_timeout_s=1, lock_poll_s=0.2)
     )
     assert child.returncode != 0
     assert "held by another process" in child.stderr
+
+
+def test_stream_error_reaches_the_consumer(ch: ClickHouse) -> None:
+    with pytest.raises(ClickHouseError, match="no_such_table"):
+        list(ch.stream("SELECT * FROM no_such_table"))
+
+
+def test_stream_consumer_may_stop_early(ch: ClickHouse) -> None:
+    stream = ch.stream("SELECT number FROM numbers(5000000)")
+    first = next(stream)
+    stream.close()  # the read-ahead thread stops; the connection stays usable
+    assert first.startswith(b"0\n")
+    assert ch.scalar("SELECT 1") == 1

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -187,14 +187,30 @@ class ClickHouse:
         return rows[0][0] if rows else None
 
     def stream(
-        self, sql: str, parameters: Mapping[str, Any] | None = None, fmt: str = "CSV"
+        self,
+        sql: str,
+        parameters: Mapping[str, Any] | None = None,
+        fmt: str = "CSV",
+        prefetch: int = 4,
     ) -> Iterator[bytes]:
         """A large result as an iterator of byte chunks, never held whole.
+
+        A background thread reads up to ``prefetch`` chunks ahead, so ClickHouse
+        keeps producing while the consumer compresses or uploads (a server drops
+        an HTTP query whose client stops reading for about 30 s).
 
         Use a format without a header (``CSV``, ``TSV``...): chdb repeats the
         header of ``*WithNames`` formats in every chunk; see ``header()``.
         """
-        params = dict(parameters or {})
+        chunks = self._raw_stream(sql, dict(parameters or {}), fmt)
+        if prefetch <= 0:
+            yield from chunks
+            return
+        yield from _read_ahead(chunks, prefetch)
+
+    def _raw_stream(
+        self, sql: str, params: dict[str, Any], fmt: str
+    ) -> Generator[bytes, None, None]:
         try:
             if self.embedded:
                 result = self._chdb().send_query(sql, fmt, params=params)
@@ -250,3 +266,53 @@ class ClickHouse:
                 {"table": table},
             )
         ]
+
+
+_END = object()
+
+
+def _read_ahead(chunks: Generator[bytes, None, None], depth: int) -> Iterator[bytes]:
+    """Iterate ``chunks`` in a background thread, up to ``depth`` items ahead."""
+    import queue
+    import threading
+
+    buffer: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    failure: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            for chunk in chunks:
+                while not stop.is_set():
+                    try:
+                        buffer.put(chunk, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as exc:  # handed to the consumer below
+            failure.append(exc)
+        finally:
+            while not stop.is_set():
+                try:
+                    buffer.put(_END, timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
+
+    thread = threading.Thread(target=produce, name="clickhouse read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = buffer.get()
+            if item is _END:
+                break
+            yield item
+        if failure:
+            raise failure[0]
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        if not thread.is_alive():
+            chunks.close()  # cancels an unfinished query

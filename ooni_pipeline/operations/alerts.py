@@ -21,17 +21,21 @@ MAX_ERROR_CHARS = 500
 def alert_text(context: dg.RunFailureSensorContext, base_url: str) -> str:
     """A short message: job, assets, error, link to the run."""
     run = context.dagster_run
-    assets = (
-        ", ".join(sorted(key.to_user_string() for key in (run.asset_selection or [])))
-        or run.job_name
-    )
-    errors = [
-        event.step_failure_data.error.message.strip()
-        for event in context.get_step_failure_events()
-        if event.step_failure_data and event.step_failure_data.error
+    failures = [
+        e
+        for e in context.get_step_failure_events()
+        if e.step_failure_data and e.step_failure_data.error
     ]
-    error = (errors[0] if errors else (context.failure_event.message or "")).splitlines()
-    first_line = (error[0] if error else "unknown error")[:MAX_ERROR_CHARS]
+    assets = ", ".join(sorted(key.to_user_string() for key in (run.asset_selection or [])))
+    assets = assets or ", ".join(sorted({e.step_key or "" for e in failures})) or run.job_name
+    if failures:
+        error = failures[0].step_failure_data.error
+        while error.cause is not None:  # the user's exception, not Dagster's wrapper
+            error = error.cause
+        message = error.message
+    else:
+        message = context.failure_event.message or "unknown error"
+    first_line = (message.strip().splitlines() or ["unknown error"])[0][:MAX_ERROR_CHARS]
     partition = run.tags.get("dagster/partition")
     where = f" (partition {partition})" if partition else ""
     return (
