@@ -29,3 +29,36 @@ def test_definitions_validate_from_the_command_line() -> None:
 def test_resources_are_bound() -> None:
     repo = defs.get_repository_def()
     assert {"clickhouse", "object_store"} <= set(repo.get_top_level_resources())
+
+
+def test_asset_materialize_command_on_embedded_defaults(tmp_path) -> None:
+    """The contract's CLI command, on the embedded defaults (own chdb dir, local objects)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OONI_")}
+    env.update({"OONI_DATA_DIR": str(tmp_path / "data"), "DAGSTER_HOME": str(tmp_path / "home")})
+    (tmp_path / "home").mkdir()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dagster",
+            "asset",
+            "materialize",
+            "-m",
+            "ooni_pipeline.definitions",
+            "--select",
+            "website_metrics",
+            "--partition",
+            "2016-01-01",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    obj = tmp_path / "data" / "objects" / "exports" / "website_metrics" / "2016-01-01.csv.gz"
+    assert obj.is_file()
+    assert (tmp_path / "data" / "clickhouse").is_dir()
