@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 
 from ooni_pipeline.clickhouse import ClickHouse
+
+if TYPE_CHECKING:
+    from ooni_pipeline.fetch import Validators
 
 # Every step that opens ClickHouse takes a slot of this pool. dagster.yaml limits it
 # to 1 on the embedded default (chdb lets one process hold its directory).
@@ -78,3 +81,20 @@ def asset_schedule(
         default_status=dg.DefaultScheduleStatus.RUNNING,
         description=description,
     )
+
+
+def previous_validators(context: dg.AssetExecutionContext, key: dg.AssetKey) -> Validators | None:
+    """The ETag / Last-Modified recorded by the asset's last rewrite, for a conditional GET."""
+    from ooni_pipeline.fetch import Validators
+
+    meta = last_metadata(context, key)
+    etag, last_modified = meta.get("source_etag") or None, meta.get("source_last_modified") or None
+    return Validators(etag, last_modified) if etag or last_modified else None
+
+
+def validators_metadata(validators: Validators) -> dict[str, str]:
+    """Metadata recording a source version (read back by ``previous_validators``)."""
+    return {
+        "source_etag": validators.etag or "",
+        "source_last_modified": validators.last_modified or "",
+    }

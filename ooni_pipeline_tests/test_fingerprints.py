@@ -1,0 +1,197 @@
+"""The fingerprint updater against the local upstream server and real chdb."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pytest
+
+from ooni_pipeline.clickhouse import ClickHouse
+from ooni_pipeline.clickhouse.schema import DNS_SCOPES, HTTP_SCOPES
+from ooni_pipeline.fingerprints import fingerprints_schedule
+from ooni_pipeline.fingerprints.assets import (
+    fingerprints_dns,
+    fingerprints_dns_check,
+    fingerprints_http,
+    fingerprints_http_check,
+)
+from ooni_pipeline.fingerprints.parse import HEADER, FingerprintError, parse_fingerprints
+from ooni_pipeline_tests.rig import Reply, UpstreamServer
+
+HEADER_LINE = ",".join(HEADER)
+
+
+def _dns_csv(rows: int = 150, extra: str = "") -> str:
+    lines = [HEADER_LINE]
+    for i in range(rows):
+        scope = DNS_SCOPES[i % len(DNS_SCOPES)]
+        pattern_type = ("full", "prefix", "contains", "regexp")[i % 4]
+        pattern = rf"^10\.10\.{i}\.\d+$" if pattern_type == "regexp" else f"10.10.{i}.1"
+        lines.append(
+            f'dns_xx_{i:03d},{scope},,dns,{pattern_type},{pattern},{i % 256},"IR,RU",https://x.org/{i},,"note, with comma"'
+        )
+    return "\r\n".join(lines) + "\r\n" + extra
+
+
+def _http_csv(rows: int = 120) -> str:
+    lines = ["\ufeff" + HEADER_LINE]
+    for i in range(rows):
+        scope = HTTP_SCOPES[i % len(HTTP_SCOPES)]
+        lines.append(
+            f'http_xx_{i:03d},{scope},"a, b",body,contains,<title>Blocked {i}</title>,1,,,,'
+        )
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def sources(upstream: UpstreamServer, monkeypatch: pytest.MonkeyPatch) -> UpstreamServer:
+    monkeypatch.setenv(
+        "OONI_FINGERPRINTS_DNS_URL", upstream.put("fingerprints_dns.csv", _dns_csv())
+    )
+    monkeypatch.setenv(
+        "OONI_FINGERPRINTS_HTTP_URL", upstream.put("fingerprints_http.csv", _http_csv())
+    )
+    return upstream
+
+
+def _run(clickhouse, instance, assets=(fingerprints_dns, fingerprints_dns_check), run_config=None):
+    return dg.materialize(
+        list(assets),
+        resources={"clickhouse": clickhouse},
+        instance=instance,
+        raise_on_error=False,
+        run_config=run_config,
+    )
+
+
+def _meta(result, key: str) -> dict:
+    events = [
+        e for e in result.get_asset_materialization_events() if e.asset_key.to_user_string() == key
+    ]
+    return {k: getattr(v, "value", v) for k, v in events[-1].materialization.metadata.items()}
+
+
+def _error(result) -> str:
+    return result.get_step_failure_events()[0].step_failure_data.error.to_string()
+
+
+def test_both_tables_land_exactly(clickhouse, ch: ClickHouse, sources) -> None:
+    result = _run(
+        clickhouse,
+        dg.DagsterInstance.ephemeral(),
+        [fingerprints_dns, fingerprints_http, fingerprints_dns_check, fingerprints_http_check],
+    )
+    assert result.success
+    assert ch.count("fingerprints_dns") == 150 and ch.count("fingerprints_http") == 120
+    row = ch.query_rows(
+        "SELECT scope, pattern_type, pattern, confidence_no_fp, expected_countries, notes, other_names "
+        "FROM fingerprints_dns WHERE name = 'dns_xx_003'"
+    )
+    assert row == [("inst", "regexp", r"^10\.10\.3\.\d+$", 3, "IR,RU", "note, with comma", "")]
+    assert ch.query_rows(
+        "SELECT other_names, pattern FROM fingerprints_http WHERE name = 'http_xx_007'"
+    ) == [("a, b", "<title>Blocked 7</title>")]
+    assert ch.scalar("SELECT count() FROM fingerprints_http WHERE scope = 'prov'") == 15
+    meta = _meta(result, "fingerprints_dns")
+    assert meta["dagster/row_count"] == 150
+    assert meta["rows_per_scope"]["nat"] == 25 and meta["rows_per_pattern_type"]["regexp"] == 37
+    assert meta["source_etag"]
+    assert all(c.passed for c in result.get_asset_check_evaluations())
+
+
+def test_unchanged_etag_skips_the_rewrite(clickhouse, ch, sources) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    assert _run(clickhouse, instance).success
+    again = _run(clickhouse, instance)
+    assert again.success and _meta(again, "fingerprints_dns")["skipped"] is True
+    assert sources.hits("fingerprints_dns.csv") == [200, 304]
+    sources.put("fingerprints_dns.csv", _dns_csv(160))
+    third = _run(clickhouse, instance)
+    assert _meta(third, "fingerprints_dns")["dagster/row_count"] == 160
+
+
+def test_500_then_success_is_retried(clickhouse, ch, sources) -> None:
+    sources.fail("fingerprints_dns.csv", Reply(500), Reply(502))
+    assert _run(clickhouse, dg.DagsterInstance.ephemeral()).success
+    assert sources.hits("fingerprints_dns.csv") == [500, 502, 200]
+
+
+BAD_BODIES = {
+    "bad enum": (
+        _dns_csv(extra="bad1,galaxy,,dns,full,1.2.3.4,1,,,,\n"),
+        "line 152: field 'scope': 'galaxy'",
+    ),
+    "bad pattern type": (
+        _dns_csv(extra="bad1,nat,,dns,fuzzy,1.2.3.4,1,,,,\n"),
+        "field 'pattern_type': 'fuzzy'",
+    ),
+    "duplicate name": (
+        _dns_csv(extra="dns_xx_004,nat,,dns,full,1.2.3.4,1,,,,\n"),
+        "'dns_xx_004' duplicates line 6",
+    ),
+    "invalid regexp": (
+        _dns_csv(extra="bad1,nat,,dns,regexp,([a-z,1,,,,\n"),
+        "field 'pattern': invalid regexp",
+    ),
+    "bad confidence": (
+        _dns_csv(extra="bad1,nat,,dns,full,1.2.3.4,300,,,,\n"),
+        "field 'confidence_no_fp': '300'",
+    ),
+    "wrong field count": (
+        _dns_csv(extra="bad1,nat,,dns,full\n"),
+        "line 152: 5 fields, expected 11",
+    ),
+    "html": ("<!DOCTYPE html><html><body>Rate limited</body></html>", "the body is HTML, not CSV"),
+    "json": ('{"message": "Not Found"}', "the body is JSON, not CSV"),
+    "wrong header": ("name,scope,pattern\nx,nat,1\n", "line 1: header is"),
+    "too few rows": (_dns_csv(50), "outside the sanity bounds"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BODIES))
+def test_bad_input_fails_and_keeps_the_live_table(clickhouse, ch, sources, case: str) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    assert _run(clickhouse, instance).success
+    before = ch.query_rows("SELECT * FROM fingerprints_dns ORDER BY name")
+    body, message = BAD_BODIES[case]
+    sources.put("fingerprints_dns.csv", body)
+    result = _run(clickhouse, instance)
+    assert not result.success
+    assert message in _error(result)
+    assert "fingerprints_dns.csv" in _error(result) or "sanity" in _error(result)
+    assert ch.query_rows("SELECT * FROM fingerprints_dns ORDER BY name") == before
+
+
+@pytest.mark.parametrize(
+    ("reply", "message"),
+    [
+        (Reply(404, b"nope"), "HTTP 404"),
+        (Reply(200, _dns_csv().encode(), truncate_to=3000), "truncated"),
+    ],
+)
+def test_fetch_failures_keep_the_live_table(
+    clickhouse, ch, sources, reply: Reply, message: str
+) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    assert _run(clickhouse, instance).success
+    sources.put("fingerprints_dns.csv", _dns_csv(170))  # a new version, but fetching it fails
+    sources.fail("fingerprints_dns.csv", reply)
+    result = _run(clickhouse, instance)
+    assert not result.success and message in _error(result)
+    assert ch.count("fingerprints_dns") == 150
+
+
+def test_parse_rejects_an_empty_name() -> None:
+    with pytest.raises(FingerprintError, match="line 2: field 'name' is empty"):
+        parse_fingerprints(f"{HEADER_LINE}\n,nat,,dns,full,x,1,,,,\n".encode(), "f.csv", DNS_SCOPES)
+
+
+def test_http_scopes_are_not_valid_for_dns() -> None:
+    body = f"{HEADER_LINE}\nx,injb,,dns,full,x,1,,,,\n".encode()
+    assert parse_fingerprints(body, "h.csv", HTTP_SCOPES).table.num_rows == 1
+    with pytest.raises(FingerprintError, match="'injb' is not one of"):
+        parse_fingerprints(body, "d.csv", DNS_SCOPES)
+
+
+def test_schedule() -> None:
+    assert fingerprints_schedule.name == "fingerprints_schedule"
+    assert fingerprints_schedule.cron_schedule == "5 * * * *"
