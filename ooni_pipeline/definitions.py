@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from ooni_pipeline import exports, fingerprints, test_lists
+from ooni_pipeline import asn_metadata, exports, fingerprints, test_lists
 from ooni_pipeline.clickhouse import ClickHouseResource
 from ooni_pipeline.object_store import ObjectStoreResource
 from ooni_pipeline.operations import build_freshness, run_failure_alert_sensor
@@ -16,6 +16,7 @@ from ooni_pipeline.operations import build_freshness, run_failure_alert_sensor
 DOMAINS = (
     test_lists,
     fingerprints,
+    asn_metadata,
     exports,
 )
 

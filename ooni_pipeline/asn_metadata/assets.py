@@ -1,0 +1,135 @@
+"""The ``asnmeta`` asset: AS number to organisation history, in ClickHouse."""
+
+import time
+
+import dagster as dg
+from pydantic import Field
+
+from ooni_pipeline import settings
+from ooni_pipeline.asn_metadata.parse import ParseStats, arrow_batches, iter_asn_histories
+from ooni_pipeline.clickhouse import ClickHouse, ClickHouseResource
+from ooni_pipeline.clickhouse.schema import ensure_tables
+from ooni_pipeline.clickhouse.swap import RowBounds, replace_table
+from ooni_pipeline.common import (
+    CLICKHOUSE_POOL,
+    OWNER,
+    column_schema_metadata,
+    previous_validators,
+    validators_metadata,
+)
+from ooni_pipeline.fetch import Fetched, fetch
+
+ASNMETA_KEY = dg.AssetKey("asnmeta")
+
+
+class AsnmetaConfig(dg.Config):
+    min_rows_exclusive: int = Field(
+        default=100_000, description="fail unless there are more rows than this"
+    )
+    max_rows_exclusive: int = Field(
+        default=1_000_000, description="fail unless there are fewer rows than this"
+    )
+    batch_rows: int = Field(default=50_000, description="rows per insert; bounds memory")
+    force: bool = Field(
+        default=False, description="rewrite even if the source is unchanged (no conditional GET)"
+    )
+
+
+def load_asnmeta(
+    fetched: Fetched, ch: ClickHouse, table: str, stats: ParseStats, batch_rows: int, log=None
+) -> None:
+    """Stream the fetched map into ``table`` in validated batches."""
+    histories = iter_asn_histories(fetched.iter_bytes(1 << 20), stats)
+    for batch in arrow_batches(histories, stats, batch_rows):
+        ch.insert_arrow(table, batch)
+        if log is not None:
+            log.info(
+                f"inserted {stats.rows} rows of {stats.asns} ASNs ({stats.bytes_read / 1e6:.0f} MB read)"
+            )
+
+
+@dg.asset(
+    key=ASNMETA_KEY,
+    group_name="asn_metadata",
+    kinds={"json", "http", "clickhouse"},
+    owners=[OWNER],
+    pool=CLICKHOUSE_POOL,
+)
+def asnmeta(
+    context: dg.AssetExecutionContext, config: AsnmetaConfig, clickhouse: ClickHouseResource
+) -> dg.MaterializeResult:
+    """Who runs each autonomous system, and since when: the AS-to-organisation history
+    published for OONI (``OONI_ASNMETA_URL``) as rows ``(asn, org_name, cc, changed,
+    aut_name, source)`` in the ClickHouse table ``asnmeta``, which the API serves.
+    Streamed and inserted in batches (memory does not grow with the file), validated
+    (ASN, five fields, dates), bounded (an empty ``{}`` fails), filled into
+    ``asnmeta_tmp`` and swapped in atomically. An unchanged source skips the rewrite.
+    """
+    url = settings.env("OONI_ASNMETA_URL", settings.DEFAULT_ASNMETA_URL)
+    start = time.monotonic()
+    stats = ParseStats()
+    with clickhouse.connect() as ch:
+        ensure_tables(ch, "asnmeta", "asnmeta_tmp")
+        live_rows = ch.count("asnmeta")
+        previous = (
+            None if config.force or not live_rows else previous_validators(context, ASNMETA_KEY)
+        )
+        with fetch(url, previous=previous) as fetched:
+            if fetched.not_modified:
+                context.log.info(
+                    f"{url} unchanged ({fetched.validators.describe()}): rewrite skipped"
+                )
+                return dg.MaterializeResult(
+                    data_version=dg.DataVersion(fetched.validators.describe()),
+                    metadata={
+                        "skipped": True,
+                        "skip_reason": "source unchanged since the last materialization (HTTP 304)",
+                        "dagster/row_count": live_rows,
+                        "fetch_s": round(time.monotonic() - start, 3),
+                        **validators_metadata(fetched.validators),
+                    },
+                )
+            result = replace_table(
+                ch,
+                live="asnmeta",
+                staging="asnmeta_tmp",
+                fill=lambda ch, staging: load_asnmeta(
+                    fetched, ch, staging, stats, config.batch_rows, context.log
+                ),
+                bounds=RowBounds(config.min_rows_exclusive, config.max_rows_exclusive),
+            )
+            validators = fetched.validators
+        schema = column_schema_metadata(ch, "asnmeta")
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(validators.describe()),
+        metadata={
+            "skipped": False,
+            "dagster/row_count": result.rows,
+            "previous_rows": result.previous_rows,
+            "distinct_asns": stats.asns,
+            "newest_changed": str(stats.newest_changed or ""),
+            "bytes_fetched": stats.bytes_read,
+            "fetch_and_load_s": round(result.fill_s, 3),
+            "swap_s": round(result.swap_s, 3),
+            "duration_s": round(time.monotonic() - start, 3),
+            "source_url": url,
+            **validators_metadata(validators),
+            **schema,
+        },
+    )
+
+
+@dg.asset_check(
+    asset=asnmeta,
+    description="``asnmeta`` holds rows, and no ASN has a history entry dated in the future.",
+)
+def asnmeta_rows_check(clickhouse: ClickHouseResource) -> dg.AssetCheckResult:
+    with clickhouse.connect() as ch:
+        ensure_tables(ch, "asnmeta")
+        rows, asns, future = ch.query_rows(
+            "SELECT count(), uniqExact(asn), countIf(changed > today() + 1) FROM asnmeta"
+        )[0]
+    return dg.AssetCheckResult(
+        passed=bool(rows > 0 and future == 0),
+        metadata={"rows": rows, "distinct_asns": asns, "future_dates": future},
+    )

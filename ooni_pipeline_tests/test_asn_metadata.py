@@ -1,0 +1,198 @@
+"""The ASN metadata updater against the local upstream server and real chdb."""
+
+from __future__ import annotations
+
+import json
+from datetime import date
+
+import dagster as dg
+import pytest
+
+from ooni_pipeline.asn_metadata import asnmeta_schedule
+from ooni_pipeline.asn_metadata.assets import asnmeta, asnmeta_rows_check
+from ooni_pipeline.asn_metadata.parse import (
+    AsnMetaError,
+    ParseStats,
+    arrow_batches,
+    iter_asn_histories,
+)
+from ooni_pipeline.clickhouse import ClickHouse
+from ooni_pipeline_tests.rig import Reply, UpstreamServer
+
+SMALL = {
+    "ops": {
+        "asnmeta": {
+            "config": {"min_rows_exclusive": 10, "max_rows_exclusive": 100_000, "batch_rows": 700}
+        }
+    }
+}
+
+
+def _map(asns: int = 1500) -> dict:
+    data = {}
+    for asn in range(1, asns + 1):
+        history = [[f"Org {asn}, Inc.", "IT", "20180101", f"AS{asn}-NET", "RIPE"]]
+        if asn % 3 == 0:
+            history.append([f'Orgé "{asn}" new', "DE", "20230215", "", "ARIN"])
+        data[str(asn)] = history
+    data["4294967295"] = [["Max", "ZZ", "20240229", "MAX", "IANA"]]
+    return data
+
+
+def _body(data: dict) -> bytes:
+    return json.dumps(data, ensure_ascii=False, indent=1).replace("\n", "\r\n").encode()
+
+
+@pytest.fixture
+def source(upstream: UpstreamServer, monkeypatch: pytest.MonkeyPatch) -> UpstreamServer:
+    monkeypatch.setenv("OONI_ASNMETA_URL", upstream.put("all_as_org_map.json", _body(_map())))
+    return upstream
+
+
+def _run(clickhouse, instance, run_config=SMALL):
+    return dg.materialize(
+        [asnmeta, asnmeta_rows_check],
+        resources={"clickhouse": clickhouse},
+        instance=instance,
+        run_config=run_config,
+        raise_on_error=False,
+    )
+
+
+def _meta(result) -> dict:
+    (event,) = result.get_asset_materialization_events()
+    return {k: getattr(v, "value", v) for k, v in event.materialization.metadata.items()}
+
+
+def _error(result) -> str:
+    return result.get_step_failure_events()[0].step_failure_data.error.to_string()
+
+
+def test_realistic_map_lands_exactly(clickhouse, ch: ClickHouse, source) -> None:
+    result = _run(clickhouse, dg.DagsterInstance.ephemeral())
+    assert result.success
+    expected_rows = 1500 + 500 + 1
+    assert ch.count("asnmeta") == expected_rows
+    assert ch.query_rows(
+        "SELECT org_name, cc, changed, aut_name, source FROM asnmeta WHERE asn = 3 ORDER BY changed"
+    ) == [
+        ("Org 3, Inc.", "IT", date(2018, 1, 1), "AS3-NET", "RIPE"),
+        ('Orgé "3" new', "DE", date(2023, 2, 15), "", "ARIN"),
+    ]
+    assert ch.query_rows("SELECT asn, changed FROM asnmeta WHERE org_name = 'Max'") == [
+        (4294967295, date(2024, 2, 29))
+    ]
+    meta = _meta(result)
+    assert meta["dagster/row_count"] == expected_rows
+    assert meta["distinct_asns"] == 1501
+    assert meta["newest_changed"] == "2024-02-29"
+    assert meta["bytes_fetched"] == len(_body(_map()))
+    assert all(c.passed for c in result.get_asset_check_evaluations())
+
+
+def test_unchanged_source_skips_and_500_is_retried(clickhouse, ch, source) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    assert _run(clickhouse, instance).success
+    source.fail("all_as_org_map.json", Reply(500))
+    again = _run(clickhouse, instance)
+    assert again.success and _meta(again)["skipped"] is True
+    assert source.hits("all_as_org_map.json") == [200, 500, 304]
+
+
+BAD = {
+    "empty {} fails the default bounds": (b"{}", "outside the sanity bounds", None),
+    "truncated JSON": (_body(_map())[:20_000], "truncated JSON", SMALL),
+    "non-integer ASN": (
+        _body({**_map(), "AS12": [["a", "b", "20200101", "c", "d"]]}),
+        "ASN 'AS12': not an integer",
+        SMALL,
+    ),
+    "ASN too large": (
+        _body({**_map(), "4294967296": [["a", "b", "20200101", "c", "d"]]}),
+        "ASN '4294967296'",
+        SMALL,
+    ),
+    "4-field entry": (
+        _body({**_map(), "7": [["a", "b", "20200101", "c"]]}),
+        "ASN 7: entry 0 has 4 fields",
+        SMALL,
+    ),
+    "bad date": (
+        _body({**_map(), "8": [["a", "b", "2020-01-01", "c", "d"]]}),
+        "ASN 8: field 'changed' is '2020-01-01'",
+        SMALL,
+    ),
+    "impossible date": (
+        _body({**_map(), "9": [["a", "b", "20230230", "c", "d"]]}),
+        "ASN 9: field 'changed'",
+        SMALL,
+    ),
+    "HTML": (
+        b"<!DOCTYPE html><html>Service unavailable</html>",
+        "the body is HTML, not JSON",
+        SMALL,
+    ),
+    "not an object": (b"[1, 2]", "expected '{' opening the AS map", SMALL),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_fails_and_keeps_the_live_table(clickhouse, ch, source, case: str) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    assert _run(clickhouse, instance).success
+    before = ch.count("asnmeta")
+    body, message, run_config = BAD[case]
+    source.put("all_as_org_map.json", body)
+    result = _run(clickhouse, instance, run_config=run_config)
+    assert not result.success
+    assert message in _error(result)
+    assert ch.count("asnmeta") == before
+
+
+def test_truncated_transfer_keeps_the_live_table(clickhouse, ch, source) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    assert _run(clickhouse, instance).success
+    source.put("all_as_org_map.json", _body(_map(1600)))
+    source.fail("all_as_org_map.json", Reply(200, _body(_map(1600)), truncate_to=30_000))
+    result = _run(clickhouse, instance)
+    assert not result.success and "truncated" in _error(result)
+    assert ch.count("asnmeta") == 2001
+
+
+def _chunks(body: bytes, size: int):
+    for i in range(0, len(body), size):
+        yield body[i : i + size]
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 4096])
+def test_parser_is_independent_of_chunk_boundaries(chunk_size: int) -> None:
+    data = _map(60)
+    stats = ParseStats()
+    tables = list(
+        arrow_batches(
+            iter_asn_histories(_chunks(_body(data), chunk_size), stats), stats, batch_rows=25
+        )
+    )
+    assert len(tables) > 1
+    rows = [row for table in tables for row in table.to_pylist()]
+    assert len(rows) == sum(len(h) for h in data.values()) == stats.rows
+    assert rows[0] == {
+        "asn": 1,
+        "org_name": "Org 1, Inc.",
+        "cc": "IT",
+        "changed": date(2018, 1, 1),
+        "aut_name": "AS1-NET",
+        "source": "RIPE",
+    }
+
+
+def test_trailing_garbage_is_an_error() -> None:
+    with pytest.raises(AsnMetaError, match="unexpected data after"):
+        list(iter_asn_histories([b'{"1": []} {"2": []}']))
+
+
+def test_schedule() -> None:
+    assert (
+        asnmeta_schedule.name == "asnmeta_schedule"
+        and asnmeta_schedule.cron_schedule == "0 3 * * 1"
+    )
