@@ -21,7 +21,14 @@ READ_TIMEOUT_S = 120
 
 
 class FetchError(RuntimeError):
-    """The source could not be fetched; the message names the URL and why."""
+    """The source could not be fetched; the message names the URL and why.
+
+    ``status`` is the final HTTP status when the server answered (404: not published).
+    """
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -109,7 +116,8 @@ def fetch(
             return
         if response.status_code != 200:
             raise FetchError(
-                f"fetching {url} failed: HTTP {response.status_code} {response.reason}"
+                f"fetching {url} failed: HTTP {response.status_code} {response.reason}",
+                status=response.status_code,
             )
         validators = Validators(response.headers.get("ETag"), response.headers.get("Last-Modified"))
         yield Fetched(url, response, validators)

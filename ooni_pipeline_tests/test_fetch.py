@@ -21,6 +21,9 @@ def test_404_is_final_and_named(upstream: UpstreamServer) -> None:
     with pytest.raises(FetchError, match=r"missing\.csv.*HTTP 404"):
         fetch_bytes(upstream.url("missing.csv"))
     assert upstream.hits("missing.csv") == [404]
+    with pytest.raises(FetchError) as info:
+        fetch_bytes(upstream.url("missing.csv"))
+    assert info.value.status == 404
 
 
 def test_truncated_body_is_an_error(upstream: UpstreamServer) -> None:
