@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from ooni_pipeline import asn_metadata, exports, fingerprints, geoip, test_lists
+from ooni_pipeline import asn_metadata, backup, exports, fingerprints, geoip, test_lists
 from ooni_pipeline.clickhouse import ClickHouseResource
 from ooni_pipeline.object_store import ObjectStoreResource
 from ooni_pipeline.operations import build_freshness, run_failure_alert_sensor
@@ -18,6 +18,7 @@ DOMAINS = (
     fingerprints,
     asn_metadata,
     geoip,
+    backup,
     exports,
 )
 

@@ -150,3 +150,67 @@ class GitRepo:
         self._git("add", "-A")
         self._git("commit", "-q", "--allow-empty", "-m", message)
         return self._git("rev-parse", "HEAD")
+
+
+class FaultyProxy:
+    """An HTTP proxy in front of an S3 endpoint that fails chosen requests with 500.
+
+    ``fail_when(method, path_and_query) -> bool`` picks the requests to fail.
+    """
+
+    def __init__(self, target: str, fail_when):
+        import requests
+
+        self.failed: list[str] = []
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _forward(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                if fail_when(self.command, self.path):
+                    proxy.failed.append(f"{self.command} {self.path}")
+                    error = b"<Error><Code>InternalError</Code><Message>injected</Message></Error>"
+                    self.send_response(500)
+                    self.send_header("Content-Length", str(len(error)))
+                    self.end_headers()
+                    self.wfile.write(error)
+                    return
+                headers = {
+                    k: v
+                    for k, v in self.headers.items()
+                    if k.lower() not in ("host", "content-length")
+                }
+                response = requests.request(
+                    self.command, target + self.path, headers=headers, data=body, timeout=60
+                )
+                self.send_response(response.status_code)
+                for name, value in response.headers.items():
+                    if name.lower() not in (
+                        "content-length",
+                        "transfer-encoding",
+                        "connection",
+                        "content-encoding",
+                    ):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(response.content)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(response.content)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

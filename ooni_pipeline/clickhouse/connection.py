@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Generator, Iterator, Mapping
+from collections.abc import Generator, Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -252,6 +252,18 @@ class ClickHouse:
             self._client.insert_arrow(table, data)
         except Exception as exc:
             raise self._wrap(exc, f"INSERT INTO {table}") from None
+
+    def raw_insert(self, table: str, data: Iterable[bytes], fmt: str) -> None:
+        """Insert raw bytes in a ClickHouse input format (e.g. CSVWithNames), parsed by the engine."""
+        quote_identifier(table)
+
+        def blocks() -> Generator[bytes, None, None]:
+            yield from data
+
+        try:
+            self._client.raw_insert(table, insert_block=blocks(), fmt=fmt)
+        except Exception as exc:
+            raise self._wrap(exc, f"INSERT INTO {table} FORMAT {fmt}") from None
 
     def count(self, table: str) -> int:
         return int(self.scalar(f"SELECT count() FROM {quote_identifier(table)}"))
