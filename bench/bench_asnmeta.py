@@ -5,7 +5,7 @@ Run by hand from the repository root (about a minute):
     .venv/bin/python bench/bench_asnmeta.py [--asns 150000] [--entries 400000]
 
 A generated AS map (about 150k ASNs, 400k history entries) is served over HTTP on
-127.0.0.1; each approach runs in its own process (peak RSS from wait4), fetching
+127.0.0.1; each approach runs in its own process (peak RSS: the child's VmHWM, see harness.py), fetching
 and filling ``asnmeta_tmp`` then swapping, on the same chdb directory:
   ours    the asset's path: streamed fetch, incremental parse, validated Arrow
           batches of 50k rows
@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
-import subprocess
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
+
+from harness import report_peak, run_measured
 
 
 def _ch(workdir: Path):
@@ -105,18 +104,7 @@ def generate(asns: int, entries: int) -> bytes:
 
 
 def measure(mode: str, workdir: Path, url: str) -> tuple[float, float, str]:
-    start = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--run", mode, "--workdir", str(workdir), "--url", url],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.monotonic() - start
-    out = proc.stdout.read().strip() if proc.stdout else ""
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{mode} failed")
-    return wall, usage.ru_maxrss / 1024, out
+    return run_measured([__file__, "--run", mode, "--workdir", str(workdir), "--url", url])
 
 
 def main() -> None:
@@ -130,6 +118,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.run:
         MODES[args.run](args.workdir, args.url)
+        report_peak()
         return
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from ooni_pipeline_tests.rig import UpstreamServer

@@ -5,7 +5,7 @@ Run by hand from the repository root (takes a few minutes):
     .venv/bin/python bench/bench_website_metrics.py [--rows 2000000] [--workdir bench/out/website_metrics]
 
 Compares, in the same run and on the same chdb data, each in its own process
-(peak RSS from wait4):
+(peak RSS: the child's VmHWM, see harness.py):
   ours       the asset's export_day(): pivot in ClickHouse, streamed through gzip to
              the local object store
   clickhouse (a) ClickHouse alone writing the identical gzip CSV to a local file
@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import os
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
+
+from harness import report_peak, run_measured
 
 DAY = "2024-03-10"
 
@@ -151,18 +149,7 @@ MODES = {"ours": run_ours, "clickhouse": run_clickhouse, "notebook": run_noteboo
 
 def measure(mode: str, workdir: Path) -> tuple[float, float, str]:
     """(wall s, peak RSS MB, output) of one mode in a fresh process."""
-    start = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--run", mode, "--workdir", str(workdir)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.monotonic() - start
-    out = proc.stdout.read().strip() if proc.stdout else ""
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{mode} failed")
-    return wall, usage.ru_maxrss / 1024, out
+    return run_measured([__file__, "--run", mode, "--workdir", str(workdir)])
 
 
 def main() -> None:
@@ -174,6 +161,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.run:
         MODES[args.run](args.workdir)
+        report_peak()
         return
     shutil.rmtree(args.workdir, ignore_errors=True)
     args.workdir.mkdir(parents=True)

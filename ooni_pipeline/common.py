@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import dagster as dg
 
 from ooni_pipeline.clickhouse import ClickHouse
+from ooni_pipeline.clickhouse.swap import RowBounds
 
 if TYPE_CHECKING:
     from ooni_pipeline.fetch import Validators
@@ -98,3 +99,32 @@ def validators_metadata(validators: Validators) -> dict[str, str]:
         "source_etag": validators.etag or "",
         "source_last_modified": validators.last_modified or "",
     }
+
+
+class TableUpdateConfig(dg.Config):
+    """Run config of the table updaters: the new table's sanity bounds (exclusive:
+    more than ``min_rows_exclusive``, fewer than ``max_rows_exclusive``; outside them
+    the run fails before any swap), and ``force`` to rewrite an unchanged source."""
+
+    min_rows_exclusive: int = 0
+    max_rows_exclusive: int = 1_000_000_000
+    force: bool = False
+
+    def bounds(self) -> RowBounds:
+        return RowBounds(self.min_rows_exclusive, self.max_rows_exclusive)
+
+
+def unchanged_result(
+    context: dg.AssetExecutionContext, version: str, reason: str, live_rows: int, **metadata: Any
+) -> dg.MaterializeResult:
+    """The materialization of an update skipped because its source did not change."""
+    context.log.info(f"{reason} ({version}): rewrite skipped")
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(version),
+        metadata={
+            "skipped": True,
+            "skip_reason": reason,
+            "dagster/row_count": live_rows,
+            **metadata,
+        },
+    )

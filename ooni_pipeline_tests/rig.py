@@ -214,3 +214,18 @@ class FaultyProxy:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def materialization_metadata(result, key: str | None = None) -> dict:
+    """Raw metadata values of a run's (last) materialization, of ``key`` if given."""
+    events = [
+        e
+        for e in result.get_asset_materialization_events()
+        if key is None or e.asset_key.to_user_string() == key
+    ]
+    return {k: getattr(v, "value", v) for k, v in events[-1].materialization.metadata.items()}
+
+
+def failure_text(result) -> str:
+    """The first step failure of a run, with its causes, as the UI shows it."""
+    return result.get_step_failure_events()[0].step_failure_data.error.to_string()

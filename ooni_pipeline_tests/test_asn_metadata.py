@@ -17,7 +17,7 @@ from ooni_pipeline.asn_metadata.parse import (
     iter_asn_histories,
 )
 from ooni_pipeline.clickhouse import ClickHouse
-from ooni_pipeline_tests.rig import Reply, UpstreamServer
+from ooni_pipeline_tests.rig import Reply, UpstreamServer, failure_text, materialization_metadata
 
 SMALL = {
     "ops": {
@@ -59,15 +59,6 @@ def _run(clickhouse, instance, run_config=SMALL):
     )
 
 
-def _meta(result) -> dict:
-    (event,) = result.get_asset_materialization_events()
-    return {k: getattr(v, "value", v) for k, v in event.materialization.metadata.items()}
-
-
-def _error(result) -> str:
-    return result.get_step_failure_events()[0].step_failure_data.error.to_string()
-
-
 def test_realistic_map_lands_exactly(clickhouse, ch: ClickHouse, source) -> None:
     result = _run(clickhouse, dg.DagsterInstance.ephemeral())
     assert result.success
@@ -82,7 +73,7 @@ def test_realistic_map_lands_exactly(clickhouse, ch: ClickHouse, source) -> None
     assert ch.query_rows("SELECT asn, changed FROM asnmeta WHERE org_name = 'Max'") == [
         (4294967295, date(2024, 2, 29))
     ]
-    meta = _meta(result)
+    meta = materialization_metadata(result)
     assert meta["dagster/row_count"] == expected_rows
     assert meta["distinct_asns"] == 1501
     assert meta["newest_changed"] == "2024-02-29"
@@ -95,7 +86,7 @@ def test_unchanged_source_skips_and_500_is_retried(clickhouse, ch, source) -> No
     assert _run(clickhouse, instance).success
     source.fail("all_as_org_map.json", Reply(500))
     again = _run(clickhouse, instance)
-    assert again.success and _meta(again)["skipped"] is True
+    assert again.success and materialization_metadata(again)["skipped"] is True
     assert source.hits("all_as_org_map.json") == [200, 500, 304]
 
 
@@ -145,7 +136,7 @@ def test_bad_input_fails_and_keeps_the_live_table(clickhouse, ch, source, case: 
     source.put("all_as_org_map.json", body)
     result = _run(clickhouse, instance, run_config=run_config)
     assert not result.success
-    assert message in _error(result)
+    assert message in failure_text(result)
     assert ch.count("asnmeta") == before
 
 
@@ -155,7 +146,7 @@ def test_truncated_transfer_keeps_the_live_table(clickhouse, ch, source) -> None
     source.put("all_as_org_map.json", _body(_map(1600)))
     source.fail("all_as_org_map.json", Reply(200, _body(_map(1600)), truncate_to=30_000))
     result = _run(clickhouse, instance)
-    assert not result.success and "truncated" in _error(result)
+    assert not result.success and "truncated" in failure_text(result)
     assert ch.count("asnmeta") == 2001
 
 

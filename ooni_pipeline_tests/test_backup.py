@@ -16,7 +16,7 @@ from ooni_pipeline.backup.plan import MANIFEST_KEY, BackupTable, parse_tables
 from ooni_pipeline.clickhouse import ClickHouse
 from ooni_pipeline.clickhouse.schema import ensure_tables
 from ooni_pipeline.object_store import ObjectStoreResource
-from ooni_pipeline_tests.rig import FaultyProxy
+from ooni_pipeline_tests.rig import FaultyProxy, failure_text, materialization_metadata
 
 FASTPATH = BackupTable("fastpath", "measurement_start_time")
 fastpath_backup, fastpath_restore_check = build_backup_asset(FASTPATH)
@@ -53,11 +53,6 @@ def _run(clickhouse, store_resource, assets, config=FAST, instance=None):
     )
 
 
-def _meta(result) -> dict:
-    (event,) = result.get_asset_materialization_events()
-    return {k: getattr(v, "value", v) for k, v in event.materialization.metadata.items()}
-
-
 def _read_csv(store, key: str) -> list[list[str]]:
     text = (
         zstandard.ZstdDecompressor()
@@ -92,7 +87,7 @@ def test_months_back_up_then_skip_then_reupload_the_changed_one(
         "2024-02-1",
     ]
     assert rows[1][header.index("input")].startswith('https://x.org/"q",')
-    meta = _meta(result)
+    meta = materialization_metadata(result)
     assert (
         meta["objects_written"] == 3
         and meta["dagster/row_count"] == 550
@@ -110,10 +105,13 @@ def test_months_back_up_then_skip_then_reupload_the_changed_one(
         "INSERT INTO fastpath SELECT * FROM fastpath WHERE toYYYYMM(measurement_start_time) = 202401"
     )
     second = _run(clickhouse, object_store_resource, [fastpath_backup], instance=instance)
-    assert _meta(second)["objects_written"] == 0 and _meta(second)["objects_skipped"] == 3
+    assert (
+        materialization_metadata(second)["objects_written"] == 0
+        and materialization_metadata(second)["objects_skipped"] == 3
+    )
     ch.command("OPTIMIZE TABLE fastpath FINAL")
     third = _run(clickhouse, object_store_resource, [fastpath_backup], instance=instance)
-    assert _meta(third)["objects_written"] == 0
+    assert materialization_metadata(third)["objects_written"] == 0
 
     # A real change in February: only February goes up again.
     _fill_fastpath(ch, {"2024-02": 201})
@@ -123,7 +121,7 @@ def test_months_back_up_then_skip_then_reupload_the_changed_one(
         [fastpath_backup, fastpath_restore_check],
         instance=instance,
     )
-    assert _meta(fourth)["written_keys"] == [keys[1]]
+    assert materialization_metadata(fourth)["written_keys"] == [keys[1]]
     assert len(_read_csv(store, keys[1])) == 202
     (check,) = fourth.get_asset_check_evaluations()
     assert check.passed and check.metadata["objects_checked"].value == 1
@@ -180,8 +178,7 @@ def test_upload_failure_mid_object_leaves_nothing(
     finally:
         proxy.close()
     assert not result.success
-    error = result.get_step_failure_events()[0].step_failure_data.error.to_string()
-    assert "backing up fastpath 202401" in error
+    assert "backing up fastpath 202401" in failure_text(result)
     assert proxy.failed
     assert (
         s3_client.list_objects_v2(Bucket=s3_bucket).get("KeyCount") == 0

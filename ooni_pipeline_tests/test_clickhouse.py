@@ -144,23 +144,27 @@ def test_second_process_waits_for_the_embedded_lock(chdb_path: Path, ch: ClickHo
     ch.command("CREATE TABLE lock_probe (x UInt8) ENGINE = MergeTree ORDER BY x")
     script = textwrap.dedent(
         f"""
-        import time
+        import logging, sys, time
+        logging.basicConfig(level=logging.INFO)
         from ooni_pipeline.clickhouse import ClickHouse
+        print("ready", flush=True)  # imports done: the next step meets the lock
         start = time.monotonic()
-        with ClickHouse("chdb://{chdb_path}", lock_timeout_s=60, lock_poll_s=0.2) as ch:
+        with ClickHouse("chdb://{chdb_path}", lock_timeout_s=120, lock_poll_s=0.2) as ch:
             ch.command("INSERT INTO lock_probe VALUES (1)")
-        print(f"waited {{time.monotonic() - start:.1f}}")
+        print(f"waited {{time.monotonic() - start:.1f}}", flush=True)
         """
     )
     child = subprocess.Popen(
         [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    time.sleep(3)
-    assert child.poll() is None, child.communicate()  # still waiting on our lock
+    assert child.stdout.readline().strip() == "ready"
+    time.sleep(2)
+    assert child.poll() is None  # still waiting on our lock
     ch.close()
-    out, err = child.communicate(timeout=60)
+    out, err = child.communicate(timeout=120)
     assert child.returncode == 0, err
-    assert float(out.split()[1]) >= 2.5
+    assert "acquired after waiting" in err
+    assert float(out.split()[1]) >= 1.5
     with ClickHouse(f"chdb://{chdb_path}") as again:
         assert again.count("lock_probe") == 1
 

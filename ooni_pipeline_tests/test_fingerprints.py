@@ -15,7 +15,7 @@ from ooni_pipeline.fingerprints.assets import (
     fingerprints_http_check,
 )
 from ooni_pipeline.fingerprints.parse import HEADER, FingerprintError, parse_fingerprints
-from ooni_pipeline_tests.rig import Reply, UpstreamServer
+from ooni_pipeline_tests.rig import Reply, UpstreamServer, failure_text, materialization_metadata
 
 HEADER_LINE = ",".join(HEADER)
 
@@ -63,17 +63,6 @@ def _run(clickhouse, instance, assets=(fingerprints_dns, fingerprints_dns_check)
     )
 
 
-def _meta(result, key: str) -> dict:
-    events = [
-        e for e in result.get_asset_materialization_events() if e.asset_key.to_user_string() == key
-    ]
-    return {k: getattr(v, "value", v) for k, v in events[-1].materialization.metadata.items()}
-
-
-def _error(result) -> str:
-    return result.get_step_failure_events()[0].step_failure_data.error.to_string()
-
-
 def test_both_tables_land_exactly(clickhouse, ch: ClickHouse, sources) -> None:
     result = _run(
         clickhouse,
@@ -91,7 +80,7 @@ def test_both_tables_land_exactly(clickhouse, ch: ClickHouse, sources) -> None:
         "SELECT other_names, pattern FROM fingerprints_http WHERE name = 'http_xx_007'"
     ) == [("a, b", "<title>Blocked 7</title>")]
     assert ch.scalar("SELECT count() FROM fingerprints_http WHERE scope = 'prov'") == 15
-    meta = _meta(result, "fingerprints_dns")
+    meta = materialization_metadata(result, "fingerprints_dns")
     assert meta["dagster/row_count"] == 150
     assert meta["rows_per_scope"]["nat"] == 25 and meta["rows_per_pattern_type"]["regexp"] == 37
     assert meta["source_etag"]
@@ -102,11 +91,11 @@ def test_unchanged_etag_skips_the_rewrite(clickhouse, ch, sources) -> None:
     instance = dg.DagsterInstance.ephemeral()
     assert _run(clickhouse, instance).success
     again = _run(clickhouse, instance)
-    assert again.success and _meta(again, "fingerprints_dns")["skipped"] is True
+    assert again.success and materialization_metadata(again, "fingerprints_dns")["skipped"] is True
     assert sources.hits("fingerprints_dns.csv") == [200, 304]
     sources.put("fingerprints_dns.csv", _dns_csv(160))
     third = _run(clickhouse, instance)
-    assert _meta(third, "fingerprints_dns")["dagster/row_count"] == 160
+    assert materialization_metadata(third, "fingerprints_dns")["dagster/row_count"] == 160
 
 
 def test_500_then_success_is_retried(clickhouse, ch, sources) -> None:
@@ -156,8 +145,8 @@ def test_bad_input_fails_and_keeps_the_live_table(clickhouse, ch, sources, case:
     sources.put("fingerprints_dns.csv", body)
     result = _run(clickhouse, instance)
     assert not result.success
-    assert message in _error(result)
-    assert "fingerprints_dns.csv" in _error(result) or "sanity" in _error(result)
+    assert message in failure_text(result)
+    assert "fingerprints_dns.csv" in failure_text(result) or "sanity" in failure_text(result)
     assert ch.query_rows("SELECT * FROM fingerprints_dns ORDER BY name") == before
 
 
@@ -176,7 +165,7 @@ def test_fetch_failures_keep_the_live_table(
     sources.put("fingerprints_dns.csv", _dns_csv(170))  # a new version, but fetching it fails
     sources.fail("fingerprints_dns.csv", reply)
     result = _run(clickhouse, instance)
-    assert not result.success and message in _error(result)
+    assert not result.success and message in failure_text(result)
     assert ch.count("fingerprints_dns") == 150
 
 

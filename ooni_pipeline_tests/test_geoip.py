@@ -13,7 +13,7 @@ from netaddr import IPSet
 from ooni_pipeline.geoip import geoip_db_schedule
 from ooni_pipeline.geoip.assets import geoip_db, geoip_db_lookup_check
 from ooni_pipeline.geoip.mmdb import previous_month, release_ver
-from ooni_pipeline_tests.rig import Reply, UpstreamServer
+from ooni_pipeline_tests.rig import Reply, UpstreamServer, failure_text, materialization_metadata
 
 TODAY = "2026-11-03"
 THIS, LAST = "20261101", "20261001"
@@ -67,15 +67,6 @@ def _run(today: str = TODAY):
     )
 
 
-def _meta(result) -> dict:
-    (event,) = result.get_asset_materialization_events()
-    return {k: getattr(v, "value", v) for k, v in event.materialization.metadata.items()}
-
-
-def _error(result) -> str:
-    return result.get_step_failure_events()[0].step_failure_data.error.to_string()
-
-
 def _no_temp_files(directory: Path) -> bool:
     return not [p for p in directory.iterdir() if p.name.endswith(".partial")]
 
@@ -88,7 +79,7 @@ def test_first_install(tmp_path, geo) -> None:
     assert result.success
     assert (directory / "asn_cc.mmdb").read_bytes() == raw
     assert (directory / "geoipdbts").read_text() == THIS
-    meta = _meta(result)
+    meta = materialization_metadata(result)
     assert (
         meta["release"] == THIS
         and meta["bytes"] == len(raw)
@@ -109,7 +100,7 @@ def test_already_up_to_date_is_skipped(tmp_path, geo) -> None:
     publish(THIS, _good(tmp_path, 15169)[1])
     assert _run().success
     again = _run()
-    assert again.success and _meta(again)["skipped"] is True
+    assert again.success and materialization_metadata(again)["skipped"] is True
     assert upstream.hits(f"releases/{THIS}/{THIS}-ip2country_as.mmdb.gz") == [200]
 
 
@@ -132,7 +123,7 @@ def test_404_this_month_keeps_a_valid_existing_file(tmp_path, geo) -> None:
     before = (directory / "asn_cc.mmdb").read_bytes()
     result = _run()  # November is not published yet
     assert result.success
-    meta = _meta(result)
+    meta = materialization_metadata(result)
     assert meta["kept_previous"] is True and meta["release"] == LAST
     assert (directory / "asn_cc.mmdb").read_bytes() == before and (
         directory / "geoipdbts"
@@ -144,7 +135,7 @@ def test_404_without_a_file_falls_back_to_last_month_only(tmp_path, geo) -> None
     publish(LAST, _good(tmp_path, 7)[1])
     result = _run()
     assert result.success
-    assert _meta(result)["fallback_to_previous_month"] is True
+    assert materialization_metadata(result)["fallback_to_previous_month"] is True
     assert (directory / "geoipdbts").read_text() == LAST
 
     # Neither this month nor last month: fail, never an older release.
@@ -154,7 +145,9 @@ def test_404_without_a_file_falls_back_to_last_month_only(tmp_path, geo) -> None
     for name in ("asn_cc.mmdb", "geoipdbts"):
         (directory / name).unlink()
     failed = _run()
-    assert not failed.success and "neither 20261101 nor 20261001 is published" in _error(failed)
+    assert not failed.success and "neither 20261101 nor 20261001 is published" in failure_text(
+        failed
+    )
     assert not (directory / "asn_cc.mmdb").exists()
     assert not other.exists()
 
@@ -182,7 +175,7 @@ def test_bad_download_leaves_the_previous_file_byte_for_byte(tmp_path, geo, case
     make, message = BAD[case]
     publish(THIS, make(tmp_path))
     result = _run()
-    assert not result.success and message in _error(result)
+    assert not result.success and message in failure_text(result)
     assert {name: (directory / name).read_bytes() for name in before} == before
     assert _no_temp_files(directory)
 

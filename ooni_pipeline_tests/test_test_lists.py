@@ -10,7 +10,7 @@ from ooni_pipeline.clickhouse.schema import ensure_tables
 from ooni_pipeline.test_lists import citizenlab_schedule
 from ooni_pipeline.test_lists.assets import citizenlab, citizenlab_rows_valid_check
 from ooni_pipeline.test_lists.parse import InvalidURL, url_domain
-from ooni_pipeline_tests.rig import GitRepo
+from ooni_pipeline_tests.rig import GitRepo, failure_text, materialization_metadata
 
 HEADER = "url,category_code,category_description,date_added,source,notes"
 
@@ -98,16 +98,11 @@ def repo(git_repo: GitRepo, monkeypatch: pytest.MonkeyPatch) -> GitRepo:
     return git_repo
 
 
-def _metadata(result: dg.ExecuteInProcessResult) -> dict:
-    (event,) = result.get_asset_materialization_events()
-    return {k: getattr(v, "value", v) for k, v in event.materialization.metadata.items()}
-
-
 def test_exact_rows_land_and_rejections_are_reported(clickhouse, ch, repo) -> None:
     result = _run(clickhouse, dg.DagsterInstance.ephemeral())
     assert result.success
     assert _table(ch) == EXPECTED
-    meta = _metadata(result)
+    meta = materialization_metadata(result)
     assert meta["dagster/row_count"] == len(EXPECTED)
     assert meta["commit"] == repo._git("rev-parse", "HEAD")
     assert meta["rejected_by_reason"] == {
@@ -135,20 +130,19 @@ def test_unchanged_commit_skips_then_a_new_commit_rewrites(clickhouse, ch, repo)
     instance = dg.DagsterInstance.ephemeral()
     assert _run(clickhouse, instance).success
     again = _run(clickhouse, instance)
-    assert _metadata(again)["skipped"] is True
+    assert materialization_metadata(again)["skipped"] is True
     assert _table(ch) == EXPECTED
 
     repo.commit({"lists/it.csv": LISTS["lists/it.csv"] + _row("https://www.corriere.it/") + "\n"})
     third = _run(clickhouse, instance)
-    meta = _metadata(third)
+    meta = materialization_metadata(third)
     assert meta["skipped"] is False and meta["urls_added"] == 1 and meta["urls_removed"] == 0
     assert ("www.corriere.it", "https://www.corriere.it/", "IT", "NEWS") in _table(ch)
 
 
 def _assert_failed_and_unchanged(result, ch: ClickHouse, message: str) -> None:
     assert not result.success
-    failure = result.get_step_failure_events()[0].step_failure_data.error
-    text = failure.to_string()
+    text = failure_text(result)
     assert message in text, text
     assert _table(ch) == EXPECTED
 

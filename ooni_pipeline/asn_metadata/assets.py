@@ -9,12 +9,14 @@ from ooni_pipeline import settings
 from ooni_pipeline.asn_metadata.parse import ParseStats, arrow_batches, iter_asn_histories
 from ooni_pipeline.clickhouse import ClickHouse, ClickHouseResource
 from ooni_pipeline.clickhouse.schema import ensure_tables
-from ooni_pipeline.clickhouse.swap import RowBounds, replace_table
+from ooni_pipeline.clickhouse.swap import replace_table
 from ooni_pipeline.common import (
     CLICKHOUSE_POOL,
     OWNER,
+    TableUpdateConfig,
     column_schema_metadata,
     previous_validators,
+    unchanged_result,
     validators_metadata,
 )
 from ooni_pipeline.fetch import Fetched, fetch
@@ -22,17 +24,10 @@ from ooni_pipeline.fetch import Fetched, fetch
 ASNMETA_KEY = dg.AssetKey("asnmeta")
 
 
-class AsnmetaConfig(dg.Config):
-    min_rows_exclusive: int = Field(
-        default=100_000, description="fail unless there are more rows than this"
-    )
-    max_rows_exclusive: int = Field(
-        default=1_000_000, description="fail unless there are fewer rows than this"
-    )
+class AsnmetaConfig(TableUpdateConfig):
+    min_rows_exclusive: int = 100_000
+    max_rows_exclusive: int = 1_000_000
     batch_rows: int = Field(default=50_000, description="rows per insert; bounds memory")
-    force: bool = Field(
-        default=False, description="rewrite even if the source is unchanged (no conditional GET)"
-    )
 
 
 def load_asnmeta(
@@ -76,18 +71,13 @@ def asnmeta(
         )
         with fetch(url, previous=previous) as fetched:
             if fetched.not_modified:
-                context.log.info(
-                    f"{url} unchanged ({fetched.validators.describe()}): rewrite skipped"
-                )
-                return dg.MaterializeResult(
-                    data_version=dg.DataVersion(fetched.validators.describe()),
-                    metadata={
-                        "skipped": True,
-                        "skip_reason": "source unchanged since the last materialization (HTTP 304)",
-                        "dagster/row_count": live_rows,
-                        "fetch_s": round(time.monotonic() - start, 3),
-                        **validators_metadata(fetched.validators),
-                    },
+                return unchanged_result(
+                    context,
+                    fetched.validators.describe(),
+                    f"source unchanged since the last materialization (HTTP 304 from {url})",
+                    live_rows,
+                    fetch_s=round(time.monotonic() - start, 3),
+                    **validators_metadata(fetched.validators),
                 )
             result = replace_table(
                 ch,
@@ -96,7 +86,7 @@ def asnmeta(
                 fill=lambda ch, staging: load_asnmeta(
                     fetched, ch, staging, stats, config.batch_rows, context.log
                 ),
-                bounds=RowBounds(config.min_rows_exclusive, config.max_rows_exclusive),
+                bounds=config.bounds(),
             )
             validators = fetched.validators
         schema = column_schema_metadata(ch, "asnmeta")

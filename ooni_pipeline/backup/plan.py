@@ -39,9 +39,10 @@ class BackupTable:
             quote_identifier(self.month_column)
 
 
+FASTPATH_SPEC = BackupTable("fastpath", "measurement_start_time")
 # OONI's default: fastpath by month, the small tables whole.
 DEFAULT_TABLES = (
-    BackupTable("fastpath", "measurement_start_time"),
+    FASTPATH_SPEC,
     BackupTable("citizenlab"),
     BackupTable("fingerprints_dns"),
     BackupTable("fingerprints_http"),

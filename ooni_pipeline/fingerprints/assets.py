@@ -3,33 +3,27 @@
 import time
 
 import dagster as dg
-from pydantic import Field
 
 from ooni_pipeline import settings
 from ooni_pipeline.clickhouse import ClickHouseResource, quote_identifier
 from ooni_pipeline.clickhouse.schema import DNS_SCOPES, HTTP_SCOPES, ensure_tables
-from ooni_pipeline.clickhouse.swap import RowBounds, replace_table
+from ooni_pipeline.clickhouse.swap import replace_table
 from ooni_pipeline.common import (
     CLICKHOUSE_POOL,
     OWNER,
+    TableUpdateConfig,
     column_schema_metadata,
     previous_validators,
+    unchanged_result,
     validators_metadata,
 )
 from ooni_pipeline.fetch import fetch_bytes
 from ooni_pipeline.fingerprints.parse import parse_fingerprints
 
 
-class FingerprintsConfig(dg.Config):
-    min_rows_exclusive: int = Field(
-        default=100, description="fail unless there are more rows than this"
-    )
-    max_rows_exclusive: int = Field(
-        default=50_000, description="fail unless there are fewer rows than this"
-    )
-    force: bool = Field(
-        default=False, description="rewrite even if the source is unchanged (no conditional GET)"
-    )
+class FingerprintsConfig(TableUpdateConfig):
+    min_rows_exclusive: int = 100
+    max_rows_exclusive: int = 50_000
 
 
 def build_fingerprints_asset(
@@ -66,16 +60,13 @@ def build_fingerprints_asset(
             body, validators = fetch_bytes(url, previous=previous if live_rows else None)
             fetch_s = time.monotonic() - start
             if body is None:
-                context.log.info(f"{url} unchanged ({validators.describe()}): rewrite skipped")
-                return dg.MaterializeResult(
-                    data_version=dg.DataVersion(validators.describe()),
-                    metadata={
-                        "skipped": True,
-                        "skip_reason": "source unchanged since the last materialization (HTTP 304)",
-                        "dagster/row_count": live_rows,
-                        "fetch_s": round(fetch_s, 3),
-                        **validators_metadata(validators),
-                    },
+                return unchanged_result(
+                    context,
+                    validators.describe(),
+                    f"source unchanged since the last materialization (HTTP 304 from {url})",
+                    live_rows,
+                    fetch_s=round(fetch_s, 3),
+                    **validators_metadata(validators),
                 )
             parsed = parse_fingerprints(body, url.rsplit("/", 1)[-1] or url, scopes)
             context.log.info(
@@ -86,7 +77,7 @@ def build_fingerprints_asset(
                 live=table,
                 staging=f"{table}_tmp",
                 fill=lambda ch, staging: ch.insert_arrow(staging, parsed.table),
-                bounds=RowBounds(config.min_rows_exclusive, config.max_rows_exclusive),
+                bounds=config.bounds(),
             )
             schema = column_schema_metadata(ch, table)
         return dg.MaterializeResult(

@@ -11,25 +11,25 @@ from pydantic import Field
 from ooni_pipeline import settings
 from ooni_pipeline.clickhouse import ClickHouse, ClickHouseResource
 from ooni_pipeline.clickhouse.schema import ensure_tables
-from ooni_pipeline.clickhouse.swap import RowBounds, replace_table
-from ooni_pipeline.common import CLICKHOUSE_POOL, OWNER, column_schema_metadata, last_metadata
+from ooni_pipeline.clickhouse.swap import replace_table
+from ooni_pipeline.common import (
+    CLICKHOUSE_POOL,
+    OWNER,
+    TableUpdateConfig,
+    column_schema_metadata,
+    last_metadata,
+    unchanged_result,
+)
 from ooni_pipeline.test_lists.git import shallow_clone
 from ooni_pipeline.test_lists.parse import ParsedLists, read_lists
 
 CITIZENLAB_KEY = dg.AssetKey("citizenlab")
 
 
-class CitizenlabConfig(dg.Config):
-    min_rows_exclusive: int = Field(
-        default=20_000, description="fail unless there are more rows than this"
-    )
-    max_rows_exclusive: int = Field(
-        default=1_000_000, description="fail unless there are fewer rows than this"
-    )
+class CitizenlabConfig(TableUpdateConfig):
+    min_rows_exclusive: int = 20_000
+    max_rows_exclusive: int = 1_000_000
     clone_timeout_s: float = Field(default=120.0, description="git clone timeout")
-    force: bool = Field(
-        default=False, description="rewrite even if the upstream commit is unchanged"
-    )
 
 
 def _arrow(parsed: ParsedLists) -> pa.Table:
@@ -86,18 +86,13 @@ def citizenlab(
             ensure_tables(ch, "citizenlab", "citizenlab_flip")
             live_rows = ch.count("citizenlab")
             if commit == previous_commit and live_rows > 0 and not config.force:
-                context.log.info(
-                    f"upstream commit {commit} unchanged and table filled: rewrite skipped"
-                )
-                return dg.MaterializeResult(
-                    data_version=dg.DataVersion(commit),
-                    metadata={
-                        "commit": commit,
-                        "skipped": True,
-                        "skip_reason": "upstream commit unchanged since the last materialization",
-                        "dagster/row_count": live_rows,
-                        "fetch_s": round(fetch_s, 3),
-                    },
+                return unchanged_result(
+                    context,
+                    commit,
+                    "upstream commit unchanged since the last materialization",
+                    live_rows,
+                    commit=commit,
+                    fetch_s=round(fetch_s, 3),
                 )
 
             parse_start = time.monotonic()
@@ -113,7 +108,7 @@ def citizenlab(
                 live="citizenlab",
                 staging="citizenlab_flip",
                 fill=lambda ch, staging: ch.insert_arrow(staging, table),
-                bounds=RowBounds(config.min_rows_exclusive, config.max_rows_exclusive),
+                bounds=config.bounds(),
             )
             added, removed = _changes(ch)
             per_country = ch.query_rows(

@@ -1,0 +1,40 @@
+"""Shared by the benchmarks: run one approach in a fresh process and measure it.
+
+Peak memory is the child's own ``VmHWM`` (high-water RSS of its address space,
+reset by exec), which it prints as its last line. ``ru_maxrss`` from ``wait4`` is
+not used: Linux carries the forking parent's peak across ``execve``, so a driver
+holding test data (moto's objects, say) would inflate every child alike.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MARKER = "peak_rss_kb="
+
+
+def report_peak() -> None:
+    """Print this process's peak RSS; call last thing in a measured child."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            print(f"{MARKER}{line.split()[1]}", flush=True)
+            return
+
+
+def run_measured(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
+    """(wall s, peak RSS MB, output) of ``python argv`` in a fresh process."""
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, *argv], stdout=subprocess.PIPE, text=True, env=env or os.environ.copy()
+    )
+    wall = time.monotonic() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{argv} failed with exit code {proc.returncode}")
+    lines = proc.stdout.strip().splitlines()
+    peak = next(int(line[len(MARKER) :]) for line in reversed(lines) if line.startswith(MARKER))
+    output = " ".join(line for line in lines if not line.startswith(MARKER))
+    return wall, peak / 1024, output
