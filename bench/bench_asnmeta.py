@@ -8,7 +8,7 @@ A generated AS map (about 150k ASNs, 400k history entries) is served over HTTP o
 127.0.0.1; each approach runs in its own process (peak RSS: the child's VmHWM, see harness.py), fetching
 and filling ``asnmeta_tmp`` then swapping, on the same chdb directory:
   ours    the asset's path: streamed fetch, incremental parse, validated Arrow
-          batches of 50k rows
+          batches (the asset's default size)
   naive   requests .json() (json.load), a list of row dicts, one DataFrame insert
 Targets: ours at least 2x faster and at most half the peak RSS.
 """
@@ -33,7 +33,7 @@ def _ch(workdir: Path):
 
 
 def run_ours(workdir: Path, url: str) -> None:
-    from ooni_pipeline.asn_metadata.assets import load_asnmeta
+    from ooni_pipeline.asn_metadata.assets import AsnmetaConfig, load_asnmeta
     from ooni_pipeline.asn_metadata.parse import ParseStats
     from ooni_pipeline.clickhouse.swap import replace_table
     from ooni_pipeline.fetch import fetch
@@ -44,7 +44,7 @@ def run_ours(workdir: Path, url: str) -> None:
             ch,
             live="asnmeta",
             staging="asnmeta_tmp",
-            fill=lambda ch, t: load_asnmeta(fetched, ch, t, stats, 50_000),
+            fill=lambda ch, t: load_asnmeta(fetched, ch, t, stats, AsnmetaConfig().batch_rows),
         )
     print(f"rows={result.rows}")
 

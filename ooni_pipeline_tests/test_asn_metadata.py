@@ -108,6 +108,11 @@ BAD = {
         "ASN 7: entry 0 has 4 fields",
         SMALL,
     ),
+    "null field": (
+        _body({**_map(), "6": [["a", None, "20200101", "c", "d"]]}),
+        "ASN 6: entry 0: field 'cc' is None, expected a string",
+        SMALL,
+    ),
     "bad date": (
         _body({**_map(), "8": [["a", "b", "2020-01-01", "c", "d"]]}),
         "ASN 8: field 'changed' is '2020-01-01'",

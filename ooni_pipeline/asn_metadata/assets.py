@@ -6,7 +6,12 @@ import dagster as dg
 from pydantic import Field
 
 from ooni_pipeline import settings
-from ooni_pipeline.asn_metadata.parse import ParseStats, arrow_batches, iter_asn_histories
+from ooni_pipeline.asn_metadata.parse import (
+    ParseStats,
+    arrow_batches,
+    cyclic_gc_relaxed,
+    iter_asn_histories,
+)
 from ooni_pipeline.clickhouse import ClickHouse, ClickHouseResource
 from ooni_pipeline.clickhouse.schema import ensure_tables
 from ooni_pipeline.clickhouse.swap import replace_table
@@ -27,7 +32,7 @@ ASNMETA_KEY = dg.AssetKey("asnmeta")
 class AsnmetaConfig(TableUpdateConfig):
     min_rows_exclusive: int = 100_000
     max_rows_exclusive: int = 1_000_000
-    batch_rows: int = Field(default=50_000, description="rows per insert; bounds memory")
+    batch_rows: int = Field(default=20_000, description="rows per insert; bounds memory")
 
 
 def load_asnmeta(
@@ -35,7 +40,12 @@ def load_asnmeta(
 ) -> None:
     """Stream the fetched map into ``table`` in validated batches."""
     histories = iter_asn_histories(fetched.iter_bytes(1 << 20), stats)
-    for batch in arrow_batches(histories, stats, batch_rows):
+    batches = arrow_batches(histories, stats, batch_rows)
+    while True:
+        with cyclic_gc_relaxed():
+            batch = next(batches, None)
+        if batch is None:
+            break
         ch.insert_arrow(table, batch)
         if log is not None:
             log.info(
