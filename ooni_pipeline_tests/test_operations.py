@@ -71,6 +71,8 @@ def test_every_asset_is_described_owned_and_fresh_checked() -> None:
     repo = defs.get_repository_def()
     graph = repo.asset_graph
     check_names = {key.name for key in graph.asset_check_keys}
+    fresh = {key.asset_key for key in graph.asset_check_keys if key.name == "freshness_check"}
+    assert fresh == set(graph.get_all_asset_keys())
     for key in graph.get_all_asset_keys():
         node = graph.get(key)
         assert node.description and len(node.description) > 40, key
