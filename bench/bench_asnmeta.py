@@ -23,13 +23,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from harness import report_peak, run_measured
-
-
-def _ch(workdir: Path):
-    from ooni_pipeline.clickhouse import ClickHouse
-
-    return ClickHouse(f"chdb://{(workdir / 'clickhouse').absolute()}")
+from harness import open_chdb, report_peak, run_measured
 
 
 def run_ours(workdir: Path, url: str) -> None:
@@ -39,7 +33,7 @@ def run_ours(workdir: Path, url: str) -> None:
     from ooni_pipeline.fetch import fetch
 
     stats = ParseStats()
-    with _ch(workdir) as ch, fetch(url) as fetched:
+    with open_chdb(workdir) as ch, fetch(url) as fetched:
         result = replace_table(
             ch,
             live="asnmeta",
@@ -70,7 +64,7 @@ def run_naive(workdir: Path, url: str) -> None:
     ]
     df = pd.DataFrame(rows)
     df["asn"] = df["asn"].astype("uint32")
-    with _ch(workdir) as ch:
+    with open_chdb(workdir) as ch:
         result = replace_table(
             ch, live="asnmeta", staging="asnmeta_tmp", fill=lambda ch, t: ch.insert_df(t, df)
         )

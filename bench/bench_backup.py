@@ -26,21 +26,15 @@ import threading
 import time
 from pathlib import Path
 
-from harness import report_peak, run_measured
+from harness import open_chdb, report_peak, run_measured
 
 BUCKET = "ooni-bench"
-
-
-def _ch(workdir: Path):
-    from ooni_pipeline.clickhouse import ClickHouse
-
-    return ClickHouse(f"chdb://{(workdir / 'clickhouse').absolute()}")
 
 
 def setup(workdir: Path, rows: int) -> None:
     from ooni_pipeline.clickhouse.schema import ensure_tables
 
-    with _ch(workdir) as ch:
+    with open_chdb(workdir) as ch:
         ensure_tables(ch, "fastpath")
         ch.command(
             """
@@ -94,7 +88,7 @@ def run_ours(workdir: Path, endpoint: str) -> None:
         warning = info
 
     total = 0
-    with _ch(workdir) as ch:
+    with open_chdb(workdir) as ch:
         final = final_clause(ch, "fastpath")
         for chunk in _months(ch):
             upload, rows, _ = back_up_chunk(ch, store, chunk, final, config, Log())
@@ -105,7 +99,7 @@ def run_ours(workdir: Path, endpoint: str) -> None:
 def run_clickhouse(workdir: Path, endpoint: str) -> None:
     from ooni_pipeline.backup.plan import final_clause, select_sql
 
-    with _ch(workdir) as ch:
+    with open_chdb(workdir) as ch:
         final = final_clause(ch, "fastpath")
         for chunk in _months(ch):
             sql, params = select_sql(chunk, final, max_threads=2)
@@ -125,7 +119,7 @@ def run_old(workdir: Path, endpoint: str) -> None:
     from ooni_pipeline.backup.plan import final_clause, select_sql
 
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    with _ch(workdir) as ch:
+    with open_chdb(workdir) as ch:
         final = final_clause(ch, "fastpath")
         header = ",".join(f'"{c}"' for c in ch.header("SELECT * FROM fastpath")) + "\n"
         for chunk in _months(ch):

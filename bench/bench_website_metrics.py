@@ -22,21 +22,15 @@ import gzip
 import shutil
 from pathlib import Path
 
-from harness import report_peak, run_measured
+from harness import open_chdb, report_peak, run_measured
 
 DAY = "2024-03-10"
-
-
-def _ch(workdir: Path):
-    from ooni_pipeline.clickhouse import ClickHouse
-
-    return ClickHouse(f"chdb://{(workdir / 'clickhouse').absolute()}")
 
 
 def setup(workdir: Path, rows: int) -> None:
     from ooni_pipeline.clickhouse.schema import ensure_tables
 
-    with _ch(workdir) as ch:
+    with open_chdb(workdir) as ch:
         ensure_tables(ch, "fastpath")
         ch.command("TRUNCATE TABLE fastpath")
         # 2% of measurements inserted twice (unmerged duplicates), plus other tests.
@@ -77,7 +71,7 @@ def run_ours(workdir: Path) -> None:
     from ooni_pipeline.exports.website_metrics import export_day
     from ooni_pipeline.object_store import LocalObjectStore
 
-    with _ch(workdir) as ch:
+    with open_chdb(workdir) as ch:
         export = export_day(ch, LocalObjectStore(workdir / "ours"), DAY, gzip_level=3)
     print(f"rows={export.totals['rows']} bytes={export.upload.bytes}")
 
@@ -88,7 +82,7 @@ def run_clickhouse(workdir: Path) -> None:
 
     out = (workdir / "clickhouse_alone.csv.gz").absolute()
     out.unlink(missing_ok=True)
-    with _ch(workdir) as ch:
+    with open_chdb(workdir) as ch:
         ch.command(
             f"INSERT INTO FUNCTION file('{out}', 'CSVWithNames', 'auto', 'gzip') {PIVOT_SQL}",
             day_window(DAY),
@@ -100,7 +94,7 @@ def run_notebook(workdir: Path) -> None:
     """The notebook of ooni/backend#331: rows into pandas, pivot_table, to_csv."""
     from ooni_pipeline.exports.website_metrics import day_window
 
-    with _ch(workdir) as ch:
+    with open_chdb(workdir) as ch:
         df = ch.query_df(
             """
             SELECT measurement_start_time, probe_asn, input, domain, measurement_uid, probe_cc,

@@ -25,6 +25,13 @@ def report_peak() -> None:
             return
 
 
+def open_chdb(workdir: Path):
+    """The benchmark's embedded ClickHouse under ``workdir``."""
+    from ooni_pipeline.clickhouse import ClickHouse
+
+    return ClickHouse(f"chdb://{(workdir / 'clickhouse').absolute()}")
+
+
 def run_measured(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
     """(wall s, peak RSS MB, output) of ``python argv`` in a fresh process."""
     start = time.monotonic()

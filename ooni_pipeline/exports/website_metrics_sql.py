@@ -26,8 +26,28 @@ CATEGORIES = ("accessible", "dns", "tcp_ip", "http-diff", "http-failure", "anoma
 BLOCKING_TYPES = ("dns", "tcp_ip", "http-diff", "http-failure")
 EXPLORER_URL_PREFIX = "https://explorer.ooni.org/m/"
 
+# One UTC day of web_connectivity, one group per measurement (bound: start, end).
+_DAY_OF_MEASUREMENTS = """
+    FROM fastpath
+    WHERE test_name = 'web_connectivity'
+      AND measurement_start_time >= toDateTime({start:String}, 'UTC')
+      AND measurement_start_time < toDateTime({end:String}, 'UTC')
+    GROUP BY measurement_uid
+"""
+
+
+def _category(msm_failure: str, anomaly: str, blocking_type: str) -> str:
+    """The contract's rule: failure, else a known blocking type, else anomaly, else accessible."""
+    known = ", ".join(f"'{t}'" for t in BLOCKING_TYPES)
+    return (
+        f"multiIf({msm_failure} = 't', 'failure', "
+        f"{anomaly} = 't' AND {blocking_type} IN ({known}), {blocking_type}, "
+        f"{anomaly} = 't', 'anomaly', 'accessible')"
+    )
+
+
 # Latest version of each measurement of the day, with its category.
-_MEASUREMENTS = """
+_MEASUREMENTS = f"""
 SELECT
     measurement_uid,
     latest.1 AS start_time,
@@ -36,12 +56,7 @@ SELECT
     latest.4 AS domain,
     latest.5 AS probe_cc,
     latest.6 = 't' AS is_confirmed,
-    multiIf(
-        latest.7 = 't', 'failure',
-        latest.8 = 't' AND latest.9 IN ('dns', 'tcp_ip', 'http-diff', 'http-failure'), latest.9,
-        latest.8 = 't', 'anomaly',
-        'accessible'
-    ) AS category
+    {_category("latest.7", "latest.8", "latest.9")} AS category
 FROM (
     SELECT
         measurement_uid,
@@ -50,11 +65,7 @@ FROM (
              confirmed, msm_failure, anomaly, blocking_type),
             update_time
         ) AS latest
-    FROM fastpath
-    WHERE test_name = 'web_connectivity'
-      AND measurement_start_time >= toDateTime({start:String}, 'UTC')
-      AND measurement_start_time < toDateTime({end:String}, 'UTC')
-    GROUP BY measurement_uid
+    {_DAY_OF_MEASUREMENTS}
 )
 """
 
@@ -68,13 +79,7 @@ SELECT
     domain,
     concat('{EXPLORER_URL_PREFIX}', measurement_uid) AS explorer_url,
     probe_cc,
-    toUInt8(category = 'accessible') AS accessible,
-    toUInt8(category = 'dns') AS dns,
-    toUInt8(category = 'tcp_ip') AS tcp_ip,
-    toUInt8(category = 'http-diff') AS `http-diff`,
-    toUInt8(category = 'http-failure') AS `http-failure`,
-    toUInt8(category = 'anomaly') AS anomaly,
-    toUInt8(category = 'failure') AS failure,
+    {", ".join(f"toUInt8(category = '{c}') AS `{c}`" for c in CATEGORIES)},
     toUInt8(is_confirmed) AS confirmed
 FROM ({_MEASUREMENTS})
 ORDER BY start_time, explorer_url
@@ -83,32 +88,17 @@ ORDER BY start_time, explorer_url
 # Totals of the same rows, for metadata and for the check. Only what the totals
 # need goes through the dedup (a small argMax state), so this costs a fraction of
 # the export itself.
-TOTALS_SQL = """
+TOTALS_SQL = f"""
 SELECT
     count() AS rows,
-    countIf(category = 'accessible') AS accessible,
-    countIf(category = 'dns') AS dns,
-    countIf(category = 'tcp_ip') AS tcp_ip,
-    countIf(category = 'http-diff') AS `http-diff`,
-    countIf(category = 'http-failure') AS `http-failure`,
-    countIf(category = 'anomaly') AS anomaly,
-    countIf(category = 'failure') AS failure,
+    {", ".join(f"countIf(category = '{c}') AS `{c}`" for c in CATEGORIES)},
     countIf(latest.4 = 't') AS confirmed,
     uniqExact(latest.5) AS countries,
     topK(10)(latest.5) AS top_countries
 FROM (
     SELECT
         argMax((msm_failure, anomaly, blocking_type, confirmed, toString(probe_cc)), update_time) AS latest,
-        multiIf(
-            latest.1 = 't', 'failure',
-            latest.2 = 't' AND latest.3 IN ('dns', 'tcp_ip', 'http-diff', 'http-failure'), latest.3,
-            latest.2 = 't', 'anomaly',
-            'accessible'
-        ) AS category
-    FROM fastpath
-    WHERE test_name = 'web_connectivity'
-      AND measurement_start_time >= toDateTime({start:String}, 'UTC')
-      AND measurement_start_time < toDateTime({end:String}, 'UTC')
-    GROUP BY measurement_uid
+        {_category("latest.1", "latest.2", "latest.3")} AS category
+    {_DAY_OF_MEASUREMENTS}
 )
 """
