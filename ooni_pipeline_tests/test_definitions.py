@@ -62,3 +62,20 @@ def test_asset_materialize_command_on_embedded_defaults(tmp_path) -> None:
     obj = tmp_path / "data" / "objects" / "exports" / "website_metrics" / "2016-01-01.csv.gz"
     assert obj.is_file()
     assert (tmp_path / "data" / "clickhouse").is_dir()
+
+
+def test_instance_configs_are_valid(tmp_path) -> None:
+    """dagster.yaml (embedded) and the production variant validate against Dagster's schema."""
+    import shutil
+    from pathlib import Path
+
+    from dagster._core.instance.config import dagster_instance_config
+
+    root = Path(__file__).resolve().parents[1]
+    for source in (root / "dagster.yaml", root / "deploy" / "dagster.production.yaml"):
+        home = tmp_path / source.stem
+        home.mkdir()
+        shutil.copy(source, home / "dagster.yaml")
+        config, _ = dagster_instance_config(str(home))
+        assert config["telemetry"] == {"enabled": False}, source
+        assert config["concurrency"]["pools"]["default_limit"] >= 1, source
