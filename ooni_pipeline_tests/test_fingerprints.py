@@ -121,6 +121,10 @@ BAD_BODIES = {
         _dns_csv(extra="bad1,nat,,dns,regexp,([a-z,1,,,,\n"),
         "field 'pattern': invalid regexp",
     ),
+    "regexp RE2 refuses": (
+        _dns_csv(extra="lookbehind,nat,,dns,regexp,(?<=a)b,1,,,,\n"),
+        "fingerprint 'lookbehind': field 'pattern': ClickHouse cannot compile '(?<=a)b'",
+    ),
     "bad confidence": (
         _dns_csv(extra="bad1,nat,,dns,full,1.2.3.4,300,,,,\n"),
         "field 'confidence_no_fp': '300'",

@@ -5,7 +5,12 @@ import time
 import dagster as dg
 
 from ooni_pipeline import settings
-from ooni_pipeline.clickhouse import ClickHouseResource, quote_identifier
+from ooni_pipeline.clickhouse import (
+    ClickHouse,
+    ClickHouseError,
+    ClickHouseResource,
+    quote_identifier,
+)
 from ooni_pipeline.clickhouse.schema import DNS_SCOPES, HTTP_SCOPES, ensure_tables
 from ooni_pipeline.clickhouse.swap import replace_table
 from ooni_pipeline.common import (
@@ -18,12 +23,31 @@ from ooni_pipeline.common import (
     validators_metadata,
 )
 from ooni_pipeline.fetch import fetch_bytes
-from ooni_pipeline.fingerprints.parse import parse_fingerprints
+from ooni_pipeline.fingerprints.parse import FingerprintError, parse_fingerprints
 
 
 class FingerprintsConfig(TableUpdateConfig):
     min_rows_exclusive: int = 100
     max_rows_exclusive: int = 50_000
+
+
+def validate_regexps_in_clickhouse(ch: ClickHouse, staging: str, source: str) -> None:
+    """Compile every regexp pattern with ClickHouse's own engine (RE2).
+
+    Python's ``re`` accepts patterns RE2 refuses (lookbehind, backreferences); a
+    pattern the fastpath cannot compile must not reach the live table.
+    """
+    rows = ch.query_rows(
+        f"SELECT name, pattern FROM {quote_identifier(staging)} WHERE pattern_type = 'regexp'"
+    )
+    for name, pattern in rows:
+        try:
+            ch.scalar("SELECT match('', {pattern:String})", {"pattern": pattern})
+        except ClickHouseError as exc:
+            detail = str(exc).split(" (query:")[0]
+            raise FingerprintError(
+                f"{source}: fingerprint {name!r}: field 'pattern': ClickHouse cannot compile {pattern!r}: {detail}"
+            ) from None
 
 
 def build_fingerprints_asset(
@@ -68,7 +92,8 @@ def build_fingerprints_asset(
                     fetch_s=round(fetch_s, 3),
                     **validators_metadata(validators),
                 )
-            parsed = parse_fingerprints(body, url.rsplit("/", 1)[-1] or url, scopes)
+            source = url.rsplit("/", 1)[-1] or url
+            parsed = parse_fingerprints(body, source, scopes)
             context.log.info(
                 f"fetched {len(body)} bytes, {parsed.table.num_rows} valid fingerprints"
             )
@@ -77,6 +102,7 @@ def build_fingerprints_asset(
                 live=table,
                 staging=f"{table}_tmp",
                 fill=lambda ch, staging: ch.insert_arrow(staging, parsed.table),
+                validate=lambda ch, staging: validate_regexps_in_clickhouse(ch, staging, source),
                 bounds=config.bounds(),
             )
             schema = column_schema_metadata(ch, table)
