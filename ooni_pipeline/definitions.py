@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import dagster as dg
 
-from ooni_pipeline import asn_metadata, backup, exports, fingerprints, geoip, test_lists
+from ooni_pipeline.asn_metadata import definitions as asn_metadata
+from ooni_pipeline.backup import definitions as backup
 from ooni_pipeline.clickhouse import ClickHouseResource
+from ooni_pipeline.exports import definitions as exports
+from ooni_pipeline.fingerprints import definitions as fingerprints
+from ooni_pipeline.geoip import definitions as geoip
 from ooni_pipeline.object_store import ObjectStoreResource
 from ooni_pipeline.operations import build_freshness, run_failure_alert_sensor
+from ooni_pipeline.test_lists import definitions as test_lists
 
 DOMAINS = (
     test_lists,

@@ -8,13 +8,14 @@ from datetime import date
 import dagster as dg
 import pytest
 
-from ooni_pipeline.asn_metadata import asnmeta_schedule
 from ooni_pipeline.asn_metadata.assets import asnmeta, asnmeta_rows_check
+from ooni_pipeline.asn_metadata.definitions import asnmeta_schedule
 from ooni_pipeline.asn_metadata.parse import (
     AsnMetaError,
     ParseStats,
     arrow_batches,
     iter_asn_histories,
+    iter_member_runs,
 )
 from ooni_pipeline.clickhouse import ClickHouse
 from ooni_pipeline_tests.rig import Reply, UpstreamServer, failure_text, materialization_metadata
@@ -166,7 +167,7 @@ def test_parser_is_independent_of_chunk_boundaries(chunk_size: int) -> None:
     stats = ParseStats()
     tables = list(
         arrow_batches(
-            iter_asn_histories(_chunks(_body(data), chunk_size), stats), stats, batch_rows=25
+            iter_member_runs(_chunks(_body(data), chunk_size), stats), stats, batch_rows=25
         )
     )
     assert len(tables) > 1
@@ -192,3 +193,22 @@ def test_schedule() -> None:
         asnmeta_schedule.name == "asnmeta_schedule"
         and asnmeta_schedule.cron_schedule == "0 3 * * 1"
     )
+
+
+def test_strings_that_look_like_member_boundaries_parse_exactly() -> None:
+    """A name ending in ']],' fakes a boundary for the bulk decoder: its slice is then
+    invalid JSON and the member-by-member path takes over, with the same result."""
+    data = {
+        str(asn): [[f"Evil {asn} ]],", "IT", "20200101", 'x]], "2": [["', "RIPE"]]
+        for asn in range(1, 600)
+    }
+    expected = [(int(k), v[0][0], v[0][3]) for k, v in data.items()]
+    for chunk_size in (997, 1 << 20):
+        stats = ParseStats()
+        runs = iter_member_runs(_chunks(_body(data), chunk_size), stats)
+        rows = [
+            (r["asn"], r["org_name"], r["aut_name"])
+            for table in arrow_batches(runs, stats, batch_rows=100)
+            for r in table.to_pylist()
+        ]
+        assert rows == expected

@@ -10,8 +10,8 @@ import dagster as dg
 import pytest
 import zstandard
 
-from ooni_pipeline.backup import backup_schedule
 from ooni_pipeline.backup.assets import build_backup_asset
+from ooni_pipeline.backup.definitions import backup_schedule
 from ooni_pipeline.backup.plan import MANIFEST_KEY, BackupTable, parse_tables
 from ooni_pipeline.clickhouse import ClickHouse
 from ooni_pipeline.clickhouse.schema import ensure_tables

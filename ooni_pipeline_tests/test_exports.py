@@ -13,7 +13,7 @@ import pytest
 
 from ooni_pipeline.clickhouse import ClickHouse
 from ooni_pipeline.clickhouse.schema import ensure_tables
-from ooni_pipeline.exports import website_metrics_schedule
+from ooni_pipeline.exports.definitions import website_metrics_schedule
 from ooni_pipeline.exports.website_metrics import (
     CSV_COLUMNS,
     object_key,

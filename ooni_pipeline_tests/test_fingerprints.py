@@ -7,13 +7,13 @@ import pytest
 
 from ooni_pipeline.clickhouse import ClickHouse
 from ooni_pipeline.clickhouse.schema import DNS_SCOPES, HTTP_SCOPES
-from ooni_pipeline.fingerprints import fingerprints_schedule
 from ooni_pipeline.fingerprints.assets import (
     fingerprints_dns,
     fingerprints_dns_check,
     fingerprints_http,
     fingerprints_http_check,
 )
+from ooni_pipeline.fingerprints.definitions import fingerprints_schedule
 from ooni_pipeline.fingerprints.parse import HEADER, FingerprintError, parse_fingerprints
 from ooni_pipeline_tests.rig import Reply, UpstreamServer, failure_text, materialization_metadata
 

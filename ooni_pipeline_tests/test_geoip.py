@@ -10,8 +10,8 @@ import pytest
 from mmdb_writer import MMDBWriter
 from netaddr import IPSet
 
-from ooni_pipeline.geoip import geoip_db_schedule
 from ooni_pipeline.geoip.assets import geoip_db, geoip_db_lookup_check
+from ooni_pipeline.geoip.definitions import geoip_db_schedule
 from ooni_pipeline.geoip.mmdb import previous_month, release_ver
 from ooni_pipeline_tests.rig import Reply, UpstreamServer, failure_text, materialization_metadata
 

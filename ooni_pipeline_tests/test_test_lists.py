@@ -7,8 +7,8 @@ import pytest
 
 from ooni_pipeline.clickhouse import ClickHouse, ClickHouseResource
 from ooni_pipeline.clickhouse.schema import ensure_tables
-from ooni_pipeline.test_lists import citizenlab_schedule
 from ooni_pipeline.test_lists.assets import citizenlab, citizenlab_rows_valid_check
+from ooni_pipeline.test_lists.definitions import citizenlab_schedule
 from ooni_pipeline.test_lists.parse import InvalidURL, url_domain
 from ooni_pipeline_tests.rig import GitRepo, failure_text, materialization_metadata
 

@@ -6,13 +6,11 @@ import dagster as dg
 from pydantic import Field
 
 from ooni_pipeline import settings
+from ooni_pipeline.asn_metadata.load import DEFAULT_BATCH_ROWS, load_asnmeta
 from ooni_pipeline.asn_metadata.parse import (
     ParseStats,
-    arrow_batches,
-    cyclic_gc_relaxed,
-    iter_asn_histories,
 )
-from ooni_pipeline.clickhouse import ClickHouse, ClickHouseResource
+from ooni_pipeline.clickhouse import ClickHouseResource
 from ooni_pipeline.clickhouse.schema import ensure_tables
 from ooni_pipeline.clickhouse.swap import replace_table
 from ooni_pipeline.common import (
@@ -24,7 +22,7 @@ from ooni_pipeline.common import (
     unchanged_result,
     validators_metadata,
 )
-from ooni_pipeline.fetch import Fetched, fetch
+from ooni_pipeline.fetch import fetch
 
 ASNMETA_KEY = dg.AssetKey("asnmeta")
 
@@ -32,25 +30,9 @@ ASNMETA_KEY = dg.AssetKey("asnmeta")
 class AsnmetaConfig(TableUpdateConfig):
     min_rows_exclusive: int = 100_000
     max_rows_exclusive: int = 1_000_000
-    batch_rows: int = Field(default=20_000, description="rows per insert; bounds memory")
-
-
-def load_asnmeta(
-    fetched: Fetched, ch: ClickHouse, table: str, stats: ParseStats, batch_rows: int, log=None
-) -> None:
-    """Stream the fetched map into ``table`` in validated batches."""
-    histories = iter_asn_histories(fetched.iter_bytes(1 << 20), stats)
-    batches = arrow_batches(histories, stats, batch_rows)
-    while True:
-        with cyclic_gc_relaxed():
-            batch = next(batches, None)
-        if batch is None:
-            break
-        ch.insert_arrow(table, batch)
-        if log is not None:
-            log.info(
-                f"inserted {stats.rows} rows of {stats.asns} ASNs ({stats.bytes_read / 1e6:.0f} MB read)"
-            )
+    batch_rows: int = Field(
+        default=DEFAULT_BATCH_ROWS, description="rows per insert; bounds memory"
+    )
 
 
 @dg.asset(

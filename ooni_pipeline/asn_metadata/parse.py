@@ -18,7 +18,9 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date
+from itertools import chain
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -26,7 +28,7 @@ MAX_ASN = 2**32 - 1
 ENTRY_FIELDS = ("org_name", "cc", "changed", "aut_name", "source")
 _WHITESPACE = re.compile(r"[ \t\r\n]*")
 _BOUNDARY = re.compile(r'\][ \t\r\n]*\]([ \t\r\n]*,[ \t\r\n]*)(?=")')
-_BULK_CHARS = 1 << 18  # decode at most this much text at once (bounds memory)
+_BULK_CHARS = 1 << 16  # decode at most this much text at once (bounds memory)
 _BOUNDARY_WINDOW = 1 << 15  # look for the last boundary in the tail of that slice
 MAX_VALUE_CHARS = 4 << 20  # one ASN's history is a few KB
 
@@ -68,7 +70,7 @@ class _Buffer:
         """Read one more chunk; False at the end of the stream."""
         if self.eof:
             return False
-        if self.pos > 1 << 20:  # drop what was consumed
+        if self.pos > 1 << 18:  # drop what was consumed
             self.text, self.pos = self.text[self.pos :], 0
         try:
             chunk = next(self._chunks)
@@ -165,10 +167,11 @@ class _Buffer:
             return value
 
 
-def iter_asn_histories(
+def iter_member_runs(
     chunks: Iterable[bytes], stats: ParseStats | None = None
-) -> Iterator[tuple[str, object]]:
-    """(asn key, history value) for each member of the top-level JSON object."""
+) -> Iterator[list[tuple[str, object]]]:
+    """Runs of (asn key, history value) members of the top-level JSON object, in
+    order: many members per run where they decode in bulk, one where they don't."""
     buffer = _Buffer(chunks)
     decoder = json.JSONDecoder()
     first = buffer.skip_ws()
@@ -181,11 +184,11 @@ def iter_asn_histories(
         while True:
             members = buffer.members_in_bulk()
             if members:
-                yield from members
+                yield members
                 continue
             key = buffer.key(decoder)
             buffer.expect(":", f"':' after ASN {key}")
-            yield key, buffer.value(decoder, f"ASN {key}")
+            yield [(key, buffer.value(decoder, f"ASN {key}"))]
             if buffer.expect(",}", f"',' or '}}' after ASN {key}") == "}":
                 break
     if buffer.skip_ws():
@@ -194,6 +197,14 @@ def iter_asn_histories(
         )
     if stats is not None:
         stats.bytes_read = buffer.bytes_read
+
+
+def iter_asn_histories(
+    chunks: Iterable[bytes], stats: ParseStats | None = None
+) -> Iterator[tuple[str, object]]:
+    """(asn key, history value) for each member of the top-level JSON object."""
+    for run in iter_member_runs(chunks, stats):
+        yield from run
 
 
 @dataclass
@@ -205,53 +216,68 @@ class ParseStats:
     sources: dict[str, int] = field(default_factory=dict)
 
 
-def _asn(key: str) -> int:
-    if not key.isdigit() or int(key) > MAX_ASN:
-        raise AsnMetaError(f"ASN {key!r}: not an integer in 0..{MAX_ASN}")
-    return int(key)
+def _asns(keys: list[str]) -> np.ndarray:
+    """The ASN of each key; ASCII digits within 0..2^32-1, else an error naming it."""
+    if all(map(str.isascii, keys)) and all(map(str.isdigit, keys)):
+        values = np.array(list(map(int, keys)), dtype=np.int64) if keys else np.zeros(0, np.int64)
+        if not len(values) or values.max() <= MAX_ASN:
+            return values
+    for key in keys:
+        if not (key.isascii() and key.isdigit()) or int(key) > MAX_ASN:
+            raise AsnMetaError(f"ASN {key!r}: not an integer in 0..{MAX_ASN}")
+    raise AssertionError("unreachable")
 
 
 def arrow_batches(
-    histories: Iterable[tuple[str, object]], stats: ParseStats, batch_rows: int = 50_000
+    runs: Iterable[list[tuple[str, object]]], stats: ParseStats, batch_rows: int = 50_000
 ) -> Iterator[pa.Table]:
     """Validated rows (asn, org_name, cc, changed, aut_name, source) in Arrow tables.
 
-    Entries are gathered as they are and checked a batch at a time in C (``map``,
-    ``zip``, Arrow's converters); only a failing batch is walked in Python, to
-    name the ASN and field at fault.
+    Runs of members are checked whole in C (``map``, numpy, Arrow's converters);
+    only a failing run or batch is walked in Python, to name the ASN and field.
     """
     batch = _Batch()
-    for key, history in histories:
-        asn = _asn(key)
-        if not isinstance(history, list):
-            raise AsnMetaError(
-                f"ASN {key}: history is {type(history).__name__}, expected a list of entries"
-            )
-        stats.asns += 1
-        batch.add(key, asn, history)
-        if len(batch.entries) >= batch_rows:
+    for run in runs:
+        batch.add_run(run, stats)
+        if batch.rows >= batch_rows:
             yield batch.table(stats)
             batch = _Batch()
-    if batch.entries:
+    if batch.rows:
         yield batch.table(stats)
 
 
 class _Batch:
     def __init__(self) -> None:
         self.entries: list = []
-        self.asns: list[int] = []
-        self.owners: list[tuple[str, int]] = []  # (ASN key, entries), to name a bad one
+        self.rows = 0
+        self.asn_runs: list[np.ndarray] = []  # the ASN of each entry, per run
+        self.owners: list[
+            tuple[list[str], list[int]]
+        ] = []  # (keys, entries per key), to name a bad one
 
-    def add(self, key: str, asn: int, history: list) -> None:
-        self.entries.extend(history)
-        self.asns.extend([asn] * len(history))
-        self.owners.append((key, len(history)))
+    def add_run(self, run: list[tuple[str, object]], stats: ParseStats) -> None:
+        keys = [key for key, _ in run]
+        histories = [history for _, history in run]
+        asns = _asns(keys)
+        if not set(map(type, histories)) <= {list}:
+            for key, history in run:
+                if not isinstance(history, list):
+                    raise AsnMetaError(
+                        f"ASN {key}: history is {type(history).__name__}, expected a list of entries"
+                    )
+        lengths = list(map(len, histories))
+        self.entries.extend(chain.from_iterable(histories))
+        self.asn_runs.append(np.repeat(asns, lengths))
+        self.owners.append((keys, lengths))
+        self.rows += sum(lengths)
+        stats.asns += len(keys)
 
     def _locate(self, row: int) -> tuple[str, int]:
-        for key, count in self.owners:
-            if row < count:
-                return key, row
-            row -= count
+        for keys, lengths in self.owners:
+            for key, count in zip(keys, lengths, strict=True):
+                if row < count:
+                    return key, row
+                row -= count
         raise IndexError(row)
 
     def _columns(self) -> list[pa.Array]:
@@ -290,7 +316,7 @@ class _Batch:
         changed = self._dates(columns[2])
         table = pa.table(
             {
-                "asn": pa.array(self.asns, pa.uint32()),
+                "asn": pa.array(np.concatenate(self.asn_runs), pa.uint32()),
                 "org_name": columns[0],
                 "cc": columns[1],
                 "changed": changed,
