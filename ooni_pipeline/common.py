@@ -48,11 +48,6 @@ def last_metadata(
     }
 
 
-def top_counts(rows: list[tuple[str, int]], limit: int = 20) -> dict[str, int]:
-    """The ``limit`` largest (label, count) pairs, for compact JSON metadata."""
-    return {str(label): int(count) for label, count in sorted(rows, key=lambda r: -r[1])[:limit]}
-
-
 def asset_schedule(
     name: str,
     selection: dg.AssetSelection | list[Any],

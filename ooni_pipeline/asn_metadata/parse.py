@@ -16,7 +16,7 @@ import json
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date
 from itertools import chain
 
@@ -213,7 +213,6 @@ class ParseStats:
     asns: int = 0
     rows: int = 0
     newest_changed: date | None = None
-    sources: dict[str, int] = field(default_factory=dict)
 
 
 def _asns(keys: list[str]) -> np.ndarray:
