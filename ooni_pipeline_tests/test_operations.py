@@ -80,6 +80,12 @@ def test_every_asset_is_described_owned_and_fresh_checked() -> None:
         assert node.kinds, key
         assert "dagster/code_references" in node.metadata, key
     assert any("freshness" in name for name in check_names)
+    # Every step that opens ClickHouse, checks included, takes a slot of the pool.
+    for checks_def in repo.asset_checks_defs_by_key.values():
+        check_keys = list(checks_def.check_keys)
+        if any(k.name in ("freshness_check", "geoip_db_lookup_check") for k in check_keys):
+            continue
+        assert checks_def.node_def.pools == {"clickhouse"}, check_keys
     sensors = {s.name for s in repo.sensor_defs}
     assert {"run_failure_alert_sensor", "freshness_checks_sensor"} <= sensors
     for schedule in repo.schedule_defs:

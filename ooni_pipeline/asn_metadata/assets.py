@@ -103,6 +103,7 @@ def asnmeta(
 
 @dg.asset_check(
     asset=asnmeta,
+    pool=CLICKHOUSE_POOL,
     description="``asnmeta`` holds rows, and no ASN has a history entry dated in the future.",
 )
 def asnmeta_rows_check(clickhouse: ClickHouseResource) -> dg.AssetCheckResult:

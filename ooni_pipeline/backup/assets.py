@@ -188,6 +188,7 @@ def build_backup_asset(spec: BackupTable) -> tuple[dg.AssetsDefinition, dg.Asset
     @dg.asset_check(
         asset=key,
         name="restore_check",
+        pool=CLICKHOUSE_POOL,
         description="Reads the objects of the last backup (or the newest one) back into a scratch table and "
         "compares row count and checksum with the fingerprint recorded at backup time.",
     )

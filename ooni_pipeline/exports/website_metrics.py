@@ -203,6 +203,7 @@ def read_object_totals(store: ObjectStore, key: str) -> tuple[list[str], dict[st
 
 @dg.asset_check(
     asset=website_metrics,
+    pool=CLICKHOUSE_POOL,
     description="The object of each materialized day has the contract's header, one category per row, "
     "and the same totals as fastpath.",
 )

@@ -126,6 +126,7 @@ def build_fingerprints_asset(
     @dg.asset_check(
         asset=key,
         name=f"{table}_rows_check",
+        pool=CLICKHOUSE_POOL,
         description=f"``{table}`` holds rows, all with a pattern.",
     )
     def _check(clickhouse: ClickHouseResource) -> dg.AssetCheckResult:

@@ -147,6 +147,7 @@ def citizenlab(
 
 @dg.asset_check(
     asset=citizenlab,
+    pool=CLICKHOUSE_POOL,
     description="The live table holds rows, each with a valid country code and a domain.",
 )
 def citizenlab_rows_valid_check(clickhouse: ClickHouseResource) -> dg.AssetCheckResult:
