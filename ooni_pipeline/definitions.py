@@ -12,6 +12,7 @@ from ooni_pipeline.asn_metadata import definitions as asn_metadata
 from ooni_pipeline.backup import definitions as backup
 from ooni_pipeline.clickhouse import ClickHouseResource
 from ooni_pipeline.exports import definitions as exports
+from ooni_pipeline.fastpath import definitions as fastpath
 from ooni_pipeline.fingerprints import definitions as fingerprints
 from ooni_pipeline.geoip import definitions as geoip
 from ooni_pipeline.object_store import ObjectStoreResource
@@ -23,6 +24,7 @@ DOMAINS = (
     fingerprints,
     asn_metadata,
     geoip,
+    fastpath,
     backup,
     exports,
 )

@@ -183,27 +183,35 @@ def test_empty_day_is_a_header_only_csv(clickhouse, local_store_resource, ch) ->
     assert list(df.columns) == list(CSV_COLUMNS) and len(df) == 0
 
 
-def test_rerun_overwrites_and_check_catches_a_stale_object(
+def test_check_compares_with_what_was_exported_not_with_live_data(
     clickhouse, local_store_resource, ch, day_rows
 ) -> None:
     instance = dg.DagsterInstance.ephemeral()
     assert _materialize(clickhouse, local_store_resource, DAY, instance).success
     _insert(ch, [_msm("late", f"{DAY} 10:00:00")])  # a late upload
-
-    # Outside a run, the check looks at the latest materialized day.
     context = dg.build_asset_check_context(
         resources={"clickhouse": clickhouse, "object_store": local_store_resource},
         instance=instance,
     )
-    stale = website_metrics_object_check(context)
-    assert not stale.passed
-    assert "totals differ" in stale.metadata["problems"].value
+    # The object is still what was exported: the check passes and reports the change.
+    moved = website_metrics_object_check(context)
+    assert moved.passed
+    assert moved.metadata["days_whose_fastpath_changed_since_export"].value == [DAY]
+
+    # A broken object (one row lost) fails it.
+    store = local_store_resource.get_store()
+    lines = gzip.decompress(store.read_bytes(object_key(DAY))).splitlines(keepends=True)
+    store.put_bytes(object_key(DAY), gzip.compress(b"".join(lines[:-1])))
+    broken = website_metrics_object_check(context)
+    assert not broken.passed
+    assert "recorded totals" in broken.metadata["problems"].value
 
     assert _materialize(clickhouse, local_store_resource, DAY, instance).success
-    df = pd.read_csv(
-        io.BytesIO(local_store_resource.get_store().read_bytes(object_key(DAY))), compression="gzip"
-    )
+    df = pd.read_csv(io.BytesIO(store.read_bytes(object_key(DAY))), compression="gzip")
     assert len(df) == len(CASES) + 1
+    fresh = website_metrics_object_check(context)
+    assert fresh.passed
+    assert fresh.metadata["days_whose_fastpath_changed_since_export"].value == []
 
 
 def test_failure_keeps_the_previous_object(clickhouse, s3_store_resource, ch, day_rows) -> None:
@@ -235,17 +243,22 @@ def test_partition_range_run_writes_one_object_per_day(
     assert store.list_keys("exports/website_metrics/") == [
         object_key(d) for d in ("2024-03-09", "2024-03-10", "2024-03-11")
     ]
-    (event,) = result.get_asset_materialization_events()[:1]
-    assert event.materialization.metadata["dagster/row_count"].value == len(CASES) + 2
+    # Each day's materialization carries that day's own figures.
+    rows = {
+        e.partition: e.materialization.metadata["dagster/row_count"].value
+        for e in result.get_asset_materialization_events()
+    }
+    assert rows == {"2024-03-09": 1, "2024-03-10": len(CASES), "2024-03-11": 1}
+    shas = {
+        e.partition: e.materialization.metadata["sha256"].value
+        for e in result.get_asset_materialization_events()
+    }
+    assert len(set(shas.values())) == 3
     assert all(check.passed for check in result.get_asset_check_evaluations())
 
 
-def test_schedule_requests_the_last_days_in_one_run(monkeypatch) -> None:
+def test_schedule_requests_yesterday() -> None:
     context = dg.build_schedule_context(scheduled_execution_time=datetime(2024, 3, 11, 1, 0))
     request = website_metrics_schedule(context)
-    assert request.tags["dagster/asset_partition_range_start"] == "2024-03-04"
-    assert request.tags["dagster/asset_partition_range_end"] == "2024-03-10"
-    monkeypatch.setenv("OONI_WEBSITE_METRICS_LOOKBACK_DAYS", "1")
-    request = website_metrics_schedule(context)
-    assert request.tags["dagster/asset_partition_range_start"] == "2024-03-10"
+    assert request.partition_key == "2024-03-10"
     assert website_metrics_schedule.cron_schedule == "0 1 * * *"

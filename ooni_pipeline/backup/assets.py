@@ -96,13 +96,25 @@ def back_up_chunk(
     raise AssertionError("unreachable")
 
 
+# table -> the asset that writes it, so the lineage shows where a backup comes from
+TABLE_WRITERS = {
+    "fastpath": "fastpath",
+    "citizenlab": "citizenlab",
+    "fingerprints_dns": "fingerprints_dns",
+    "fingerprints_http": "fingerprints_http",
+    "asnmeta": "asnmeta",
+}
+
+
 def build_backup_asset(spec: BackupTable) -> tuple[dg.AssetsDefinition, dg.AssetChecksDefinition]:
     key = dg.AssetKey(["backup", spec.table])
+    writer = TABLE_WRITERS.get(spec.table)
     how = f"one object per month of ``{spec.month_column}``" if spec.month_column else "one object"
 
     @dg.asset(
         key=key,
         group_name="backup",
+        deps=[writer] if writer else [],
         kinds={"clickhouse", "s3", "csv"},
         owners=[OWNER],
         pool=CLICKHOUSE_POOL,

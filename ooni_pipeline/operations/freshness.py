@@ -23,6 +23,14 @@ MAX_AGE = {
 }
 # Yesterday's partition must exist by 06:00 UTC.
 DAILY_EXPORT_DEADLINE_CRON = "0 6 * * *"
+# The daily partitioned assets held to that deadline (public_fastpath is opt-in, and
+# fastpath is observed only when its data changes).
+DAILY_DEADLINE_ASSETS = ("website_metrics",)
+# Assets without a freshness check, and why: age says nothing about them.
+WITHOUT_FRESHNESS = {
+    "fastpath": "observed only when a day's data changes; an old observation is not stale data",
+    "public_fastpath": "opt-in ingestion; its schedule is off unless OONI_PUBLIC_COUNTRIES is set",
+}
 
 
 def build_freshness(
@@ -42,7 +50,12 @@ def build_freshness(
             checks.extend(
                 dg.build_last_update_freshness_checks(assets=[key], lower_bound_delta=age)
             )
-    partitioned = [a for a in assets if a.partitions_def is not None]
+    partitioned = [
+        a
+        for a in assets
+        if a.partitions_def is not None
+        and any(key.to_user_string() in DAILY_DEADLINE_ASSETS for key in a.keys)
+    ]
     if partitioned:
         checks.extend(
             dg.build_time_partition_freshness_checks(

@@ -1,0 +1,1 @@
+"""The ``fastpath`` table in the graph, and building it from OONI's open bucket."""

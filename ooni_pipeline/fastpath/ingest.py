@@ -1,0 +1,204 @@
+"""Build ``fastpath`` rows from one upload day of OONI's open bucket, inside ClickHouse.
+
+The engine reads every postcan of the day straight from S3 (``s3(url :: **.post,
+NOSIGN, 'RawBLOB')``, each tar member one row), scores it (``scoring_sql``) into a
+staging table, and only then, if the day is sound, copies the new rows into
+``fastpath`` with one INSERT ... SELECT. A corrupt or truncated postcan fails the
+staging query, naming its key, and ``fastpath`` is left as it was.
+
+Re-ingesting a day copies only rows that differ from their live version, so an
+unchanged day writes nothing and the data version of the days it holds stays put;
+``fastpath`` is a ReplacingMergeTree(update_time), so a changed measurement
+supersedes its old version and the exports keep the latest (argMax by update_time).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import date
+
+from ooni_pipeline.clickhouse import ClickHouse, ClickHouseError, quote_identifier
+from ooni_pipeline.clickhouse.schema import FASTPATH_COLUMNS
+from ooni_pipeline.fastpath.public_bucket import PublicBucket
+from ooni_pipeline.fastpath.scoring_sql import MALFORMED_REASONS, scoring_select
+
+# Every stored column of fastpath, in its DDL order (update_time is materialized).
+ROW_COLUMNS = tuple(
+    line.split()[0]
+    for line in FASTPATH_COLUMNS.strip().rstrip(",").split("\n")
+    if line.strip() and "MATERIALIZED" not in line
+)
+EXAMPLES_PER_REASON = 3
+DEFAULT_MAX_MALFORMED_SHARE = 0.01
+
+
+class IngestError(RuntimeError):
+    """The upload day cannot be ingested; nothing of it was written."""
+
+
+@dataclass
+class IngestReport:
+    day: str
+    postcans: int = 0
+    compressed_bytes: int = 0
+    members: int = 0
+    scored: int = 0
+    inserted: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    measurement_days: list[str] = field(default_factory=list)
+    duration_s: float = 0.0
+
+    @property
+    def malformed(self) -> int:
+        return sum(n for reason, n in self.skipped.items() if reason in MALFORMED_REASONS)
+
+
+def _staging_name(day: str) -> str:
+    return f"fastpath_ingest_{day.replace('-', '')}"
+
+
+def ingest_upload_day(
+    ch: ClickHouse,
+    bucket: PublicBucket,
+    day: str,
+    *,
+    max_malformed_share: float = DEFAULT_MAX_MALFORMED_SHARE,
+    log: Callable[[str], None] = lambda message: None,
+) -> IngestReport:
+    """Score and insert the measurements of upload day ``day`` (YYYY-MM-DD)."""
+    started = time.monotonic()
+    report = IngestReport(day)
+    postcans = bucket.list_postcans(day)
+    report.postcans = len(postcans)
+    report.compressed_bytes = sum(size for _, size in postcans)
+    if not postcans:
+        log(f"{day}: no postcans under {bucket.day_prefix(day)} for this configuration")
+        report.duration_s = time.monotonic() - started
+        return report
+    log(f"{day}: {len(postcans)} postcans, {report.compressed_bytes / 1e6:.1f} MB")
+
+    staging = quote_identifier(_staging_name(day))
+    ch.command(f"DROP TABLE IF EXISTS {staging} SYNC")
+    ch.command(
+        f"CREATE TABLE {staging} (member_key String, member_name String, "
+        f"skip_reason LowCardinality(String), {FASTPATH_COLUMNS}) "
+        "ENGINE = MergeTree ORDER BY tuple()"
+    )
+    try:
+        _score_into(ch, staging, bucket.postcan_glob(day))
+        _count_skips(ch, staging, report)
+        share = report.malformed / report.members if report.members else 0.0
+        if share > max_malformed_share:
+            raise IngestError(
+                f"upload day {day}: {report.malformed} of {report.members} members malformed "
+                f"({share:.1%} > {max_malformed_share:.0%}); nothing written. "
+                f"Examples: {_examples_text(report)}"
+            )
+        report.measurement_days = [
+            str(row[0])
+            for row in ch.query_rows(
+                f"SELECT DISTINCT toDate(measurement_start_time) AS d FROM {staging} "
+                "WHERE skip_reason = '' ORDER BY d"
+            )
+        ]
+        report.inserted = _insert_changed(ch, staging)
+    finally:
+        ch.command(f"DROP TABLE IF EXISTS {staging} SYNC")
+    report.duration_s = time.monotonic() - started
+    log(
+        f"{day}: {report.members} members, {report.scored} scored, {report.inserted} new or changed "
+        f"rows, skipped {report.skipped or 'none'} in {report.duration_s:.1f} s"
+    )
+    return report
+
+
+def _score_into(ch: ClickHouse, staging: str, url: str) -> None:
+    body_patterns = int(
+        ch.scalar("SELECT count() FROM fingerprints_http WHERE location_found = 'body'") or 0
+    )
+    source = "s3({url:String}, NOSIGN, 'RawBLOB', 'raw String')"
+    columns = ", ".join(("member_key", "member_name", "skip_reason", *ROW_COLUMNS))
+    try:
+        ch.command(
+            f"INSERT INTO {staging} ({columns}) {scoring_select(source, body_patterns)}",
+            {"url": url},
+        )
+    except ClickHouseError as exc:
+        # The engine names the postcan it could not read (corrupt gzip or tar, truncated).
+        message = str(exc).split(" (query:")[0]
+        raise IngestError(f"cannot read the upload day's postcans: {message[:600]}") from None
+
+
+def _count_skips(ch: ClickHouse, staging: str, report: IngestReport) -> None:
+    for reason, count, examples in ch.query_rows(
+        f"SELECT skip_reason, count(), groupArray({EXAMPLES_PER_REASON})(concat(member_key, ':', member_name)) "
+        f"FROM {staging} GROUP BY skip_reason ORDER BY skip_reason"
+    ):
+        report.members += int(count)
+        if reason:
+            report.skipped[str(reason)] = int(count)
+            report.examples[str(reason)] = [f"{example}: {reason}" for example in examples]
+        else:
+            report.scored = int(count)
+
+
+def _insert_changed(ch: ClickHouse, staging: str) -> int:
+    """Copy the staged rows that are new or differ from their live version; return how many."""
+    columns = ", ".join(quote_identifier(c) for c in ROW_COLUMNS)
+    before = ch.scalar(f"SELECT count() FROM {staging} WHERE skip_reason = ''")
+    if not before:
+        return 0
+    bounds = ch.query_rows(
+        f"SELECT min(measurement_start_time), max(measurement_start_time) FROM {staging} "
+        "WHERE skip_reason = ''"
+    )[0]
+    new_rows = f"""
+        SELECT {columns} FROM {staging}
+        WHERE skip_reason = ''
+          AND (measurement_uid, cityHash64({columns})) NOT IN (
+              SELECT measurement_uid, cityHash64({columns}) FROM fastpath
+              WHERE measurement_start_time BETWEEN {{lo:DateTime('UTC')}} AND {{hi:DateTime('UTC')}}
+                AND measurement_uid IN (SELECT measurement_uid FROM {staging} WHERE skip_reason = ''))
+        LIMIT 1 BY measurement_uid
+    """
+    params = {"lo": bounds[0], "hi": bounds[1]}
+    count = int(ch.scalar(f"SELECT count() FROM ({new_rows})", params) or 0)
+    if count:
+        ch.command(f"INSERT INTO fastpath ({columns}) {new_rows}", params)
+    return count
+
+
+def _examples_text(report: IngestReport) -> str:
+    return "; ".join(example for examples in report.examples.values() for example in examples[:2])
+
+
+# -- data versions of measurement days ---------------------------------------------
+
+_DAY_VERSIONS_SQL = """
+SELECT toString(toDate(measurement_start_time)) AS day,
+       uniqExact(measurement_uid) AS measurements,
+       toString(max(update_time)) AS last_update
+FROM fastpath
+WHERE test_name = 'web_connectivity'
+  AND measurement_start_time >= toDateTime({start:Date}, 'UTC')
+  AND measurement_start_time < toDateTime({end:Date}, 'UTC') + INTERVAL 1 DAY
+  AND toDate(measurement_start_time) IN {days:Array(Date)}
+GROUP BY day
+"""
+
+
+def day_versions(ch: ClickHouse, days: list[str]) -> dict[str, str]:
+    """The data version of each measurement day: its web_connectivity measurements
+    (distinct uids) and newest ``update_time``. Both are stable under background
+    merges; any insert into the day moves ``update_time``. One grouped query."""
+    if not days:
+        return {}
+    parsed = sorted(date.fromisoformat(day) for day in days)
+    rows = ch.query_rows(_DAY_VERSIONS_SQL, {"start": parsed[0], "end": parsed[-1], "days": parsed})
+    versions = {day: "0" for day in days}
+    for day, measurements, last_update in rows:
+        versions[str(day)] = f"{int(measurements)}@{last_update}"
+    return versions
