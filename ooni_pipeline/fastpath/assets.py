@@ -9,7 +9,6 @@
   versions of the measurement days it touched.
 """
 
-
 from typing import Any
 
 import dagster as dg

@@ -88,7 +88,10 @@ def ingest_upload_day(
         "ENGINE = MergeTree ORDER BY tuple()"
     )
     try:
-        _score_into(ch, staging, bucket.postcan_glob(day))
+        try:
+            _score_into(ch, staging, bucket.postcan_glob(day))
+        except ClickHouseError as exc:
+            raise _name_the_unreadable_postcan(ch, bucket, postcans, exc) from None
         _count_skips(ch, staging, report)
         share = report.malformed / report.members if report.members else 0.0
         if share > max_malformed_share:
@@ -121,15 +124,28 @@ def _score_into(ch: ClickHouse, staging: str, url: str) -> None:
     )
     source = "s3({url:String}, NOSIGN, 'RawBLOB', 'raw String')"
     columns = ", ".join(("member_key", "member_name", "skip_reason", *ROW_COLUMNS))
-    try:
-        ch.command(
-            f"INSERT INTO {staging} ({columns}) {scoring_select(source, body_patterns)}",
-            {"url": url},
-        )
-    except ClickHouseError as exc:
-        # The engine names the postcan it could not read (corrupt gzip or tar, truncated).
-        message = str(exc).split(" (query:")[0]
-        raise IngestError(f"cannot read the upload day's postcans: {message[:600]}") from None
+    ch.command(
+        f"INSERT INTO {staging} ({columns}) {scoring_select(source, body_patterns)}",
+        {"url": url},
+    )
+
+
+def _name_the_unreadable_postcan(
+    ch: ClickHouse, bucket: PublicBucket, postcans: list[tuple[str, int]], error: ClickHouseError
+) -> IngestError:
+    """The day's query failed: find the postcan ClickHouse cannot read (the engine's
+    message does not always name it), reading them one by one."""
+    reason = str(error).split(" (query:")[0][:400]
+    for key, _size in postcans:
+        try:
+            ch.scalar(
+                "SELECT count() FROM s3({url:String}, NOSIGN, 'RawBLOB', 'raw String')",
+                {"url": f"{bucket.base_url}/{key} :: **.post"},
+            )
+        except ClickHouseError as exc:
+            detail = str(exc).split(" (query:")[0][:400]
+            return IngestError(f"cannot read postcan {key} (corrupt or truncated): {detail}")
+    return IngestError(f"cannot score the upload day's postcans: {reason}")
 
 
 def _count_skips(ch: ClickHouse, staging: str, report: IngestReport) -> None:

@@ -237,13 +237,14 @@ SELECT
 FROM (
 SELECT
     -- s3feeder.load_multiple: the uid is member.name.rsplit("/", 1)[1][:-5]
-    replaceRegexpOne(_path, '^[^/]*/', '') AS member_key,
+    -- _path is "<bucket>/<key>::<member>"
+    replaceRegexpOne(replaceRegexpOne(_path, '^[^/]*/', ''), '::.*$', '') AS member_key,
     _file AS member_name,
     substring(replaceRegexpOne(_file, '^.*/', ''), 1, length(replaceRegexpOne(_file, '^.*/', '')) - 5) AS measurement_uid,
     raw,
-    isValidJSON(raw) AND JSONType(raw) = 'Object' AS envelope_ok,
+    isValidJSON(raw) AS envelope_ok,
     -- process_measurement / unwrap_msmt: {{"format": "json"|"yaml", "content": ...}}
-    envelope_ok AND JSONHas(raw, 'content') AND JSONHas(raw, 'format') AS is_wrapped,
+    envelope_ok AND JSONType(raw) = 'Object' AND JSONHas(raw, 'content') AND JSONHas(raw, 'format') AS is_wrapped,
     if(is_wrapped, lower(JSONExtractString(raw, 'format')), 'json') AS envelope_format
 FROM {source}
 ))))))))

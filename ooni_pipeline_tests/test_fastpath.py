@@ -1,0 +1,440 @@
+"""fastpath from OONI's open bucket: real measurements in OONI's layout on moto, scored by
+ClickHouse (chdb), exported, and re-exported exactly when a day's data changed.
+
+Test data: ``data/ooni/msm_*.json`` are public OONI measurements shipped as test data
+by ooni/backend (fastpath/fastpath/tests/data) and ooni/probe-cli (minipipeline
+testdata); ``fingerprints_*.csv`` are ooni/blocking-fingerprints at 171641e6. The
+expected scores below are what OONI's fastpath ``core.py`` (040e6ccd) computes for
+them with those fingerprints.
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import hashlib
+import io
+import json
+import tarfile
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+import pytest
+
+from ooni_pipeline.clickhouse.schema import DNS_SCOPES, HTTP_SCOPES, ensure_tables
+from ooni_pipeline.exports.website_metrics import object_key, website_metrics
+from ooni_pipeline.fastpath.assets import build_fastpath_asset, public_fastpath
+from ooni_pipeline.fingerprints.parse import parse_fingerprints
+from ooni_pipeline_tests.rig import failure_text
+
+DATA = Path(__file__).parent / "data" / "ooni"
+UPLOAD_DAY = "2024-01-02"
+
+# msm file -> (anomaly, confirmed, msm_failure, blocking_type, scores) from OONI's fastpath
+EXPECTED = {
+    1: ("t", "t", "f", "", {"blocking_general": 1.0, "blocking_global": 0.0, "blocking_country": 1.0, "blocking_isp": 0.0, "blocking_local": 0.0, "fingerprints": [{"name": "ooni.id_lamanlabuh_kominfo", "scope": "nat", "location_found": "header.location", "confidence_no_fp": 5, "expected_countries": ["ID"]}], "confirmed": True}),
+    2: ("t", "t", "f", "dns", {"blocking_general": 2.0, "blocking_global": 0.0, "blocking_country": 1.0, "blocking_isp": 0.0, "blocking_local": 0.0, "fingerprints": [{"name": "ooni.ir_10dot10_ipv4_1", "scope": "nat", "location_found": "dns", "confidence_no_fp": 10, "expected_countries": ["IR"]}], "confirmed": True, "analysis": {"blocking_type": "dns"}}),
+    3: ("f", "f", "t", "", {"blocking_general": 0.0, "blocking_global": 0.0, "blocking_country": 0.0, "blocking_isp": 0.0, "blocking_local": 0.0, "accuracy": 0.0}),
+    4: ("f", "f", "t", "", {"blocking_general": 0.0, "blocking_global": 0.0, "blocking_country": 0.0, "blocking_isp": 0.0, "blocking_local": 0.0, "accuracy": 0.0}),
+    5: ("t", "f", "f", "http-failure", {"blocking_general": 1.0, "blocking_global": 0.0, "blocking_country": 0.0, "blocking_isp": 0.0, "blocking_local": 0.0, "analysis": {"blocking_type": "http-failure"}}),
+    6: ("f", "f", "t", "", {"blocking_general": 0.0, "blocking_global": 0.0, "blocking_country": 0.0, "blocking_isp": 0.0, "blocking_local": 0.0, "accuracy": 0.0}),
+    7: ("f", "f", "f", "", {"blocking_general": 0.0, "blocking_global": 0.0, "blocking_country": 0.0, "blocking_isp": 0.0, "blocking_local": 0.0}),
+    8: ("t", "f", "f", "http-diff", {"blocking_general": 1.0, "blocking_global": 0.0, "blocking_country": 0.0, "blocking_isp": 0.0, "blocking_local": 0.0, "fingerprints": [{"name": "cp.f_gen_access_denied", "scope": "vbw", "location_found": "body", "confidence_no_fp": 5, "expected_countries": []}, {"name": "ooni.in_11", "scope": "inst", "location_found": "body", "confidence_no_fp": 10, "expected_countries": ["IN"]}], "analysis": {"blocking_type": "http-diff"}}),
+    9: ("t", "t", "f", "dns", {"blocking_general": 2.0, "blocking_global": 0.0, "blocking_country": 1.0, "blocking_isp": 0.0, "blocking_local": 0.0, "fingerprints": [{"name": "ooni.ir_5", "scope": "nat", "location_found": "dns", "confidence_no_fp": 5, "expected_countries": ["IR"]}], "confirmed": True, "analysis": {"blocking_type": "dns"}}),
+    10: ("t", "f", "f", "tcp_ip", {"blocking_general": 1.0, "blocking_global": 0.0, "blocking_country": 0.0, "blocking_isp": 0.0, "blocking_local": 0.0, "analysis": {"blocking_type": "tcp_ip"}}),
+}  # fmt: skip
+
+
+def real(n: int) -> dict:
+    return json.loads((DATA / f"msm_{n}.json").read_text())
+
+
+def member(msm: dict | bytes, received: datetime | None = None) -> tuple[str, bytes]:
+    """A postcan member in OONI's form: ``<dir>/<uid>.post`` holding the wrapped measurement,
+    uid ``YYYYMMDDHHMMSS.ffffff_CC_webconnectivity_<sha512(member bytes)[:16]>``."""
+    if isinstance(msm, dict):
+        data = json.dumps({"format": "json", "content": msm}).encode()
+        cc = msm.get("probe_cc") or "ZZ"
+        start = msm.get("measurement_start_time") or "2024-01-02 00:00:00"
+        received = received or datetime.fromisoformat(start) + timedelta(minutes=5)
+    else:
+        data, cc, received = msm, "IT", received or datetime(2024, 1, 2)
+    uid = f"{received:%Y%m%d%H%M%S.%f}_{cc}_webconnectivity_{hashlib.sha512(data).hexdigest()[:16]}"
+    return f"{received:%Y%m%d%H}_{cc}_webconnectivity/{uid}.post", data
+
+
+def postcan(members: list[tuple[str, bytes]]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def uid_of(name: str) -> str:
+    return name.rsplit("/", 1)[1][:-5]
+
+
+class Bucket:
+    """A moto bucket laid out as OONI's ``raw/`` prefix, readable anonymously."""
+
+    def __init__(self, client, name: str):
+        self.client, self.name = client, name
+        client.create_bucket(Bucket=name, ACL="public-read")
+        self.counter = 0
+
+    def put(self, day: str, cc: str, members: list[tuple[str, bytes]], hour: str = "10") -> str:
+        self.counter += 1
+        compact = day.replace("-", "")
+        key = (
+            f"raw/{compact}/{hour}/{cc}/webconnectivity/"
+            f"{compact}{hour}_{cc}_webconnectivity.n1.{self.counter}.tar.gz"
+        )
+        self.put_raw(key, postcan(members))
+        return key
+
+    def put_raw(self, key: str, body: bytes) -> None:
+        self.client.put_object(Bucket=self.name, Key=key, Body=body, ACL="public-read")
+
+
+@pytest.fixture
+def bucket(s3_client, moto_endpoint, monkeypatch) -> Bucket:
+    name = f"ooni-public-{hashlib.sha1(str(id(monkeypatch)).encode()).hexdigest()[:10]}"
+    monkeypatch.setenv("OONI_PUBLIC_BUCKET", name)
+    monkeypatch.setenv("OONI_PUBLIC_ENDPOINT_URL", moto_endpoint)
+    monkeypatch.delenv("OONI_PUBLIC_COUNTRIES", raising=False)
+    return Bucket(s3_client, name)
+
+
+@pytest.fixture
+def fingerprints(ch) -> None:
+    ensure_tables(ch, "fingerprints_dns", "fingerprints_http", "fastpath")
+    for table, scopes in (("fingerprints_dns", DNS_SCOPES), ("fingerprints_http", HTTP_SCOPES)):
+        body = (DATA / f"{table}.csv").read_bytes()
+        ch.insert_arrow(table, parse_fingerprints(body, table, scopes).table)
+
+
+fastpath_asset = build_fastpath_asset("public")
+
+
+def ingest(clickhouse, day: str, instance=None, config: dict | None = None):
+    return dg.materialize(
+        [public_fastpath, fastpath_asset],
+        selection=[public_fastpath],
+        resources={"clickhouse": clickhouse},
+        partition_key=day,
+        instance=instance or dg.DagsterInstance.ephemeral(),
+        run_config={"ops": {"public_fastpath": {"config": config}}} if config else None,
+        raise_on_error=False,
+    )
+
+
+def rows(ch, where: str = "1") -> pd.DataFrame:
+    return ch.query_df(
+        "SELECT measurement_uid, report_id, input, domain, probe_cc, probe_asn, anomaly, confirmed, "
+        "msm_failure, blocking_type, scores, platform, test_version, engine_name, "
+        f"toString(measurement_start_time) AS start FROM fastpath FINAL WHERE {where} ORDER BY measurement_uid"
+    )
+
+
+def test_real_measurements_score_as_oonis_fastpath(clickhouse, ch, fingerprints, bucket) -> None:
+    members = {n: member(real(n)) for n in EXPECTED}
+    bucket.put(UPLOAD_DAY, "IT", list(members.values()))
+    result = ingest(clickhouse, UPLOAD_DAY)
+    assert result.success, failure_text(result)
+    got = rows(ch).set_index("measurement_uid")
+    assert len(got) == len(EXPECTED)
+    for n, (anomaly, confirmed, failure, blocking_type, scores) in EXPECTED.items():
+        row = got.loc[uid_of(members[n][0])]
+        assert (row.anomaly, row.confirmed, row.msm_failure, row.blocking_type) == (
+            anomaly,
+            confirmed,
+            failure,
+            blocking_type,
+        ), n
+        assert json.loads(row.scores) == scores, n
+    ir = got.loc[uid_of(members[2][0])]
+    assert (ir.probe_asn, ir.domain, ir.probe_cc, ir.platform) == (
+        197207,
+        "www.facebook.com",
+        "IR",
+        "android",
+    )
+    metadata = result.get_asset_materialization_events()[0].materialization.metadata
+    assert metadata["scored"].value == 10 and metadata["dagster/row_count"].value == 10
+
+
+def _variant(base: dict, uid_hint: str, **changes) -> dict:
+    msm = copy.deepcopy(base)
+    msm["report_id"] = f"20240101T000000Z_webconnectivity_IT_30722_n1_{uid_hint}"
+    msm["input"] = f"https://{uid_hint}.example.org:8443/path?q=1"
+    msm["measurement_start_time"] = "2024-01-01 10:00:00"
+    msm["test_start_time"] = "2024-01-01 09:59:00"
+    for path, value in changes.items():
+        target = msm
+        *parents, last = path.split("__")
+        for name in parents:
+            target = target[name]
+        if value is KeyError:
+            target.pop(last, None)
+        else:
+            target[last] = value
+    return msm
+
+
+def test_every_rule_and_the_export_of_the_day(
+    clickhouse, ch, fingerprints, bucket, local_store_resource
+) -> None:
+    base = real(7)  # web_connectivity 0.5.26, accessible
+    old = real(2)  # 0.4.1, dns blocking confirmed
+    cases = {
+        "ok": (_variant(base, "ok"), "f", "f", "f", "accessible"),
+        "ok04": (_variant(old, "ok04"), "t", "t", "f", "dns"),
+        "title": (_variant(base, "title", test_keys__title_match="yes"), "f", "f", "t", "failure"),
+        "weird": (_variant(base, "weird", test_keys__blocking="weird"), "f", "f", "t", "failure"),
+        "nullblock": (_variant(base, "nullblock", test_keys__blocking=None), "f", "f", "t", "failure"),
+        "tcp": (_variant(base, "tcp", test_keys__blocking="tcp_ip", test_keys__accessible=False), "t", "f", "f", "tcp_ip"),
+        "diff": (_variant(base, "diff", test_keys__blocking="http-diff", test_keys__accessible=False), "t", "f", "f", "http-diff"),
+        "unknown": (_variant(base, "unknown", test_keys__http_experiment_failure="unknown_failure: x"), "f", "f", "t", "failure"),
+        "access": (_variant(base, "access", test_keys__accessible=None), "f", "f", "t", "failure"),
+        "nokeys": (_variant(base, "nokeys", test_keys=None), "f", "f", "t", "failure"),
+    }  # fmt: skip
+    members = {name: member(msm) for name, (msm, *_rest) in cases.items()}
+    # the uid's time: received 400 days after the start, or 2 hours before it
+    late = _variant(base, "tooold")
+    members["tooold"] = member(late, datetime(2025, 2, 5))
+    future = _variant(base, "future")
+    members["future"] = member(future, datetime(2024, 1, 1, 8))
+    skipped = [
+        member(_variant(base, "norid", report_id=KeyError)),
+        member(_variant(base, "zz", probe_cc="ZZ")),
+        member(_variant(base, "as0", probe_asn="AS0")),
+    ]
+    yaml_member = member(b'{"format": "yaml", "content": "---\\nreport_id: x\\n"}')
+    bucket.put(UPLOAD_DAY, "IT", [*members.values(), *skipped, yaml_member])
+    bucket.put(UPLOAD_DAY, "DE", [member(_variant(base, "de", probe_cc="DE"))], hour="11")
+
+    result = ingest(clickhouse, UPLOAD_DAY, config={"max_malformed_share": 0.0})
+    assert result.success, failure_text(result)
+    metadata = result.get_asset_materialization_events()[0].materialization.metadata
+    assert metadata["skipped"].value == {
+        "no_report_id": 1,
+        "probe_cc_zz": 1,
+        "probe_asn_as0": 1,
+        "yaml": 1,
+    }
+    assert any(e.endswith(".post: yaml") and ":2024" in e for e in metadata["skip_examples"].value)
+    got = rows(ch).set_index("measurement_uid")
+    assert len(got) == len(cases) + 3  # + tooold, future, de
+    for name, (_msm, anomaly, confirmed, failure, _category) in cases.items():
+        row = got.loc[uid_of(members[name][0])]
+        assert (row.anomaly, row.confirmed, row.msm_failure) == (anomaly, confirmed, failure), name
+    for name, msg in (("tooold", "too old"), ("future", "from the future")):
+        row = got.loc[uid_of(members[name][0])]
+        assert row.msm_failure == "t" and msg in json.loads(row.scores)["msg"], name
+    ok = got.loc[uid_of(members["ok"][0])]
+    assert (ok.domain, ok.probe_asn, ok.start) == (
+        "ok.example.org:8443",
+        30722,
+        "2024-01-01 10:00:00",
+    )
+    assert got.loc[uid_of(members["ok04"][0])].test_version == "0.4.1"
+
+    exported = dg.materialize(
+        [website_metrics],
+        resources={"clickhouse": clickhouse, "object_store": local_store_resource},
+        partition_key="2024-01-01",
+        raise_on_error=False,
+    )
+    assert exported.success, failure_text(exported)
+    data = local_store_resource.get_store().read_bytes(object_key("2024-01-01"))
+    df = pd.read_csv(io.BytesIO(gzip.decompress(data)), keep_default_na=False)
+    df["uid"] = df["explorer_url"].str.rsplit("/", n=1).str[1]
+    categories = ["accessible", "dns", "tcp_ip", "http-diff", "http-failure", "anomaly", "failure"]
+    by_uid = df.set_index("uid")
+    for name, (_msm, _a, confirmed, _f, category) in cases.items():
+        row = by_uid.loc[uid_of(members[name][0])]
+        assert [c for c in categories if row[c] == 1] == [category], name
+        assert row["confirmed"] == (confirmed == "t"), name
+    assert len(df) == len(cases) + 3  # tooold, future and de were measured that day too
+    assert set(df["probe_cc"]) == {"IT", "IR", "DE"}  # ok04 is an Iranian measurement
+
+
+def test_countries_narrow_the_ingestion(clickhouse, ch, fingerprints, bucket, monkeypatch) -> None:
+    base = real(7)
+    bucket.put(UPLOAD_DAY, "IT", [member(_variant(base, "it"))])
+    bucket.put(UPLOAD_DAY, "DE", [member(_variant(base, "de", probe_cc="DE"))])
+    monkeypatch.setenv("OONI_PUBLIC_COUNTRIES", "de")
+    assert ingest(clickhouse, UPLOAD_DAY).success
+    assert list(rows(ch)["probe_cc"]) == ["DE"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not gzip", "gzip of garbage"])
+def test_a_damaged_postcan_fails_the_day_naming_it(
+    clickhouse, ch, fingerprints, bucket, damage
+) -> None:
+    base = real(7)
+    bucket.put(UPLOAD_DAY, "IT", [member(_variant(base, f"good{n}")) for n in range(3)])
+    good = postcan([member(_variant(base, "other"))])
+    body = {
+        "truncated": good[: len(good) // 2],
+        "not gzip": b"this is not a tar.gz at all",
+        "gzip of garbage": gzip.compress(b"\x00garbage" * 1000),
+    }[damage]
+    bad_key = "raw/20240102/12/IT/webconnectivity/2024010212_IT_webconnectivity.n1.9.tar.gz"
+    bucket.put_raw(bad_key, body)
+    result = ingest(clickhouse, UPLOAD_DAY)
+    assert not result.success
+    assert bad_key.rsplit("/", 1)[1] in failure_text(result)
+    assert ch.count("fastpath") == 0  # nothing of the day half-written
+    assert not [t for (t,) in ch.query_rows("SHOW TABLES") if t.startswith("fastpath_ingest")]
+
+
+def test_too_many_malformed_members_fail_the_day(clickhouse, ch, fingerprints, bucket) -> None:
+    base = real(7)
+    good = [member(_variant(base, f"m{n}")) for n in range(20)]
+    broken = [member(b"{not json"), member(b"[1, 2]")]
+    bucket.put(UPLOAD_DAY, "IT", good + broken)
+    result = ingest(clickhouse, UPLOAD_DAY)
+    assert not result.success
+    text = failure_text(result)
+    assert "2 of 22 members malformed" in text and ".post: not_json" in text
+    assert ch.count("fastpath") == 0
+    # Tolerated when configured: the malformed members are counted, the rest written.
+    result = ingest(clickhouse, UPLOAD_DAY, config={"max_malformed_share": 0.1})
+    assert result.success
+    metadata = result.get_asset_materialization_events()[0].materialization.metadata
+    assert metadata["skipped"].value == {"not_json": 1, "not_a_measurement": 1}
+    assert ch.count("fastpath") == 20
+
+
+def test_rematerializing_an_upload_day_is_idempotent(clickhouse, ch, fingerprints, bucket) -> None:
+    base = real(7)
+    bucket.put(UPLOAD_DAY, "IT", [member(_variant(base, f"r{n}")) for n in range(5)])
+    # another upload day brought a measurement of the same measurement day
+    bucket.put("2024-01-03", "IT", [member(_variant(base, "other-day"))])
+    instance = dg.DagsterInstance.ephemeral()
+    assert ingest(clickhouse, "2024-01-03", instance).success
+    assert ingest(clickhouse, UPLOAD_DAY, instance).success
+    first = ch.query_rows("SELECT max(update_time) FROM fastpath")[0][0]
+    again = ingest(clickhouse, UPLOAD_DAY, instance)
+    assert again.success
+    metadata = again.get_asset_materialization_events()[0].materialization.metadata
+    assert metadata["dagster/row_count"].value == 0
+    assert metadata["measurement_days_changed"].value == []
+    assert ch.query_rows("SELECT max(update_time) FROM fastpath")[0][0] == first
+    assert ch.scalar("SELECT count() FROM fastpath") == 6
+    assert ch.scalar("SELECT uniqExact(measurement_uid) FROM fastpath") == 6
+
+
+def test_late_upload_reexports_exactly_its_day(
+    clickhouse, ch, fingerprints, bucket, local_store_resource
+) -> None:
+    from ooni_pipeline.definitions import defs
+
+    base = real(7)
+    instance = dg.DagsterInstance.ephemeral()
+    day1 = [member(_variant(base, "d1a")), member(_variant(base, "d1b"))]
+    d2 = _variant(base, "d2")
+    d2["measurement_start_time"] = "2024-01-02 08:00:00"
+    bucket.put(UPLOAD_DAY, "IT", [*day1, member(d2)])
+    # the automation sensor is running before data arrives (its first tick requests nothing)
+    start = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+    assert start.total_requested == 0
+    assert ingest(clickhouse, UPLOAD_DAY, instance).success
+
+    resources = {"clickhouse": clickhouse, "object_store": local_store_resource}
+    evaluation = dg.evaluate_automation_conditions(
+        defs=defs, instance=instance, cursor=start.cursor
+    )
+    requested = evaluation.get_requested_partitions(dg.AssetKey("website_metrics"))
+    assert requested == {"2024-01-01", "2024-01-02"}
+    for day in sorted(requested):
+        assert dg.materialize(
+            [website_metrics], resources=resources, partition_key=day, instance=instance
+        ).success
+    cursor = dg.evaluate_automation_conditions(
+        defs=defs, instance=instance, cursor=evaluation.cursor
+    )
+    assert cursor.total_requested == 0
+
+    # A late upload, received on 2024-01-05, of a measurement of 2024-01-01.
+    late = _variant(base, "late")
+    bucket.put("2024-01-05", "IT", [member(late, datetime(2024, 1, 5, 3))])
+    assert ingest(clickhouse, "2024-01-05", instance).success
+    after = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor.cursor)
+    assert after.get_requested_partitions(dg.AssetKey("website_metrics")) == {"2024-01-01"}
+    assert dg.materialize(
+        [website_metrics], resources=resources, partition_key="2024-01-01", instance=instance
+    ).success
+    data = local_store_resource.get_store().read_bytes(object_key("2024-01-01"))
+    assert len(pd.read_csv(io.BytesIO(gzip.decompress(data)))) == 3
+    record = instance.fetch_materializations(
+        dg.AssetRecordsFilter(
+            asset_key=dg.AssetKey("website_metrics"), asset_partitions=["2024-01-01"]
+        ),
+        limit=1,
+    ).records[0]
+    assert record.asset_materialization.metadata["fastpath_data_version"].value.startswith("3@")
+
+
+def test_observation_records_only_changed_days(clickhouse, ch, fingerprints, bucket) -> None:
+    base = real(7)
+    instance = dg.DagsterInstance.ephemeral()
+    bucket.put(UPLOAD_DAY, "IT", [member(_variant(base, "o1"))])
+    assert ingest(clickhouse, UPLOAD_DAY, instance).success
+
+    job = dg.Definitions(
+        assets=[fastpath_asset],
+        jobs=[dg.define_asset_job("observe", selection=[fastpath_asset])],
+        resources={"clickhouse": clickhouse},
+    ).resolve_job_def("observe")
+
+    def observe():
+        return job.execute_in_process(
+            instance=instance,
+            tags={
+                "dagster/asset_partition_range_start": "2023-12-30",
+                "dagster/asset_partition_range_end": "2024-01-02",
+            },
+        )
+
+    def observations() -> list[str]:
+        return [
+            e.partition
+            for e in instance.fetch_observations(dg.AssetKey("fastpath"), limit=100).records
+            for e in [e.event_log_entry.dagster_event.event_specific_data.asset_observation]
+        ]
+
+    assert observations() == ["2024-01-01"]  # recorded by the ingestion itself
+    assert observe().success
+    assert observations() == ["2024-01-01"]  # nothing changed, nothing recorded
+    # a row written outside Dagster (as OONI's own fastpath service does)
+    ch.command(
+        "INSERT INTO fastpath (measurement_uid, test_name, measurement_start_time) "
+        "VALUES ('x1', 'web_connectivity', '2023-12-31 10:00:00')"
+    )
+    assert observe().success
+    assert sorted(observations()) == ["2023-12-31", "2024-01-01"]
+
+
+def test_lineage() -> None:
+    from ooni_pipeline.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+
+    def parents(key: str) -> set[str]:
+        return {
+            k.to_user_string() for k in graph.get(dg.AssetKey.from_user_string(key)).parent_keys
+        }
+
+    assert parents("website_metrics") == {"fastpath"}
+    assert parents("fastpath") == {"public_fastpath"}
+    assert parents("public_fastpath") == {"fingerprints_dns", "fingerprints_http"}
+    assert parents("backup/fastpath") == {"fastpath"}
+    assert parents("backup/citizenlab") == {"citizenlab"}
+    assert graph.get(dg.AssetKey("fastpath")).is_observable
