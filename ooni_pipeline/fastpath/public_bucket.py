@@ -101,6 +101,10 @@ class PublicBucket:
                     found.append((item["Key"], int(item["Size"])))
         return found
 
+    def open(self, key: str) -> Any:
+        """A streaming reader of one object (read anonymously)."""
+        return self._client().get_object(Bucket=self.bucket, Key=key)["Body"]
+
     def _client(self) -> Any:
         import boto3
         from botocore import UNSIGNED
