@@ -18,12 +18,15 @@ Both must agree on rows and anomaly / confirmed / msm_failure counts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
 import os
 import re
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -45,14 +48,15 @@ COUNTRIES = ("IT", "IR", "ID")
 HOURS = ("02", "09", "16", "23")
 POSTCAN_BYTES = 20_000_000  # the uploader's roll-over size
 TIME = "%Y-%m-%d %H:%M:%S"
-# fastpath columns OONI's fastpath writes (db.py), compared per measurement_uid
-COMPARED = (
+# the fastpath columns OONI's fastpath writes (db.py), compared per measurement_uid; and
+# scores with JSON numbers normalised (1.0 -> 1)
+COMPARED = {c: c for c in (
     "report_id", "input", "probe_cc", "probe_asn", "test_name", "test_start_time",
     "measurement_start_time", "scores", "platform", "anomaly", "confirmed", "msm_failure",
     "blocking_type", "domain", "software_name", "software_version", "test_version",
     "test_runtime", "architecture", "engine_name", "engine_version",
     "test_helper_address", "test_helper_type",
-)  # fmt: skip
+)} | {"scores_as_json": r"replaceRegexpAll(scores, '(\\d)\\.0([,}\\]])', '\\1\\2')"}  # fmt: skip
 
 
 def _write_hour(job: tuple) -> list[tuple[str, int, int]]:
@@ -312,15 +316,24 @@ def ours_env(workdir: Path, endpoint: str) -> dict[str, str]:
 
 def run_ours(workdir: Path, endpoint: str) -> None:
     """The CLI in a child; peak = the largest process of its tree (ru_maxrss of children)."""
-    import resource
-
     argv = ["asset", "materialize", "-m", "ooni_pipeline.definitions", "--select", "public_fastpath", "--partition", DAY]
     with (workdir / "dagster.log").open("w") as log:
-        rc = subprocess.run([str(DAGSTER), *argv], cwd=ROOT, env=ours_env(workdir, endpoint), stdout=log, stderr=subprocess.STDOUT).returncode
+        cli = subprocess.Popen([str(DAGSTER), *argv], cwd=ROOT, env=ours_env(workdir, endpoint), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        timeout, timed_out = float(os.environ["BENCH_OURS_TIMEOUT_S"]), False
+        try:
+            rc = cli.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:  # stop the CLI's own process group (its run and step)
+            os.killpg(cli.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                cli.wait(timeout=30)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(cli.pid, signal.SIGKILL)
+            rc, timed_out = cli.wait(), True
+            print(f"TIMEOUT: killed unfinished after {timeout / 60:g} min")
     text = (workdir / "dagster.log").read_text(errors="replace")
     summary = re.findall(r"\d+ members, \d+ scored, \d+ new or changed rows.*? in [\d.]+ s", text)
     print(summary[-1] if summary else "")
-    if rc:
+    if rc and not timed_out:
         print(text[-4000:], file=sys.stderr)
         raise SystemExit(rc)
     print(f"{MARKER}{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}")
@@ -333,7 +346,7 @@ def asset_defined(workdir: Path, endpoint: str) -> bool:
 
 
 def run_count(workdir: Path, endpoint: str) -> None:
-    sums = ", ".join(f"toString(sum(cityHash64(measurement_uid, {c})))" for c in COMPARED)
+    sums = ", ".join(f"toString(sum(cityHash64(measurement_uid, {c})))" for c in COMPARED.values())
     with open_chdb(workdir) as ch:
         row = ch.query_rows(
             "SELECT count(), uniqExact(measurement_uid), countIf(anomaly = 't'), countIf(confirmed = 't'), "
@@ -408,6 +421,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("bench/out/public_fastpath"))
     parser.add_argument("--modes", default="baseline,ours")
     parser.add_argument("--wait-minutes", type=float, default=60, help="for public_fastpath to exist")
+    parser.add_argument("--ours-timeout-minutes", type=float, default=60)
     parser.add_argument("--run", choices=sorted(MODES))
     parser.add_argument("--endpoint")
     args = parser.parse_args()
@@ -444,7 +458,12 @@ def main() -> None:
             results[mode] = measure(mode, work / mode, endpoint)
             seen[mode] = counts(work / mode, endpoint)
         else:
+            os.environ["BENCH_OURS_TIMEOUT_S"] = str(args.ours_timeout_minutes * 60)
             results[mode] = measure_ours(work / mode, endpoint, args.wait_minutes)
+            if "TIMEOUT" in results[mode][3]:
+                wall, rss, tree, out = results.pop(mode)
+                lines.append(f"{mode:8s} wall > {wall:7.2f} s  peak RSS {rss:6.0f} MB (tree {tree:6.0f} MB)  {out}")
+                continue
             seen[mode] = counts(work / mode / "data", endpoint)
         print(f"{mode}: {results[mode][0]:.1f} s, {results[mode][3]}", flush=True)
     server.stop()
