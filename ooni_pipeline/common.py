@@ -36,15 +36,23 @@ def column_schema_metadata(ch: ClickHouse, table: str) -> dict[str, Any]:
 
 
 def last_metadata(
-    context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext, key: dg.AssetKey
+    context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext,
+    key: dg.AssetKey,
+    partition_key: str | None = None,
 ) -> dict[str, Any]:
-    """Raw values of the metadata of the asset's latest materialization ({} if none)."""
-    event = context.instance.get_latest_materialization_event(key)
-    if event is None or event.asset_materialization is None:
+    """Raw values of the metadata of the asset's latest materialization, of one
+    partition if given ({} if none)."""
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(
+            asset_key=key, asset_partitions=[partition_key] if partition_key else None
+        ),
+        limit=1,
+    ).records
+    if not records or records[0].asset_materialization is None:
         return {}
     return {
         name: getattr(value, "value", value)
-        for name, value in event.asset_materialization.metadata.items()
+        for name, value in records[0].asset_materialization.metadata.items()
     }
 
 

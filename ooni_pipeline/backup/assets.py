@@ -96,25 +96,20 @@ def back_up_chunk(
     raise AssertionError("unreachable")
 
 
-# table -> the asset that writes it, so the lineage shows where a backup comes from
-TABLE_WRITERS = {
-    "fastpath": "fastpath",
-    "citizenlab": "citizenlab",
-    "fingerprints_dns": "fingerprints_dns",
-    "fingerprints_http": "fingerprints_http",
-    "asnmeta": "asnmeta",
-}
+# Tables written by an asset of the same key: a backup depends on it in the lineage.
+TABLES_WITH_AN_ASSET = frozenset(
+    ("fastpath", "citizenlab", "fingerprints_dns", "fingerprints_http", "asnmeta")
+)
 
 
 def build_backup_asset(spec: BackupTable) -> tuple[dg.AssetsDefinition, dg.AssetChecksDefinition]:
     key = dg.AssetKey(["backup", spec.table])
-    writer = TABLE_WRITERS.get(spec.table)
     how = f"one object per month of ``{spec.month_column}``" if spec.month_column else "one object"
 
     @dg.asset(
         key=key,
         group_name="backup",
-        deps=[writer] if writer else [],
+        deps=[spec.table] if spec.table in TABLES_WITH_AN_ASSET else [],
         kinds={"clickhouse", "s3", "csv"},
         owners=[OWNER],
         pool=CLICKHOUSE_POOL,

@@ -12,10 +12,10 @@ from pydantic import Field
 
 from ooni_pipeline.clickhouse import ClickHouse, ClickHouseResource
 from ooni_pipeline.clickhouse.schema import ensure_tables
-from ooni_pipeline.common import CLICKHOUSE_POOL, OWNER
+from ooni_pipeline.common import CLICKHOUSE_POOL, OWNER, last_metadata
 from ooni_pipeline.exports.website_metrics_sql import CATEGORIES, CSV_COLUMNS, PIVOT_SQL, TOTALS_SQL
 from ooni_pipeline.fastpath.assets import FASTPATH_KEY, MEASUREMENT_DAYS
-from ooni_pipeline.fastpath.ingest import day_versions
+from ooni_pipeline.fastpath.versions import day_versions
 from ooni_pipeline.object_store import ObjectStoreResource, UploadResult, stream_upload
 from ooni_pipeline.object_store.stores import ObjectStore
 
@@ -204,19 +204,6 @@ def read_object_totals(store: ObjectStore, key: str) -> tuple[list[str], dict[st
     return header, totals, bad_rows
 
 
-def recorded_day(instance: dg.DagsterInstance, day: str) -> dict[str, Any]:
-    """Raw metadata values of the day's latest materialization ({} if none)."""
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=WEBSITE_METRICS_KEY, asset_partitions=[day]), limit=1
-    ).records
-    if not records or records[0].asset_materialization is None:
-        return {}
-    return {
-        name: getattr(value, "value", value)
-        for name, value in records[0].asset_materialization.metadata.items()
-    }
-
-
 @dg.asset_check(
     asset=website_metrics,
     pool=CLICKHOUSE_POOL,
@@ -236,8 +223,7 @@ def website_metrics_object_check(
         event = context.instance.get_latest_materialization_event(WEBSITE_METRICS_KEY)
         days = [event.dagster_event.partition] if event and event.dagster_event else []
     problems: list[str] = []
-    moved_on: list[str] = []
-    recorded = {day: recorded_day(context.instance, day) for day in days}
+    recorded = {day: last_metadata(context, WEBSITE_METRICS_KEY, day) for day in days}
     for day in days:
         key = object_key(day)
         if not store.exists(key):

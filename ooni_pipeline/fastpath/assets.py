@@ -22,10 +22,10 @@ from ooni_pipeline.common import CLICKHOUSE_POOL, OWNER
 from ooni_pipeline.fastpath.ingest import (
     DEFAULT_MAX_MALFORMED_SHARE,
     IngestReport,
-    day_versions,
     ingest_upload_day,
 )
 from ooni_pipeline.fastpath.public_bucket import PublicBucket, parse_countries, parse_test_names
+from ooni_pipeline.fastpath.versions import day_versions
 
 FASTPATH_KEY = dg.AssetKey("fastpath")
 PUBLIC_FASTPATH_KEY = dg.AssetKey("public_fastpath")
@@ -62,8 +62,7 @@ def record_day_versions(
     Only changes are logged, because every observation of an observable asset counts
     as an update for declarative automation, whatever its version.
     """
-    valid = set(MEASUREMENT_DAYS.get_partition_keys())
-    days = sorted(day for day in set(days) if day in valid)
+    days = sorted(day for day in set(days) if MEASUREMENT_DAYS.has_partition_key(day))
     changed: dict[str, str] = {}
     for day, version in day_versions(ch, days).items():
         record = context.instance.get_latest_data_version_record(

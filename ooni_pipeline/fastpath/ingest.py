@@ -17,9 +17,9 @@ from __future__ import annotations
 import tarfile
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import date
 from typing import Any
 
 import pyarrow as pa
@@ -64,10 +64,6 @@ class IngestReport:
         return sum(n for reason, n in self.skipped.items() if reason in MALFORMED_REASONS)
 
 
-def _staging_name(day: str) -> str:
-    return f"fastpath_ingest_{day.replace('-', '')}"
-
-
 def ingest_upload_day(
     ch: ClickHouse,
     bucket: PublicBucket,
@@ -88,22 +84,8 @@ def ingest_upload_day(
         return report
     log(f"{day}: {len(postcans)} postcans, {report.compressed_bytes / 1e6:.1f} MB")
 
-    staging = quote_identifier(_staging_name(day))
-    members_table = _staging_name(day) + "_members"
-    members = quote_identifier(members_table)
-    for table in (staging, members):
-        ch.command(f"DROP TABLE IF EXISTS {table} SYNC")
-    ch.command(
-        f"CREATE TABLE {staging} (member_key String, member_name String, "
-        f"skip_reason LowCardinality(String), {FASTPATH_COLUMNS}) "
-        "ENGINE = MergeTree ORDER BY tuple()"
-    )
-    ch.command(
-        f"CREATE TABLE {members} (member_key String, member_name String, raw String) "
-        "ENGINE = MergeTree ORDER BY tuple()"
-    )
-    try:
-        _load_members(ch, members_table, bucket, postcans, log)
+    with _scratch_tables(ch, day) as (members, staging, changed):
+        _load_members(ch, members, bucket, postcans, log)
         _score_into(ch, staging, members)
         _count_skips(ch, staging, report)
         share = report.malformed / report.members if report.members else 0.0
@@ -113,17 +95,7 @@ def ingest_upload_day(
                 f"({share:.1%} > {max_malformed_share:.0%}); nothing written. "
                 f"Examples: {_examples_text(report)}"
             )
-        report.measurement_days = [
-            str(row[0])
-            for row in ch.query_rows(
-                f"SELECT DISTINCT toDate(measurement_start_time) AS d FROM {staging} "
-                "WHERE skip_reason = '' ORDER BY d"
-            )
-        ]
-        report.inserted = _insert_changed(ch, staging)
-    finally:
-        for table in (staging, members):
-            ch.command(f"DROP TABLE IF EXISTS {table} SYNC")
+        report.inserted, report.measurement_days = _insert_changed(ch, staging, changed)
     report.duration_s = time.monotonic() - started
     log(
         f"{day}: {report.members} members, {report.scored} scored, {report.inserted} new or changed "
@@ -196,17 +168,19 @@ def _load_members(
 
 
 def _score_into(ch: ClickHouse, staging: str, members: str) -> None:
+    staging = quote_identifier(staging)
     body_patterns = int(
         ch.scalar("SELECT count() FROM fingerprints_http WHERE location_found = 'body'") or 0
     )
-    source = (
-        f"(SELECT concat('bucket/', member_key) AS _path, member_name AS _file, raw FROM {members})"
-    )
     columns = ", ".join(("member_key", "member_name", "skip_reason", *ROW_COLUMNS))
-    ch.command(f"INSERT INTO {staging} ({columns}) {scoring_select(source, body_patterns)}")
+    ch.command(
+        f"INSERT INTO {staging} ({columns}) "
+        f"{scoring_select(quote_identifier(members), body_patterns)}"
+    )
 
 
 def _count_skips(ch: ClickHouse, staging: str, report: IngestReport) -> None:
+    staging = quote_identifier(staging)
     for reason, count, examples in ch.query_rows(
         f"SELECT skip_reason, count(), groupArray({EXAMPLES_PER_REASON})(concat(member_key, ':', member_name)) "
         f"FROM {staging} GROUP BY skip_reason ORDER BY skip_reason"
@@ -219,60 +193,63 @@ def _count_skips(ch: ClickHouse, staging: str, report: IngestReport) -> None:
             report.scored = int(count)
 
 
-def _insert_changed(ch: ClickHouse, staging: str) -> int:
-    """Copy the staged rows that are new or differ from their live version; return how many."""
+def _insert_changed(ch: ClickHouse, staging: str, changed: str) -> tuple[int, list[str]]:
+    """Copy the staged rows that are new or differ from their live version into
+    ``fastpath``; return how many, and the measurement days they belong to.
+
+    The comparison with the live rows (uid and a hash of every column) runs once, into
+    ``changed``; the copy into ``fastpath`` is then one plain INSERT ... SELECT.
+    """
+    staging, changed = quote_identifier(staging), quote_identifier(changed)
     columns = ", ".join(quote_identifier(c) for c in ROW_COLUMNS)
-    before = ch.scalar(f"SELECT count() FROM {staging} WHERE skip_reason = ''")
-    if not before:
-        return 0
-    bounds = ch.query_rows(
-        f"SELECT min(measurement_start_time), max(measurement_start_time) FROM {staging} "
+    lo, hi, scored = ch.query_rows(
+        f"SELECT min(measurement_start_time), max(measurement_start_time), count() FROM {staging} "
         "WHERE skip_reason = ''"
     )[0]
-    new_rows = f"""
+    if not scored:
+        return 0, []
+    ch.command(
+        f"""INSERT INTO {changed} ({columns})
         SELECT {columns} FROM {staging}
         WHERE skip_reason = ''
           AND (measurement_uid, cityHash64({columns})) NOT IN (
               SELECT measurement_uid, cityHash64({columns}) FROM fastpath
               WHERE measurement_start_time BETWEEN {{lo:DateTime('UTC')}} AND {{hi:DateTime('UTC')}}
                 AND measurement_uid IN (SELECT measurement_uid FROM {staging} WHERE skip_reason = ''))
-        LIMIT 1 BY measurement_uid
-    """
-    params = {"lo": bounds[0], "hi": bounds[1]}
-    count = int(ch.scalar(f"SELECT count() FROM ({new_rows})", params) or 0)
+        LIMIT 1 BY measurement_uid""",
+        {"lo": lo, "hi": hi},
+    )
+    count = int(ch.scalar(f"SELECT count() FROM {changed}"))
     if count:
-        ch.command(f"INSERT INTO fastpath ({columns}) {new_rows}", params)
-    return count
+        ch.command(f"INSERT INTO fastpath ({columns}) SELECT {columns} FROM {changed}")
+    days = ch.query_rows(
+        f"SELECT DISTINCT toString(toDate(measurement_start_time)) AS d FROM {changed} ORDER BY d"
+    )
+    return count, [str(day) for (day,) in days]
+
+
+@contextmanager
+def _scratch_tables(ch: ClickHouse, day: str) -> Iterator[tuple[str, str, str]]:
+    """The day's scratch tables, dropped whatever happens: the raw members, the scored
+    rows (each with its skip reason), and the rows that changed."""
+    base = f"fastpath_ingest_{day.replace('-', '')}"
+    names = (f"{base}_members", base, f"{base}_changed")
+    schemas = (
+        "member_key String, member_name String, raw String",
+        f"member_key String, member_name String, skip_reason LowCardinality(String), {FASTPATH_COLUMNS}",
+        FASTPATH_COLUMNS,
+    )
+    try:
+        for name, schema in zip(names, schemas, strict=True):
+            ch.command(f"DROP TABLE IF EXISTS {quote_identifier(name)} SYNC")
+            ch.command(
+                f"CREATE TABLE {quote_identifier(name)} ({schema}) ENGINE = MergeTree ORDER BY tuple()"
+            )
+        yield names
+    finally:
+        for name in names:
+            ch.command(f"DROP TABLE IF EXISTS {quote_identifier(name)} SYNC")
 
 
 def _examples_text(report: IngestReport) -> str:
     return "; ".join(example for examples in report.examples.values() for example in examples[:2])
-
-
-# -- data versions of measurement days ---------------------------------------------
-
-_DAY_VERSIONS_SQL = """
-SELECT toString(toDate(measurement_start_time)) AS day,
-       uniqExact(measurement_uid) AS measurements,
-       toString(max(update_time)) AS last_update
-FROM fastpath
-WHERE test_name = 'web_connectivity'
-  AND measurement_start_time >= toDateTime({start:Date}, 'UTC')
-  AND measurement_start_time < toDateTime({end:Date}, 'UTC') + INTERVAL 1 DAY
-  AND toDate(measurement_start_time) IN {days:Array(Date)}
-GROUP BY day
-"""
-
-
-def day_versions(ch: ClickHouse, days: list[str]) -> dict[str, str]:
-    """The data version of each measurement day: its web_connectivity measurements
-    (distinct uids) and newest ``update_time``. Both are stable under background
-    merges; any insert into the day moves ``update_time``. One grouped query."""
-    if not days:
-        return {}
-    parsed = sorted(date.fromisoformat(day) for day in days)
-    rows = ch.query_rows(_DAY_VERSIONS_SQL, {"start": parsed[0], "end": parsed[-1], "days": parsed})
-    versions = {day: "0" for day in days}
-    for day, measurements, last_update in rows:
-        versions[str(day)] = f"{int(measurements)}@{last_update}"
-    return versions

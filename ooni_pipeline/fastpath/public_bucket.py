@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 DEFAULT_BUCKET = "ooni-data-eu-fra"
@@ -61,7 +62,7 @@ class PublicBucket:
 
     @property
     def base_url(self) -> str:
-        """Path-style HTTP(S) address of the bucket, as ClickHouse's s3() reads it."""
+        """Path-style HTTP(S) address of the bucket (for metadata)."""
         if self.endpoint_url:
             return f"{self.endpoint_url.rstrip('/')}/{self.bucket}"
         return f"https://{self.bucket}.s3.{DEFAULT_REGION}.amazonaws.com"
@@ -72,13 +73,6 @@ class PublicBucket:
         if not _DAY.match(compact):
             raise ValueError(f"invalid upload day {day!r}")
         return f"raw/{compact}/"
-
-    def postcan_glob(self, day: str) -> str:
-        """The s3() URL of every postcan member of the day, for the configured countries
-        and tests: ``raw/D/*/{CC,..}/{test,..}/*.tar.gz :: **.post``."""
-        countries = _alternatives(self.countries) if self.countries else "*"
-        tests = _alternatives(tuple(n.replace("_", "") for n in self.test_names))
-        return f"{self.base_url}/{self.day_prefix(day)}*/{countries}/{tests}/*.tar.gz :: **.post"
 
     def is_postcan(self, key: str) -> bool:
         """Whether a listed key is a postcan this configuration reads."""
@@ -92,7 +86,7 @@ class PublicBucket:
 
     def list_postcans(self, day: str) -> list[tuple[str, int]]:
         """(key, size) of the day's postcans, listed anonymously (boto3 ``UNSIGNED``)."""
-        client = self._client()
+        client = self._client
         found: list[tuple[str, int]] = []
         paginator = client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=self.day_prefix(day)):
@@ -103,8 +97,9 @@ class PublicBucket:
 
     def open(self, key: str) -> Any:
         """A streaming reader of one object (read anonymously)."""
-        return self._client().get_object(Bucket=self.bucket, Key=key)["Body"]
+        return self._client.get_object(Bucket=self.bucket, Key=key)["Body"]
 
+    @cached_property
     def _client(self) -> Any:
         import boto3
         from botocore import UNSIGNED
@@ -118,7 +113,3 @@ class PublicBucket:
                 signature_version=UNSIGNED, retries={"max_attempts": 5, "mode": "standard"}
             ),
         )
-
-
-def _alternatives(values: tuple[str, ...]) -> str:
-    return values[0] if len(values) == 1 else "{" + ",".join(values) + "}"

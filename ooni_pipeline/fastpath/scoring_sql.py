@@ -1,10 +1,9 @@
 """OONI's fastpath scoring of web_connectivity, as one ClickHouse query over raw postcan members.
 
 Each rule cites ooni/backend ``fastpath/fastpath/core.py`` (commit 040e6ccd, the
-last change to that file) or ``db.py``, which this query follows. The engine reads
-the postcans itself (``s3(... :: **.post, NOSIGN, 'RawBLOB')``, one row per tar
-member), parses JSON with simdjson and matches fingerprints with its multi-needle
-substring search: no measurement passes through Python.
+last change to that file) or ``db.py``, which this query follows. The engine parses
+each member's JSON (simdjson) and matches the fingerprint tables with its
+multi-needle substring search: no measurement is parsed in Python.
 
 Every member yields one staging row: either a fastpath row, or a ``skip_reason``
 (``not_json``, ``yaml``, ``no_report_id``...), so skips are counted and shown.
@@ -21,26 +20,40 @@ MALFORMED_REASONS = ("not_json", "not_a_measurement", "bad_field")
 
 # Fingerprint tables as constant arrays of named tuples (core.py prepare_fingerprints:
 # expected_countries upper-cased, split on commas, "" and ZZ dropped, sorted).
-_FINGERPRINTS = """
-    (SELECT groupArray(CAST((name, toString(scope), 'dns', confidence_no_fp,
-                arraySort(arrayFilter(c -> c NOT IN ('', 'ZZ'), splitByChar(',', upper(replaceAll(expected_countries, ' ', ''))))),
-                pattern),
-            'Tuple(name String, scope String, location_found String, confidence_no_fp UInt8, expected_countries Array(String), pattern String)'))
-     FROM (SELECT * FROM fingerprints_dns ORDER BY name)) AS dns_fps,
-    (SELECT groupArray(CAST((name, toString(scope), location_found, confidence_no_fp,
-                arraySort(arrayFilter(c -> c NOT IN ('', 'ZZ'), splitByChar(',', upper(replaceAll(expected_countries, ' ', ''))))),
-                pattern),
-            'Tuple(name String, scope String, location_found String, confidence_no_fp UInt8, expected_countries Array(String), pattern String)'))
-     FROM (SELECT * FROM fingerprints_http WHERE location_found = 'body' ORDER BY name)) AS body_fps,
-    (SELECT groupArray(CAST((name, toString(scope), location_found, confidence_no_fp,
-                arraySort(arrayFilter(c -> c NOT IN ('', 'ZZ'), splitByChar(',', upper(replaceAll(expected_countries, ' ', ''))))),
-                pattern, substring(location_found, 8), toString(pattern_type)),
-            'Tuple(name String, scope String, location_found String, confidence_no_fp UInt8, expected_countries Array(String), pattern String, header String, pattern_type String)'))
-     -- match_http_headers_fingerprints: only "full" and "prefix" header patterns are matched
-     FROM (SELECT * FROM fingerprints_http
-           WHERE startsWith(location_found, 'header.') AND pattern_type IN ('full', 'prefix')
-           ORDER BY name)) AS header_fps
-"""
+_FINGERPRINT = (
+    "Tuple(name String, scope String, location_found String, confidence_no_fp UInt8, "
+    "expected_countries Array(String), pattern String)"
+)
+_HEADER_FINGERPRINT = _FINGERPRINT[:-1] + ", header String, pattern_type String)"
+_EXPECTED_COUNTRIES = (
+    "arraySort(arrayFilter(c -> c NOT IN ('', 'ZZ'), "
+    "splitByChar(',', upper(replaceAll(expected_countries, ' ', '')))))"
+)
+
+
+def _fingerprints(
+    alias: str, table: str, where: str, extra: str = "", type_: str = _FINGERPRINT
+) -> str:
+    return f"""
+    (SELECT groupArray(CAST((name, toString(scope), {"'dns'" if table == "fingerprints_dns" else "location_found"},
+                             confidence_no_fp, {_EXPECTED_COUNTRIES}, pattern{extra}), '{type_}'))
+     FROM (SELECT * FROM {table} WHERE {where} ORDER BY name)) AS {alias}"""
+
+
+_FINGERPRINTS = ",".join(
+    (
+        _fingerprints("dns_fps", "fingerprints_dns", "1"),
+        _fingerprints("body_fps", "fingerprints_http", "location_found = 'body'"),
+        # match_http_headers_fingerprints: only "full" and "prefix" header patterns are matched
+        _fingerprints(
+            "header_fps",
+            "fingerprints_http",
+            "startsWith(location_found, 'header.') AND pattern_type IN ('full', 'prefix')",
+            extra=", substring(location_found, 8), toString(pattern_type)",
+            type_=_HEADER_FINGERPRINT,
+        ),
+    )
+)
 
 
 def _body_positions(body: str, needle_count: int) -> str:
@@ -56,9 +69,9 @@ def _body_positions(body: str, needle_count: int) -> str:
 
 
 def scoring_select(source: str, body_fingerprint_count: int) -> str:
-    """The SELECT producing staging rows from ``source``, a table expression whose
-    rows have ``raw`` (one member's bytes), ``_path`` (bucket/key) and ``_file``
-    (the member's name). ``body_fingerprint_count`` sizes the body search."""
+    """The SELECT producing staging rows from ``source``, a table whose rows have
+    ``member_key`` (the postcan's key), ``member_name`` (the tar member's name) and
+    ``raw`` (its bytes). ``body_fingerprint_count`` sizes the body search."""
     return f"""
 WITH
     {_FINGERPRINTS},
@@ -159,7 +172,7 @@ SELECT
     arrayFlatten(arrayMap((body, hs) -> arrayConcat(
         if(body = '', [], arrayFilter((fp, pos) -> pos > 0, body_fps, {_body_positions("body", body_fingerprint_count)})),
         arrayMap(fp -> CAST((fp.name, fp.scope, fp.location_found, fp.confidence_no_fp, fp.expected_countries, fp.pattern),
-                            'Tuple(name String, scope String, location_found String, confidence_no_fp UInt8, expected_countries Array(String), pattern String)'),
+                            '{_FINGERPRINT}'),
             arrayFilter(fp -> arrayExists(h -> h.1 = fp.header AND multiIf(
                     fp.pattern_type = 'full', JSONType(h.2) = 'String' AND JSONExtractString(h.2) = fp.pattern,
                     JSONType(h.2) = 'String', startsWith(JSONExtractString(h.2), fp.pattern),
@@ -237,10 +250,9 @@ SELECT
 FROM (
 SELECT
     -- s3feeder.load_multiple: the uid is member.name.rsplit("/", 1)[1][:-5]
-    -- _path is "<bucket>/<key>::<member>"
-    replaceRegexpOne(replaceRegexpOne(_path, '^[^/]*/', ''), '::.*$', '') AS member_key,
-    _file AS member_name,
-    substring(replaceRegexpOne(_file, '^.*/', ''), 1, length(replaceRegexpOne(_file, '^.*/', '')) - 5) AS measurement_uid,
+    member_key,
+    member_name,
+    substring(replaceRegexpOne(member_name, '^.*/', ''), 1, length(replaceRegexpOne(member_name, '^.*/', '')) - 5) AS measurement_uid,
     raw,
     isValidJSON(raw) AS envelope_ok,
     -- process_measurement / unwrap_msmt: {{"format": "json"|"yaml", "content": ...}}
