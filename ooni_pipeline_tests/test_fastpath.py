@@ -438,3 +438,42 @@ def test_lineage() -> None:
     assert parents("backup/fastpath") == {"fastpath"}
     assert parents("backup/citizenlab") == {"citizenlab"}
     assert graph.get(dg.AssetKey("fastpath")).is_observable
+
+
+def test_every_body_fingerprint_is_found_as_a_plain_substring(
+    clickhouse, ch, fingerprints, bucket
+) -> None:
+    """The body search runs as escaped Hyperscan literals: each of OONI's body patterns,
+    regexp metacharacters and all, must match exactly where Python's ``in`` does."""
+    import csv
+
+    with (DATA / "fingerprints_http.csv").open(newline="", encoding="utf-8") as handle:
+        body_fps = sorted(
+            (row["name"], row["pattern"])
+            for row in csv.DictReader(handle)
+            if row["location_found"] == "body"
+        )
+    base = real(7)
+    members, expected = [], {}
+    for n, (_name, pattern) in enumerate(body_fps):
+        msm = _variant(base, f"fp{n}")
+        msm["test_keys"]["requests"] = [{"response": {"body": f"<p>{pattern}</p>", "headers": {}}}]
+        msm["test_keys"]["queries"] = []
+        name, data = member(msm)
+        members.append((name, data))
+        body = f"<p>{pattern}</p>"
+        expected[uid_of(name)] = [fp for fp, p in body_fps if p in body]
+    # and a body where each metacharacter is present but no pattern is
+    members.append(
+        member(
+            _variant(base, "none", test_keys__requests=[{"response": {"body": ".*+?()[]{}|^$\\"}}])
+        )
+    )
+    expected[uid_of(members[-1][0])] = []
+    bucket.put(UPLOAD_DAY, "IT", members)
+    assert ingest(clickhouse, UPLOAD_DAY).success
+    got = {
+        uid: [fp["name"] for fp in json.loads(scores).get("fingerprints", [])]
+        for uid, scores in ch.query_rows("SELECT measurement_uid, scores FROM fastpath")
+    }
+    assert got == expected

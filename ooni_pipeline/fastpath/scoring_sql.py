@@ -3,16 +3,13 @@
 Each rule cites ooni/backend ``fastpath/fastpath/core.py`` (commit 040e6ccd, the
 last change to that file) or ``db.py``, which this query follows. The engine parses
 each member's JSON (simdjson) and matches the fingerprint tables with its
-multi-needle substring search: no measurement is parsed in Python.
+Hyperscan (literal patterns): no measurement is parsed in Python.
 
 Every member yields one staging row: either a fastpath row, or a ``skip_reason``
 (``not_json``, ``yaml``, ``no_report_id``...), so skips are counted and shown.
 """
 
 from __future__ import annotations
-
-# multiSearchAllPositions takes at most 255 needles per call.
-NEEDLES_PER_CALL = 255
 
 # Reasons that mean the member itself is malformed (counted against the 1% limit);
 # the others are OONI's own discard rules (process_measurement).
@@ -56,16 +53,21 @@ _FINGERPRINTS = ",".join(
 )
 
 
-def _body_positions(body: str, needle_count: int) -> str:
-    """Per body fingerprint, its first position in ``body`` (0: absent), in as many
-    multiSearchAllPositions calls as the needles need."""
+# Body fingerprints are plain substrings (match_http_body_fingerprints), searched all at
+# once by Hyperscan as literal regexps: every ASCII punctuation character escaped.
+# Measured on 2,000 bodies of 36 KB against OONI's 1,311 body fingerprints: 148.6 s with
+# multiSearchAllPositions (one pass per needle), 130.5 s with multiSearchAny, 1.85 s
+# with multiMatchAny.
+_ESCAPED_BODY_PATTERNS = (
+    "arrayMap(fp -> replaceRegexpAll(fp.pattern, '([!-/:-@\\\\[-`{-~])', '\\\\\\\\\\\\1'), body_fps)"
+)
+
+
+def _body_matches(body: str, needle_count: int) -> str:
+    """The body fingerprints found in ``body``, in the order of the fingerprint list."""
     if needle_count == 0:
-        return "CAST([], 'Array(UInt64)')"
-    calls = [
-        f"multiSearchAllPositions({body}, arrayMap(fp -> fp.pattern, arraySlice(body_fps, {start + 1}, {NEEDLES_PER_CALL})))"
-        for start in range(0, needle_count, NEEDLES_PER_CALL)
-    ]
-    return calls[0] if len(calls) == 1 else f"arrayConcat({', '.join(calls)})"
+        return "[]"
+    return f"arrayMap(i -> body_fps[i], arraySort(multiMatchAllIndices({body}, body_patterns)))"
 
 
 def scoring_select(source: str, body_fingerprint_count: int) -> str:
@@ -75,6 +77,7 @@ def scoring_select(source: str, body_fingerprint_count: int) -> str:
     return f"""
 WITH
     {_FINGERPRINTS},
+    {_ESCAPED_BODY_PATTERNS} AS body_patterns,
     ['tcp_ip', 'dns', 'http-diff', 'http-failure'] AS blocking_types
 SELECT
     member_key, member_name, skip_reason,
@@ -170,7 +173,7 @@ SELECT
                                   JSONType(b) = 'String', JSONExtractString(b), ''), bodies_raw, is_base64) AS bodies,
     arrayMap(r -> arrayMap(kv -> (lower(kv.1), kv.2), JSONExtractKeysAndValuesRaw(r, 'headers')), responses) AS headers,
     arrayFlatten(arrayMap((body, hs) -> arrayConcat(
-        if(body = '', [], arrayFilter((fp, pos) -> pos > 0, body_fps, {_body_positions("body", body_fingerprint_count)})),
+        if(body = '', [], {_body_matches("body", body_fingerprint_count)}),
         arrayMap(fp -> CAST((fp.name, fp.scope, fp.location_found, fp.confidence_no_fp, fp.expected_countries, fp.pattern),
                             '{_FINGERPRINT}'),
             arrayFilter(fp -> arrayExists(h -> h.1 = fp.header AND multiIf(
