@@ -434,7 +434,11 @@ def test_lineage() -> None:
 
     assert parents("website_metrics") == {"fastpath"}
     assert parents("fastpath") == {"public_fastpath"}
-    assert parents("public_fastpath") == {"fingerprints_dns", "fingerprints_http"}
+    assert parents("public_fastpath") == {
+        "ooni_measurement_bucket",
+        "fingerprints_dns",
+        "fingerprints_http",
+    }
     assert parents("backup/fastpath") == {"fastpath"}
     assert parents("backup/citizenlab") == {"citizenlab"}
     assert graph.get(dg.AssetKey("fastpath")).is_observable

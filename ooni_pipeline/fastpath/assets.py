@@ -24,7 +24,12 @@ from ooni_pipeline.fastpath.ingest import (
     IngestReport,
     ingest_upload_day,
 )
-from ooni_pipeline.fastpath.public_bucket import PublicBucket, parse_countries, parse_test_names
+from ooni_pipeline.fastpath.public_bucket import (
+    DEFAULT_BUCKET,
+    PublicBucket,
+    parse_countries,
+    parse_test_names,
+)
 from ooni_pipeline.fastpath.versions import day_versions
 
 FASTPATH_KEY = dg.AssetKey("fastpath")
@@ -33,6 +38,25 @@ MEASUREMENT_DAYS = dg.DailyPartitionsDefinition(start_date="2016-01-01", timezon
 # The bucket's raw/ layout starts on 2020-10-21.
 UPLOAD_DAYS = dg.DailyPartitionsDefinition(start_date="2020-10-21", timezone="UTC")
 SOURCES = ("public", "external")
+
+# What public_fastpath reads, written outside Dagster by OONI's measurement uploader.
+ooni_measurement_bucket = dg.AssetSpec(
+    "ooni_measurement_bucket",
+    group_name="fastpath",
+    description=(
+        "OONI's open measurement bucket (`OONI_PUBLIC_BUCKET`, default `ooni-data-eu-fra`): "
+        "every raw measurement as postcans under `raw/YYYYMMDD/HH/CC/<test>/`, uploaded by "
+        "OONI's API (ooni/backend `api/ooni_api_uploader.py`). Read anonymously."
+    ),
+    kinds={"s3"},
+    owners=[OWNER],
+    # with_source_code_references links assets to their functions; a spec has none.
+    metadata={
+        "dagster/code_references": dg.CodeReferencesMetadataValue(
+            code_references=[dg.LocalFileCodeReference(file_path=__file__, line_number=1)]
+        )
+    },
+)
 
 
 def fastpath_source() -> str:
@@ -45,7 +69,7 @@ def fastpath_source() -> str:
 
 def public_bucket() -> PublicBucket:
     return PublicBucket(
-        bucket=settings.env("OONI_PUBLIC_BUCKET") or "ooni-data-eu-fra",
+        bucket=settings.env("OONI_PUBLIC_BUCKET") or DEFAULT_BUCKET,
         endpoint_url=settings.env("OONI_PUBLIC_ENDPOINT_URL"),
         countries=parse_countries(settings.env("OONI_PUBLIC_COUNTRIES")),
         test_names=parse_test_names(settings.env("OONI_PUBLIC_TEST_NAMES")),
@@ -165,7 +189,7 @@ class PublicFastpathConfig(dg.Config):
     owners=[OWNER],
     pool=CLICKHOUSE_POOL,
     partitions_def=UPLOAD_DAYS,
-    deps=["fingerprints_dns", "fingerprints_http"],
+    deps=[ooni_measurement_bucket, "fingerprints_dns", "fingerprints_http"],
     backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=7),
 )
 def public_fastpath(

@@ -14,6 +14,7 @@ from ooni_pipeline.fastpath.assets import (
     FASTPATH_KEY,
     build_fastpath_asset,
     fastpath_source,
+    ooni_measurement_bucket,
     public_fastpath,
 )
 
@@ -71,6 +72,6 @@ if SOURCE == "public":
             description="At 00:30 UTC, ingest yesterday's upload day from OONI's open bucket.",
         )
     )
-    assets.append(public_fastpath)
+    assets.extend([ooni_measurement_bucket, public_fastpath])
 
 defs = dg.Definitions(assets=assets, schedules=schedules, jobs=[fastpath_observation_job])

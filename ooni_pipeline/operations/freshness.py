@@ -30,6 +30,7 @@ DAILY_DEADLINE_ASSETS = ("website_metrics",)
 WITHOUT_FRESHNESS = {
     "fastpath": "observed only when a day's data changes; an old observation is not stale data",
     "public_fastpath": "opt-in ingestion; its schedule is off unless OONI_PUBLIC_COUNTRIES is set",
+    "ooni_measurement_bucket": "written by OONI outside Dagster; public_fastpath says when it reads it",
 }
 
 
