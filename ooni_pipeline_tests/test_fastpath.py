@@ -481,3 +481,57 @@ def test_every_body_fingerprint_is_found_as_a_plain_substring(
         for uid, scores in ch.query_rows("SELECT measurement_uid, scores FROM fastpath")
     }
     assert got == expected
+
+
+def test_every_header_fingerprint_matches_as_oonis_fastpath(
+    clickhouse, ch, fingerprints, bucket
+) -> None:
+    """Headers: names lower-cased, "full" patterns equal, "prefix" patterns start the value
+    (a base64 value decoded first), "contains" and "regexp" header patterns never match."""
+    import base64
+    import csv
+
+    with (DATA / "fingerprints_http.csv").open(newline="", encoding="utf-8") as handle:
+        header_fps = sorted(
+            (row["name"], row["location_found"][7:], row["pattern_type"], row["pattern"])
+            for row in csv.DictReader(handle)
+            if row["location_found"].startswith("header.")
+        )
+
+    def matches(headers: dict) -> list[str]:
+        lowered = {name.lower(): value for name, value in headers.items()}
+        found = []
+        for name, header, kind, pattern in header_fps:
+            value = lowered.get(header)
+            if isinstance(value, dict):
+                value = (
+                    base64.b64decode(value["data"]).decode("latin1") if kind == "prefix" else None
+                )
+            if (kind == "full" and value == pattern) or (
+                kind == "prefix" and isinstance(value, str) and value.startswith(pattern)
+            ):
+                found.append(name)
+        return found
+
+    base = real(7)
+    members, expected = [], {}
+    for n, (_name, header, kind, pattern) in enumerate(header_fps):
+        value = pattern + ("/tail" if kind == "prefix" else "")
+        if n % 5 == 0 and kind == "prefix":  # some as base64 objects
+            value = {"format": "base64", "data": base64.b64encode(value.encode()).decode()}
+        headers = {header.title(): value, "X-Other": "1"}
+        msm = _variant(base, f"h{n}")
+        msm["test_keys"]["requests"] = [{"response": {"body": "", "headers": headers}}]
+        msm["test_keys"]["queries"] = []
+        name, data = member(msm)
+        members.append((name, data))
+        expected[uid_of(name)] = matches(headers)
+    assert sum(bool(v) for v in expected.values()) > 100  # full and prefix patterns matched
+    assert any(not v for v in expected.values())  # contains / regexp patterns did not
+    bucket.put(UPLOAD_DAY, "IT", members)
+    assert ingest(clickhouse, UPLOAD_DAY).success
+    got = {
+        uid: [fp["name"] for fp in json.loads(scores).get("fingerprints", [])]
+        for uid, scores in ch.query_rows("SELECT measurement_uid, scores FROM fastpath")
+    }
+    assert got == expected

@@ -37,9 +37,15 @@ ROW_COLUMNS = tuple(
 )
 EXAMPLES_PER_REASON = 3
 DEFAULT_MAX_MALFORMED_SHARE = 0.01
+# Small blocks bound the memory of the scoring query: each row carries its measurement
+# and several parsed copies of parts of it.
+SCORING_SETTINGS = (
+    "SETTINGS max_block_size = 2048, min_insert_block_size_rows = 65536, "
+    "min_insert_block_size_bytes = 33554432"
+)
 # A measurement is at most about 1 MB (fastpath core.py); a member far larger is hostile.
 MAX_MEMBER_BYTES = 64 * 1024 * 1024
-BATCH_BYTES = 64 * 1024 * 1024
+BATCH_BYTES = 16 * 1024 * 1024
 
 
 class IngestError(RuntimeError):
@@ -86,8 +92,12 @@ def ingest_upload_day(
 
     with _scratch_tables(ch, day) as (members, staging, changed):
         _load_members(ch, members, bucket, postcans, log)
+        log(
+            f"{day}: members loaded in {time.monotonic() - started:.1f} s (peak RSS {_peak_rss_mb()} MB)"
+        )
         _score_into(ch, staging, members)
         _count_skips(ch, staging, report)
+        log(f"{day}: scored in {time.monotonic() - started:.1f} s (peak RSS {_peak_rss_mb()} MB)")
         share = report.malformed / report.members if report.members else 0.0
         if share > max_malformed_share:
             raise IngestError(
@@ -169,13 +179,10 @@ def _load_members(
 
 def _score_into(ch: ClickHouse, staging: str, members: str) -> None:
     staging = quote_identifier(staging)
-    body_patterns = int(
-        ch.scalar("SELECT count() FROM fingerprints_http WHERE location_found = 'body'") or 0
-    )
     columns = ", ".join(("member_key", "member_name", "skip_reason", *ROW_COLUMNS))
     ch.command(
         f"INSERT INTO {staging} ({columns}) "
-        f"{scoring_select(quote_identifier(members), body_patterns)}"
+        f"{scoring_select(quote_identifier(members))} {SCORING_SETTINGS}"
     )
 
 
@@ -242,13 +249,18 @@ def _scratch_tables(ch: ClickHouse, day: str) -> Iterator[tuple[str, str, str]]:
     try:
         for name, schema in zip(names, schemas, strict=True):
             ch.command(f"DROP TABLE IF EXISTS {quote_identifier(name)} SYNC")
-            ch.command(
-                f"CREATE TABLE {quote_identifier(name)} ({schema}) ENGINE = MergeTree ORDER BY tuple()"
-            )
+            ch.command(f"CREATE TABLE {quote_identifier(name)} ({schema}) ENGINE = Log")
         yield names
     finally:
         for name in names:
             ch.command(f"DROP TABLE IF EXISTS {quote_identifier(name)} SYNC")
+
+
+def _peak_rss_mb() -> int:
+    """This process's peak resident memory so far, for the progress log."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
 
 
 def _examples_text(report: IngestReport) -> str:

@@ -53,29 +53,37 @@ _FINGERPRINTS = ",".join(
 )
 
 
-# Body fingerprints are plain substrings (match_http_body_fingerprints), searched all at
-# once by Hyperscan as literal regexps: every ASCII punctuation character escaped.
-# Measured on 2,000 bodies of 36 KB against OONI's 1,311 body fingerprints: 148.6 s with
-# multiSearchAllPositions (one pass per needle), 130.5 s with multiSearchAny, 1.85 s
-# with multiMatchAny.
-_ESCAPED_BODY_PATTERNS = "arrayMap(fp -> replaceRegexpAll(fp.pattern, '([!-/:-@\\\\[-`{-~])', '\\\\\\\\\\\\1'), body_fps)"
+# Body fingerprints are plain substrings (match_http_body_fingerprints), and header
+# prefixes plain prefixes: all searched at once by Hyperscan as literal regexps, every
+# ASCII punctuation character escaped. Measured on 2,000 bodies of 36 KB against OONI's
+# 1,311 body fingerprints: 148.6 s with multiSearchAllPositions (one pass per needle),
+# 130.5 s with multiSearchAny, 1.85 s with multiMatchAny.
+def _escaped(fingerprints: str, text: str) -> str:
+    """``text`` of each fingerprint as a Hyperscan literal."""
+    return f"arrayMap(fp -> replaceRegexpAll({text}, '([!-/:-@\\\\[-`{{-~])', '\\\\\\\\\\\\1'), {fingerprints})"
 
 
-def _body_matches(body: str, needle_count: int) -> str:
-    """The body fingerprints found in ``body``, in the order of the fingerprint list."""
-    if needle_count == 0:
-        return "[]"
-    return f"arrayMap(i -> body_fps[i], arraySort(multiMatchAllIndices({body}, body_patterns)))"
+_BODY_PATTERNS = _escaped("body_fps", "fp.pattern")
+# "<header>\n<prefix>", anchored, matched against "<header>\n<value>"
+_HEADER_PREFIX_PATTERNS = "arrayMap(p -> concat('^', p), {})".format(
+    _escaped(
+        "arrayFilter(fp -> fp.pattern_type = 'prefix', header_fps)",
+        "concat(fp.header, '\\n', fp.pattern)",
+    )
+)
 
 
-def scoring_select(source: str, body_fingerprint_count: int) -> str:
+def scoring_select(source: str) -> str:
     """The SELECT producing staging rows from ``source``, a table whose rows have
     ``member_key`` (the postcan's key), ``member_name`` (the tar member's name) and
-    ``raw`` (its bytes). ``body_fingerprint_count`` sizes the body search."""
+    ``raw`` (its bytes)."""
     return f"""
 WITH
     {_FINGERPRINTS},
-    {_ESCAPED_BODY_PATTERNS} AS body_patterns,
+    {_BODY_PATTERNS} AS body_patterns,
+    arrayDistinct(arrayMap(fp -> fp.header, header_fps)) AS header_names,
+    arrayMap(fp -> concat(fp.header, '\n', fp.pattern), arrayFilter(fp -> fp.pattern_type = 'full', header_fps)) AS header_full_keys,
+    {_HEADER_PREFIX_PATTERNS} AS header_prefix_patterns,
     ['tcp_ip', 'dns', 'http-diff', 'http-failure'] AS blocking_types
 SELECT
     member_key, member_name, skip_reason,
@@ -169,17 +177,30 @@ SELECT
                              AND tryBase64Decode(JSONExtractString(b, 'data')) = '', bodies_raw, is_base64) AS base64_error,
     arrayMap((b, is64) -> multiIf(is64, tryBase64Decode(JSONExtractString(b, 'data')),
                                   JSONType(b) = 'String', JSONExtractString(b), ''), bodies_raw, is_base64) AS bodies,
-    arrayMap(r -> arrayMap(kv -> (lower(kv.1), kv.2), JSONExtractKeysAndValuesRaw(r, 'headers')), responses) AS headers,
+    -- headers named by a fingerprint, as (lower-cased name, value if a string, value
+    -- for prefixes: a string, or a base64 object decoded)
+    arrayMap(r -> arrayFilter(h -> has(header_names, h.1), arrayMap(kv -> (
+            lower(kv.1),
+            if(JSONType(kv.2) = 'String', JSONExtractString(kv.2), ''),
+            multiIf(JSONType(kv.2) = 'String', JSONExtractString(kv.2),
+                    JSONType(kv.2) = 'Object' AND JSONExtractString(kv.2, 'format') = 'base64',
+                        tryBase64Decode(JSONExtractString(kv.2, 'data')), '')),
+        JSONExtractKeysAndValuesRaw(r, 'headers'))), responses) AS headers,
     arrayFlatten(arrayMap((body, hs) -> arrayConcat(
-        if(body = '', [], {_body_matches("body", body_fingerprint_count)}),
-        arrayMap(fp -> CAST((fp.name, fp.scope, fp.location_found, fp.confidence_no_fp, fp.expected_countries, fp.pattern),
-                            '{_FINGERPRINT}'),
-            arrayFilter(fp -> arrayExists(h -> h.1 = fp.header AND multiIf(
-                    fp.pattern_type = 'full', JSONType(h.2) = 'String' AND JSONExtractString(h.2) = fp.pattern,
-                    JSONType(h.2) = 'String', startsWith(JSONExtractString(h.2), fp.pattern),
-                    JSONType(h.2) = 'Object' AND JSONExtractString(h.2, 'format') = 'base64',
-                        startsWith(tryBase64Decode(JSONExtractString(h.2, 'data')), fp.pattern),
-                    false), hs), header_fps))),
+        if(body = '', [], arrayMap(i -> body_fps[i], arraySort(multiMatchAllIndices(body, body_patterns)))),
+        -- a cheap test per header first (a set lookup, one Hyperscan pass); only a
+        -- header that passes is compared with each header fingerprint
+        arrayMap(i -> CAST((header_fps[i].name, header_fps[i].scope, header_fps[i].location_found,
+                            header_fps[i].confidence_no_fp, header_fps[i].expected_countries, header_fps[i].pattern),
+                           '{_FINGERPRINT}'),
+            arraySort(arrayDistinct(arrayFlatten(arrayMap(h ->
+                if(has(header_full_keys, concat(h.1, '\n', h.2))
+                     OR multiMatchAny(concat(h.1, '\n', h.3), header_prefix_patterns),
+                   arrayFilter(i -> header_fps[i].header = h.1
+                                    AND if(header_fps[i].pattern_type = 'full', h.2 = header_fps[i].pattern,
+                                           startsWith(h.3, header_fps[i].pattern)),
+                               arrayEnumerate(header_fps)),
+                   []), hs)))))),
         bodies, headers)) AS http_matches
 FROM (
 SELECT
