@@ -40,12 +40,12 @@ DEFAULT_MAX_MALFORMED_SHARE = 0.01
 # Small blocks bound the memory of the scoring query: each row carries its measurement
 # and several parsed copies of parts of it.
 SCORING_SETTINGS = (
-    "SETTINGS max_block_size = 2048, min_insert_block_size_rows = 65536, "
+    "SETTINGS max_block_size = 512, min_insert_block_size_rows = 65536, "
     "min_insert_block_size_bytes = 33554432"
 )
 # A measurement is at most about 1 MB (fastpath core.py); a member far larger is hostile.
 MAX_MEMBER_BYTES = 64 * 1024 * 1024
-BATCH_BYTES = 16 * 1024 * 1024
+BATCH_BYTES = 8 * 1024 * 1024
 
 
 class IngestError(RuntimeError):
