@@ -157,6 +157,8 @@ def test_real_measurements_score_as_oonis_fastpath(clickhouse, ch, fingerprints,
             blocking_type,
         ), n
         assert json.loads(row.scores) == scores, n
+        # the text too, as OONI's ujson writes it (key order, 1.0 rather than 1)
+        assert row.scores == json.dumps(scores, separators=(",", ":")), n
     ir = got.loc[uid_of(members[2][0])]
     assert (ir.probe_asn, ir.domain, ir.probe_cc, ir.platform) == (
         197207,

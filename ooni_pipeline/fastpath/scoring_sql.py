@@ -73,6 +73,11 @@ _HEADER_PREFIX_PATTERNS = "arrayMap(p -> concat('^', p), {})".format(
 )
 
 
+def _json_float(column: str) -> str:
+    """A score as ujson writes it for fastpath's ``scores`` (``1.0``, not ``1``)."""
+    return f"if({column} = floor({column}), concat(toString(toInt64({column})), '.0'), toString({column}))"
+
+
 def scoring_select(source: str) -> str:
     """The SELECT producing staging rows from ``source``, a table whose rows have
     ``member_key`` (the postcan's key), ``member_name`` (the tar member's name) and
@@ -105,10 +110,10 @@ SELECT
     -- unless title_match returned early.
     if(title_match_ok, bg_base + loc_country + loc_isp + loc_local, bg_confirmed) AS blocking_general,
     concat(
-        '{{"blocking_general":', toString(toFloat64(blocking_general)),
-        ',"blocking_global":0.0,"blocking_country":', toString(toFloat64(loc_country)),
-        ',"blocking_isp":', toString(toFloat64(loc_isp)),
-        ',"blocking_local":', toString(toFloat64(loc_local)),
+        '{{"blocking_general":', {_json_float("blocking_general")},
+        ',"blocking_global":0.0,"blocking_country":', {_json_float("loc_country")},
+        ',"blocking_isp":', {_json_float("loc_isp")},
+        ',"blocking_local":', {_json_float("loc_local")},
         if(empty(matches), '', concat(',"fingerprints":', toJSONString(arrayMap(m -> CAST((m.name, m.scope, m.location_found, m.confidence_no_fp, m.expected_countries),
             'Tuple(name String, scope String, location_found String, confidence_no_fp UInt8, expected_countries Array(String))'), matches)))),
         if(is_confirmed, ',"confirmed":true', ''),
