@@ -446,6 +446,14 @@ def test_lineage() -> None:
     assert graph.get(dg.AssetKey("fastpath")).is_observable
 
 
+def matched_fingerprints(ch) -> dict[str, list[str]]:
+    """measurement_uid -> names of the fingerprints its scores list, in order."""
+    return {
+        uid: [fp["name"] for fp in json.loads(scores).get("fingerprints", [])]
+        for uid, scores in ch.query_rows("SELECT measurement_uid, scores FROM fastpath")
+    }
+
+
 def test_every_body_fingerprint_is_found_as_a_plain_substring(
     clickhouse, ch, fingerprints, bucket
 ) -> None:
@@ -478,11 +486,7 @@ def test_every_body_fingerprint_is_found_as_a_plain_substring(
     expected[uid_of(members[-1][0])] = []
     bucket.put(UPLOAD_DAY, "IT", members)
     assert ingest(clickhouse, UPLOAD_DAY).success
-    got = {
-        uid: [fp["name"] for fp in json.loads(scores).get("fingerprints", [])]
-        for uid, scores in ch.query_rows("SELECT measurement_uid, scores FROM fastpath")
-    }
-    assert got == expected
+    assert matched_fingerprints(ch) == expected
 
 
 def test_every_header_fingerprint_matches_as_oonis_fastpath(
@@ -532,8 +536,4 @@ def test_every_header_fingerprint_matches_as_oonis_fastpath(
     assert any(not v for v in expected.values())  # contains / regexp patterns did not
     bucket.put(UPLOAD_DAY, "IT", members)
     assert ingest(clickhouse, UPLOAD_DAY).success
-    got = {
-        uid: [fp["name"] for fp in json.loads(scores).get("fingerprints", [])]
-        for uid, scores in ch.query_rows("SELECT measurement_uid, scores FROM fastpath")
-    }
-    assert got == expected
+    assert matched_fingerprints(ch) == expected
