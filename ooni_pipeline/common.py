@@ -88,17 +88,20 @@ def asset_schedule(
 
 
 def previous_validators(context: dg.AssetExecutionContext, key: dg.AssetKey) -> Validators | None:
-    """The ETag / Last-Modified recorded by the asset's last rewrite, for a conditional GET."""
+    """The ETag / Last-Modified recorded by the asset's last rewrite, with the URL
+    they came from, for a conditional GET of that URL only."""
     from ooni_pipeline.fetch import Validators
 
     meta = last_metadata(context, key)
     etag, last_modified = meta.get("source_etag") or None, meta.get("source_last_modified") or None
-    return Validators(etag, last_modified) if etag or last_modified else None
+    url = meta.get("source_url") or None
+    return Validators(etag, last_modified, url) if url and (etag or last_modified) else None
 
 
 def validators_metadata(validators: Validators) -> dict[str, str]:
     """Metadata recording a source version (read back by ``previous_validators``)."""
     return {
+        "source_url": validators.url or "",
         "source_etag": validators.etag or "",
         "source_last_modified": validators.last_modified or "",
     }

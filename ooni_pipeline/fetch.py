@@ -2,7 +2,9 @@
 
 Retries (with exponential backoff) cover connection errors and 5xx answers; a 4xx
 is final and reported with the URL. A conditional GET sends the validators of the
-last successful fetch (ETag, Last-Modified) so an unchanged file costs one 304.
+last successful fetch (ETag, Last-Modified) so an unchanged file costs one 304; the
+validators belong to the URL that gave them and are sent to no other (a mirror's
+older file must not pass as "not modified" without being validated).
 """
 
 from __future__ import annotations
@@ -33,10 +35,12 @@ class FetchError(RuntimeError):
 
 @dataclass(frozen=True)
 class Validators:
-    """What identifies a version of a remote file (for conditional GET and metadata)."""
+    """What identifies a version of the remote file at ``url`` (for conditional GET
+    and metadata)."""
 
     etag: str | None = None
     last_modified: str | None = None
+    url: str | None = None
 
     def headers(self) -> dict[str, str]:
         headers = {}
@@ -102,9 +106,12 @@ def fetch(
 ) -> Iterator[Fetched]:
     """GET ``url`` streaming. Yields ``Fetched``; raises ``FetchError`` on failure.
 
-    With ``previous`` validators, a 304 yields ``not_modified``.
+    With ``previous`` validators of this same URL, a 304 yields ``not_modified``;
+    validators of another URL are not sent.
     """
     session = session or http_session()
+    if previous is not None and previous.url != url:
+        previous = None
     headers = previous.headers() if previous else {}
     try:
         response = session.get(url, headers=headers, stream=True, timeout=timeout)
@@ -119,7 +126,9 @@ def fetch(
                 f"fetching {url} failed: HTTP {response.status_code} {response.reason}",
                 status=response.status_code,
             )
-        validators = Validators(response.headers.get("ETag"), response.headers.get("Last-Modified"))
+        validators = Validators(
+            response.headers.get("ETag"), response.headers.get("Last-Modified"), url
+        )
         yield Fetched(url, response, validators)
 
 

@@ -10,8 +10,12 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import format_datetime, parsedate_to_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+DEFAULT_LAST_MODIFIED = datetime(2026, 11, 1, tzinfo=UTC)
 
 
 @dataclass
@@ -26,12 +30,15 @@ class Reply:
 class UpstreamServer:
     """Serves files by path. Queued faults are served first, then the file itself.
 
-    Files get an ETag (sha256) and a Last-Modified header; a matching
-    If-None-Match gets 304.
+    Files get an ETag (sha256, unless put with ``etag=False``) and a Last-Modified
+    header; a matching If-None-Match gets 304, and so does an If-Modified-Since not
+    older than the file when no If-None-Match is sent (as Python's http.server does).
     """
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
+        self.last_modified: dict[str, datetime] = {}
+        self.without_etag: set[str] = set()
         self.faults: dict[str, list[Reply]] = {}
         self.log: list[tuple[str, int, dict[str, str]]] = []
         self.posts: list[tuple[str, bytes]] = []  # (path, body) of POST requests, e.g. webhooks
@@ -80,11 +87,21 @@ class UpstreamServer:
     def url(self, path: str) -> str:
         return f"{self.base_url}/{path.lstrip('/')}"
 
-    def put(self, path: str, body: bytes | str) -> str:
+    def put(
+        self,
+        path: str,
+        body: bytes | str,
+        *,
+        last_modified: datetime = DEFAULT_LAST_MODIFIED,
+        etag: bool = True,
+    ) -> str:
         """Serve ``body`` at ``path``; returns its URL."""
         data = body.encode() if isinstance(body, str) else body
+        key = "/" + path.lstrip("/")
         with self._lock:
-            self.files["/" + path.lstrip("/")] = data
+            self.files[key] = data
+            self.last_modified[key] = last_modified
+            (self.without_etag.discard if etag else self.without_etag.add)(key)
         return self.url(path)
 
     def remove(self, path: str) -> None:
@@ -107,10 +124,17 @@ class UpstreamServer:
             if path not in self.files:
                 return Reply(404, b"not found")
             body = self.files[path]
-        etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
-        reply_headers = {"ETag": etag, "Last-Modified": "Sun, 01 Nov 2026 00:00:00 GMT"}
-        if headers.get("If-None-Match") == etag:
-            return Reply(304, b"", reply_headers)
+            last_modified = self.last_modified[path]
+            with_etag = path not in self.without_etag
+        reply_headers = {"Last-Modified": format_datetime(last_modified, usegmt=True)}
+        if with_etag:
+            reply_headers["ETag"] = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+        if "If-None-Match" in headers:
+            if headers["If-None-Match"] == reply_headers.get("ETag"):
+                return Reply(304, b"", reply_headers)
+        elif "If-Modified-Since" in headers:
+            if parsedate_to_datetime(headers["If-Modified-Since"]) >= last_modified:
+                return Reply(304, b"", reply_headers)
         return Reply(200, body, reply_headers)
 
     def close(self) -> None:

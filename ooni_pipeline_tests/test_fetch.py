@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 
 from ooni_pipeline.fetch import FetchError, fetch, fetch_bytes, http_session
@@ -42,6 +44,24 @@ def test_conditional_get(upstream: UpstreamServer) -> None:
     upstream.put("c.csv", "v2")
     body, newer = fetch_bytes(url, previous=validators)
     assert body == b"v2" and newer.etag != validators.etag
+
+
+def test_validators_are_sent_only_to_their_url(upstream: UpstreamServer) -> None:
+    """A mirror without ETags whose file is older than the last fetch elsewhere
+    still answers 200: the old URL's Last-Modified is not sent to it."""
+    first = upstream.put("a/f.csv", "v1", last_modified=datetime(2026, 11, 10, tzinfo=UTC))
+    _, validators = fetch_bytes(first)
+    assert validators.url == first and validators.last_modified
+    mirror = upstream.put(
+        "b/f.csv", "v0", last_modified=datetime(2026, 11, 1, tzinfo=UTC), etag=False
+    )
+    body, fetched = fetch_bytes(mirror, previous=validators)
+    assert body == b"v0" and fetched.url == mirror
+    sent = upstream.log[-1][2]
+    assert "If-Modified-Since" not in sent and "If-None-Match" not in sent
+    # the mirror's own validators do make the next fetch of the mirror conditional
+    assert fetch_bytes(mirror, previous=fetched)[0] is None
+    assert upstream.hits("b/f.csv") == [200, 304]
 
 
 def test_slow_response_times_out(upstream: UpstreamServer) -> None:

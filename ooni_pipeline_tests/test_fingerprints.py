@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import dagster as dg
 import pytest
 
@@ -96,6 +98,37 @@ def test_unchanged_etag_skips_the_rewrite(clickhouse, ch, sources) -> None:
     sources.put("fingerprints_dns.csv", _dns_csv(160))
     third = _run(clickhouse, instance)
     assert materialization_metadata(third, "fingerprints_dns")["dagster/row_count"] == 160
+
+
+def test_a_new_url_is_fetched_whole_not_with_the_old_validators(
+    clickhouse, ch, sources, monkeypatch
+) -> None:
+    """Moving to a mirror whose (valid, different) file is older than the last fetch
+    rewrites the table from the mirror: the old URL's validators stay with it.
+    (Servers without ETags, so Last-Modified is the validator.)"""
+    instance = dg.DagsterInstance.ephemeral()
+    sources.put(
+        "fingerprints_dns.csv",
+        _dns_csv(150),
+        last_modified=datetime(2026, 11, 10, tzinfo=UTC),
+        etag=False,
+    )
+    assert _run(clickhouse, instance).success
+    mirror = sources.put(
+        "mirror/fingerprints_dns.csv",
+        _dns_csv(140),
+        last_modified=datetime(2026, 11, 1, tzinfo=UTC),
+        etag=False,
+    )
+    monkeypatch.setenv("OONI_FINGERPRINTS_DNS_URL", mirror)
+    moved = _run(clickhouse, instance)
+    meta = materialization_metadata(moved, "fingerprints_dns")
+    assert meta["skipped"] is False and meta["source_url"] == mirror
+    assert ch.count("fingerprints_dns") == 140
+    assert sources.hits("mirror/fingerprints_dns.csv") == [200]
+    again = _run(clickhouse, instance)
+    assert materialization_metadata(again, "fingerprints_dns")["skipped"] is True
+    assert sources.hits("mirror/fingerprints_dns.csv") == [200, 304]
 
 
 def test_500_then_success_is_retried(clickhouse, ch, sources) -> None:

@@ -94,7 +94,6 @@ def asnmeta(
             "fetch_and_load_s": round(result.fill_s, 3),
             "swap_s": round(result.swap_s, 3),
             "duration_s": round(time.monotonic() - start, 3),
-            "source_url": url,
             **validators_metadata(validators),
             **schema,
         },

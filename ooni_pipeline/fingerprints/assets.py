@@ -117,7 +117,6 @@ def build_fingerprints_asset(
                 "bytes_fetched": len(body),
                 "fetch_s": round(fetch_s, 3),
                 "update_s": round(result.fill_s + result.swap_s, 3),
-                "source_url": url,
                 **validators_metadata(validators),
                 **schema,
             },
