@@ -73,7 +73,7 @@ def _months(ch) -> list:
 
 def run_ours(workdir: Path, endpoint: str) -> None:
     from ooni_pipeline.backup.assets import BackupConfig, back_up_chunk
-    from ooni_pipeline.backup.plan import final_clause
+    from ooni_pipeline.backup.plan import table_source
     from ooni_pipeline.object_store import ObjectStoreResource
 
     store = ObjectStoreResource(
@@ -89,20 +89,20 @@ def run_ours(workdir: Path, endpoint: str) -> None:
 
     total = 0
     with open_chdb(workdir) as ch:
-        final = final_clause(ch, "fastpath")
+        source = table_source(ch, "fastpath").at_now(ch)
         for chunk in _months(ch):
-            upload, rows, _ = back_up_chunk(ch, store, chunk, final, config, Log())
+            upload, rows, _ = back_up_chunk(ch, store, chunk, source, config, Log())
             total += upload.bytes
     print(f"objects_bytes={total}")
 
 
 def run_clickhouse(workdir: Path, endpoint: str) -> None:
-    from ooni_pipeline.backup.plan import final_clause, select_sql
+    from ooni_pipeline.backup.plan import select_sql, table_source
 
     with open_chdb(workdir) as ch:
-        final = final_clause(ch, "fastpath")
+        source = table_source(ch, "fastpath").at_now(ch)
         for chunk in _months(ch):
-            sql, params = select_sql(chunk, final, max_threads=2)
+            sql, params = select_sql(chunk, source, max_threads=2)
             url = f"{endpoint}/{BUCKET}/{chunk.key}"
             ch.command(
                 f"INSERT INTO FUNCTION s3('{url}', 'testing', 'testing', 'CSVWithNames', 'auto', 'zstd') "
@@ -116,14 +116,14 @@ def run_old(workdir: Path, endpoint: str) -> None:
     import boto3
     import zstandard
 
-    from ooni_pipeline.backup.plan import final_clause, select_sql
+    from ooni_pipeline.backup.plan import select_sql, table_source
 
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
     with open_chdb(workdir) as ch:
-        final = final_clause(ch, "fastpath")
+        source = table_source(ch, "fastpath").at_now(ch)
         header = ",".join(f'"{c}"' for c in ch.header("SELECT * FROM fastpath")) + "\n"
         for chunk in _months(ch):
-            sql, params = select_sql(chunk, final, max_threads=2)
+            sql, params = select_sql(chunk, source, max_threads=2)
             with tempfile.NamedTemporaryFile(suffix=".csv.zstd") as tmp:
                 with zstandard.ZstdCompressor(level=3).stream_writer(tmp, closefd=False) as out:
                     out.write(header.encode())

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import threading
+import time
 
 import dagster as dg
 import pytest
@@ -12,7 +14,14 @@ import zstandard
 
 from ooni_pipeline.backup.assets import build_backup_asset
 from ooni_pipeline.backup.definitions import backup_schedule
-from ooni_pipeline.backup.plan import MANIFEST_KEY, BackupTable, parse_tables
+from ooni_pipeline.backup.manifest import load_manifest, record_objects
+from ooni_pipeline.backup.plan import (
+    LEGACY_MANIFEST_KEY,
+    BackupTable,
+    manifest_key,
+    needs_final,
+    parse_tables,
+)
 from ooni_pipeline.clickhouse import ClickHouse
 from ooni_pipeline.clickhouse.schema import ensure_tables
 from ooni_pipeline.object_store import ObjectStoreResource
@@ -21,7 +30,7 @@ from ooni_pipeline_tests.rig import FaultyProxy, failure_text, materialization_m
 FASTPATH = BackupTable("fastpath", "measurement_start_time")
 fastpath_backup, fastpath_restore_check = build_backup_asset(FASTPATH)
 asnmeta_backup, asnmeta_restore_check = build_backup_asset(BackupTable("asnmeta"))
-FAST = {"pause_between_chunks_s": 0.0, "chunk_attempts": 1}
+FAST = {"pause_between_chunks_s": 0.0, "chunk_attempts": 1, "snapshot_lag_s": 0.0}
 
 
 def _fill_fastpath(ch: ClickHouse, months: dict[str, int], random_chars: int = 0) -> None:
@@ -93,7 +102,7 @@ def test_months_back_up_then_skip_then_reupload_the_changed_one(
         and meta["dagster/row_count"] == 550
         and meta["objects_skipped"] == 0
     )
-    manifest = json.loads(store.read_bytes(MANIFEST_KEY))["objects"]
+    manifest = load_manifest(store, "fastpath")
     assert manifest[keys[0]]["rows"] == 300 and manifest[keys[0]]["chunk"] == "202401"
     assert manifest[keys[0]]["bytes"] == len(store.read_bytes(keys[0]))
     (check,) = result.get_asset_check_evaluations()
@@ -162,6 +171,88 @@ def test_restore_check_detects_a_damaged_object(clickhouse, ch, local_store_reso
     assert result.metadata["results"].value[key]["rows"] == 99
 
 
+FASTPATH_LATE_ROW = (
+    "INSERT INTO fastpath (measurement_uid, report_id, input, probe_cc, probe_asn, test_name, "
+    "measurement_start_time, anomaly, confirmed, msm_failure, blocking_type, scores) "
+    "VALUES (concat('late-', toString({n:UInt64})), 'late', 'https://late.example/', 'IT', 3269, "
+    "'web_connectivity', toDateTime('2024-01-02 00:00:00', 'UTC'), 'f', 'f', 'f', '', '{}')"
+)
+ASNMETA_LATE_ROW = (
+    "INSERT INTO asnmeta VALUES ({n:UInt64} + 1000000, 'late', 'IT', today(), '', 'RIPE')"
+)
+
+
+class _Inserter:
+    """Inserts one row after another (``sql`` with the parameter ``n``) from another
+    connection, as OONI's fastpath does all day, until stopped."""
+
+    def __init__(self, url: str, sql: str):
+        self.url, self.sql, self.rows = url, sql, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with ClickHouse(self.url) as ch:
+            while not self._stop.is_set():
+                ch.command(self.sql, {"n": self.rows})
+                self.rows += 1
+                time.sleep(0.002)
+
+    def __enter__(self) -> _Inserter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def test_rows_inserted_during_the_backup_do_not_fail_the_restore_check(
+    clickhouse, ch, local_store_resource
+) -> None:
+    """The object, its manifest fingerprint and the restore check describe one
+    snapshot, however many rows arrive while the month is exported."""
+    _fill_fastpath(ch, {"2024-01": 200_000, "2024-02": 1_000}, random_chars=20)
+    time.sleep(1.0)
+    with _Inserter(clickhouse.url, FASTPATH_LATE_ROW) as inserter:
+        result = _run(
+            clickhouse,
+            local_store_resource,
+            [fastpath_backup, fastpath_restore_check],
+            config={**FAST, "snapshot_lag_s": 0.5},
+        )
+    assert inserter.rows > 20, "the inserter must have run during the backup"
+    assert result.success
+    (check,) = result.get_asset_check_evaluations()
+    assert check.passed, check.metadata["results"].value
+    store = local_store_resource.get_store()
+    exported = len(_read_csv(store, "clickhouse_export/csv/fastpath_202401.csv.zstd")) - 1
+    manifest = load_manifest(store, "fastpath")
+    assert manifest["clickhouse_export/csv/fastpath_202401.csv.zstd"]["rows"] == exported
+    assert 200_000 <= exported < 200_000 + inserter.rows
+
+
+def test_a_table_without_insertion_time_changing_during_export_is_retried_then_fails(
+    clickhouse, ch, local_store_resource
+) -> None:
+    """Without a snapshot column, rows changing under the export make the attempt
+    fail (fingerprints before and after differ); no manifest entry claims them."""
+    ensure_tables(ch, "asnmeta")
+    ch.command(
+        "INSERT INTO asnmeta SELECT number, 'Org', 'IT', toDate('2020-01-01'), '', 'RIPE' "
+        "FROM numbers(300000)"
+    )
+    with _Inserter(clickhouse.url, ASNMETA_LATE_ROW):
+        result = _run(
+            clickhouse, local_store_resource, [asnmeta_backup], config={**FAST, "chunk_attempts": 2}
+        )
+    assert not result.success
+    text = failure_text(result)
+    assert "failed after 2 attempts" in text and "asnmeta changed while it was exported" in text
+    assert load_manifest(local_store_resource.get_store()) == {}
+    assert _run(clickhouse, local_store_resource, [asnmeta_backup]).success
+
+
 def test_upload_failure_mid_object_leaves_nothing(
     clickhouse, ch, moto_endpoint, s3_bucket, s3_client
 ) -> None:
@@ -184,6 +275,89 @@ def test_upload_failure_mid_object_leaves_nothing(
         s3_client.list_objects_v2(Bucket=s3_bucket).get("KeyCount") == 0
     )  # neither object nor manifest
     assert s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+
+
+def test_backups_finishing_together_keep_every_manifest_entry(
+    clickhouse, ch, s3_store_resource
+) -> None:
+    """Several tables' backups (the production pool runs 3 at once) all finish and
+    record their objects at the same moment, on S3 over HTTP."""
+    tables = [f"t{i}" for i in range(6)]
+    specs = [build_backup_asset(BackupTable(t)) for t in tables]
+    for table in tables:
+        ch.command(f"CREATE TABLE {table} (n UInt64) ENGINE = MergeTree ORDER BY n")
+        ch.command(f"INSERT INTO {table} SELECT number FROM numbers(1000)")
+    start = threading.Barrier(len(tables))
+    results: dict[str, bool] = {}
+
+    def back_up(table: str, backup: dg.AssetsDefinition) -> None:
+        with dg.DagsterInstance.ephemeral() as instance:  # disposed in its own thread
+            start.wait()
+            results[table] = _run(
+                clickhouse, s3_store_resource, [backup], instance=instance
+            ).success
+
+    threads = [
+        threading.Thread(target=back_up, args=(t, backup))
+        for t, (backup, _) in zip(tables, specs, strict=True)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == dict.fromkeys(tables, True)
+    manifest = load_manifest(s3_store_resource.get_store())
+    assert sorted(manifest) == [f"clickhouse_export/csv/{t}.csv.zstd" for t in tables]
+    assert all(entry["rows"] == 1000 for entry in manifest.values())
+
+
+def test_manifest_writers_at_the_same_instant_lose_nothing(s3_store_resource) -> None:
+    store = s3_store_resource.get_store()
+    tables = [f"t{i}" for i in range(8)]
+    start = threading.Barrier(len(tables))
+
+    def record(table: str) -> None:
+        start.wait()
+        record_objects(store, table, {f"clickhouse_export/csv/{table}.csv.zstd": {"table": table}})
+
+    threads = [threading.Thread(target=record, args=(t,)) for t in tables]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(load_manifest(store)) == len(tables)
+    assert store.exists(manifest_key("t3"))
+
+
+def test_the_single_manifest_of_earlier_versions_is_still_read(local_store_resource) -> None:
+    store = local_store_resource.get_store()
+    legacy = {
+        "clickhouse_export/csv/asnmeta.csv.zstd": {"table": "asnmeta", "fingerprint": "1:ab"},
+        "clickhouse_export/csv/fastpath_202401.csv.zstd": {"table": "fastpath"},
+    }
+    store.put_bytes(LEGACY_MANIFEST_KEY, json.dumps({"version": 1, "objects": legacy}).encode())
+    assert load_manifest(store, "asnmeta") == {
+        "clickhouse_export/csv/asnmeta.csv.zstd": legacy["clickhouse_export/csv/asnmeta.csv.zstd"]
+    }
+    record_objects(
+        store, "asnmeta", {"clickhouse_export/csv/asnmeta.csv.zstd": {"table": "asnmeta"}}
+    )
+    assert load_manifest(store) == {
+        **legacy,
+        "clickhouse_export/csv/asnmeta.csv.zstd": {"table": "asnmeta"},
+    }
+
+
+def test_replicated_and_shared_engines_are_read_with_final() -> None:
+    """A cluster's ReplicatedReplacingMergeTree or ClickHouse Cloud's
+    SharedReplacingMergeTree hold unmerged versions like the plain engine (chdb has
+    no Keeper to create one, so the engine names are checked)."""
+    for engine in ("ReplacingMergeTree", "CollapsingMergeTree", "AggregatingMergeTree"):
+        assert needs_final(engine)
+        assert needs_final(f"Replicated{engine}") and needs_final(f"Shared{engine}")
+    for engine in ("MergeTree", "ReplicatedMergeTree", "SharedMergeTree", "EmbeddedRocksDB"):
+        assert not needs_final(engine)
+    assert not needs_final("ReplicatedReplacingMergeTreeX") and not needs_final("Log")
 
 
 def test_parse_tables_and_schedule() -> None:

@@ -11,14 +11,15 @@ from pydantic import Field
 
 from ooni_pipeline.backup.manifest import load_manifest, record_objects
 from ooni_pipeline.backup.plan import (
-    MANIFEST_KEY,
     BackupTable,
     Chunk,
-    final_clause,
+    Source,
     fingerprint,
     fingerprint_sql,
     list_chunks,
+    manifest_key,
     select_sql,
+    table_source,
 )
 from ooni_pipeline.clickhouse import ClickHouse, ClickHouseResource, quote_identifier
 from ooni_pipeline.clickhouse.schema import KNOWN_TABLES, ensure_tables
@@ -36,6 +37,12 @@ class BackupConfig(dg.Config):
     chunk_attempts: int = Field(default=3, ge=1, description="tries per chunk before the run fails")
     max_threads: int = Field(default=2, ge=1, description="ClickHouse threads per export query")
     force: bool = Field(default=False, description="upload every chunk, even unchanged ones")
+    snapshot_lag_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="tables with an insertion-time column (fastpath.update_time) are backed up as of "
+        "this many seconds ago, so inserts still being written are left for the next backup",
+    )
 
 
 def csv_header(columns: list[str]) -> bytes:
@@ -44,9 +51,9 @@ def csv_header(columns: list[str]) -> bytes:
 
 
 def _export(
-    ch: ClickHouse, store: ObjectStore, chunk: Chunk, final: str, max_threads: int, log
+    ch: ClickHouse, store: ObjectStore, chunk: Chunk, source: Source, max_threads: int, log
 ) -> UploadResult:
-    sql, params = select_sql(chunk, final, max_threads)
+    sql, params = select_sql(chunk, source, max_threads)
     header = csv_header(ch.header(f"SELECT * FROM {quote_identifier(chunk.spec.table)}"))
     last_log = [time.monotonic()]
     start = time.monotonic()
@@ -66,23 +73,42 @@ def _export(
     return stream_upload(store, chunk.key, body(), "zstd", progress=progress)
 
 
+class ChunkChangedError(RuntimeError):
+    """The chunk's rows changed while it was exported: the object is not what the
+    fingerprint describes."""
+
+
 def back_up_chunk(
     ch: ClickHouse,
     store: ObjectStore,
     chunk: Chunk,
-    final: str,
+    source: Source,
     config: BackupConfig,
     log,
-    known: tuple[int, str] | None = None,
+    known: tuple[Source, tuple[int, str]] | None = None,
 ) -> tuple[UploadResult, int, str]:
     """Upload one chunk, retrying on its own; returns (upload, rows, fingerprint).
 
-    The fingerprint is taken just before each attempt (``known`` for the first).
+    Each attempt reads the chunk as of one instant (``known``: the snapshot and
+    fingerprint already taken, for the first) and fingerprints it again after the
+    export: equal fingerprints mean the object holds exactly the fingerprinted rows
+    (rows inserted meanwhile are after the snapshot; a merge or an insert into a
+    table without an insertion time changes the second one, and the attempt is
+    retried).
     """
     for attempt in range(1, config.chunk_attempts + 1):
         try:
-            rows, fp = known if known and attempt == 1 else fingerprint(ch, chunk, final)
-            return _export(ch, store, chunk, final, config.max_threads, log), rows, fp
+            if known and attempt == 1:
+                snapshot, (rows, fp) = known
+            else:
+                snapshot = source.at_now(ch, config.snapshot_lag_s)
+                rows, fp = fingerprint(ch, chunk, snapshot)
+            upload = _export(ch, store, chunk, snapshot, config.max_threads, log)
+            if fingerprint(ch, chunk, snapshot)[1] != fp:
+                raise ChunkChangedError(
+                    f"{chunk.label} changed while it was exported (fingerprint {fp} before)"
+                )
+            return upload, rows, fp
         except Exception as exc:
             if attempt == config.chunk_attempts:
                 raise RuntimeError(
@@ -117,7 +143,7 @@ def build_backup_asset(spec: BackupTable) -> tuple[dg.AssetsDefinition, dg.Asset
             f"Backup and public export of the ClickHouse table ``{spec.table}``: zstd-compressed CSVWithNames "
             f"under ``clickhouse_export/csv/`` ({how}), streamed from ClickHouse through zstd into a multipart "
             "upload, with no temporary file. Chunks whose content fingerprint (row count and checksum of the "
-            "deduplicated rows) matches ``clickhouse_export/manifest.json`` are skipped; a pause between chunks "
+            "deduplicated rows) matches the table's manifest (``clickhouse_export/manifests/<table>.json``) are skipped; a pause between chunks "
             "keeps the database's queue short. A failed upload is aborted: no partial object is ever visible."
         ),
     )
@@ -128,23 +154,24 @@ def build_backup_asset(spec: BackupTable) -> tuple[dg.AssetsDefinition, dg.Asset
         object_store: ObjectStoreResource,
     ) -> dg.MaterializeResult:
         store = object_store.get_store()
-        manifest = load_manifest(store)["objects"]
+        manifest = load_manifest(store, spec.table)
         start = time.monotonic()
         written: list[str] = []
         skipped = rows_total = bytes_total = raw_total = 0
         with clickhouse.connect() as ch:
             if spec.table in KNOWN_TABLES:
                 ensure_tables(ch, spec.table)
-            final = final_clause(ch, spec.table)
+            source = table_source(ch, spec.table)
             chunks = list_chunks(ch, spec)
             context.log.info(f"{spec.table}: {len(chunks)} chunk(s) with rows")
             for number, chunk in enumerate(chunks, start=1):
                 known = None
                 if not config.force:
-                    known = fingerprint(ch, chunk, final)
-                    rows = known[0]
+                    snapshot = source.at_now(ch, config.snapshot_lag_s)
+                    rows, fp = fingerprint(ch, chunk, snapshot)
+                    known = (snapshot, (rows, fp))
                     previous = manifest.get(chunk.key, {})
-                    if previous.get("fingerprint") == known[1] and store.exists(chunk.key):
+                    if previous.get("fingerprint") == fp and store.exists(chunk.key):
                         skipped += 1
                         context.log.info(
                             f"[{number}/{len(chunks)}] {chunk.label}: unchanged ({rows} rows), skipped"
@@ -153,10 +180,11 @@ def build_backup_asset(spec: BackupTable) -> tuple[dg.AssetsDefinition, dg.Asset
                 if written:
                     time.sleep(config.pause_between_chunks_s)
                 upload, rows, fp = back_up_chunk(
-                    ch, store, chunk, final, config, context.log, known
+                    ch, store, chunk, source, config, context.log, known
                 )
                 record_objects(
                     store,
+                    spec.table,
                     {
                         chunk.key: {
                             "table": spec.table,
@@ -188,7 +216,7 @@ def build_backup_asset(spec: BackupTable) -> tuple[dg.AssetsDefinition, dg.Asset
                 "uncompressed_bytes": raw_total,
                 "duration_s": round(time.monotonic() - start, 3),
                 "written_keys": dg.MetadataValue.json(written),
-                "manifest": store.address(MANIFEST_KEY),
+                "manifest": store.address(manifest_key(spec.table)),
             }
         )
 
@@ -205,9 +233,7 @@ def build_backup_asset(spec: BackupTable) -> tuple[dg.AssetsDefinition, dg.Asset
         object_store: ObjectStoreResource,
     ) -> dg.AssetCheckResult:
         store = object_store.get_store()
-        entries = {
-            k: v for k, v in load_manifest(store)["objects"].items() if v.get("table") == spec.table
-        }
+        entries = load_manifest(store, spec.table)
         event = context.instance.get_latest_materialization_event(key)
         keys = []
         if event and event.asset_materialization:

@@ -1,4 +1,11 @@
-"""``clickhouse_export/manifest.json``: what was backed up, and the fingerprint it had.
+"""The backup manifests: what was backed up, and the fingerprint it had.
+
+One manifest per table, ``clickhouse_export/manifests/<table>.json``, written only by
+that table's backup (one run at a time, see ``common.one_run_at_a_time``): backups of
+different tables finishing together never rewrite each other's entries, which a
+single shared file read, changed and rewritten did. ``load_manifest`` merges them on
+read. The single ``clickhouse_export/manifest.json`` of earlier versions is still
+read, for tables that have no manifest of their own yet.
 
 Read at the start of a backup to skip unchanged chunks; updated after every object,
 so a run that fails half-way still records what it did upload.
@@ -9,22 +16,48 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ooni_pipeline.backup.plan import MANIFEST_KEY
+from ooni_pipeline.backup.plan import LEGACY_MANIFEST_KEY, MANIFESTS_PREFIX, manifest_key
 from ooni_pipeline.object_store.stores import ObjectStore
 
 
-def load_manifest(store: ObjectStore) -> dict[str, Any]:
-    if not store.exists(MANIFEST_KEY):
-        return {"version": 1, "objects": {}}
-    manifest = json.loads(store.read_bytes(MANIFEST_KEY))
+def _read(store: ObjectStore, key: str) -> dict[str, dict[str, Any]]:
+    if not store.exists(key):
+        return {}
+    try:
+        manifest = json.loads(store.read_bytes(key))
+    except ValueError:
+        manifest = None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("objects"), dict):
-        raise ValueError(f"{store.address(MANIFEST_KEY)} is not a backup manifest")
-    return manifest
+        raise ValueError(f"{store.address(key)} is not a backup manifest")
+    return manifest["objects"]
 
 
-def record_objects(store: ObjectStore, entries: dict[str, dict[str, Any]]) -> None:
-    """Merge ``entries`` (key -> entry) into the manifest, re-read just before writing
-    so concurrent backups of other tables keep theirs."""
-    manifest = load_manifest(store)
-    manifest["objects"].update(entries)
-    store.put_bytes(MANIFEST_KEY, json.dumps(manifest, indent=1, sort_keys=True).encode())
+def load_manifest(store: ObjectStore, table: str | None = None) -> dict[str, dict[str, Any]]:
+    """Object key -> entry, for ``table`` or for every table."""
+    tables = (
+        [table]
+        if table
+        else [
+            key[len(MANIFESTS_PREFIX) : -len(".json")]
+            for key in store.list_keys(MANIFESTS_PREFIX)
+            if key.endswith(".json")
+        ]
+    )
+    legacy = _read(store, LEGACY_MANIFEST_KEY)
+    objects = {}
+    if not table:
+        objects.update(legacy)
+    for name in tables:
+        own = _read(store, manifest_key(name))
+        if not own:
+            own = {k: v for k, v in legacy.items() if v.get("table") == name}
+        objects.update(own)
+    return objects
+
+
+def record_objects(store: ObjectStore, table: str, entries: dict[str, dict[str, Any]]) -> None:
+    """Merge ``entries`` (object key -> entry) into ``table``'s manifest."""
+    objects = load_manifest(store, table)
+    objects.update(entries)
+    body = {"version": 1, "table": table, "objects": objects}
+    store.put_bytes(manifest_key(table), json.dumps(body, indent=1, sort_keys=True).encode())

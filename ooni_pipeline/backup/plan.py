@@ -4,10 +4,18 @@ A table is backed up whole (small tables) or one object per month of a time colu
 (``fastpath``). Rows are read deduplicated (``FINAL``) where the engine replaces or
 collapses rows, so an object, and the fingerprint that decides whether to upload
 it again, do not depend on whether background merges have run yet.
+
+A table that records when each row was inserted (a column defaulting to ``now()``
+or ``now64()``, like ``fastpath.update_time``) is read as of one instant: the
+export and its fingerprint filter on that column in ``PREWHERE``, which ClickHouse
+applies before ``FINAL`` folds versions, so rows inserted during the export are in
+neither. Whether the snapshot held is then checked by fingerprinting again after
+the export (see ``assets.back_up_chunk``).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
@@ -15,7 +23,8 @@ from typing import Any
 from ooni_pipeline.clickhouse import ClickHouse, quote_identifier
 
 OBJECT_PREFIX = "clickhouse_export/csv/"
-MANIFEST_KEY = "clickhouse_export/manifest.json"
+MANIFESTS_PREFIX = "clickhouse_export/manifests/"
+LEGACY_MANIFEST_KEY = "clickhouse_export/manifest.json"  # one file for every table, before 2026-11
 # Engines whose unmerged parts may hold rows that a merge would remove or fold.
 _FINAL_ENGINES = (
     "ReplacingMergeTree",
@@ -24,6 +33,8 @@ _FINAL_ENGINES = (
     "SummingMergeTree",
     "AggregatingMergeTree",
 )
+# Replicated (self-hosted clusters) and Shared (ClickHouse Cloud) variants merge alike.
+_ENGINE_VARIANT = re.compile(r"^(Replicated|Shared)(?=\w*MergeTree$)")
 
 
 @dataclass(frozen=True)
@@ -62,6 +73,11 @@ def parse_tables(spec: str) -> tuple[BackupTable, ...]:
     return tuple(tables)
 
 
+def manifest_key(table: str) -> str:
+    quote_identifier(table)
+    return f"{MANIFESTS_PREFIX}{table}.json"
+
+
 @dataclass(frozen=True)
 class Chunk:
     """One object: a whole table, or a month (``YYYYMM``) of it."""
@@ -92,6 +108,11 @@ class Chunk:
         )
 
 
+def needs_final(engine: str) -> bool:
+    """Whether rows of a table with this engine are read with ``FINAL``."""
+    return _ENGINE_VARIANT.sub("", engine) in _FINAL_ENGINES
+
+
 def final_clause(ch: ClickHouse, table: str) -> str:
     engine = ch.scalar(
         "SELECT engine FROM system.tables WHERE database = currentDatabase() AND name = {t:String}",
@@ -99,7 +120,54 @@ def final_clause(ch: ClickHouse, table: str) -> str:
     )
     if engine is None:
         raise ValueError(f"table {table!r} does not exist")
-    return " FINAL" if engine in _FINAL_ENGINES else ""
+    return " FINAL" if needs_final(engine) else ""
+
+
+def insertion_time_column(ch: ClickHouse, table: str) -> str | None:
+    """A column that holds each row's insertion time (default ``now()``/``now64()``)."""
+    name = ch.scalar(
+        "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = {t:String} "
+        "AND default_kind IN ('MATERIALIZED', 'DEFAULT') "
+        "AND match(default_expression, '^now(64)?\\(') ORDER BY position LIMIT 1",
+        {"t": table},
+    )
+    return str(name) if name else None
+
+
+@dataclass(frozen=True)
+class Source:
+    """How a table's rows are read: ``FINAL`` or not, and as of which instant."""
+
+    table: str
+    final: str = ""
+    snapshot_column: str | None = None
+    snapshot_time: str | None = None  # 'YYYY-MM-DD hh:mm:ss.fff', the engine's clock
+
+    def at_now(self, ch: ClickHouse, lag_s: float = 0.0) -> Source:
+        """This source as of the engine's clock ``lag_s`` ago (if it has an insertion
+        time). The lag leaves out inserts still being written: a block's insertion
+        time is set before its part becomes visible."""
+        if not self.snapshot_column:
+            return self
+        now = ch.scalar(
+            "SELECT toString(now64(3, 'UTC') - toIntervalMillisecond({lag_ms:UInt64}))",
+            {"lag_ms": int(lag_s * 1000)},
+        )
+        return Source(self.table, self.final, self.snapshot_column, str(now))
+
+    def rows(self, chunk: Chunk) -> tuple[str, dict[str, Any]]:
+        """``table [FINAL] [PREWHERE snapshot] WHERE chunk`` and its parameters."""
+        where, params = chunk.where()
+        sql = f"{quote_identifier(self.table)}{self.final}"
+        if self.snapshot_column and self.snapshot_time:
+            column = quote_identifier(self.snapshot_column)
+            sql += f" PREWHERE {column} <= toDateTime64({{snapshot_time:String}}, 3, 'UTC')"
+            params = {**params, "snapshot_time": self.snapshot_time}
+        return f"{sql} WHERE {where}", params
+
+
+def table_source(ch: ClickHouse, table: str) -> Source:
+    return Source(table, final_clause(ch, table), insertion_time_column(ch, table))
 
 
 def list_chunks(ch: ClickHouse, spec: BackupTable) -> list[Chunk]:
@@ -113,13 +181,9 @@ def list_chunks(ch: ClickHouse, spec: BackupTable) -> list[Chunk]:
     return [Chunk(spec, month) for (month,) in months]
 
 
-def select_sql(chunk: Chunk, final: str, max_threads: int) -> tuple[str, dict[str, Any]]:
-    where, params = chunk.where()
-    return (
-        f"SELECT * FROM {quote_identifier(chunk.spec.table)}{final} WHERE {where} "
-        f"SETTINGS max_threads = {int(max_threads)}",
-        params,
-    )
+def select_sql(chunk: Chunk, source: Source, max_threads: int) -> tuple[str, dict[str, Any]]:
+    rows, params = source.rows(chunk)
+    return f"SELECT * FROM {rows} SETTINGS max_threads = {int(max_threads)}", params
 
 
 def fingerprint_sql(table_sql: str) -> str:
@@ -127,10 +191,8 @@ def fingerprint_sql(table_sql: str) -> str:
     return f"SELECT count(), sum(cityHash64(*)) FROM {table_sql}"
 
 
-def fingerprint(ch: ClickHouse, chunk: Chunk, final: str) -> tuple[int, str]:
+def fingerprint(ch: ClickHouse, chunk: Chunk, source: Source) -> tuple[int, str]:
     """(rows, fingerprint) of the chunk's deduplicated content, stable under merges."""
-    where, params = chunk.where()
-    rows, checksum = ch.query_rows(
-        fingerprint_sql(f"{quote_identifier(chunk.spec.table)}{final} WHERE {where}"), params
-    )[0]
+    rows_sql, params = source.rows(chunk)
+    rows, checksum = ch.query_rows(fingerprint_sql(rows_sql), params)[0]
     return int(rows), f"{int(rows)}:{int(checksum):016x}"
