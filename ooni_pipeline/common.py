@@ -24,6 +24,19 @@ NETWORK_RETRY_POLICY = dg.RetryPolicy(
 )
 
 
+def one_run_at_a_time(context: dg.AssetExecutionContext, ch: ClickHouse, name: str):
+    """A context manager: this run holds the ClickHouse lock ``name`` (one updater,
+    one staging table) for the block; another run of the same updater waits for it,
+    and a lock left by a run that has ended is taken over."""
+    from ooni_pipeline.clickhouse.lock import exclusive
+
+    def run_alive(run_id: str) -> bool | None:
+        run = context.instance.get_run_by_id(run_id)
+        return None if run is None else not run.is_finished
+
+    return exclusive(ch, name, context.run_id, owner_alive=run_alive, log=context.log)
+
+
 def table_schema(ch: ClickHouse, table: str) -> dg.TableSchema:
     """The table's columns as Dagster shows them."""
     return dg.TableSchema(

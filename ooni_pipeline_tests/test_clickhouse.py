@@ -13,6 +13,7 @@ import pytest
 
 from ooni_pipeline.clickhouse import ClickHouse, ClickHouseError, quote_identifier
 from ooni_pipeline.clickhouse.connection import redact_url
+from ooni_pipeline.clickhouse.lock import LockTimeoutError, exclusive
 from ooni_pipeline.clickhouse.schema import KNOWN_TABLES, ensure_tables
 from ooni_pipeline.clickhouse.swap import RowBounds, TableUpdateError, replace_table
 
@@ -192,3 +193,24 @@ def test_stream_consumer_may_stop_early(ch: ClickHouse) -> None:
     stream.close()  # the read-ahead thread stops; the connection stays usable
     assert first.startswith(b"0\n")
     assert ch.scalar("SELECT 1") == 1
+
+
+def test_a_lock_held_by_a_live_owner_times_out_and_an_unknown_old_one_is_taken_over(
+    ch: ClickHouse,
+) -> None:
+    with exclusive(ch, "swap_x", "run-1", owner_alive=lambda other: None):
+        with pytest.raises(LockTimeoutError, match="lock swap_x is still held by run-1"):
+            with exclusive(
+                ch, "swap_x", "run-2", owner_alive=lambda other: True, wait_s=0.3, poll_s=0.1
+            ):
+                pass
+        # run-1 is unknown to run-3's instance: presumed working while the lock is young
+        with pytest.raises(LockTimeoutError):
+            with exclusive(
+                ch, "swap_x", "run-3", owner_alive=lambda other: None, wait_s=0.3, poll_s=0.1
+            ):
+                pass
+        ch.command("ALTER TABLE _lock_swap_x UPDATE since = since - INTERVAL 7 HOUR WHERE 1")
+        with exclusive(ch, "swap_x", "run-3", owner_alive=lambda other: None, poll_s=0.1):
+            assert ch.scalar("SELECT owner FROM _lock_swap_x") == "run-3"
+    assert ch.scalar("SELECT count() FROM system.tables WHERE name LIKE '%lock%swap_x%'") == 0

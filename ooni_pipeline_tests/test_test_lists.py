@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import dagster as dg
 import pytest
 
@@ -230,3 +232,70 @@ def test_schedule() -> None:
     assert citizenlab_schedule.name == "citizenlab_schedule"
     assert citizenlab_schedule.cron_schedule == "*/30 * * * *"
     assert citizenlab_schedule.execution_timezone == "UTC"
+
+
+def test_two_runs_at_once_take_turns(clickhouse, ch, repo) -> None:
+    """A scheduled run starting while another still works (a retry backing off)
+    waits for it: both end, the table is whole, the swaps did not interleave."""
+    # 40,000 more URLs make each run's locked part (parse, fill, swap) last long
+    # enough that the two runs meet there.
+    many = "\n".join([HEADER, *(_row(f"https://site{i}.example.us/") for i in range(40_000))])
+    repo.commit({"lists/us.csv": many + "\n"}, "a long list")
+    config = {"ops": {"citizenlab": {"config": {"max_rows_exclusive": 100_000}}}}
+    start = threading.Barrier(2)
+    results = {}
+
+    def times(instance, run_id: str, wanted) -> list[float]:
+        return [e.timestamp for e in instance.all_logs(run_id) if wanted(e)]
+
+    def waiting(e) -> bool:
+        return "lock citizenlab is held by" in (e.user_message or "")
+
+    def materialized(e) -> bool:
+        return bool(e.dagster_event) and e.dagster_event.event_type_value == "ASSET_MATERIALIZATION"
+
+    # Two Dagster instances, as two deployments would be (runs of one in-process
+    # instance started from two threads deadlock in Dagster's logging set-up): each
+    # sees the other's run as unknown, so the lock is honoured, not taken over.
+    instances = {"a": dg.DagsterInstance.ephemeral(), "b": dg.DagsterInstance.ephemeral()}
+
+    def run(name: str) -> None:
+        start.wait()
+        results[name] = _run(clickhouse, instances[name], config)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in instances]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(r.success for r in results.values())
+    waited = [n for n, r in results.items() if times(instances[n], r.run_id, waiting)]
+    assert len(waited) == 1
+    (went,) = set(instances) - set(waited)
+    (first_swap,) = times(instances[went], results[went].run_id, materialized)
+    second = instances[waited[0]], results[waited[0]].run_id
+    (second_swap,) = times(*second, materialized)
+    assert times(*second, waiting)[0] < first_swap < second_swap
+    assert ch.count("citizenlab") == len(EXPECTED) + 40_000
+    assert ch.scalar("SELECT count() FROM system.tables WHERE name LIKE '\\_lock%'") == 0
+
+
+@dg.asset
+def _fails() -> None:
+    raise RuntimeError("a run that ended without releasing its lock")
+
+
+def test_a_lock_left_by_an_ended_run_is_taken_over(clickhouse, ch, repo) -> None:
+    with dg.instance_for_test() as instance:
+        ended = dg.materialize([_fails], instance=instance, raise_on_error=False)
+        assert not ended.success
+        ch.command(
+            "CREATE TABLE _lock_citizenlab (owner String, since DateTime64(3)) ENGINE = Memory"
+        )
+        ch.command("INSERT INTO _lock_citizenlab SELECT {o:String}, now64(3)", {"o": ended.run_id})
+        result = _run(clickhouse, instance)
+        assert result.success
+        messages = [e.user_message for e in instance.all_logs(result.run_id)]
+        assert any(f"its owner {ended.run_id} is gone" in m for m in messages)
+    assert _table(ch) == EXPECTED
+    assert ch.scalar("SELECT count() FROM system.tables WHERE name LIKE '\\_lock%'") == 0

@@ -18,6 +18,7 @@ from ooni_pipeline.common import (
     OWNER,
     TableUpdateConfig,
     column_schema_metadata,
+    one_run_at_a_time,
     previous_validators,
     unchanged_result,
     validators_metadata,
@@ -55,7 +56,7 @@ def asnmeta(
     url = settings.env("OONI_ASNMETA_URL", settings.DEFAULT_ASNMETA_URL)
     start = time.monotonic()
     stats = ParseStats()
-    with clickhouse.connect() as ch:
+    with clickhouse.connect() as ch, one_run_at_a_time(context, ch, "asnmeta"):
         ensure_tables(ch, "asnmeta", "asnmeta_tmp")
         live_rows = ch.count("asnmeta")
         previous = (

@@ -23,7 +23,7 @@ from ooni_pipeline.backup.plan import (
 )
 from ooni_pipeline.clickhouse import ClickHouse, ClickHouseResource, quote_identifier
 from ooni_pipeline.clickhouse.schema import KNOWN_TABLES, ensure_tables
-from ooni_pipeline.common import CLICKHOUSE_POOL, OWNER
+from ooni_pipeline.common import CLICKHOUSE_POOL, OWNER, one_run_at_a_time
 from ooni_pipeline.object_store import ObjectStoreResource, UploadResult, stream_upload
 from ooni_pipeline.object_store.stores import ObjectStore
 
@@ -158,7 +158,7 @@ def build_backup_asset(spec: BackupTable) -> tuple[dg.AssetsDefinition, dg.Asset
         start = time.monotonic()
         written: list[str] = []
         skipped = rows_total = bytes_total = raw_total = 0
-        with clickhouse.connect() as ch:
+        with clickhouse.connect() as ch, one_run_at_a_time(context, ch, f"backup_{spec.table}"):
             if spec.table in KNOWN_TABLES:
                 ensure_tables(ch, spec.table)
             source = table_source(ch, spec.table)

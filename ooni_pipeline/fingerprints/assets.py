@@ -18,6 +18,7 @@ from ooni_pipeline.common import (
     OWNER,
     TableUpdateConfig,
     column_schema_metadata,
+    one_run_at_a_time,
     previous_validators,
     unchanged_result,
     validators_metadata,
@@ -78,7 +79,7 @@ def build_fingerprints_asset(
         url = settings.env(url_env, default_url)
         previous = None if config.force else previous_validators(context, key)
         start = time.monotonic()
-        with clickhouse.connect() as ch:
+        with clickhouse.connect() as ch, one_run_at_a_time(context, ch, table):
             ensure_tables(ch, table, f"{table}_tmp")
             live_rows = ch.count(table)
             body, validators = fetch_bytes(url, previous=previous if live_rows else None)

@@ -18,6 +18,7 @@ from ooni_pipeline.common import (
     TableUpdateConfig,
     column_schema_metadata,
     last_metadata,
+    one_run_at_a_time,
     unchanged_result,
 )
 from ooni_pipeline.test_lists.git import shallow_clone
@@ -82,7 +83,7 @@ def citizenlab(
         fetch_s = time.monotonic() - start
         context.log.info(f"cloned test lists at commit {commit} in {fetch_s:.1f} s")
 
-        with clickhouse.connect() as ch:
+        with clickhouse.connect() as ch, one_run_at_a_time(context, ch, "citizenlab"):
             ensure_tables(ch, "citizenlab", "citizenlab_flip")
             live_rows = ch.count("citizenlab")
             if commit == previous_commit and live_rows > 0 and not config.force:
