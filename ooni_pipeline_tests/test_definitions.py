@@ -81,6 +81,8 @@ def test_instance_configs_are_valid(tmp_path) -> None:
         config, _ = dagster_instance_config(str(home))
         assert config["telemetry"] == {"enabled": False}, source
         assert config["concurrency"]["pools"]["default_limit"] >= 1, source
+        # the daemon evaluates the assets' freshness policies
+        assert config["freshness"] == {"enabled": True}, source
 
 
 def test_production_storage_classes_load_from_the_production_extra(
