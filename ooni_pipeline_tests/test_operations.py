@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
@@ -11,6 +12,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from ooni_pipeline.common import NETWORK_RETRY_POLICY
 from ooni_pipeline.definitions import defs
 from ooni_pipeline.operations.alerts import run_failure_alert_sensor
 from ooni_pipeline.operations.freshness import (
@@ -218,3 +220,41 @@ def test_stale_assets_fail_freshness_in_the_daemon(tmp_path: Path) -> None:
         _materialized_at(instance, "fingerprints_dns", now - timedelta(minutes=1))
         states = _freshness_states(instance, workspace)
         assert (states["website_metrics"], states["fingerprints_dns"]) == ("PASS", "PASS")
+
+
+def test_readme_states_the_retry_waits_dagster_draws() -> None:
+    """README "Operations" gives the scheduled runs' retry waits: they are the ones
+    Dagster computes from NETWORK_RETRY_POLICY, jitter included."""
+    from dagster._core.definitions.policy import calculate_delay
+
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    text = " ".join(readme.read_text().split())
+    stated = re.search(
+        r"retry a failed step (\d+) times, waiting (\d+), (\d+) and (\d+) minutes "
+        r"\(exponential backoff, each ± (\d+) minutes of jitter",
+        text,
+    )
+    assert stated, "README no longer states the retry waits"
+    retries, *waits, jitter = map(int, stated.groups())
+    policy = NETWORK_RETRY_POLICY
+    assert retries == policy.max_retries == len(waits)
+    assert (policy.backoff, policy.jitter) == (dg.Backoff.EXPONENTIAL, dg.Jitter.PLUS_MINUS)
+    nominal = [calculate_delay(n, policy.backoff, None, policy.delay) for n in (1, 2, 3)]
+    assert [w * 60 for w in waits] == nominal
+    # What Dagster draws for retry n stays within wait ± jitter and reaches both ends.
+    for n, wait in enumerate(waits, start=1):
+        drawn = [policy.calculate_delay(n) / 60 for _ in range(2000)]
+        assert wait - jitter <= min(drawn) < wait - jitter + 1, n
+        assert wait + jitter - 1 < max(drawn) <= wait + jitter, n
+    span = re.search(r"the last one starting (\d+) to (\d+) minutes after the first failure", text)
+    assert span, "README no longer states when the last retry starts"
+    assert (int(span[1]), int(span[2])) == (
+        sum(waits) - retries * jitter,
+        sum(waits) + retries * jitter,
+    )
+    # Every schedule but the hourly fastpath observation runs a job with that policy.
+    repo = defs.get_repository_def()
+    without = {
+        s.name for s in repo.schedule_defs if repo.get_job(s.job_name).op_retry_policy != policy
+    }
+    assert without == {"fastpath_observation_schedule"}
