@@ -17,8 +17,9 @@ if TYPE_CHECKING:
 CLICKHOUSE_POOL = "clickhouse"
 OWNER = "team:ooni-backend"
 
-# OONI's jobs retried 3 times, 10 minutes apart; jitter spreads retries of
-# assets that failed together.
+# OONI's timers retried 3 times. Dagster waits (2**n - 1) * delay before retry n:
+# 10, 30 and 70 minutes, each +/- 10 minutes (jitter spreads retries of assets that
+# failed together). README "Operations" states these figures; a test holds them equal.
 NETWORK_RETRY_POLICY = dg.RetryPolicy(
     max_retries=3, delay=600, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
 )

@@ -1,5 +1,5 @@
 """The code location: every domain's definitions merged, plus the shared resources,
-source-code references, freshness checks and the failure alert.
+source-code references, freshness policies and the failure alert.
 
 Loading this module touches neither the network nor the database.
 """
@@ -16,7 +16,7 @@ from ooni_pipeline.fastpath import definitions as fastpath
 from ooni_pipeline.fingerprints import definitions as fingerprints
 from ooni_pipeline.geoip import definitions as geoip
 from ooni_pipeline.object_store import ObjectStoreResource
-from ooni_pipeline.operations import build_freshness, run_failure_alert_sensor
+from ooni_pipeline.operations import run_failure_alert_sensor, with_freshness
 from ooni_pipeline.test_lists import definitions as test_lists
 
 DOMAINS = (
@@ -32,15 +32,12 @@ DOMAINS = (
 
 def build_definitions() -> dg.Definitions:
     domains = dg.Definitions.merge(*(domain.defs for domain in DOMAINS))
-    assets = dg.with_source_code_references(list(domains.assets or []))
-    freshness_checks, freshness_sensor = build_freshness(
-        [asset for asset in assets if isinstance(asset, dg.AssetsDefinition)]
-    )
+    assets = with_freshness(dg.with_source_code_references(list(domains.assets or [])))
     return dg.Definitions(
         assets=assets,
-        asset_checks=[*(domains.asset_checks or []), *freshness_checks],
+        asset_checks=domains.asset_checks,
         schedules=domains.schedules,
-        sensors=[*(domains.sensors or []), freshness_sensor, run_failure_alert_sensor],
+        sensors=[*(domains.sensors or []), run_failure_alert_sensor],
         jobs=domains.jobs,
         resources={
             "clickhouse": ClickHouseResource(),

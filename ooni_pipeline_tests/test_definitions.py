@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from ooni_pipeline.definitions import defs
 
 
@@ -79,3 +81,70 @@ def test_instance_configs_are_valid(tmp_path) -> None:
         config, _ = dagster_instance_config(str(home))
         assert config["telemetry"] == {"enabled": False}, source
         assert config["concurrency"]["pools"]["default_limit"] >= 1, source
+        # the daemon evaluates the assets' freshness policies
+        assert config["freshness"] == {"enabled": True}, source
+
+
+def test_production_storage_classes_load_from_the_production_extra(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every storage class deploy/dagster.production.yaml names imports from what
+    ``.[production]`` installs, and accepts that file's config (no Postgres needed:
+    the classes connect only when built)."""
+    import importlib
+    import importlib.metadata
+    import shutil
+    from pathlib import Path
+
+    import yaml
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: pytest's own TOML reader
+        import tomli as tomllib
+    from dagster._config import process_config, resolve_to_config_type
+    from dagster._core.instance.ref import InstanceRef
+    from dagster._core.storage.base_storage import DagsterStorage
+    from dagster._core.storage.event_log.base import EventLogStorage
+    from dagster._core.storage.runs.base import RunStorage
+    from dagster._core.storage.schedules.base import ScheduleStorage
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    (pin,) = [r for r in project["optional-dependencies"]["production"] if "dagster-postgres" in r]
+    assert pin == f"dagster-postgres=={importlib.metadata.version('dagster-postgres')}"
+    # The library release is the one made with the pinned dagster.
+    assert f"dagster=={importlib.metadata.version('dagster')}" in (
+        importlib.metadata.requires("dagster-postgres") or []
+    )
+    assert f"dagster=={importlib.metadata.version('dagster')}" in project["dependencies"]
+
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(root / "deploy" / "dagster.production.yaml", home / "dagster.yaml")
+    env = {
+        "DAGSTER_PG_HOST": "pg.example.org",
+        "DAGSTER_PG_USER": "dagster",
+        "DAGSTER_PG_PASSWORD": "not-a-real-password",
+        "DAGSTER_PG_DB": "dagster",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    ref = InstanceRef.from_dir(str(home))
+    expected = {
+        "storage_data": DagsterStorage,
+        "run_storage_data": RunStorage,
+        "event_storage_data": EventLogStorage,
+        "schedule_storage_data": ScheduleStorage,
+    }
+    for field, base in expected.items():
+        data = getattr(ref, field)
+        assert data.module_name == "dagster_postgres", field
+        klass = getattr(importlib.import_module(data.module_name), data.class_name)
+        assert issubclass(klass, base), (field, klass)
+        result = process_config(
+            resolve_to_config_type(klass.config_type()), yaml.safe_load(data.config_yaml)
+        )
+        assert result.success, (field, result.errors)
+        url = result.value["postgres_db"]
+        assert url["hostname"] == env["DAGSTER_PG_HOST"] and url["port"] == 5432, field

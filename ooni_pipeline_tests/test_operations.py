@@ -1,15 +1,25 @@
-"""Failure alerts and freshness checks."""
+"""Failure alerts and freshness policies."""
 
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import dagster as dg
 import pytest
 
+from ooni_pipeline.common import NETWORK_RETRY_POLICY
 from ooni_pipeline.definitions import defs
 from ooni_pipeline.operations.alerts import run_failure_alert_sensor
-from ooni_pipeline.operations.freshness import WITHOUT_FRESHNESS
+from ooni_pipeline.operations.freshness import (
+    DAILY_EXPORT_DEADLINE_CRON,
+    DAILY_EXPORT_WINDOW,
+    WITHOUT_FRESHNESS,
+)
 from ooni_pipeline_tests.rig import UpstreamServer
 
 
@@ -68,28 +78,42 @@ def test_runs_to_be_retried_are_not_reported(
     assert upstream.posts == []
 
 
-def test_every_asset_is_described_owned_and_fresh_checked() -> None:
+def test_every_asset_is_described_owned_and_has_its_freshness_policy() -> None:
     repo = defs.get_repository_def()
     graph = repo.asset_graph
-    check_names = {key.name for key in graph.asset_check_keys}
-    fresh = {key.asset_key for key in graph.asset_check_keys if key.name == "freshness_check"}
     exempt = {dg.AssetKey(name) for name in WITHOUT_FRESHNESS}
-    assert fresh == set(graph.get_all_asset_keys()) - exempt
+    policies = {key: graph.get(key).freshness_policy for key in graph.get_all_asset_keys()}
+    assert {key for key, policy in policies.items() if policy is None} == exempt
+
+    def window(age: timedelta) -> dg.FreshnessPolicy:
+        return dg.FreshnessPolicy.time_window(fail_window=age)
+
+    assert {key.to_user_string(): policy for key, policy in policies.items() if policy} == {
+        "citizenlab": window(timedelta(hours=2)),
+        "fingerprints_dns": window(timedelta(hours=3)),
+        "fingerprints_http": window(timedelta(hours=3)),
+        "asnmeta": window(timedelta(days=8)),
+        "geoip_db": window(timedelta(days=8)),
+        **{f"backup/{table}": window(timedelta(days=8)) for table in _backup_tables(graph)},
+        # yesterday's export, made by the 01:00 UTC schedule, there by 06:00 UTC
+        "website_metrics": dg.FreshnessPolicy.cron(
+            deadline_cron="0 6 * * *", lower_bound_delta=timedelta(hours=5), timezone="UTC"
+        ),
+    }
     for key in graph.get_all_asset_keys():
         node = graph.get(key)
         assert node.description and len(node.description) > 40, key
         assert node.owners, key
         assert node.kinds, key
         assert "dagster/code_references" in node.metadata, key
-    assert any("freshness" in name for name in check_names)
     # Every step that opens ClickHouse, checks included, takes a slot of the pool.
     for checks_def in repo.asset_checks_defs_by_key.values():
         check_keys = list(checks_def.check_keys)
-        if any(k.name in ("freshness_check", "geoip_db_lookup_check") for k in check_keys):
+        if any(k.name == "geoip_db_lookup_check" for k in check_keys):
             continue
         assert checks_def.node_def.pools == {"clickhouse"}, check_keys
     sensors = {s.name for s in repo.sensor_defs}
-    assert {"run_failure_alert_sensor", "freshness_checks_sensor"} <= sensors
+    assert "run_failure_alert_sensor" in sensors
     for schedule in repo.schedule_defs:
         assert schedule.execution_timezone == "UTC"
         # Ingesting OONI's bucket is opt-in (OONI_PUBLIC_COUNTRIES unset here).
@@ -99,3 +123,138 @@ def test_every_asset_is_described_owned_and_fresh_checked() -> None:
             else dg.DefaultScheduleStatus.RUNNING
         )
         assert schedule.default_status == expected, schedule.name
+
+
+def _backup_tables(graph) -> list[str]:
+    return [k.path[1] for k in graph.get_all_asset_keys() if k.path[0] == "backup"]
+
+
+_LOAD_WARNINGS = """
+import json, warnings
+import dagster as dg
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import ooni_pipeline.definitions
+print(json.dumps([
+    f"{w.category.__name__}: {w.message}" for w in caught
+    if not issubclass(w.category, dg.BetaWarning)
+]))
+"""
+
+
+def test_code_location_loads_without_superseded_or_deprecated_api() -> None:
+    """A fresh process loading the code location hears only beta notices (code
+    references and the like): nothing superseded, deprecated or in preview."""
+    result = subprocess.run(
+        [sys.executable, "-c", _LOAD_WARNINGS], capture_output=True, text=True, timeout=180
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.splitlines()[-1]) == []
+
+
+def _materialized_at(instance: dg.DagsterInstance, key: str, when: datetime) -> None:
+    """A materialization of ``key`` recorded as made at ``when``."""
+    from dagster._core.events import StepMaterializationData
+    from dagster._core.storage.dagster_run import make_new_run_id
+
+    instance.store_event(
+        dg.EventLogEntry(
+            error_info=None,
+            user_message="",
+            level="debug",
+            run_id=make_new_run_id(),
+            timestamp=when.timestamp(),
+            dagster_event=dg.DagsterEvent(
+                dg.DagsterEventType.ASSET_MATERIALIZATION.value,
+                "freshness_test",
+                event_specific_data=StepMaterializationData(
+                    materialization=dg.AssetMaterialization(asset_key=key)
+                ),
+            ),
+        )
+    )
+
+
+def _freshness_states(instance: dg.DagsterInstance, workspace) -> dict[str, str]:
+    """One pass of Dagster's own freshness daemon over the code location; the states."""
+    from dagster._daemon.freshness import FreshnessDaemon
+
+    for _ in FreshnessDaemon().run_iteration(workspace):
+        pass
+    keys = [dg.AssetKey.from_user_string(name) for name in _STATES_OF]
+    records = instance.get_freshness_state_records(keys)
+    return {key.to_user_string(): records[key].freshness_state.value for key in keys}
+
+
+_STATES_OF = ("citizenlab", "fingerprints_dns", "asnmeta", "website_metrics", "fastpath")
+
+
+def test_stale_assets_fail_freshness_in_the_daemon(tmp_path: Path) -> None:
+    """The daemon that `dagster-daemon` runs, over workspace.yaml's code location: data
+    past its age, and a daily export missing its window, are reported as failing."""
+    from dagster._core.test_utils import create_test_daemon_workspace_context
+    from dagster._core.workspace.load_target import WorkspaceFileTarget
+    from dagster._utils.schedules import get_latest_completed_cron_tick
+
+    root = Path(__file__).resolve().parents[1]
+    now = datetime.now(timezone.utc)
+    deadline = get_latest_completed_cron_tick(DAILY_EXPORT_DEADLINE_CRON, now, "UTC")
+    window_opens = deadline - DAILY_EXPORT_WINDOW  # the 01:00 UTC export
+    with (
+        dg.instance_for_test(temp_dir=str(tmp_path)) as instance,
+        create_test_daemon_workspace_context(
+            WorkspaceFileTarget(paths=[str(root / "workspace.yaml")]), instance
+        ) as workspace,
+    ):
+        _materialized_at(instance, "citizenlab", now - timedelta(hours=1))
+        _materialized_at(instance, "fingerprints_dns", now - timedelta(hours=3, minutes=5))
+        _materialized_at(instance, "website_metrics", window_opens - timedelta(minutes=30))
+        assert _freshness_states(instance, workspace) == {
+            "citizenlab": "PASS",
+            "fingerprints_dns": "FAIL",
+            "asnmeta": "UNKNOWN",  # never materialized
+            "website_metrics": "FAIL",  # only before the schedule's export
+            "fastpath": "NOT_APPLICABLE",
+        }
+        _materialized_at(instance, "website_metrics", window_opens + timedelta(minutes=20))
+        _materialized_at(instance, "fingerprints_dns", now - timedelta(minutes=1))
+        states = _freshness_states(instance, workspace)
+        assert (states["website_metrics"], states["fingerprints_dns"]) == ("PASS", "PASS")
+
+
+def test_readme_states_the_retry_waits_dagster_draws() -> None:
+    """README "Operations" gives the scheduled runs' retry waits: they are the ones
+    Dagster computes from NETWORK_RETRY_POLICY, jitter included."""
+    from dagster._core.definitions.policy import calculate_delay
+
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    text = " ".join(readme.read_text().split())
+    stated = re.search(
+        r"retry a failed step (\d+) times, waiting (\d+), (\d+) and (\d+) minutes "
+        r"\(exponential backoff, each ± (\d+) minutes of jitter",
+        text,
+    )
+    assert stated, "README no longer states the retry waits"
+    retries, *waits, jitter = map(int, stated.groups())
+    policy = NETWORK_RETRY_POLICY
+    assert retries == policy.max_retries == len(waits)
+    assert (policy.backoff, policy.jitter) == (dg.Backoff.EXPONENTIAL, dg.Jitter.PLUS_MINUS)
+    nominal = [calculate_delay(n, policy.backoff, None, policy.delay) for n in (1, 2, 3)]
+    assert [w * 60 for w in waits] == nominal
+    # What Dagster draws for retry n stays within wait ± jitter and reaches both ends.
+    for n, wait in enumerate(waits, start=1):
+        drawn = [policy.calculate_delay(n) / 60 for _ in range(2000)]
+        assert wait - jitter <= min(drawn) < wait - jitter + 1, n
+        assert wait + jitter - 1 < max(drawn) <= wait + jitter, n
+    span = re.search(r"the last one starting (\d+) to (\d+) minutes after the first failure", text)
+    assert span, "README no longer states when the last retry starts"
+    assert (int(span[1]), int(span[2])) == (
+        sum(waits) - retries * jitter,
+        sum(waits) + retries * jitter,
+    )
+    # Every schedule but the hourly fastpath observation runs a job with that policy.
+    repo = defs.get_repository_def()
+    without = {
+        s.name for s in repo.schedule_defs if repo.get_job(s.job_name).op_retry_policy != policy
+    }
+    assert without == {"fastpath_observation_schedule"}

@@ -55,7 +55,6 @@ if SOURCE == "public":
     public_fastpath_job = dg.define_asset_job(
         "public_fastpath_job",
         selection=dg.AssetSelection.assets(public_fastpath),
-        partitions_def=public_fastpath.partitions_def,
         op_retry_policy=NETWORK_RETRY_POLICY,
     )
     # Opt-in: running by default only when OONI_PUBLIC_COUNTRIES narrows the download;

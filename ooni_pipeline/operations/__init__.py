@@ -1,6 +1,6 @@
-"""Running unattended: failure alerts and freshness checks."""
+"""Running unattended: failure alerts and freshness policies."""
 
 from ooni_pipeline.operations.alerts import run_failure_alert_sensor
-from ooni_pipeline.operations.freshness import build_freshness
+from ooni_pipeline.operations.freshness import with_freshness
 
-__all__ = ["build_freshness", "run_failure_alert_sensor"]
+__all__ = ["run_failure_alert_sensor", "with_freshness"]

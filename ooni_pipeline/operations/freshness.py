@@ -1,8 +1,10 @@
-"""Freshness checks: flag data older than its schedule allows.
+"""Freshness policies: flag data older than its schedule allows.
 
-Evaluated by ``freshness_checks_sensor``; a stale asset shows a failed (warning)
-check in the UI, and the run-failure alert does not fire for it: it is a signal,
-not a failed run.
+Dagster's freshness daemon (part of ``dagster-daemon``, on by default; see
+``freshness:`` in dagster.yaml) evaluates each asset's ``FreshnessPolicy`` from its
+latest materialization, with no sensor or check runs. A stale asset shows
+*Freshness: Failed* in the UI; the run-failure alert does not fire for it: it is a
+signal, not a failed run.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from datetime import timedelta
 
 import dagster as dg
 
-# asset key prefix or key -> the age past which it is stale (CONTRACT schedules + slack)
+# asset key or key prefix -> the age past which it is stale (CONTRACT schedules + slack)
 MAX_AGE = {
     "citizenlab": timedelta(hours=2),
     "fingerprints_dns": timedelta(hours=3),
@@ -21,12 +23,20 @@ MAX_AGE = {
     "geoip_db": timedelta(days=8),
     "backup": timedelta(days=8),
 }
-# Yesterday's partition must exist by 06:00 UTC.
+# Yesterday's export must have been written by 06:00 UTC. Dagster's policy judges
+# the asset's latest materialization, not a partition's: the daily partitions are
+# held to it by asking for a materialization between the schedule's 01:00 UTC tick,
+# which exports yesterday, and 06:00.
 DAILY_EXPORT_DEADLINE_CRON = "0 6 * * *"
-# The daily partitioned assets held to that deadline (public_fastpath is opt-in, and
-# fastpath is observed only when its data changes).
-DAILY_DEADLINE_ASSETS = ("website_metrics",)
-# Assets without a freshness check, and why: age says nothing about them.
+DAILY_EXPORT_WINDOW = timedelta(hours=5)
+DAILY_DEADLINE = {
+    "website_metrics": dg.FreshnessPolicy.cron(
+        deadline_cron=DAILY_EXPORT_DEADLINE_CRON,
+        lower_bound_delta=DAILY_EXPORT_WINDOW,
+        timezone="UTC",
+    ),
+}
+# Assets without a freshness policy, and why: age says nothing about them.
 WITHOUT_FRESHNESS = {
     "fastpath": "observed only when a day's data changes; an old observation is not stale data",
     "public_fastpath": "opt-in ingestion; its schedule is off unless OONI_PUBLIC_COUNTRIES is set",
@@ -34,38 +44,24 @@ WITHOUT_FRESHNESS = {
 }
 
 
-def build_freshness(
-    assets: Sequence[dg.AssetsDefinition],
-) -> tuple[list[dg.AssetChecksDefinition], dg.SensorDefinition]:
-    """Freshness checks for the assets named in ``MAX_AGE`` (and the daily export), and their sensor."""
-    checks: list[dg.AssetChecksDefinition] = []
-    for asset in assets:
-        for key in asset.keys:
-            first = key.path[0]
-            if key.to_user_string() in MAX_AGE:
-                age = MAX_AGE[key.to_user_string()]
-            elif first in MAX_AGE and len(key.path) > 1:
-                age = MAX_AGE[first]
-            else:
-                continue
-            checks.extend(
-                dg.build_last_update_freshness_checks(assets=[key], lower_bound_delta=age)
-            )
-    partitioned = [
-        a
-        for a in assets
-        if a.partitions_def is not None
-        and any(key.to_user_string() in DAILY_DEADLINE_ASSETS for key in a.keys)
-    ]
-    if partitioned:
-        checks.extend(
-            dg.build_time_partition_freshness_checks(
-                assets=partitioned, deadline_cron=DAILY_EXPORT_DEADLINE_CRON, timezone="UTC"
-            )
-        )
-    sensor = dg.build_sensor_for_freshness_checks(
-        freshness_checks=checks,
-        default_status=dg.DefaultSensorStatus.RUNNING,
-        minimum_interval_seconds=600,
-    )
-    return checks, sensor
+def freshness_policy(key: dg.AssetKey) -> dg.FreshnessPolicy | None:
+    """The policy of ``key``: its daily deadline, or its maximum age by key or key prefix."""
+    name = key.to_user_string()
+    if name in DAILY_DEADLINE:
+        return DAILY_DEADLINE[name]
+    age = MAX_AGE.get(name)
+    if age is None and len(key.path) > 1:
+        age = MAX_AGE.get(key.path[0])
+    return dg.FreshnessPolicy.time_window(fail_window=age) if age is not None else None
+
+
+def with_freshness(
+    assets: Sequence[dg.AssetsDefinition | dg.AssetSpec],
+) -> Sequence[dg.AssetsDefinition | dg.AssetSpec]:
+    """The assets, each carrying its freshness policy (those without one unchanged)."""
+
+    def attach(spec: dg.AssetSpec) -> dg.AssetSpec:
+        policy = freshness_policy(spec.key)
+        return spec.replace_attributes(freshness_policy=policy) if policy else spec
+
+    return dg.map_asset_specs(attach, assets)
