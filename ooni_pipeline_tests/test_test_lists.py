@@ -127,6 +127,9 @@ def test_exact_rows_land_and_rejections_are_reported(clickhouse, ch, repo) -> No
     assert meta["files"] == 4 and meta["countries"] == 4
     assert meta["urls_added"] == len(EXPECTED) and meta["urls_removed"] == 0
     assert "lists/it.csv:6: bad_scheme" in meta["rejected_examples"]
+    # Upstream text, shown as text: never rendered as Markdown.
+    raw = result.get_asset_materialization_events()[-1].materialization.metadata
+    assert isinstance(raw["rejected_examples"], dg.TextMetadataValue)
     assert 0 < meta["clone_bytes"] < 500_000_000
     assert [c.name for c in meta["dagster/column_schema"].columns] == [
         "domain",
