@@ -188,6 +188,28 @@ def test_trailing_garbage_is_an_error() -> None:
         list(iter_asn_histories([b'{"1": []} {"2": []}']))
 
 
+MARKER = "MARKER-77d2-upstream-text"
+LONG = "x" * 50 + MARKER  # the marker lies past any short excerpt
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (_body({"AS" + LONG: []}), "ASN 'ASxxx"),
+        (_body({"1": [["a", "b", "2020" + LONG, "c", "d"]]}), "ASN 1: field 'changed' is '2020xxx"),
+        (_body({"1": [["a", {"k": LONG}, "20200101", "c", "d"]]}), "field 'cc' is {'k': 'xxx"),
+        (f'{{"{LONG}" []}}'.encode(), "expected ':' after ASN 'xxx"),
+        (f'{{["{LONG}"]: []}}'.encode(), "expected an ASN string key, found ['xxx"),
+    ],
+    ids=["ASN key", "date", "non-string field", "after a key", "non-string key"],
+)
+def test_errors_quote_a_short_escaped_excerpt_at_most(body: bytes, message: str) -> None:
+    stats = ParseStats()
+    with pytest.raises(AsnMetaError) as info:
+        list(arrow_batches(iter_member_runs([body], stats), stats))
+    assert message in str(info.value) and MARKER not in str(info.value)
+
+
 def test_schedule() -> None:
     assert (
         asnmeta_schedule.name == "asnmeta_schedule"

@@ -218,6 +218,54 @@ def test_http_scopes_are_not_valid_for_dns() -> None:
         parse_fingerprints(body, "d.csv", DNS_SCOPES)
 
 
+MARKER = "MARKER-3f9a-upstream-text"
+LONG = "x" * 50 + MARKER  # the marker lies past any short excerpt
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (f"{HEADER_LINE},{LONG}\n", "f.csv: line 1: header is 'name,scope,"),
+        (f"{HEADER_LINE}\nx,{LONG},,dns,full,x,1,,,,\n", "line 2: field 'scope': 'xxx"),
+        (f"{HEADER_LINE}\nx,nat,,dns,{LONG},x,1,,,,\n", "line 2: field 'pattern_type': 'xxx"),
+        (
+            f"{HEADER_LINE}\nx,nat,,dns,regexp,({LONG},1,,,,\n",
+            "line 2: field 'pattern': invalid regexp '(xxx",
+        ),
+        (
+            f"{HEADER_LINE}\nx,nat,,dns,full,x,{LONG},,,,\n",
+            "line 2: field 'confidence_no_fp': 'xxx",
+        ),
+        (
+            f"{HEADER_LINE}\n{LONG},nat,,dns,full,x,1,,,,\n{LONG},nat,,dns,full,x,1,,,,\n",
+            "line 3: field 'name': 'xxx",
+        ),
+    ],
+    ids=["header", "scope", "pattern_type", "regexp", "confidence", "duplicate name"],
+)
+def test_errors_quote_a_short_escaped_excerpt_at_most(body: str, message: str) -> None:
+    with pytest.raises(FingerprintError) as info:
+        parse_fingerprints(body.encode(), "f.csv", DNS_SCOPES)
+    assert message in str(info.value) and "more characters" in str(info.value)
+    assert MARKER not in str(info.value)
+
+
+def test_a_pattern_re2_refuses_is_quoted_short(clickhouse, ch, sources) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    assert _run(clickhouse, instance).success
+    sources.put(
+        "fingerprints_dns.csv", _dns_csv(extra=f"lookbehind,nat,,dns,regexp,(?<=a)b{LONG},1,,,,\n")
+    )
+    result = _run(clickhouse, instance)
+    assert not result.success
+    text = failure_text(result)
+    assert (
+        "fingerprint 'lookbehind': field 'pattern': ClickHouse cannot compile '(?<=a)bxxx" in text
+    )
+    assert "invalid perl operator" in text and MARKER not in text
+    assert ch.count("fingerprints_dns") == 150
+
+
 def test_schedule() -> None:
     assert fingerprints_schedule.name == "fingerprints_schedule"
     assert fingerprints_schedule.cron_schedule == "5 * * * *"

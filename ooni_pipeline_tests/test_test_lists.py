@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import os
 import threading
+import time
+from pathlib import Path
 
 import dagster as dg
 import pytest
 
 from ooni_pipeline.clickhouse import ClickHouse, ClickHouseResource
 from ooni_pipeline.clickhouse.schema import ensure_tables
+from ooni_pipeline.test_lists import parse as lists_parse
 from ooni_pipeline.test_lists.assets import citizenlab, citizenlab_rows_valid_check
 from ooni_pipeline.test_lists.definitions import citizenlab_schedule
-from ooni_pipeline.test_lists.parse import InvalidURL, url_domain
-from ooni_pipeline_tests.rig import GitRepo, failure_text, materialization_metadata
+from ooni_pipeline.test_lists.parse import InvalidURL, country_of, read_lists, url_domain
+from ooni_pipeline_tests.rig import (
+    GitRepo,
+    Reply,
+    UpstreamServer,
+    failure_text,
+    materialization_metadata,
+)
 
 HEADER = "url,category_code,category_description,date_added,source,notes"
 
@@ -118,6 +128,10 @@ def test_exact_rows_land_and_rejections_are_reported(clickhouse, ch, repo) -> No
     assert meta["files"] == 4 and meta["countries"] == 4
     assert meta["urls_added"] == len(EXPECTED) and meta["urls_removed"] == 0
     assert "lists/it.csv:6: bad_scheme" in meta["rejected_examples"]
+    # Upstream text, shown as text: never rendered as Markdown.
+    raw = result.get_asset_materialization_events()[-1].materialization.metadata
+    assert isinstance(raw["rejected_examples"], dg.TextMetadataValue)
+    assert 0 < meta["clone_bytes"] < 500_000_000
     assert [c.name for c in meta["dagster/column_schema"].columns] == [
         "domain",
         "url",
@@ -160,7 +174,7 @@ def test_wrong_header_leaves_the_table(clickhouse, ch, repo) -> None:
     instance = dg.DagsterInstance.ephemeral()
     assert _run(clickhouse, instance).success
     repo.commit({"lists/es.csv": "url,category\nhttp://elpais.es/,NEWS\n"})
-    _assert_failed_and_unchanged(_run(clickhouse, instance), ch, "lists/es.csv: header is")
+    _assert_failed_and_unchanged(_run(clickhouse, instance), ch, "lists/es.csv:1: header is")
 
 
 def test_out_of_bounds_leaves_the_table(clickhouse, ch, repo) -> None:
@@ -183,6 +197,148 @@ def test_insert_failure_leaves_the_table(clickhouse, ch, repo) -> None:
         "CREATE TABLE citizenlab_flip (domain String, url UInt8) ENGINE = MergeTree ORDER BY domain"
     )
     _assert_failed_and_unchanged(_run(clickhouse, instance), ch, "filling citizenlab_flip failed")
+
+
+def _run_record(instance: dg.DagsterInstance, result) -> str:
+    """Everything the run stored: its event log (logs, failure, metadata) serialized."""
+    return "\n".join(dg.serialize_value(entry) for entry in instance.all_logs(result.run_id))
+
+
+def _secrets_of(target: Path) -> list[str]:
+    """Strings of a file outside the checkout that must never reach the run's record."""
+    data = target.read_bytes()
+    parts = data.split(b"\0") if target == Path("/proc/self/environ") else data.splitlines()
+    secrets = [p.decode("utf-8", "replace") for p in parts if len(p) > 12]
+    assert secrets
+    return secrets
+
+
+@pytest.mark.parametrize("target", ["/proc/self/environ", "/etc/passwd", "secrets.env"])
+def test_a_symlinked_list_fails_unread_and_leaves_the_table(
+    clickhouse, ch, repo, tmp_path, target: str
+) -> None:
+    """A list committed as a symlink to the environment, /etc/passwd or a secrets
+    file fails the update, names the file only, and leaves the table as it was.
+    (/proc/self/environ holds the environment the process started with, so the
+    strings checked are its entries; a variable set in the test would not be there.)"""
+    secret_file = Path(target)
+    if target == "secrets.env":
+        secret_file = tmp_path / target
+        secret_file.write_text("AWS_SECRET_ACCESS_KEY=MARKER-8c1f0e2d-secret-value\n")
+    secrets = _secrets_of(secret_file)
+    instance = dg.DagsterInstance.ephemeral()
+    assert _run(clickhouse, instance).success
+    (repo.path / "lists" / "xx.csv").symlink_to(secret_file)
+    repo.commit({}, "a hostile symlink")
+
+    result = _run(clickhouse, instance)
+
+    record = _run_record(instance, result)
+    leaked = sum(secret in record for secret in secrets)  # not shown: they are secrets
+    assert leaked == 0, f"{leaked} strings of {target} reached the run's record"
+    _assert_failed_and_unchanged(result, ch, "lists/xx.csv: a symlink in the repository; refused")
+
+
+def test_symlinks_in_a_checkout_are_refused_unread(tmp_path) -> None:
+    """Whatever made the checkout (a clone with symlinks on), a symlinked list file or
+    a symlinked lists/ directory is refused, naming the file only."""
+    secret = tmp_path / "secrets.env"
+    secret.write_text("AWS_SECRET_ACCESS_KEY=MARKER-8c1f0e2d-secret-value\n")
+    checkout = tmp_path / "checkout"
+    (checkout / "lists").mkdir(parents=True)
+    (checkout / "lists" / "it.csv").symlink_to(secret)
+    with pytest.raises(lists_parse.TestListFormatError) as info:
+        read_lists(checkout)
+    assert str(info.value) == "lists/it.csv: not a regular file (a symlink?); refused"
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "it.csv").write_text(LISTS["lists/it.csv"])
+    other = tmp_path / "other-checkout"
+    other.mkdir()
+    (other / "lists").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(lists_parse.TestListFormatError, match="lists is not a directory"):
+        read_lists(other)
+
+
+def test_country_files_are_exactly_two_letters() -> None:
+    assert country_of(Path("it.csv")) == "IT"
+    assert country_of(Path("it\n.csv")) is None
+
+
+def test_a_bad_header_is_named_with_a_short_escaped_excerpt(clickhouse, ch, repo) -> None:
+    marker = "MARKER-5b7e-header-secret"
+    instance = dg.DagsterInstance.ephemeral()
+    assert _run(clickhouse, instance).success
+    header = "url;category_code;category_description;date_added;\x1b[2J" + marker
+    repo.commit({"lists/es.csv": f"{header}\nhttp://elpais.es/,NEWS\n"})
+
+    result = _run(clickhouse, instance)
+
+    _assert_failed_and_unchanged(
+        result, ch, "lists/es.csv:1: header is 'url;category_code;category_description;d'..."
+    )
+    record = _run_record(instance, result)
+    assert marker not in record and "\x1b" not in failure_text(result)
+
+
+def test_a_url_starting_with_a_dash_is_a_url_not_an_option(
+    clickhouse, ch, repo, monkeypatch, tmp_path
+) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    assert _run(clickhouse, instance).success
+    pwned = tmp_path / "pwned"
+    monkeypatch.setenv("OONI_TEST_LISTS_REPO", f"--upload-pack=touch {pwned}")
+    result = _run(clickhouse, instance)
+    # git looked for a repository by that name: it was not read as an option.
+    _assert_failed_and_unchanged(result, ch, f"repository '--upload-pack=touch {pwned}'")
+    assert not pwned.exists()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [os.urandom(300_000), b"\0" * 5_000_000],
+    ids=["large download", "small download of large files"],
+)
+def test_a_clone_over_the_size_cap_leaves_the_table(clickhouse, ch, repo, content) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    assert _run(clickhouse, instance).success
+    repo.commit({"data/blob.bin": content}, "a large file")
+    config = {**SMALL_BOUNDS["ops"]["citizenlab"]["config"], "clone_max_bytes": 200_000}
+    result = _run(clickhouse, instance, run_config={"ops": {"citizenlab": {"config": config}}})
+    _assert_failed_and_unchanged(result, ch, "the repository is larger than clone_max_bytes")
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(cmdline)
+    return found
+
+
+def test_a_clone_timeout_kills_every_git_process(clickhouse, ch, repo, monkeypatch) -> None:
+    """A server that stalls: the run fails at the timeout and no git helper
+    (git-remote-http) is left running against it."""
+    instance = dg.DagsterInstance.ephemeral()
+    assert _run(clickhouse, instance).success
+    server = UpstreamServer()
+    try:
+        server.fail("repo.git/info/refs?service=git-upload-pack", Reply(200, b"", delay_s=8))
+        url = server.url("repo.git")
+        monkeypatch.setenv("OONI_TEST_LISTS_REPO", url)
+        config = {**SMALL_BOUNDS["ops"]["citizenlab"]["config"], "clone_timeout_s": 1}
+        start = time.monotonic()
+        result = _run(clickhouse, instance, run_config={"ops": {"citizenlab": {"config": config}}})
+        assert time.monotonic() - start < 6
+        _assert_failed_and_unchanged(result, ch, "timed out after 1 s")
+        assert _processes_mentioning(url) == []
+    finally:
+        server.close()
 
 
 def test_check_fails_on_an_empty_table(clickhouse, ch) -> None:

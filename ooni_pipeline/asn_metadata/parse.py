@@ -5,7 +5,8 @@ source], ...], ...}`` of about 100k ASNs. Instead of ``json.load`` (the raw body
 parsed dict and the rows all in memory at once), ``iter_asn_histories`` reads the
 top-level object one member at a time from a stream of byte chunks, with the C JSON
 scanner doing the work on each small value; ``arrow_batches`` turns them into
-validated Arrow tables of a bounded size, ready to insert.
+validated Arrow tables of a bounded size, ready to insert. Errors name the ASN and
+field with a short escaped excerpt of the value at most.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ooni_pipeline.untrusted import EXCERPT_CHARS, excerpt
+
 MAX_ASN = 2**32 - 1
 ENTRY_FIELDS = ("org_name", "cc", "changed", "aut_name", "source")
 _WHITESPACE = re.compile(r"[ \t\r\n]*")
@@ -35,6 +38,11 @@ MAX_VALUE_CHARS = 4 << 20  # one ASN's history is a few KB
 
 class AsnMetaError(ValueError):
     """The map is malformed; the message names the ASN and the field."""
+
+
+def _asn_label(key: str) -> str:
+    """An ASN key as written if it is one, else a short escaped excerpt of it."""
+    return key if key.isascii() and key.isdigit() and len(key) <= 10 else excerpt(key)
 
 
 @contextmanager
@@ -104,7 +112,7 @@ class _Buffer:
                 return key
         key = self.value(decoder, "an ASN key")
         if not isinstance(key, str):
-            raise AsnMetaError(f"expected an ASN string key, found {key!r}")
+            raise AsnMetaError(f"expected an ASN string key, found {excerpt(key)}")
         return key
 
     def members_in_bulk(self) -> list[tuple[str, object]] | None:
@@ -136,7 +144,7 @@ class _Buffer:
         char = self.skip_ws()
         if not char or char not in chars:
             found = (
-                repr(self.text[self.pos : self.pos + 40])
+                excerpt(self.text[self.pos : self.pos + EXCERPT_CHARS])
                 if char
                 else "the end of the body (truncated?)"
             )
@@ -187,13 +195,14 @@ def iter_member_runs(
                 yield members
                 continue
             key = buffer.key(decoder)
-            buffer.expect(":", f"':' after ASN {key}")
-            yield [(key, buffer.value(decoder, f"ASN {key}"))]
-            if buffer.expect(",}", f"',' or '}}' after ASN {key}") == "}":
+            label = _asn_label(key)
+            buffer.expect(":", f"':' after ASN {label}")
+            yield [(key, buffer.value(decoder, f"ASN {label}"))]
+            if buffer.expect(",}", f"',' or '}}' after ASN {label}") == "}":
                 break
     if buffer.skip_ws():
         raise AsnMetaError(
-            f"unexpected data after the AS map: {buffer.text[buffer.pos : buffer.pos + 40]!r}"
+            f"unexpected data after the AS map: {excerpt(buffer.text[buffer.pos : buffer.pos + EXCERPT_CHARS])}"
         )
     if stats is not None:
         stats.bytes_read = buffer.bytes_read
@@ -223,7 +232,7 @@ def _asns(keys: list[str]) -> np.ndarray:
             return values
     for key in keys:
         if not (key.isascii() and key.isdigit()) or int(key) > MAX_ASN:
-            raise AsnMetaError(f"ASN {key!r}: not an integer in 0..{MAX_ASN}")
+            raise AsnMetaError(f"ASN {excerpt(key)}: not an integer in 0..{MAX_ASN}")
     raise AssertionError("unreachable")
 
 
@@ -306,7 +315,7 @@ class _Batch:
             for name, value in zip(ENTRY_FIELDS, entry, strict=True):
                 if not isinstance(value, str):
                     raise AsnMetaError(
-                        f"ASN {key}: entry {number}: field {name!r} is {value!r}, expected a string"
+                        f"ASN {key}: entry {number}: field {name!r} is {excerpt(value)}, expected a string"
                     )
         raise AsnMetaError("an entry could not be converted")  # Arrow refused what Python accepts
 
@@ -350,6 +359,6 @@ class _Batch:
             except ValueError:
                 key, _ = self._locate(row)
                 raise AsnMetaError(
-                    f"ASN {key}: field 'changed' is {value!r}, expected a date YYYYMMDD"
+                    f"ASN {key}: field 'changed' is {excerpt(value)}, expected a date YYYYMMDD"
                 ) from None
         raise AsnMetaError("field 'changed': a date did not parse")  # unreachable in practice

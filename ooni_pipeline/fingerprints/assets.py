@@ -1,5 +1,6 @@
 """The ``fingerprints_dns`` and ``fingerprints_http`` assets, built by one factory."""
 
+import re
 import time
 
 import dagster as dg
@@ -25,6 +26,10 @@ from ooni_pipeline.common import (
 )
 from ooni_pipeline.fetch import fetch_bytes
 from ooni_pipeline.fingerprints.parse import FingerprintError, parse_fingerprints
+from ooni_pipeline.untrusted import excerpt
+
+# RE2's reason in ClickHouse's message, which also repeats the whole pattern.
+_RE2_REASON = re.compile(r"error: (.*?)\. Look at", re.DOTALL)
 
 
 class FingerprintsConfig(TableUpdateConfig):
@@ -45,9 +50,10 @@ def validate_regexps_in_clickhouse(ch: ClickHouse, staging: str, source: str) ->
         try:
             ch.scalar("SELECT match('', {pattern:String})", {"pattern": pattern})
         except ClickHouseError as exc:
-            detail = str(exc).split(" (query:")[0]
+            reason = _RE2_REASON.search(str(exc))
             raise FingerprintError(
-                f"{source}: fingerprint {name!r}: field 'pattern': ClickHouse cannot compile {pattern!r}: {detail}"
+                f"{source}: fingerprint {excerpt(name)}: field 'pattern': ClickHouse cannot "
+                f"compile {excerpt(pattern)}: {excerpt(reason.group(1)) if reason else 'refused by RE2'}"
             ) from None
 
 

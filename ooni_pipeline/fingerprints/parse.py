@@ -2,7 +2,7 @@
 
 The fastpath confirms blocking by matching these fingerprints, so a wrong row
 mislabels measurements worldwide: any bad row fails the whole file, with the
-file, line and field named.
+file, line and field named, and a short escaped excerpt of the value at most.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from ooni_pipeline.clickhouse.schema import PATTERN_TYPES
+from ooni_pipeline.untrusted import excerpt
 
 HEADER = (
     "name",
@@ -61,14 +62,15 @@ def parse_fingerprints(body: bytes, source: str, scopes: tuple[str, ...]) -> Par
     kind = _looks_like(text)
     if kind:
         raise FingerprintError(
-            f"{source}: the body is {kind}, not CSV (starts with {text.lstrip()[:60]!r})"
+            f"{source}: the body is {kind}, not CSV (starts with {excerpt(text.lstrip())})"
         )
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
         header = next(reader, None)
         if header is None or tuple(h.strip() for h in header) != HEADER:
+            found = "missing" if header is None else excerpt(",".join(header))
             raise FingerprintError(
-                f"{source}: line 1: header is {header!r}, expected {','.join(HEADER)}"
+                f"{source}: line 1: header is {found}, expected {','.join(HEADER)}"
             )
         columns: dict[str, list] = {name: [] for name in HEADER}
         seen: dict[str, int] = {}
@@ -79,7 +81,7 @@ def parse_fingerprints(body: bytes, source: str, scopes: tuple[str, ...]) -> Par
             row = _validate_row(record, f"{source}: line {line}", scopes)
             if row["name"] in seen:
                 raise FingerprintError(
-                    f"{source}: line {line}: field 'name': {row['name']!r} duplicates line {seen[row['name']]}"
+                    f"{source}: line {line}: field 'name': {excerpt(row['name'])} duplicates line {seen[row['name']]}"
                 )
             seen[row["name"]] = line
             for name in HEADER:
@@ -103,11 +105,11 @@ def _validate_row(record: list[str], where: str, scopes: tuple[str, ...]) -> dic
         raise FingerprintError(f"{where}: field 'name' is empty")
     if row["scope"] not in scopes:
         raise FingerprintError(
-            f"{where}: field 'scope': {row['scope']!r} is not one of {', '.join(scopes)}"
+            f"{where}: field 'scope': {excerpt(row['scope'])} is not one of {', '.join(scopes)}"
         )
     if row["pattern_type"] not in PATTERN_TYPES:
         raise FingerprintError(
-            f"{where}: field 'pattern_type': {row['pattern_type']!r} is not one of {', '.join(PATTERN_TYPES)}"
+            f"{where}: field 'pattern_type': {excerpt(row['pattern_type'])} is not one of {', '.join(PATTERN_TYPES)}"
         )
     if not row["pattern"]:
         raise FingerprintError(f"{where}: field 'pattern' is empty")
@@ -116,12 +118,12 @@ def _validate_row(record: list[str], where: str, scopes: tuple[str, ...]) -> dic
             re.compile(row["pattern"])
         except re.error as exc:
             raise FingerprintError(
-                f"{where}: field 'pattern': invalid regexp {row['pattern']!r} ({exc})"
+                f"{where}: field 'pattern': invalid regexp {excerpt(row['pattern'])} ({exc})"
             ) from None
     confidence = row["confidence_no_fp"].strip()
     if not confidence.isdigit() or not 0 <= int(confidence) <= 255:
         raise FingerprintError(
-            f"{where}: field 'confidence_no_fp': {confidence!r} is not an integer 0-255"
+            f"{where}: field 'confidence_no_fp': {excerpt(confidence)} is not an integer 0-255"
         )
     row["confidence_no_fp"] = int(confidence)
     return row

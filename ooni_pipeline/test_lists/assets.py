@@ -31,6 +31,10 @@ class CitizenlabConfig(TableUpdateConfig):
     min_rows_exclusive: int = 20_000
     max_rows_exclusive: int = 1_000_000
     clone_timeout_s: float = Field(default=120.0, description="git clone timeout")
+    clone_max_bytes: int = Field(
+        default=500_000_000,
+        description="cap on the clone's size on disk (download plus files checked out)",
+    )
 
 
 def _arrow(parsed: ParsedLists) -> pa.Table:
@@ -72,14 +76,17 @@ def citizenlab(
     ClickHouse table ``citizenlab``, read by OONI probes and the API. Cloned from
     ``OONI_TEST_LISTS_REPO``, every URL validated strictly, filled into
     ``citizenlab_flip`` and swapped in atomically: a failure at any step leaves
-    ``citizenlab`` as it was. An unchanged upstream commit skips the rewrite.
+    ``citizenlab`` as it was. An unchanged upstream commit skips the rewrite. The
+    repository is untrusted: the clone is bounded in time and size, and a list file
+    that is a symlink or not a regular file fails the run, its content unread.
     """
     repo_url = settings.env("OONI_TEST_LISTS_REPO", settings.DEFAULT_TEST_LISTS_REPO)
     previous_commit = last_metadata(context, CITIZENLAB_KEY).get("commit")
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="test-lists-") as tmp:
         checkout = Path(tmp) / "test-lists"
-        commit = shallow_clone(repo_url, checkout, config.clone_timeout_s)
+        clone = shallow_clone(repo_url, checkout, config.clone_timeout_s, config.clone_max_bytes)
+        commit = clone.commit
         fetch_s = time.monotonic() - start
         context.log.info(f"cloned test lists at commit {commit} in {fetch_s:.1f} s")
 
@@ -97,7 +104,7 @@ def citizenlab(
                 )
 
             parse_start = time.monotonic()
-            parsed = read_lists(checkout)
+            parsed = read_lists(checkout, clone.symlinks)
             parse_s = time.monotonic() - parse_start
             context.log.info(
                 f"{len(parsed.rows)} valid rows from {parsed.files} files; "
@@ -131,13 +138,13 @@ def citizenlab(
             "duplicates": parsed.duplicates,
             "rejected_rows": sum(parsed.rejected.values()),
             "rejected_by_reason": dg.MetadataValue.json(dict(parsed.rejected)),
-            "rejected_examples": dg.MetadataValue.md(
-                "\n".join(f"- `{e}`" for e in parsed.examples) or "none"
-            ),
+            # Plain text: the examples quote upstream content, never rendered as Markdown.
+            "rejected_examples": dg.MetadataValue.text("\n".join(parsed.examples) or "none"),
             "rows_per_country_top": dg.MetadataValue.json({cc: n for cc, n in per_country}),
             "countries": len({r.cc for r in parsed.rows}),
             "urls_added": added,
             "urls_removed": removed,
+            "clone_bytes": clone.bytes,
             "fetch_s": round(fetch_s, 3),
             "parse_s": round(parse_s, 3),
             "update_s": round(result.fill_s + result.swap_s, 3),
