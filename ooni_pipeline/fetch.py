@@ -5,6 +5,8 @@ is final and reported with the URL. A conditional GET sends the validators of th
 last successful fetch (ETag, Last-Modified) so an unchanged file costs one 304; the
 validators belong to the URL that gave them and are sent to no other (a mirror's
 older file must not pass as "not modified" without being validated).
+Bodies are read with a cap on their decoded size: requests undoes a
+``Content-Encoding: gzip`` transparently, so a small response can unpack to gigabytes.
 """
 
 from __future__ import annotations
@@ -17,9 +19,14 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
+from ooni_pipeline.decompression import GiB, limit_chunks
+
 USER_AGENT = "ooni-pipeline/0.1 (+https://github.com/ooni)"
 CONNECT_TIMEOUT_S = 15
 READ_TIMEOUT_S = 120
+# Decoded bytes a body may have unless the caller says otherwise; OONI's largest
+# source (the AS-organisation map) is tens of MB.
+DEFAULT_MAX_BODY_BYTES = GiB
 
 
 class FetchError(RuntimeError):
@@ -81,15 +88,23 @@ class Fetched:
     url: str
     response: requests.Response | None
     validators: Validators
+    max_bytes: int = DEFAULT_MAX_BODY_BYTES
 
     @property
     def not_modified(self) -> bool:
         return self.response is None
 
     def iter_bytes(self, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        """The decoded body in chunks of at most ``chunk_size`` (urllib3 >= 2.7 inflates
+        a ``Content-Encoding`` in bounded steps); ``DecompressionLimitExceeded`` once
+        more than ``max_bytes`` have come."""
         assert self.response is not None
         try:
-            yield from self.response.iter_content(chunk_size)
+            yield from limit_chunks(
+                self.response.iter_content(chunk_size),
+                limit=self.max_bytes,
+                what=f"the body of {self.url}",
+            )
         except requests.RequestException as exc:
             raise FetchError(
                 f"reading {self.url} failed (truncated or interrupted body): {exc}"
@@ -103,11 +118,13 @@ def fetch(
     previous: Validators | None = None,
     session: requests.Session | None = None,
     timeout: tuple[float, float] = (CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
+    max_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> Iterator[Fetched]:
     """GET ``url`` streaming. Yields ``Fetched``; raises ``FetchError`` on failure.
 
     With ``previous`` validators of this same URL, a 304 yields ``not_modified``;
-    validators of another URL are not sent.
+    validators of another URL are not sent. Reading more than ``max_bytes`` of
+    decoded body raises ``DecompressionLimitExceeded``.
     """
     session = session or http_session()
     if previous is not None and previous.url != url:
@@ -119,7 +136,7 @@ def fetch(
         raise FetchError(f"fetching {url} failed: {exc}") from exc
     with response:
         if response.status_code == 304 and previous is not None:
-            yield Fetched(url, None, previous)
+            yield Fetched(url, None, previous, max_bytes)
             return
         if response.status_code != 200:
             raise FetchError(
@@ -129,19 +146,14 @@ def fetch(
         validators = Validators(
             response.headers.get("ETag"), response.headers.get("Last-Modified"), url
         )
-        yield Fetched(url, response, validators)
+        yield Fetched(url, response, validators, max_bytes)
 
 
 def fetch_bytes(
     url: str, *, previous: Validators | None = None, max_bytes: int = 256 << 20
 ) -> tuple[bytes | None, Validators]:
     """A small file whole with its validators; ``None`` as body when not modified."""
-    with fetch(url, previous=previous) as fetched:
+    with fetch(url, previous=previous, max_bytes=max_bytes) as fetched:
         if fetched.not_modified:
             return None, fetched.validators
-        body = bytearray()
-        for chunk in fetched.iter_bytes():
-            body += chunk
-            if len(body) > max_bytes:
-                raise FetchError(f"{url} is larger than {max_bytes} bytes")
-        return bytes(body), fetched.validators
+        return b"".join(fetched.iter_bytes()), fetched.validators

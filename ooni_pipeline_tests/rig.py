@@ -9,11 +9,14 @@ import hashlib
 import subprocess
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+import zstandard
 
 DEFAULT_LAST_MODIFIED = datetime(2026, 11, 1, tzinfo=UTC)
 
@@ -253,3 +256,49 @@ def materialization_metadata(result, key: str | None = None) -> dict:
 def failure_text(result) -> str:
     """The first step failure of a run, with its causes, as the UI shows it."""
     return result.get_step_failure_events()[0].step_failure_data.error.to_string()
+
+
+def bomb(codec: str, size: int, head: bytes = b"", unit: bytes = b"\0") -> bytes:
+    """A decompression bomb: ``head``, then ``unit`` repeated up to ``size`` bytes in all,
+    gzip- or zstd-compressed as a stream (the uncompressed data is never held whole)."""
+    compressor = (
+        zlib.compressobj(1, zlib.DEFLATED, 31)
+        if codec == "gzip"
+        else zstandard.ZstdCompressor().compressobj()
+    )
+    block = unit * max(1, (1 << 20) // len(unit))
+    parts = [compressor.compress(head)]
+    left = size - len(head)
+    while left > 0:
+        parts.append(compressor.compress(block[:left]))
+        left -= len(block)
+    parts.append(compressor.flush())
+    return b"".join(parts)
+
+
+class PeakFileSize:
+    """Samples, in a background thread, the largest file in ``directory`` while the
+    ``with`` block runs: what a step wrote to disk at its peak, even if it deleted it."""
+
+    def __init__(self, directory: Path, pattern: str = "*"):
+        self.directory, self.pattern = directory, pattern
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            for path in self.directory.glob(self.pattern):
+                try:
+                    self.peak = max(self.peak, path.stat().st_size)
+                except FileNotFoundError:
+                    pass
+            time.sleep(0.001)
+
+    def __enter__(self) -> PeakFileSize:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -18,7 +18,13 @@ from ooni_pipeline.asn_metadata.parse import (
     iter_member_runs,
 )
 from ooni_pipeline.clickhouse import ClickHouse
-from ooni_pipeline_tests.rig import Reply, UpstreamServer, failure_text, materialization_metadata
+from ooni_pipeline_tests.rig import (
+    Reply,
+    UpstreamServer,
+    bomb,
+    failure_text,
+    materialization_metadata,
+)
 
 SMALL = {
     "ops": {
@@ -153,6 +159,22 @@ def test_truncated_transfer_keeps_the_live_table(clickhouse, ch, source) -> None
     source.fail("all_as_org_map.json", Reply(200, _body(_map(1600)), truncate_to=30_000))
     result = _run(clickhouse, instance)
     assert not result.success and "truncated" in failure_text(result)
+    assert ch.count("asnmeta") == 2001
+
+
+GiB = 1 << 30
+
+
+def test_a_content_encoding_bomb_stops_at_the_default_cap(clickhouse, ch, source) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    assert _run(clickhouse, instance).success
+    # About 1.1 MB on the wire: an AS map opening, then 1.1 GiB of JSON whitespace once
+    # requests has undone the Content-Encoding (built in about two seconds).
+    body = bomb("gzip", GiB + (64 << 20), b'{"1": ', b" ")
+    source.fail("all_as_org_map.json", Reply(200, body, {"Content-Encoding": "gzip"}))
+    result = _run(clickhouse, instance)
+    assert not result.success
+    assert f"all_as_org_map.json unpacks to more than {GiB} bytes" in failure_text(result)
     assert ch.count("asnmeta") == 2001
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import tempfile
 import threading
 import time
 
@@ -25,7 +26,13 @@ from ooni_pipeline.backup.plan import (
 from ooni_pipeline.clickhouse import ClickHouse
 from ooni_pipeline.clickhouse.schema import ensure_tables
 from ooni_pipeline.object_store import ObjectStoreResource
-from ooni_pipeline_tests.rig import FaultyProxy, failure_text, materialization_metadata
+from ooni_pipeline_tests.rig import (
+    FaultyProxy,
+    PeakFileSize,
+    bomb,
+    failure_text,
+    materialization_metadata,
+)
 
 FASTPATH = BackupTable("fastpath", "measurement_start_time")
 fastpath_backup, fastpath_restore_check = build_backup_asset(FASTPATH)
@@ -251,6 +258,47 @@ def test_a_table_without_insertion_time_changing_during_export_is_retried_then_f
     assert "failed after 2 attempts" in text and "asnmeta changed while it was exported" in text
     assert load_manifest(local_store_resource.get_store()) == {}
     assert _run(clickhouse, local_store_resource, [asnmeta_backup]).success
+
+
+def test_restore_check_stops_a_bomb_at_the_recorded_size(
+    clickhouse, ch, s3_store_resource, s3_client, s3_bucket, tmp_path, monkeypatch
+) -> None:
+    ensure_tables(ch, "asnmeta")
+    ch.command(
+        "INSERT INTO asnmeta SELECT number, 'Org', 'IT', toDate('2020-01-01'), '', 'RIPE' "
+        "FROM numbers(1000)"
+    )
+    instance = dg.DagsterInstance.ephemeral()
+    assert _run(clickhouse, s3_store_resource, [asnmeta_backup], instance=instance).success
+    store = s3_store_resource.get_store()
+    key = "clickhouse_export/csv/asnmeta.csv.zstd"
+    recorded = load_manifest(store, "asnmeta")[key]["uncompressed_bytes"]
+    header, row = (
+        zstandard.ZstdDecompressor()
+        .stream_reader(io.BytesIO(store.read_bytes(key)))
+        .read()
+        .splitlines(keepends=True)[:2]
+    )
+    # The object replaced in the bucket by 64 MiB of valid rows in a few KB of zstd.
+    s3_client.put_object(Bucket=s3_bucket, Key=key, Body=bomb("zstd", 64 << 20, header, row))
+    # chdb stages a raw insert in a temporary file: watch how large it gets.
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(staging))
+    context = dg.build_asset_check_context(
+        resources={"clickhouse": clickhouse, "object_store": s3_store_resource},
+        instance=instance,
+    )
+    with PeakFileSize(staging) as written:
+        result = asnmeta_restore_check(context)
+    assert not result.passed
+    entry = result.metadata["results"].value[key]
+    assert entry["match"] is False and "rows" not in entry
+    assert f"{key} unpacks to more than {recorded} bytes" in entry["error"]
+    assert written.peak <= recorded
+    assert list(staging.iterdir()) == []
+    assert ch.count("asnmeta") == 1000
+    assert not [t for (t,) in ch.query_rows("SHOW TABLES") if t.startswith("_restore_check")]
 
 
 def test_upload_failure_mid_object_leaves_nothing(

@@ -20,6 +20,7 @@ from ooni_pipeline.exports.website_metrics import (
     website_metrics,
     website_metrics_object_check,
 )
+from ooni_pipeline_tests.rig import bomb, materialization_metadata
 
 DAY = "2024-03-10"
 
@@ -212,6 +213,29 @@ def test_check_compares_with_what_was_exported_not_with_live_data(
     fresh = website_metrics_object_check(context)
     assert fresh.passed
     assert fresh.metadata["days_whose_fastpath_changed_since_export"].value == []
+
+
+def test_object_check_stops_a_bomb_at_the_recorded_size(
+    clickhouse, s3_store_resource, s3_client, s3_bucket, ch, day_rows
+) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    result = _materialize(clickhouse, s3_store_resource, DAY, instance)
+    assert result.success
+    recorded = materialization_metadata(result, "website_metrics")["uncompressed_bytes"]
+    store = s3_store_resource.get_store()
+    header, row = gzip.decompress(store.read_bytes(object_key(DAY))).splitlines(keepends=True)[:2]
+    # The object replaced in the bucket by 64 MiB of valid rows in about 300 KB of gzip.
+    body = bomb("gzip", 64 << 20, header, row)
+    s3_client.put_object(Bucket=s3_bucket, Key=object_key(DAY), Body=body)
+    context = dg.build_asset_check_context(
+        resources={"clickhouse": clickhouse, "object_store": s3_store_resource},
+        instance=instance,
+    )
+    checked = website_metrics_object_check(context)
+    assert not checked.passed
+    problems = checked.metadata["problems"].value
+    assert f"{DAY}: {object_key(DAY)} unpacks to more than {recorded} bytes" in problems
+    assert store.read_bytes(object_key(DAY)) == body  # a check reads, never writes
 
 
 def test_failure_keeps_the_previous_object(clickhouse, s3_store_resource, ch, day_rows) -> None:

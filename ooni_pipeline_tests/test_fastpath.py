@@ -27,7 +27,7 @@ from ooni_pipeline.clickhouse.schema import DNS_SCOPES, HTTP_SCOPES, ensure_tabl
 from ooni_pipeline.exports.website_metrics import object_key, website_metrics
 from ooni_pipeline.fastpath.assets import build_fastpath_asset, public_fastpath
 from ooni_pipeline.fingerprints.parse import parse_fingerprints
-from ooni_pipeline_tests.rig import failure_text
+from ooni_pipeline_tests.rig import bomb, failure_text
 
 DATA = Path(__file__).parent / "data" / "ooni"
 UPLOAD_DAY = "2024-01-02"
@@ -294,6 +294,34 @@ def test_a_damaged_postcan_fails_the_day_naming_it(
     assert bad_key.rsplit("/", 1)[1] in failure_text(result)
     assert ch.count("fastpath") == 0  # nothing of the day half-written
     assert not [t for (t,) in ch.query_rows("SHOW TABLES") if t.startswith("fastpath_ingest")]
+
+
+def test_a_postcan_bomb_stops_at_the_cap_and_writes_nothing(
+    clickhouse, ch, fingerprints, bucket
+) -> None:
+    base = real(7)
+    bucket.put(UPLOAD_DAY, "IT", [member(_variant(base, f"good{n}")) for n in range(3)])
+    # A real member, then one that is not a measurement: 64 MiB of zeros, about 300 KB
+    # of gzip. Skipped members count towards the cap too.
+    name, data = member(_variant(base, "inside"))
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    padding = tarfile.TarInfo("2024010212_IT_webconnectivity/padding.bin")
+    padding.size = 64 << 20
+    head = info.tobuf() + data + b"\0" * (-len(data) % 512) + padding.tobuf()
+    bad_key = "raw/20240102/12/IT/webconnectivity/2024010212_IT_webconnectivity.n1.9.tar.gz"
+    bucket.put_raw(bad_key, bomb("gzip", len(head) + (64 << 20) + 1024, head))
+    cap = 4 << 20
+    result = ingest(clickhouse, UPLOAD_DAY, config={"max_postcan_unpacked_bytes": cap})
+    assert not result.success
+    text = failure_text(result)
+    assert f"postcan {bad_key} unpacks to more than {cap} bytes" in text
+    assert "max_postcan_unpacked_bytes" in text
+    assert ch.count("fastpath") == 0
+    assert not [t for (t,) in ch.query_rows("SHOW TABLES") if t.startswith("fastpath_ingest")]
+    # Under the default cap (1 GiB) the same postcan is read whole and the day lands.
+    assert ingest(clickhouse, UPLOAD_DAY).success
+    assert ch.count("fastpath") == 4
 
 
 def test_too_many_malformed_members_fail_the_day(clickhouse, ch, fingerprints, bucket) -> None:

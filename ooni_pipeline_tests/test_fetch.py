@@ -6,8 +6,11 @@ from datetime import UTC, datetime
 
 import pytest
 
+from ooni_pipeline.decompression import DecompressionLimitExceeded
 from ooni_pipeline.fetch import FetchError, fetch, fetch_bytes, http_session
-from ooni_pipeline_tests.rig import Reply, UpstreamServer
+from ooni_pipeline_tests.rig import Reply, UpstreamServer, bomb
+
+MiB = 1 << 20
 
 
 def test_retries_5xx_then_succeeds(upstream: UpstreamServer) -> None:
@@ -70,3 +73,28 @@ def test_slow_response_times_out(upstream: UpstreamServer) -> None:
     with pytest.raises(FetchError, match="slow"):
         with fetch(url, session=http_session(retries=1, backoff_s=0), timeout=(1, 0.5)):
             pass
+
+
+def test_a_content_encoding_bomb_is_read_in_bounded_chunks_up_to_the_cap(
+    upstream: UpstreamServer,
+) -> None:
+    # 64 KB on the wire, 64 MiB once requests has undone the Content-Encoding.
+    body = bomb("gzip", 64 * MiB)
+    url = upstream.url("bomb.csv")
+    upstream.fail("bomb.csv", Reply(200, body, {"Content-Encoding": "gzip"}))
+    sizes: list[int] = []
+    with pytest.raises(DecompressionLimitExceeded) as info:
+        with fetch(url, max_bytes=4 * MiB) as fetched:
+            for chunk in fetched.iter_bytes():
+                sizes.append(len(chunk))
+    message = str(info.value)
+    assert "bomb.csv" in message and "more than 4194304 bytes" in message
+    assert "\\x00" not in message and len(message) < 300  # named, never quoted
+    assert sum(sizes) <= 4 * MiB and max(sizes) <= MiB
+
+
+def test_fetch_bytes_stops_a_bomb_at_its_cap(upstream: UpstreamServer) -> None:
+    url = upstream.url("fp.csv")
+    upstream.fail("fp.csv", Reply(200, bomb("gzip", 8 * MiB), {"Content-Encoding": "gzip"}))
+    with pytest.raises(DecompressionLimitExceeded, match="fp.csv unpacks to more than 1048576"):
+        fetch_bytes(url, max_bytes=MiB)

@@ -10,10 +10,17 @@ import pytest
 from mmdb_writer import MMDBWriter
 from netaddr import IPSet
 
-from ooni_pipeline.geoip.assets import geoip_db, geoip_db_lookup_check
+from ooni_pipeline.geoip.assets import GeoIPConfig, geoip_db, geoip_db_lookup_check
 from ooni_pipeline.geoip.definitions import geoip_db_schedule
 from ooni_pipeline.geoip.mmdb import previous_month, release_ver
-from ooni_pipeline_tests.rig import Reply, UpstreamServer, failure_text, materialization_metadata
+from ooni_pipeline_tests.rig import (
+    PeakFileSize,
+    Reply,
+    UpstreamServer,
+    bomb,
+    failure_text,
+    materialization_metadata,
+)
 
 TODAY = "2026-11-03"
 THIS, LAST = "20261101", "20261001"
@@ -58,10 +65,10 @@ def _good(tmp_path: Path, asn: int) -> tuple[bytes, bytes]:
     return raw, gzip.compress(raw)
 
 
-def _run(today: str = TODAY):
+def _run(today: str = TODAY, **config):
     return dg.materialize(
         [geoip_db, geoip_db_lookup_check],
-        run_config={"ops": {"geoip_db": {"config": {"today": today}}}},
+        run_config={"ops": {"geoip_db": {"config": {"today": today, **config}}}},
         instance=dg.DagsterInstance.ephemeral(),
         raise_on_error=False,
     )
@@ -178,6 +185,33 @@ def test_bad_download_leaves_the_previous_file_byte_for_byte(tmp_path, geo, case
     assert not result.success and message in failure_text(result)
     assert {name: (directory / name).read_bytes() for name in before} == before
     assert _no_temp_files(directory)
+
+
+def test_a_gzip_bomb_stops_at_the_cap_and_leaves_the_installed_file(tmp_path, geo) -> None:
+    directory, publish, _ = geo
+    publish(LAST, _good(tmp_path, 1)[1])
+    assert _run("2026-10-20").success
+    before = {name: (directory / name).read_bytes() for name in ("asn_cc.mmdb", "geoipdbts")}
+    cap = 4 << 20
+    publish(THIS, bomb("gzip", 64 << 20))  # 64 KB served, 64 MiB of zeros unpacked
+    with PeakFileSize(directory, "*.partial") as written:
+        result = _run(max_unpacked_bytes=cap)
+    assert not result.success
+    text = failure_text(result)
+    assert f"{THIS}-ip2country_as.mmdb.gz unpacks to more than {cap} bytes" in text
+    assert "max_unpacked_bytes" in text
+    assert written.peak <= cap, written.peak
+    assert {name: (directory / name).read_bytes() for name in before} == before
+    assert _no_temp_files(directory)
+    # A release of ordinary size still installs under the same cap.
+    raw, gz = _good(tmp_path, 2)
+    publish(THIS, gz)
+    assert _run(max_unpacked_bytes=cap).success
+    assert (directory / "asn_cc.mmdb").read_bytes() == raw
+
+
+def test_the_default_cap_is_one_gib() -> None:
+    assert GeoIPConfig().max_unpacked_bytes == 1 << 30
 
 
 def test_server_error_then_success(tmp_path, geo) -> None:

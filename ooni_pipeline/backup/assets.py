@@ -6,7 +6,6 @@ from datetime import datetime, timezone
 from typing import Any
 
 import dagster as dg
-import zstandard
 from pydantic import Field
 
 from ooni_pipeline.backup.manifest import load_manifest, record_objects
@@ -24,10 +23,12 @@ from ooni_pipeline.backup.plan import (
 from ooni_pipeline.clickhouse import ClickHouse, ClickHouseResource, quote_identifier
 from ooni_pipeline.clickhouse.schema import KNOWN_TABLES, ensure_tables
 from ooni_pipeline.common import CLICKHOUSE_POOL, OWNER, one_run_at_a_time
+from ooni_pipeline.decompression import DecompressionLimitExceeded, iter_bounded
 from ooni_pipeline.object_store import ObjectStoreResource, UploadResult, stream_upload
 from ooni_pipeline.object_store.stores import ObjectStore
 
 MB = 1024 * 1024
+NO_RECORDED_SIZE = "the manifest records no uncompressed_bytes to bound the restore with"
 
 
 class BackupConfig(dg.Config):
@@ -225,7 +226,8 @@ def build_backup_asset(spec: BackupTable) -> tuple[dg.AssetsDefinition, dg.Asset
         name="restore_check",
         pool=CLICKHOUSE_POOL,
         description="Reads the objects of the last backup (or the newest one) back into a scratch table and "
-        "compares row count and checksum with the fingerprint recorded at backup time.",
+        "compares row count and checksum with the fingerprint recorded at backup time. An object "
+        "that unpacks past the size recorded in the manifest fails without being restored.",
     )
     def _check(
         context: dg.AssetCheckExecutionContext,
@@ -259,7 +261,15 @@ def build_backup_asset(spec: BackupTable) -> tuple[dg.AssetsDefinition, dg.Asset
 def restore_and_compare(
     ch: ClickHouse, store: ObjectStore, table: str, key: str, entry: dict[str, Any]
 ) -> dict[str, Any]:
-    """Load an object into a scratch copy of ``table``; compare it with the manifest entry."""
+    """Load an object into a scratch copy of ``table``; compare it with the manifest entry.
+
+    The object is unpacked up to the size recorded when it was written, no further: one
+    that unpacks to more is not the backup (it may be a decompression bomb) and fails
+    the comparison without being restored.
+    """
+    limit = entry.get("uncompressed_bytes")
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+        return {"match": False, "expected": entry.get("fingerprint"), "error": NO_RECORDED_SIZE}
     scratch = quote_identifier(f"_restore_check_{table}")
     ch.command(f"DROP TABLE IF EXISTS {scratch}")
     ch.command(
@@ -267,13 +277,14 @@ def restore_and_compare(
     )
     try:
         with store.open_reader(key) as raw:
-            reader = zstandard.ZstdDecompressor().stream_reader(raw)
             ch.raw_insert(
                 f"_restore_check_{table}",
-                iter(lambda: reader.read(4 * MB), b""),
+                iter_bounded(raw, "zstd", limit=limit, what=key, chunk_size=4 * MB),
                 fmt="CSVWithNames",
             )
         rows, checksum = ch.query_rows(fingerprint_sql(scratch))[0]
+    except DecompressionLimitExceeded as exc:
+        return {"match": False, "expected": entry["fingerprint"], "error": str(exc)}
     finally:
         ch.command(f"DROP TABLE IF EXISTS {scratch}")
     restored = f"{int(rows)}:{int(checksum):016x}"

@@ -254,15 +254,26 @@ class ClickHouse:
             raise self._wrap(exc, f"INSERT INTO {table}") from None
 
     def raw_insert(self, table: str, data: Iterable[bytes], fmt: str) -> None:
-        """Insert raw bytes in a ClickHouse input format (e.g. CSVWithNames), parsed by the engine."""
+        """Insert raw bytes in a ClickHouse input format (e.g. CSVWithNames), parsed by the engine.
+
+        An error raised by ``data`` itself (e.g. a decompression limit) is the caller's
+        and reaches it unchanged; ClickHouse's own errors become ``ClickHouseError``.
+        """
         quote_identifier(table)
+        source_error: list[Exception] = []
 
         def blocks() -> Generator[bytes, None, None]:
-            yield from data
+            try:
+                yield from data
+            except Exception as exc:
+                source_error.append(exc)
+                raise
 
         try:
             self._client.raw_insert(table, insert_block=blocks(), fmt=fmt)
         except Exception as exc:
+            if source_error:
+                raise source_error[0] from None
             raise self._wrap(exc, f"INSERT INTO {table} FORMAT {fmt}") from None
 
     def count(self, table: str) -> int:

@@ -1,7 +1,7 @@
 """The ``website_metrics`` asset: one pivoted gzip CSV per UTC day, for newsrooms and researchers."""
 
 import csv
-import gzip
+import io
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -13,6 +13,7 @@ from pydantic import Field
 from ooni_pipeline.clickhouse import ClickHouse, ClickHouseResource
 from ooni_pipeline.clickhouse.schema import ensure_tables
 from ooni_pipeline.common import CLICKHOUSE_POOL, OWNER, last_metadata
+from ooni_pipeline.decompression import DecompressionLimitExceeded, open_bounded
 from ooni_pipeline.exports.website_metrics_sql import CATEGORIES, CSV_COLUMNS, PIVOT_SQL, TOTALS_SQL
 from ooni_pipeline.fastpath.assets import FASTPATH_KEY, MEASUREMENT_DAYS
 from ooni_pipeline.fastpath.versions import day_versions
@@ -184,11 +185,18 @@ def _day_metadata(export: DayExport) -> dict[str, Any]:
     return metadata
 
 
-def read_object_totals(store: ObjectStore, key: str) -> tuple[list[str], dict[str, int], int]:
-    """(header, totals, rows with not exactly one category) of a published object, streamed."""
+def read_object_totals(
+    store: ObjectStore, key: str, max_bytes: int
+) -> tuple[list[str], dict[str, int], int]:
+    """(header, totals, rows with not exactly one category) of a published object,
+    streamed and unpacked to at most ``max_bytes`` (``DecompressionLimitExceeded`` past it)."""
     totals = dict.fromkeys(("rows", *CATEGORIES, "confirmed"), 0)
     bad_rows = 0
-    with store.open_reader(key) as raw, gzip.open(raw, "rt", encoding="utf-8", newline="") as text:
+    with (
+        store.open_reader(key) as raw,
+        open_bounded(raw, "gzip", limit=max_bytes, what=key) as unpacked,
+        io.TextIOWrapper(unpacked, encoding="utf-8", newline="") as text,
+    ):
         reader = csv.reader(text)
         header = next(reader, [])
         index = {name: header.index(name) for name in (*CATEGORIES, "confirmed") if name in header}
@@ -208,7 +216,8 @@ def read_object_totals(store: ObjectStore, key: str) -> tuple[list[str], dict[st
     asset=website_metrics,
     pool=CLICKHOUSE_POOL,
     description="Each materialized day's object has the contract's header, one category per row, "
-    "and exactly the totals recorded when it was exported. That fastpath moved on since "
+    "and exactly the totals recorded when it was exported; it is unpacked no further than the "
+    "size recorded then. That fastpath moved on since "
     "(a late upload) is reported, not failed: the automation re-exports such days.",
 )
 def website_metrics_object_check(
@@ -229,7 +238,16 @@ def website_metrics_object_check(
         if not store.exists(key):
             problems.append(f"{day}: no object at {key}")
             continue
-        header, totals, bad_rows = read_object_totals(store, key)
+        # Unpacked no further than what was written: more is not the export.
+        size = recorded[day].get("uncompressed_bytes")
+        if not isinstance(size, int):
+            problems.append(f"{day}: no recorded export to compare {key} with")
+            continue
+        try:
+            header, totals, bad_rows = read_object_totals(store, key, size)
+        except DecompressionLimitExceeded as exc:
+            problems.append(f"{day}: {exc}")
+            continue
         expected = {"rows": recorded[day].get("dagster/row_count")} | {
             name: recorded[day].get(f"total_{name}") for name in (*CATEGORIES, "confirmed")
         }

@@ -21,6 +21,7 @@ from ooni_pipeline.clickhouse.schema import ensure_tables
 from ooni_pipeline.common import CLICKHOUSE_POOL, OWNER
 from ooni_pipeline.fastpath.ingest import (
     DEFAULT_MAX_MALFORMED_SHARE,
+    DEFAULT_MAX_POSTCAN_BYTES,
     IngestReport,
     ingest_upload_day,
 )
@@ -180,6 +181,12 @@ class PublicFastpathConfig(dg.Config):
         le=1,
         description="Fail the upload day when more than this share of members is malformed",
     )
+    max_postcan_unpacked_bytes: int = Field(
+        default=DEFAULT_MAX_POSTCAN_BYTES,
+        gt=0,
+        description="Fail the upload day when a postcan unpacks to more than this many bytes "
+        "(OONI's are about 20 MB of gzip, some 60 MB unpacked)",
+    )
 
 
 @dg.asset(
@@ -201,7 +208,8 @@ def public_fastpath(
     (`raw/YYYYMMDD/`, the day OONI *received* them), for `OONI_PUBLIC_COUNTRIES`
     (empty: all) and `OONI_PUBLIC_TEST_NAMES` (default web_connectivity). ClickHouse
     reads the postcans from S3 and scores each measurement as OONI's fastpath does,
-    with the fingerprint tables; a corrupt postcan or more than 1% malformed members
+    with the fingerprint tables; a corrupt postcan, one that unpacks past
+    `max_postcan_unpacked_bytes` (default 1 GiB), or more than 1% malformed members
     fails the day with nothing written. Re-running a day writes only changed rows.
     """
     bucket = public_bucket()
@@ -220,6 +228,7 @@ def public_fastpath(
                 bucket,
                 day,
                 max_malformed_share=config.max_malformed_share,
+                max_postcan_bytes=config.max_postcan_unpacked_bytes,
                 log=context.log.info,
             )
             changed = record_day_versions(context, ch, report.measurement_days)

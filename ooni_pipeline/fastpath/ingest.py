@@ -26,6 +26,7 @@ import pyarrow as pa
 
 from ooni_pipeline.clickhouse import ClickHouse, quote_identifier
 from ooni_pipeline.clickhouse.schema import FASTPATH_COLUMNS
+from ooni_pipeline.decompression import DecompressionLimitExceeded, GiB, open_bounded
 from ooni_pipeline.fastpath.public_bucket import PublicBucket
 from ooni_pipeline.fastpath.scoring_sql import MALFORMED_REASONS, scoring_select
 
@@ -45,6 +46,9 @@ SCORING_SETTINGS = (
 )
 # A measurement is at most about 1 MB (fastpath core.py); a member far larger is hostile.
 MAX_MEMBER_BYTES = 64 * 1024 * 1024
+# A postcan is about 20 MB of gzip, some 60 MB unpacked; every byte of the tar stream
+# counts, skipped members too.
+DEFAULT_MAX_POSTCAN_BYTES = GiB
 BATCH_BYTES = 8 * 1024 * 1024
 
 
@@ -76,9 +80,11 @@ def ingest_upload_day(
     day: str,
     *,
     max_malformed_share: float = DEFAULT_MAX_MALFORMED_SHARE,
+    max_postcan_bytes: int = DEFAULT_MAX_POSTCAN_BYTES,
     log: Callable[[str], None] = lambda message: None,
 ) -> IngestReport:
-    """Score and insert the measurements of upload day ``day`` (YYYY-MM-DD)."""
+    """Score and insert the measurements of upload day ``day`` (YYYY-MM-DD); a postcan
+    that unpacks to more than ``max_postcan_bytes`` fails the day."""
     started = time.monotonic()
     report = IngestReport(day)
     postcans = bucket.list_postcans(day)
@@ -91,7 +97,7 @@ def ingest_upload_day(
     log(f"{day}: {len(postcans)} postcans, {report.compressed_bytes / 1e6:.1f} MB")
 
     with _scratch_tables(ch, day) as (members, staging, changed):
-        _load_members(ch, members, bucket, postcans, log)
+        _load_members(ch, members, bucket, postcans, max_postcan_bytes, log)
         log(
             f"{day}: members loaded in {time.monotonic() - started:.1f} s (peak RSS {_peak_rss_mb()} MB)"
         )
@@ -119,6 +125,7 @@ def _load_members(
     members: str,
     bucket: PublicBucket,
     postcans: list[tuple[str, int]],
+    max_postcan_bytes: int,
     log: Callable[[str], None],
 ) -> None:
     """Stream each postcan, unpack its ``.post`` members and insert their raw bytes in
@@ -127,7 +134,7 @@ def _load_members(
     ClickHouse can read tar members from S3 itself (``s3(url :: **.post)``), but it
     reopens a ``.tar.gz`` from its start for every member: measured 5.5 s for one
     4 MB postcan of 300 members, quadratic in the postcan's size. Python's tarfile
-    streams each postcan once.
+    streams each postcan once, gunzipped with a cap on its unpacked size.
     """
     batch: dict[str, list[Any]] = {"member_key": [], "member_name": [], "raw": []}
     batch_bytes = 0
@@ -150,7 +157,18 @@ def _load_members(
 
     for number, (key, _size) in enumerate(postcans, start=1):
         try:
-            with bucket.open(key) as body, tarfile.open(fileobj=body, mode="r|gz") as tar:
+            with (
+                bucket.open(key) as body,
+                open_bounded(
+                    body,
+                    "gzip",
+                    limit=max_postcan_bytes,
+                    what=f"postcan {key}",
+                    hint="raise max_postcan_unpacked_bytes in the run config of public_fastpath "
+                    "if a genuine postcan is that large",
+                ) as unpacked,
+                tarfile.open(fileobj=unpacked, mode="r|") as tar,
+            ):
                 for info in tar:
                     # s3feeder.load_multiple: regular members named .../<uid>.post
                     if not (info.isfile() and info.name.endswith(".post")):
@@ -168,6 +186,8 @@ def _load_members(
                         flush()
         except IngestError as exc:
             raise IngestError(f"postcan {key}: {exc}") from None
+        except DecompressionLimitExceeded as exc:
+            raise IngestError(str(exc)) from None
         except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
             raise IngestError(
                 f"cannot read postcan {key} (corrupt or truncated): {type(exc).__name__}: {str(exc)[:200]}"

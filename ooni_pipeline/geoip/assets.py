@@ -11,6 +11,7 @@ from pydantic import Field
 
 from ooni_pipeline import settings
 from ooni_pipeline.common import OWNER
+from ooni_pipeline.decompression import GiB
 from ooni_pipeline.fetch import FetchError, fetch
 from ooni_pipeline.geoip.mmdb import (
     DB_NAME,
@@ -27,11 +28,19 @@ from ooni_pipeline.geoip.mmdb import (
 )
 
 GEOIP_KEY = dg.AssetKey("geoip_db")
+# OONI's releases unpack to tens of MB; a bomb of the same download size to gigabytes.
+DEFAULT_MAX_UNPACKED_BYTES = GiB
 
 
 class GeoIPConfig(dg.Config):
     today: str | None = Field(
         default=None, description="YYYY-MM-DD to act as if it were that day (UTC); default today"
+    )
+    max_unpacked_bytes: int = Field(
+        default=DEFAULT_MAX_UNPACKED_BYTES,
+        gt=0,
+        description="Cap on the unpacked mmdb (and on the download): past it the run fails and "
+        "the installed file stays as it was",
     )
 
 
@@ -39,15 +48,23 @@ class NotPublished(Exception):
     pass
 
 
-def _download(url: str, directory: Path, log) -> tuple[MmdbInfo, int, int]:
-    """Download, gunzip and verify into a temporary file, then rename it into place."""
+def _download(url: str, directory: Path, max_bytes: int, log) -> tuple[MmdbInfo, int, int]:
+    """Download, gunzip (at most ``max_bytes``) and verify into a temporary file, then
+    rename it into place."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{DB_NAME}.", suffix=".partial", dir=directory)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         try:
-            with fetch(url) as fetched:
-                compressed, size = gunzip_to_file(fetched.iter_bytes(), tmp)
+            with fetch(url, max_bytes=max_bytes) as fetched:
+                compressed, size = gunzip_to_file(
+                    fetched.iter_bytes(),
+                    tmp,
+                    max_bytes,
+                    what=f"the GeoIP release {url}",
+                    hint="raise max_unpacked_bytes in the run config of geoip_db "
+                    "if a genuine release is that large",
+                )
         except FetchError as exc:
             if exc.status == 404:
                 raise NotPublished(str(exc)) from None
@@ -72,7 +89,8 @@ def geoip_db(context: dg.AssetExecutionContext, config: GeoIPConfig) -> dg.Mater
     ``$OONI_GEOIP_DIR/asn_cc.mmdb``, with its release (``YYYYMM01``) in ``geoipdbts``.
     This month's release from ``OONI_GEOIP_URL_TEMPLATE`` is streamed, unpacked and
     verified (8.8.8.8 must resolve to an integer ASN and a country) before an atomic
-    rename: a bad download never replaces a good file. Early in a month, before the
+    rename: a bad download never replaces a good file, and one that unpacks past
+    ``max_unpacked_bytes`` (default 1 GiB) is stopped there. Early in a month, before the
     release is published, a valid installed file is kept (else last month's is used).
     """
     directory = settings.geoip_dir()
@@ -95,7 +113,9 @@ def geoip_db(context: dg.AssetExecutionContext, config: GeoIPConfig) -> dg.Mater
     for release in candidates:
         url = template.format(ver=release)
         try:
-            info, compressed, size = _download(url, directory, context.log)
+            info, compressed, size = _download(
+                url, directory, config.max_unpacked_bytes, context.log
+            )
         except NotPublished as exc:
             context.log.warning(f"release {release} not published yet: {exc}")
             continue

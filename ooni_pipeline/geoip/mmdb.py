@@ -7,15 +7,18 @@ rename over the old file.
 
 from __future__ import annotations
 
+import gzip
 import os
 import tempfile
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from pathlib import Path
 
 import maxminddb
+
+from ooni_pipeline.decompression import iter_bounded
 
 PROBE_IP = "8.8.8.8"
 DB_NAME = "asn_cc.mmdb"
@@ -74,21 +77,37 @@ def verify_mmdb(path: Path) -> MmdbInfo:
     )
 
 
-def gunzip_to_file(chunks: Iterable[bytes], target: Path) -> tuple[int, int]:
-    """Write the gunzipped stream to ``target``; return (compressed, uncompressed) bytes."""
-    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+def gunzip_to_file(
+    chunks: Iterable[bytes],
+    target: Path,
+    max_bytes: int,
+    what: str = "the download",
+    hint: str = "",
+) -> tuple[int, int]:
+    """Write the gunzipped stream to ``target``; return (compressed, uncompressed) bytes.
+
+    At most ``max_bytes`` are unpacked (``DecompressionLimitExceeded``, naming ``what``,
+    past them): a release is tens of MB, a bomb of the same download size is gigabytes.
+    """
     compressed = written = 0
-    with open(target, "wb") as out:
+
+    def counted() -> Iterator[bytes]:
+        nonlocal compressed
         for chunk in chunks:
             compressed += len(chunk)
-            try:
-                data = inflater.decompress(chunk)
-            except zlib.error as exc:
-                raise GeoIPError(f"the download is not a valid gzip file: {exc}") from None
-            out.write(data)
-            written += len(data)
-        if not inflater.eof:
-            raise GeoIPError("the gzip stream is truncated")
+            yield chunk
+
+    with open(target, "wb") as out:
+        try:
+            for data in iter_bounded(counted(), "gzip", limit=max_bytes, what=what, hint=hint):
+                out.write(data)
+                written += len(data)
+        except (zlib.error, gzip.BadGzipFile) as exc:
+            raise GeoIPError(f"the download is not a valid gzip file: {exc}") from None
+        except EOFError:
+            raise GeoIPError("the gzip stream is truncated") from None
+        if not compressed:
+            raise GeoIPError("the download is empty")
         out.flush()
         os.fsync(out.fileno())
     return compressed, written
