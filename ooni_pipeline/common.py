@@ -38,6 +38,30 @@ def one_run_at_a_time(context: dg.AssetExecutionContext, ch: ClickHouse, name: s
     return exclusive(ch, name, context.run_id, owner_alive=run_alive, log=context.log)
 
 
+class ShrinkRefusedError(RuntimeError):
+    """A result much smaller than what is published would have replaced it."""
+
+
+def shrink_refusal(what: str, published: int | None, new: int) -> str | None:
+    """Why ``new`` rows may not replace ``published`` ones (``None`` if they may).
+
+    An empty result never replaces a non-empty one, nor does one under half of it:
+    a wrong database URL or an empty embedded directory looks exactly like that, and
+    the run would otherwise be green. ``force: true`` in the run config overrides.
+    """
+    if published and new < published / 2:
+        return f"{what}: {new} rows would replace the {published} published"
+    return None
+
+
+def raise_refusals(refusals: list[str]) -> None:
+    if refusals:
+        raise ShrinkRefusedError(
+            "; ".join(refusals) + ". Nothing was replaced there. If the smaller result is "
+            "right (data deleted at the source), rerun with `force: true` in the run config."
+        )
+
+
 def table_schema(ch: ClickHouse, table: str) -> dg.TableSchema:
     """The table's columns as Dagster shows them."""
     return dg.TableSchema(

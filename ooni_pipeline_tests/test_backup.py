@@ -159,6 +159,26 @@ def test_small_table_whole_and_restore_round_trip(clickhouse, ch, local_store_re
     assert entry["rows"] == 1000 and entry["match"]
 
 
+def test_an_emptied_table_never_replaces_its_backup(clickhouse, ch, local_store_resource) -> None:
+    ensure_tables(ch, "asnmeta")
+    ch.command(
+        "INSERT INTO asnmeta SELECT number, 'Org', 'IT', toDate('2020-01-01'), '', 'RIPE' "
+        "FROM numbers(1000)"
+    )
+    assert _run(clickhouse, local_store_resource, [asnmeta_backup]).success
+    store = local_store_resource.get_store()
+    key = "clickhouse_export/csv/asnmeta.csv.zstd"
+    backed_up = store.read_bytes(key)
+    ch.command("TRUNCATE TABLE asnmeta")
+    emptied = _run(clickhouse, local_store_resource, [asnmeta_backup])
+    assert not emptied.success
+    assert f"asnmeta ({key}): 0 rows would replace the 1000 published" in failure_text(emptied)
+    assert store.read_bytes(key) == backed_up
+    assert load_manifest(store, "asnmeta")[key]["rows"] == 1000
+    forced = _run(clickhouse, local_store_resource, [asnmeta_backup], {**FAST, "force": True})
+    assert forced.success and len(_read_csv(store, key)) == 1  # the header alone
+
+
 def test_restore_check_detects_a_damaged_object(clickhouse, ch, local_store_resource) -> None:
     _fill_fastpath(ch, {"2024-01": 100})
     instance = dg.DagsterInstance.ephemeral()

@@ -20,7 +20,7 @@ from ooni_pipeline.exports.website_metrics import (
     website_metrics,
     website_metrics_object_check,
 )
-from ooni_pipeline_tests.rig import bomb, materialization_metadata
+from ooni_pipeline_tests.rig import bomb, failure_text, materialization_metadata
 
 DAY = "2024-03-10"
 
@@ -126,15 +126,62 @@ def _expected() -> list[dict[str, str]]:
     return sorted(rows, key=lambda r: (r["measurement_start_time"], r["explorer_url"]))
 
 
-def _materialize(clickhouse, store_resource, partition_key=None, instance=None, tags=None):
+def _materialize(
+    clickhouse, store_resource, partition_key=None, instance=None, tags=None, config=None
+):
     return dg.materialize(
         [website_metrics, website_metrics_object_check],
         resources={"clickhouse": clickhouse, "object_store": store_resource},
         partition_key=partition_key,
         instance=instance or dg.DagsterInstance.ephemeral(),
         tags=tags,
+        run_config={"ops": {"website_metrics": {"config": config}}} if config else None,
         raise_on_error=False,
     )
+
+
+def _read(store, key: str) -> list[dict[str, str]]:
+    text = gzip.decompress(store.read_bytes(key)).decode("utf-8")
+    return list(csv.DictReader(io.StringIO(text, newline="")))
+
+
+def test_an_empty_or_halved_source_never_replaces_a_published_day(
+    clickhouse, ch, s3_store_resource, day_rows
+) -> None:
+    """A wrong database or an empty embedded directory looks like a day with no rows:
+    the published object stays, the run fails naming both counts; force overrides."""
+    instance = dg.DagsterInstance.ephemeral()
+    assert _materialize(clickhouse, s3_store_resource, DAY, instance).success
+    store = s3_store_resource.get_store()
+    published = store.read_bytes(object_key(DAY))
+
+    ch.command("TRUNCATE TABLE fastpath")
+    empty = _materialize(clickhouse, s3_store_resource, DAY, instance)
+    assert not empty.success
+    assert f"{DAY}: 0 rows would replace the {len(CASES)} published" in failure_text(empty)
+    assert "force: true" in failure_text(empty)
+    assert store.read_bytes(object_key(DAY)) == published
+
+    # Without a record of what was published (a new Dagster instance), an existing
+    # object is still never replaced by an empty export.
+    fresh = _materialize(clickhouse, s3_store_resource, DAY, dg.DagsterInstance.ephemeral())
+    assert "an empty export would replace the published object" in failure_text(fresh)
+    assert store.read_bytes(object_key(DAY)) == published
+
+    # Under half the published rows is refused; half or more is a normal re-export.
+    kept = [_msm(uid, start, **fields) for uid, start, fields, _ in CASES]
+    _insert(ch, kept[:5])
+    assert "5 rows would replace the 12" in failure_text(
+        _materialize(clickhouse, s3_store_resource, DAY, instance)
+    )
+    _insert(ch, kept[5:6])
+    assert _materialize(clickhouse, s3_store_resource, DAY, instance).success
+    assert len(_read(store, object_key(DAY))) == 6
+
+    ch.command("TRUNCATE TABLE fastpath")
+    forced = _materialize(clickhouse, s3_store_resource, DAY, instance, config={"force": True})
+    assert forced.success
+    assert _read(store, object_key(DAY)) == []
 
 
 def test_exact_csv_in_both_stores(clickhouse, object_store_resource, day_rows) -> None:

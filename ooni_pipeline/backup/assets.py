@@ -22,7 +22,13 @@ from ooni_pipeline.backup.plan import (
 )
 from ooni_pipeline.clickhouse import ClickHouse, ClickHouseResource, quote_identifier
 from ooni_pipeline.clickhouse.schema import KNOWN_TABLES, ensure_tables
-from ooni_pipeline.common import CLICKHOUSE_POOL, OWNER, one_run_at_a_time
+from ooni_pipeline.common import (
+    CLICKHOUSE_POOL,
+    OWNER,
+    one_run_at_a_time,
+    raise_refusals,
+    shrink_refusal,
+)
 from ooni_pipeline.decompression import DecompressionLimitExceeded, iter_bounded
 from ooni_pipeline.object_store import ObjectStoreResource, UploadResult, stream_upload
 from ooni_pipeline.object_store.stores import ObjectStore
@@ -37,7 +43,11 @@ class BackupConfig(dg.Config):
     )
     chunk_attempts: int = Field(default=3, ge=1, description="tries per chunk before the run fails")
     max_threads: int = Field(default=2, ge=1, description="ClickHouse threads per export query")
-    force: bool = Field(default=False, description="upload every chunk, even unchanged ones")
+    force: bool = Field(
+        default=False,
+        description="upload every chunk, even unchanged ones, and even one under half the "
+        "rows of its last backup (refused otherwise)",
+    )
     snapshot_lag_s: float = Field(
         default=60.0,
         ge=0,
@@ -159,6 +169,7 @@ def build_backup_asset(spec: BackupTable) -> tuple[dg.AssetsDefinition, dg.Asset
         start = time.monotonic()
         written: list[str] = []
         skipped = rows_total = bytes_total = raw_total = 0
+        refusals: list[str] = []
         with clickhouse.connect() as ch, one_run_at_a_time(context, ch, f"backup_{spec.table}"):
             if spec.table in KNOWN_TABLES:
                 ensure_tables(ch, spec.table)
@@ -177,6 +188,13 @@ def build_backup_asset(spec: BackupTable) -> tuple[dg.AssetsDefinition, dg.Asset
                         context.log.info(
                             f"[{number}/{len(chunks)}] {chunk.label}: unchanged ({rows} rows), skipped"
                         )
+                        continue
+                    refusal = shrink_refusal(
+                        f"{chunk.label} ({chunk.key})", previous.get("rows"), rows
+                    )
+                    if refusal:
+                        refusals.append(refusal)
+                        context.log.error(f"[{number}/{len(chunks)}] {refusal}; not uploaded")
                         continue
                 if written:
                     time.sleep(config.pause_between_chunks_s)
@@ -208,6 +226,7 @@ def build_backup_asset(spec: BackupTable) -> tuple[dg.AssetsDefinition, dg.Asset
                     f"{upload.bytes / MB:.1f} MB zstd in {upload.duration_s:.1f} s "
                     f"({upload.raw_bytes / MB / max(upload.duration_s, 1e-6):.1f} MB/s) -> {upload.address}"
                 )
+        raise_refusals(refusals)
         return dg.MaterializeResult(
             metadata={
                 "objects_written": len(written),

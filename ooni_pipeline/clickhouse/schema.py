@@ -110,9 +110,39 @@ def create_table_sql(name: str) -> str:
     return f"CREATE TABLE IF NOT EXISTS {quote_identifier(name)} ({columns}) {engine}"
 
 
+class MissingTableError(RuntimeError):
+    """An OONI table is missing on a ClickHouse server (never created implicitly)."""
+
+
 def ensure_tables(ch: ClickHouse, *names: str) -> None:
-    """Create the named tables if missing; idempotent."""
+    """Create the named tables if missing; idempotent.
+
+    On a ClickHouse server, OONI's own tables are never created implicitly: a missing
+    one means a wrong ``OONI_CLICKHOUSE_URL`` (database, server) far more often than a
+    new deployment, and an empty table created there would be exported, backed up
+    and served as if it were OONI's data. Staging tables are created as needed.
+    """
     for name in names:
         if name not in KNOWN_TABLES:
             raise ValueError(f"unknown table {name!r}; known: {', '.join(KNOWN_TABLES)}")
+        if not ch.embedded and name in _TABLES:
+            exists = ch.scalar(
+                "SELECT count() FROM system.tables WHERE database = currentDatabase() "
+                "AND name = {t:String}",
+                {"t": name},
+            )
+            if not exists:
+                raise MissingTableError(
+                    f"table {name} does not exist on {ch.display_url}; against a server OONI's "
+                    f"tables are never created implicitly: check OONI_CLICKHOUSE_URL, or create "
+                    f"it with the DDL printed by `python -m ooni_pipeline.clickhouse.schema {name}`"
+                )
+            continue
         ch.command(create_table_sql(name))
+
+
+if __name__ == "__main__":
+    import sys
+
+    for table in sys.argv[1:] or list(_TABLES):
+        print(create_table_sql(table) + ";")

@@ -12,7 +12,13 @@ from pydantic import Field
 
 from ooni_pipeline.clickhouse import ClickHouse, ClickHouseResource
 from ooni_pipeline.clickhouse.schema import ensure_tables
-from ooni_pipeline.common import CLICKHOUSE_POOL, OWNER, last_metadata
+from ooni_pipeline.common import (
+    CLICKHOUSE_POOL,
+    OWNER,
+    last_metadata,
+    raise_refusals,
+    shrink_refusal,
+)
 from ooni_pipeline.decompression import DecompressionLimitExceeded, open_bounded
 from ooni_pipeline.exports.website_metrics_sql import CATEGORIES, CSV_COLUMNS, PIVOT_SQL, TOTALS_SQL
 from ooni_pipeline.fastpath.assets import FASTPATH_KEY, MEASUREMENT_DAYS
@@ -109,6 +115,34 @@ class WebsiteMetricsConfig(dg.Config):
     gzip_level: int = Field(
         default=6, ge=1, le=9, description="gzip compression level of the objects"
     )
+    force: bool = Field(
+        default=False,
+        description="replace published days even by an empty export or one under half "
+        "their published rows (refused otherwise: a wrong or empty database looks like that)",
+    )
+
+
+def refusals_to_shrink(
+    context: dg.AssetExecutionContext, ch: ClickHouse, store: ObjectStore, days: list[str]
+) -> list[str]:
+    """Days whose export would replace a published object with far fewer rows.
+
+    Checked for every day of the run before any object is written, from the day's
+    data version (its distinct measurements, one grouped query) and the rows recorded
+    when the day was last published; an object with no record is only protected
+    from an empty export."""
+    versions = day_versions(ch, days)
+    refusals = []
+    for day in days:
+        new = int(versions[day].split("@")[0])
+        published = last_metadata(context, WEBSITE_METRICS_KEY, day).get("dagster/row_count")
+        if published is None and new == 0 and store.exists(object_key(day)):
+            refusals.append(f"{day}: an empty export would replace the published object")
+            continue
+        refusal = shrink_refusal(day, published, new)
+        if refusal:
+            refusals.append(refusal)
+    return refusals
 
 
 @dg.asset(
@@ -142,6 +176,8 @@ def website_metrics(
     exports: list[DayExport] = []
     with clickhouse.connect() as ch:
         ensure_tables(ch, "fastpath")
+        if not config.force:
+            raise_refusals(refusals_to_shrink(context, ch, store, days))
         for number, day in enumerate(days, start=1):
             export = export_day(ch, store, day, config.gzip_level)
             exports.append(export)
