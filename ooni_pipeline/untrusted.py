@@ -19,3 +19,12 @@ def excerpt(value: object, limit: int = EXCERPT_CHARS) -> str:
         text = repr(value)
         shown, rest = text[:limit], len(text) - limit
     return f"{shown}... (+{rest} more characters)" if rest > 0 else shown
+
+
+def chat_literal(text: str) -> str:
+    """``text`` as a literal block for a Slack-compatible chat (Slack, Mattermost):
+    a fenced code block, so no Markdown applies (no image, link or emphasis), with
+    backticks that could close the fence replaced and Slack's control characters
+    (``<!channel>`` mentions, ``<url|label>`` links) escaped as Slack requires."""
+    escaped = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("`", "'")
+    return f"```\n{escaped}\n```"

@@ -57,6 +57,41 @@ def test_alert_is_posted_to_the_webhook(
     assert f"http://dagster.example.org/runs/{context.dagster_run.run_id}" in text
 
 
+@dg.asset
+def hostile_asset() -> None:
+    raise ValueError(
+        "bad URL <!channel> <http://evil.example|click> ![x](http://evil.example/i.png) "
+        "*bold* ``` & more\nsecond line"
+    )
+
+
+def test_untrusted_error_text_is_a_literal_in_the_alert(
+    upstream: UpstreamServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Error text can quote upstream or probe content: in the chat it must not ping
+    the channel, link, embed an image or format anything."""
+    monkeypatch.setenv("OONI_ALERT_WEBHOOK_URL", upstream.url("hooks/x"))
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize([hostile_asset], instance=instance, raise_on_error=False)
+    failure = next(e for e in result.all_events if e.event_type == dg.DagsterEventType.RUN_FAILURE)
+    context = dg.build_run_status_sensor_context(
+        sensor_name="run_failure_alert_sensor",
+        dagster_instance=instance,
+        dagster_run=instance.get_run_by_id(result.run_id),
+        dagster_event=failure,
+    ).for_run_failure()
+    run_failure_alert_sensor(context)
+    ((_, body),) = upstream.posts
+    text = json.loads(body)["text"]
+    error = text.split("error:\n", 1)[1].rsplit("\n", 1)[0]
+    fence = "`" * 3
+    assert error == (
+        f"{fence}\nValueError: bad URL &lt;!channel&gt; &lt;http://evil.example|click&gt; "
+        f"![x](http://evil.example/i.png) *bold* ''' &amp; more\n{fence}"
+    )
+    assert "<" not in text and "second line" not in text
+
+
 def test_webhook_failure_does_not_leak_the_url(
     upstream: UpstreamServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

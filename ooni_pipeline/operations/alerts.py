@@ -13,6 +13,7 @@ import requests
 
 from ooni_pipeline import settings
 from ooni_pipeline.fetch import USER_AGENT
+from ooni_pipeline.untrusted import chat_literal
 
 WILL_RETRY_TAG = "dagster/will_retry"
 MAX_ERROR_CHARS = 500
@@ -38,10 +39,11 @@ def alert_text(context: dg.RunFailureSensorContext, base_url: str) -> str:
     first_line = (message.strip().splitlines() or ["unknown error"])[0][:MAX_ERROR_CHARS]
     partition = run.tags.get("dagster/partition")
     where = f" (partition {partition})" if partition else ""
+    # The error may carry upstream or probe-supplied text: it is shown as a literal.
     return (
         f":rotating_light: ooni_pipeline: run of {run.job_name} failed{where}\n"
         f"assets: {assets}\n"
-        f"error: {first_line}\n"
+        f"error:\n{chat_literal(first_line)}\n"
         f"{base_url.rstrip('/')}/runs/{run.run_id}"
     )
 
