@@ -35,7 +35,7 @@ def one_run_at_a_time(context: dg.AssetExecutionContext, ch: ClickHouse, name: s
         run = context.instance.get_run_by_id(run_id)
         return None if run is None else not run.is_finished
 
-    return exclusive(ch, name, context.run_id, owner_alive=run_alive, log=context.log)
+    return exclusive(ch, name, context.run.run_id, owner_alive=run_alive, log=context.log)
 
 
 class ShrinkRefusedError(RuntimeError):
