@@ -1,4 +1,4 @@
-"""Pieces every domain's assets share: pool, retry policy, owner, metadata helpers."""
+"""What every domain shares: pool, retry policy, owner, schedule defaults, metadata helpers."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 
+from ooni_pipeline import settings
 from ooni_pipeline.clickhouse import ClickHouse
 from ooni_pipeline.clickhouse.swap import RowBounds
 
@@ -94,6 +95,34 @@ def last_metadata(
     }
 
 
+SCHEDULE_STATES = ("running", "stopped")
+
+
+def schedules_start_running() -> bool:
+    """``OONI_SCHEDULES_DEFAULT`` (read when the code location loads): ``stopped`` starts
+    every schedule, and the sensor that launches re-exports, stopped, so that a staging
+    copy or a test server runs nothing on its own until someone switches one on;
+    ``running`` (default) leaves each at its own default. A status switched in the UI
+    is stored by Dagster and outlives this default either way."""
+    value = (settings.env("OONI_SCHEDULES_DEFAULT") or "running").lower()
+    if value not in SCHEDULE_STATES:
+        raise ValueError(f"OONI_SCHEDULES_DEFAULT must be one of {SCHEDULE_STATES}, got {value!r}")
+    return value == "running"
+
+
+def schedule_status(running: bool = True) -> dg.DefaultScheduleStatus:
+    """A schedule's default status: ``running``, unless ``OONI_SCHEDULES_DEFAULT=stopped``."""
+    on = running and schedules_start_running()
+    return dg.DefaultScheduleStatus.RUNNING if on else dg.DefaultScheduleStatus.STOPPED
+
+
+def launching_sensor_status() -> dg.DefaultSensorStatus:
+    """A sensor that launches runs starts as the schedules do (the failure alert
+    launches none: it stays on)."""
+    on = schedules_start_running()
+    return dg.DefaultSensorStatus.RUNNING if on else dg.DefaultSensorStatus.STOPPED
+
+
 def asset_schedule(
     name: str,
     selection: dg.AssetSelection | list[Any],
@@ -102,7 +131,8 @@ def asset_schedule(
     retry: bool = True,
     description: str | None = None,
 ) -> dg.ScheduleDefinition:
-    """The schedule ``<name>_schedule`` running job ``<name>_job``, on by default, in UTC.
+    """The schedule ``<name>_schedule`` running job ``<name>_job``, in UTC, on by default
+    (unless ``OONI_SCHEDULES_DEFAULT=stopped``).
 
     The job carries ``NETWORK_RETRY_POLICY`` for its steps (``retry=True``), so
     unattended runs retry as OONI's timers did, while a run launched by hand or
@@ -120,7 +150,7 @@ def asset_schedule(
         job=job,
         cron_schedule=cron_schedule,
         execution_timezone="UTC",
-        default_status=dg.DefaultScheduleStatus.RUNNING,
+        default_status=schedule_status(),
         description=description,
     )
 

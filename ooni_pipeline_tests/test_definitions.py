@@ -148,3 +148,52 @@ def test_production_storage_classes_load_from_the_production_extra(
         assert result.success, (field, result.errors)
         url = result.value["postgres_db"]
         assert url["hostname"] == env["DAGSTER_PG_HOST"] and url["port"] == 5432, field
+
+
+_DEFAULT_STATUSES = """
+import json
+from ooni_pipeline.definitions import defs
+repo = defs.get_repository_def()
+print(json.dumps({d.name: d.default_status.value for d in [*repo.schedule_defs, *repo.sensor_defs]}))
+"""
+
+
+def _default_statuses(schedules_default: str | None) -> subprocess.CompletedProcess:
+    """Load the code location in a fresh process (the variable is read at load)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OONI_")}
+    if schedules_default is not None:
+        env["OONI_SCHEDULES_DEFAULT"] = schedules_default
+    return subprocess.run(
+        [sys.executable, "-c", _DEFAULT_STATUSES],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
+
+
+def test_schedules_default_stopped_starts_everything_that_launches_runs_stopped() -> None:
+    import json
+
+    def statuses(value: str | None) -> dict[str, str]:
+        result = _default_statuses(value)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return json.loads(result.stdout.splitlines()[-1])
+
+    running = statuses(None)
+    assert running == statuses("running")
+    # Ingesting OONI's open bucket is opt-in (OONI_PUBLIC_COUNTRIES unset here).
+    assert {name for name, status in running.items() if status == "STOPPED"} == {
+        "public_fastpath_schedule"
+    }
+
+    stopped = statuses("stopped")
+    assert stopped.keys() == running.keys()
+    assert {name for name, status in stopped.items() if status == "RUNNING"} == {
+        "run_failure_alert_sensor"  # it reports failed runs and launches none
+    }
+
+    bad = _default_statuses("paused")
+    assert bad.returncode != 0 and "OONI_SCHEDULES_DEFAULT must be one of" in bad.stderr

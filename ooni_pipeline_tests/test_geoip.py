@@ -145,18 +145,22 @@ def test_404_without_a_file_falls_back_to_last_month_only(tmp_path, geo) -> None
     assert materialization_metadata(result)["fallback_to_previous_month"] is True
     assert (directory / "geoipdbts").read_text() == LAST
 
+    assert _no_temp_files(directory)
+
     # Neither this month nor last month: fail, never an older release.
-    other = directory.parent / "empty"
+    older = "releases/20260901/20260901-ip2country_as.mmdb.gz"
     upstream.remove(f"releases/{LAST}/{LAST}-ip2country_as.mmdb.gz")
-    publish("20260901", _good(tmp_path, 8)[1])
+    upstream.put(older, _good(tmp_path, 8)[1])
     for name in ("asn_cc.mmdb", "geoipdbts"):
         (directory / name).unlink()
     failed = _run()
     assert not failed.success and "neither 20261101 nor 20261001 is published" in failure_text(
         failed
     )
-    assert not (directory / "asn_cc.mmdb").exists()
-    assert not other.exists()
+    # The two 404s leave the directory as they found it: no database, no release stamp,
+    # no temporary file of either attempt; the older release is never asked for.
+    assert sorted(p.name for p in directory.iterdir()) == []
+    assert upstream.hits(older) == []
 
 
 BAD = {

@@ -10,6 +10,7 @@ import zstandard
 
 from ooni_pipeline.object_store import ObjectStoreResource, stream_upload
 from ooni_pipeline.object_store.stores import LocalObjectStore
+from ooni_pipeline_tests.rig import FaultyProxy
 
 
 def _chunks(total_mb: int):
@@ -66,25 +67,25 @@ def test_failed_upload_keeps_the_previous_object(
     assert store.list_keys("k/") == ["k/obj"]  # no temporary file left behind
 
 
-def test_part_upload_error_surfaces(
-    s3_store_resource: ObjectStoreResource, s3_client, s3_bucket: str
-) -> None:
-    """An error in the background part upload fails the writer and aborts the upload."""
-    store = s3_store_resource.get_store()
-    store.bucket = "no-such-bucket-" + s3_bucket  # upload_part will fail
-    store.client.create_bucket(Bucket=store.bucket)
-    original = store.client.upload_part
-
-    def broken_upload_part(**kwargs):
-        if kwargs["PartNumber"] == 2:
-            raise ConnectionError("injected network failure on part 2")
-        return original(**kwargs)
-
-    store.client.upload_part = broken_upload_part
-    with pytest.raises(RuntimeError, match="part 2"):
-        stream_upload(store, "x.bin", _chunks(30), "none")
-    assert not store.exists("x.bin")
-    assert s3_client.list_multipart_uploads(Bucket=store.bucket).get("Uploads", []) == []
+def test_part_upload_error_surfaces(moto_endpoint: str, s3_client, s3_bucket: str) -> None:
+    """S3 answering 500 to part 2 (and to every retry of it), through the faulty proxy in
+    front of moto, fails the writer, aborts the upload and keeps the previous object."""
+    key = "x.bin"
+    proxy = FaultyProxy(
+        moto_endpoint, lambda method, path: method == "PUT" and "partNumber=2" in path
+    )
+    try:
+        store = ObjectStoreResource(
+            bucket=s3_bucket, endpoint_url=proxy.url, region_name="us-east-1", part_size_mb=5
+        ).get_store()
+        store.put_bytes(key, b"previous")
+        with pytest.raises(RuntimeError, match="upload of x.bin failed: .*UploadPart"):
+            stream_upload(store, key, _chunks(30), "none")
+    finally:
+        proxy.close()
+    assert proxy.failed and all("partNumber=2" in request for request in proxy.failed)
+    assert s3_client.get_object(Bucket=s3_bucket, Key=key)["Body"].read() == b"previous"
+    assert s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
 
 
 def test_local_store_rejects_escaping_keys(tmp_path) -> None:

@@ -113,6 +113,65 @@ def test_runs_to_be_retried_are_not_reported(
     assert upstream.posts == []
 
 
+# The project's retries without the minutes between them.
+STEP_RETRIES = dg.RetryPolicy(max_retries=NETWORK_RETRY_POLICY.max_retries)
+
+
+@dg.asset(retry_policy=STEP_RETRIES)
+def flaky_asset(context) -> None:
+    """Fails every try but the last, as a fetch does while a server is down for a while."""
+    if context.retry_number < STEP_RETRIES.max_retries:
+        raise ConnectionError(f"injected: connection reset on try {context.retry_number + 1}")
+
+
+@dg.asset(retry_policy=STEP_RETRIES)
+def down_asset() -> None:
+    raise ConnectionError("injected: connection reset on every try")
+
+
+@dg.asset(retry_policy=STEP_RETRIES)
+def also_down_asset() -> None:
+    raise ConnectionError("injected: connection reset on every try")
+
+
+class _AlertSensorTicks:
+    """The alert sensor evaluated as the daemon evaluates it: tick after tick over the
+    instance's event log, the cursor carried from one tick to the next."""
+
+    def __init__(self, instance: dg.DagsterInstance):
+        self.instance, self.cursor = instance, None
+        self.tick()  # the first tick only sets the cursor past the existing runs
+
+    def tick(self) -> None:
+        with dg.build_sensor_context(instance=self.instance, cursor=self.cursor) as context:
+            self.cursor = run_failure_alert_sensor.evaluate_tick(context).cursor
+
+
+def test_a_step_retried_to_success_posts_no_alert_and_a_failed_run_posts_one(
+    upstream: UpstreamServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OONI_ALERT_WEBHOOK_URL", upstream.url("hooks/x"))
+    instance = dg.DagsterInstance.ephemeral()
+    ticks = _AlertSensorTicks(instance)
+
+    recovered = dg.materialize([flaky_asset], instance=instance, raise_on_error=False)
+    assert recovered.success
+    retries = [e for e in recovered.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+    assert len(retries) == STEP_RETRIES.max_retries
+    ticks.tick()
+    assert upstream.posts == []
+
+    # Two steps failing their every try: one run failed, one alert.
+    failed = dg.materialize([down_asset, also_down_asset], instance=instance, raise_on_error=False)
+    assert not failed.success and len(failed.get_step_failure_events()) == 2
+    ticks.tick()
+    ticks.tick()  # a later tick does not report the same run again
+    ((path, body),) = upstream.posts
+    text = json.loads(body)["text"]
+    assert path == "/hooks/x" and f"/runs/{failed.run_id}" in text
+    assert "also_down_asset, down_asset" in text and "connection reset on every try" in text
+
+
 def test_every_asset_is_described_owned_and_has_its_freshness_policy() -> None:
     repo = defs.get_repository_def()
     graph = repo.asset_graph

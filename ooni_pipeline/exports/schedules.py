@@ -4,7 +4,7 @@ from datetime import timedelta
 
 import dagster as dg
 
-from ooni_pipeline.common import NETWORK_RETRY_POLICY
+from ooni_pipeline.common import NETWORK_RETRY_POLICY, launching_sensor_status, schedule_status
 from ooni_pipeline.exports.website_metrics import website_metrics
 
 website_metrics_job = dg.define_asset_job(
@@ -19,7 +19,7 @@ website_metrics_job = dg.define_asset_job(
     job=website_metrics_job,
     cron_schedule="0 1 * * *",
     execution_timezone="UTC",
-    default_status=dg.DefaultScheduleStatus.RUNNING,
+    default_status=schedule_status(),
     description="At 01:00 UTC, export yesterday. Days whose fastpath data version changes "
     "later (late uploads) are re-exported by website_metrics_automation_sensor.",
 )
@@ -31,7 +31,7 @@ def website_metrics_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunReq
 website_metrics_automation_sensor = dg.AutomationConditionSensorDefinition(
     "website_metrics_automation_sensor",
     target=dg.AssetSelection.assets(website_metrics),
-    default_status=dg.DefaultSensorStatus.RUNNING,
+    default_status=launching_sensor_status(),
     minimum_interval_seconds=60,
     description="Re-exports each website_metrics day whose fastpath data version changed.",
 )

@@ -9,7 +9,7 @@ from datetime import timedelta
 import dagster as dg
 
 from ooni_pipeline import settings
-from ooni_pipeline.common import NETWORK_RETRY_POLICY
+from ooni_pipeline.common import NETWORK_RETRY_POLICY, schedule_status
 from ooni_pipeline.fastpath.assets import (
     FASTPATH_KEY,
     build_fastpath_asset,
@@ -33,7 +33,7 @@ fastpath_observation_job = dg.define_asset_job(
     job=fastpath_observation_job,
     cron_schedule="40 * * * *",
     execution_timezone="UTC",
-    default_status=dg.DefaultScheduleStatus.RUNNING,
+    default_status=schedule_status(),
     description="Every hour, observe the data versions of the last 7 complete days of fastpath "
     "(late uploads land there); only days that changed get an observation.",
 )
@@ -65,9 +65,7 @@ if SOURCE == "public":
             name="public_fastpath_schedule",
             hour_of_day=0,
             minute_of_hour=30,
-            default_status=dg.DefaultScheduleStatus.RUNNING
-            if settings.env("OONI_PUBLIC_COUNTRIES")
-            else dg.DefaultScheduleStatus.STOPPED,
+            default_status=schedule_status(running=bool(settings.env("OONI_PUBLIC_COUNTRIES"))),
             description="At 00:30 UTC, ingest yesterday's upload day from OONI's open bucket.",
         )
     )
