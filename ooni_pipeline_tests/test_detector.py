@@ -406,3 +406,30 @@ def test_webhook_failure_fails_the_run_and_is_sent_again(
     assert detect(clickhouse, local_store_resource, 40, 40).success
     assert events(ch)[0]["announced"] == "ongoing"
     assert len(messages(webhook)) == 2  # the failed POST, then the one that went through
+
+
+def test_a_changed_fastpath_day_requests_its_hours_and_citizenlab_requests_none() -> None:
+    from dagster._core.definitions.data_version import DATA_VERSION_TAG
+
+    from ooni_pipeline.clickhouse import ClickHouseResource
+    from ooni_pipeline.fastpath.assets import build_fastpath_asset
+    from ooni_pipeline.object_store import ObjectStoreResource
+
+    defs = dg.Definitions(
+        assets=[build_fastpath_asset("external"), dg.AssetSpec("citizenlab"), blocking_detector],
+        resources={"clickhouse": ClickHouseResource(), "object_store": ObjectStoreResource()},
+    )
+    instance = dg.DagsterInstance.ephemeral()
+    start = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+    assert start.total_requested == 0
+    instance.report_runless_asset_event(
+        dg.AssetObservation(
+            "fastpath", partition="2024-03-01", tags={DATA_VERSION_TAG: "40@2024-03-05"}
+        )
+    )
+    changed = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=start.cursor)
+    requested = changed.get_requested_partitions(dg.AssetKey("blocking_status"))
+    assert requested == {f"2024-03-01-{h:02d}:00" for h in range(24)}
+    instance.report_runless_asset_event(dg.AssetMaterialization("citizenlab"))
+    later = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=changed.cursor)
+    assert later.get_requested_partitions(dg.AssetKey("blocking_status")) == set()

@@ -45,9 +45,12 @@ DETECTION_HOURS = dg.HourlyPartitionsDefinition(start_date="2024-01-01-00:00", t
 DEFAULT_CATEGORIES = ("GRP",)
 GLOBAL_LIST_CC = "ZZ"
 # Re-detect the hours of a day whose fastpath data version moved (late uploads); the
-# run carries on over every later hour already detected.
+# run carries on over every later hour already detected. Only fastpath counts: a
+# citizenlab update concerns every hour since 2024 and takes effect from the next one.
 REDETECT_WHEN_SOURCE_CHANGED = (
-    dg.AutomationCondition.any_deps_updated().since_last_handled()
+    dg.AutomationCondition.any_deps_updated()
+    .allow(dg.AssetSelection.assets(FASTPATH_KEY))
+    .since_last_handled()
     & ~dg.AutomationCondition.in_progress()
     & ~dg.AutomationCondition.any_deps_in_progress()
 ).with_label("fastpath data version of the day changed")
@@ -265,18 +268,20 @@ def update_events(
     stored = read_events(ch, sql.EVENTS_FROM_SQL, {"start": hour_text(status.first_hour)})
     active = stored[stored["status"] != "withdrawn"]
     begin = min([status.first_hour, *active["start"].tolist()])
-    blocked = query_frame(
+    runs = query_frame(
         ch,
-        sql.BLOCKED_HOURS_SQL,
+        sql.BLOCKING_EPISODES_SQL,
         {"start": hour_text(begin), "end": hour_text(status.last_hour)},
         {
-            "hour_number": "int64",
             "probe_cc": "object",
             "domain": "object",
-            "probe_asn": "uint32",
-            "change": "int8",
+            "start": "int64",
+            "last": "int64",
+            "onset_up": "bool",
+            "peak_networks": "int64",
+            "networks": "object",
         },
-    ).rename(columns={"hour_number": "hour"})
+    )
     volume = query_frame(
         ch,
         sql.COUNTRY_VOLUME_SQL,
@@ -288,7 +293,7 @@ def update_events(
     )
     episodes = pd.concat(
         [
-            blocking_episodes(blocked, status.last_hour),
+            blocking_episodes(runs, status.last_hour),
             shutdown_episodes(volume, begin, status.last_hour, params),
         ],
         ignore_index=True,

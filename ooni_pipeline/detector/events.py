@@ -5,7 +5,8 @@ is up to ~1,800 alerts (ooni/data ``docs/implementation-plan.md``, "No event
 entity", §3.7). Here an event is an episode:
 
 - ``blocking``: one per (country, domain), the maximal run of hours in which at
-  least one network of that country has the domain BLOCKED. It lists every network
+  least one network of that country has the domain BLOCKED (found by ClickHouse,
+  ``sql.BLOCKING_EPISODES_SQL``). It lists every network
   blocked during it and the most blocked at once. ``onset`` is ``change`` when the
   first network got there by an OK -> BLOCKED change, ``initial`` when the detector
   found it blocked from the start (no news, not announced; its end is). ``end_hour``
@@ -37,8 +38,6 @@ from ooni_pipeline.detector.status import EPOCH
 
 EXPLORER_CHART_URL = "https://explorer.ooni.org/chart/mat"
 ONGOING = -1  # end hour of an ongoing episode
-# What makes an event's row different for readers (and its Atom entry "updated").
-CONTENT_FIELDS = ("status", "onset", "start_hour", "end_hour", "networks", "peak_networks")
 
 
 @dataclass(frozen=True)
@@ -71,51 +70,23 @@ def _episodes_frame(records: dict[str, object]) -> pd.DataFrame:
     return pd.DataFrame({name: records[name] for name in EPISODE_COLUMNS})
 
 
-def blocking_episodes(blocked: pd.DataFrame, last_hour: int) -> pd.DataFrame:
-    """Episodes from the blocked series-hours (columns hour, probe_cc, domain,
-    probe_asn, change) of a range ending at ``last_hour``: runs of consecutive hours
-    per (country, domain), found with vectorised pandas, no loop over rows."""
-    if blocked.empty:
+def blocking_episodes(runs: pd.DataFrame, last_hour: int) -> pd.DataFrame:
+    """Episodes from ClickHouse's runs of blocked hours (``sql.BLOCKING_EPISODES_SQL``:
+    probe_cc, domain, start, last, onset_up, peak_networks, networks) of a range
+    ending at ``last_hour``: a run reaching ``last_hour`` is ongoing."""
+    if runs.empty:
         return _episodes_frame({name: [] for name in EPISODE_COLUMNS})
-    per_hour = (
-        blocked.assign(up=blocked["change"] == 1)
-        .groupby(["probe_cc", "domain", "hour"], sort=True)
-        .agg(blocked_networks=("probe_asn", "nunique"), up=("up", "any"))
-        .reset_index()
-    )
-    same_key = (per_hour["probe_cc"] == per_hour["probe_cc"].shift()) & (
-        per_hour["domain"] == per_hour["domain"].shift()
-    )
-    contiguous = per_hour["hour"] - per_hour["hour"].shift() == 1
-    per_hour["episode"] = (~(same_key & contiguous)).cumsum()
-    episodes = per_hour.groupby("episode").agg(
-        probe_cc=("probe_cc", "first"),
-        domain=("domain", "first"),
-        start=("hour", "min"),
-        last=("hour", "max"),
-        onset_up=("up", "first"),
-        peak_networks=("blocked_networks", "max"),
-    )
-    members = blocked.merge(
-        per_hour[["probe_cc", "domain", "hour", "episode"]], on=["probe_cc", "domain", "hour"]
-    )
-    networks = (
-        members[["episode", "probe_asn"]]
-        .drop_duplicates()
-        .sort_values(["episode", "probe_asn"])
-        .groupby("episode")["probe_asn"]
-        .agg(lambda asns: [int(a) for a in asns])
-    )
+    last = runs["last"].to_numpy(np.int64)
     return _episodes_frame(
         {
             "kind": "blocking",
-            "probe_cc": episodes["probe_cc"].to_numpy(),
-            "domain": episodes["domain"].to_numpy(),
-            "start": episodes["start"].to_numpy(np.int64),
-            "end": np.where(episodes["last"] >= last_hour, ONGOING, episodes["last"] + 1),
-            "onset": np.where(episodes["onset_up"], "change", "initial"),
-            "networks": networks.reindex(episodes.index).to_numpy(),
-            "peak_networks": episodes["peak_networks"].to_numpy(np.int64),
+            "probe_cc": runs["probe_cc"].to_numpy(),
+            "domain": runs["domain"].to_numpy(),
+            "start": runs["start"].to_numpy(np.int64),
+            "end": np.where(last >= last_hour, ONGOING, last + 1),
+            "onset": np.where(runs["onset_up"].to_numpy(bool), "change", "initial"),
+            "networks": [[int(a) for a in asns] for asns in runs["networks"]],
+            "peak_networks": runs["peak_networks"].to_numpy(np.int64),
         }
     )
 

@@ -115,13 +115,36 @@ WHERE hour >= toDateTime({start:String}, 'UTC') AND hour <= toDateTime({end:Stri
   AND update_time < {version:DateTime64(3)}
 """
 
-# Blocked series-hours of [start, end], for grouping into events.
-BLOCKED_HOURS_SQL = """
-SELECT toInt64(toUnixTimestamp(hour) / 3600) AS hour_number, probe_cc, domain, probe_asn,
-       change
-FROM blocking_status FINAL
-WHERE hour >= toDateTime({start:String}, 'UTC') AND hour <= toDateTime({end:String}, 'UTC')
-  AND state = 'blocked'
+# Blocking episodes of [start, end], grouped by ClickHouse: per (country, domain), the
+# runs of consecutive hours with at least one network blocked (gaps and islands: an
+# hour minus its rank is constant along a run). Only the episodes leave the engine.
+BLOCKING_EPISODES_SQL = """
+SELECT
+    probe_cc,
+    domain,
+    min(hour_number) AS start,
+    max(hour_number) AS last,
+    argMin(up, hour_number) AS onset_up,
+    max(blocked_networks) AS peak_networks,
+    arraySort(groupUniqArrayArray(asns)) AS networks
+FROM (
+    SELECT *,
+           hour_number - row_number() OVER (PARTITION BY probe_cc, domain ORDER BY hour_number)
+               AS island
+    FROM (
+        SELECT probe_cc, domain,
+               toInt64(toUnixTimestamp(hour) / 3600) AS hour_number,
+               uniqExact(probe_asn) AS blocked_networks,
+               max(change = 1) AS up,
+               groupUniqArray(probe_asn) AS asns
+        FROM blocking_status FINAL
+        WHERE hour >= toDateTime({start:String}, 'UTC') AND hour <= toDateTime({end:String}, 'UTC')
+          AND state = 'blocked'
+        GROUP BY probe_cc, domain, hour_number
+    )
+)
+GROUP BY probe_cc, domain, island
+ORDER BY probe_cc, domain, start
 """
 
 EVENT_COLUMNS = (
