@@ -83,6 +83,16 @@ class SeriesState:
             np.full(n, NEVER, np.int64),
         )
 
+    def grown(self, n: int) -> SeriesState:
+        """These series followed by new, never measured ones, up to ``n``."""
+        extra = SeriesState.empty(n - len(self.state))
+        return SeriesState(
+            np.concatenate([self.state, extra.state]),
+            np.concatenate([self.s_pos, extra.s_pos]),
+            np.concatenate([self.s_neg, extra.s_neg]),
+            np.concatenate([self.last_measured, extra.last_measured]),
+        )
+
     def copy(self) -> SeriesState:
         return SeriesState(
             self.state.copy(), self.s_pos.copy(), self.s_neg.copy(), self.last_measured.copy()

@@ -123,6 +123,34 @@ def _observations(ch: ClickHouse, start: int, end: int, domains: list[str]) -> p
     return query_frame(ch, sql.HOURLY_COUNTS_SQL, params, types)
 
 
+class SeriesIndex:
+    """Series keys (probe_cc, probe_asn, domain) -> their position in the state
+    arrays, growing as new series appear chunk after chunk."""
+
+    KEYS = ["probe_cc", "probe_asn", "domain"]
+
+    def __init__(self) -> None:
+        self.index = pd.MultiIndex.from_arrays([[], np.array([], np.uint32), []], names=self.KEYS)
+        self.cc = np.array([], object)
+        self.asn = np.array([], np.uint32)
+        self.domain = np.array([], object)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def codes(self, df: pd.DataFrame) -> np.ndarray:
+        keys = pd.MultiIndex.from_frame(df[self.KEYS])
+        position = self.index.get_indexer(keys) if len(self.index) else np.full(len(keys), -1)
+        if (position < 0).any():
+            fresh = keys[position < 0].unique()
+            self.index = self.index.append(fresh)
+            self.cc = np.concatenate([self.cc, fresh.get_level_values(0).to_numpy(object)])
+            self.asn = np.concatenate([self.asn, fresh.get_level_values(1).to_numpy(np.uint32)])
+            self.domain = np.concatenate([self.domain, fresh.get_level_values(2).to_numpy(object)])
+            position = self.index.get_indexer(keys)
+        return position
+
+
 def run_status(
     ch: ClickHouse,
     first: int,
@@ -132,68 +160,65 @@ def run_status(
     version: datetime | None = None,
 ) -> StatusRun:
     """Detect over the hours [first, last] (extended as the module says) and write
-    their rows. ``version`` (the rows' ``update_time``) defaults to now."""
+    their rows. ``version`` (the rows' ``update_time``) defaults to now.
+
+    A day at a time: ClickHouse deduplicates and counts one day of ``fastpath``,
+    the state arrays step through its hours, its rows go back in one insert. Memory
+    stays that of a day, whatever the range."""
     started = time.monotonic()
     version = version or datetime.now(UTC).replace(tzinfo=None)
     start, end, rewrites = plan_hours(ch, first, last, params)
 
+    series = SeriesIndex()
+    mem = SeriesState.empty(0)
     previous = _previous_state(ch, start - 1)
-    observed = _observations(ch, start, end, domains)
-    keys = pd.concat(
-        [
-            previous[["probe_cc", "probe_asn", "domain"]],
-            observed[["probe_cc", "probe_asn", "domain"]],
-        ],
-        ignore_index=True,
-    )
-    codes = keys.groupby(["probe_cc", "probe_asn", "domain"], sort=True).ngroup().to_numpy()
-    series = keys.assign(code=codes).drop_duplicates("code").sort_values("code")
-    n = len(series)
-    mem = SeriesState.empty(n)
-    prev_codes = codes[: len(previous)]
     if len(previous):
-        mem.state[prev_codes] = previous["state"].to_numpy(np.int8)
-        mem.s_pos[prev_codes] = previous["s_pos"].to_numpy(np.float64)
-        mem.s_neg[prev_codes] = previous["s_neg"].to_numpy(np.float64)
-        mem.last_measured[prev_codes] = previous["last_measured"].to_numpy(np.int64)
-
-    obs_codes = codes[len(previous) :]
-    obs_hours = observed["hour"].to_numpy(np.int64)
-    counts = {c: observed[c].to_numpy(np.float64) for c in CATEGORIES}
-    total = observed["measurements"].to_numpy(np.float64)
-    usable = total - counts["failure"]
-    blocked = sum(counts[c] for c in sql.BLOCKED_CATEGORIES)
-    y_all = np.divide(blocked, usable, out=np.zeros_like(total), where=usable > 0)
-    bounds = np.searchsorted(obs_hours, np.arange(start, end + 2))
+        codes = series.codes(previous)
+        mem = mem.grown(len(series))
+        mem.state[codes] = previous["state"].to_numpy(np.int8)
+        mem.s_pos[codes] = previous["s_pos"].to_numpy(np.float64)
+        mem.s_neg[codes] = previous["s_neg"].to_numpy(np.float64)
+        mem.last_measured[codes] = previous["last_measured"].to_numpy(np.int64)
 
     writer = _RowWriter(ch, series, version)
     figures = {"rows": 0, "measured": 0, "up": 0, "down": 0}
-    for offset, hour in enumerate(range(start, end + 1)):
-        lo, hi = bounds[offset], bounds[offset + 1]
-        idx_all = obs_codes[lo:hi]
-        # Hours with only failed measurements carry no evidence (OONI's w == 0).
-        has_usable = usable[lo:hi] > 0
-        idx = idx_all[has_usable]
-        change = np.zeros(n, np.int8)
-        change[idx] = step(mem, hour, idx, y_all[lo:hi][has_usable], params)
-        alive = np.flatnonzero(remembered(mem, hour, params))
-        measured = np.zeros(n, np.uint32)
-        measured[idx_all] = total[lo:hi].astype(np.uint32)
-        shares = {}
-        for category in CATEGORIES:
-            column = np.zeros(n, np.float32)
-            column[idx_all] = np.divide(counts[category][lo:hi], total[lo:hi])
-            shares[sql.SHARE_COLUMNS[category]] = column[alive]
-        y = np.zeros(n, np.float32)
-        y[idx_all] = y_all[lo:hi]
-        writer.add(hour, alive, measured[alive], shares, y[alive], change[alive], mem)
-        figures["rows"] += len(alive)
-        figures["measured"] += int(np.count_nonzero(measured[alive]))
-        figures["up"] += int(np.count_nonzero(change == 1))
-        figures["down"] += int(np.count_nonzero(change == -1))
-        if (offset + 1) % HOURS_PER_INSERT == 0:
-            writer.flush()
-    writer.flush()
+    for chunk_start in range(start, end + 1, HOURS_PER_INSERT):
+        chunk_end = min(end, chunk_start + HOURS_PER_INSERT - 1)
+        observed = _observations(ch, chunk_start, chunk_end, domains)
+        obs_codes = series.codes(observed)
+        mem = mem.grown(len(series))
+        n = len(series)
+        obs_hours = observed["hour"].to_numpy(np.int64)
+        counts = {c: observed[c].to_numpy(np.float64) for c in CATEGORIES}
+        total = observed["measurements"].to_numpy(np.float64)
+        usable = total - counts["failure"]
+        blocked = sum(counts[c] for c in sql.BLOCKED_CATEGORIES)
+        y_all = np.divide(blocked, usable, out=np.zeros_like(total), where=usable > 0)
+        bounds = np.searchsorted(obs_hours, np.arange(chunk_start, chunk_end + 2))
+        for offset, hour in enumerate(range(chunk_start, chunk_end + 1)):
+            lo, hi = bounds[offset], bounds[offset + 1]
+            idx_all = obs_codes[lo:hi]
+            # Hours with only failed measurements carry no evidence (OONI's w == 0).
+            has_usable = usable[lo:hi] > 0
+            idx = idx_all[has_usable]
+            change = np.zeros(n, np.int8)
+            change[idx] = step(mem, hour, idx, y_all[lo:hi][has_usable], params)
+            alive = np.flatnonzero(remembered(mem, hour, params))
+            measured = np.zeros(n, np.uint32)
+            measured[idx_all] = total[lo:hi].astype(np.uint32)
+            shares = {}
+            for category in CATEGORIES:
+                column = np.zeros(n, np.float32)
+                column[idx_all] = np.divide(counts[category][lo:hi], total[lo:hi])
+                shares[sql.SHARE_COLUMNS[category]] = column[alive]
+            y = np.zeros(n, np.float32)
+            y[idx_all] = y_all[lo:hi]
+            writer.add(hour, alive, measured[alive], shares, y[alive], change[alive], mem)
+            figures["rows"] += len(alive)
+            figures["measured"] += int(np.count_nonzero(measured[alive]))
+            figures["up"] += int(np.count_nonzero(change == 1))
+            figures["down"] += int(np.count_nonzero(change == -1))
+        writer.flush()
     if rewrites:
         ch.command(
             sql.DELETE_STALE_STATUS_SQL,
@@ -222,16 +247,10 @@ def _ms(moment: datetime) -> str:
 class _RowWriter:
     """Collects hourly rows as arrays and inserts them as one Arrow table per chunk."""
 
-    def __init__(self, ch: ClickHouse, series: pd.DataFrame, version: datetime):
+    def __init__(self, ch: ClickHouse, series: SeriesIndex, version: datetime):
         self.ch = ch
+        self.series = series
         self.version = np.datetime64(version, "ms")
-        cc = pd.Categorical(series["probe_cc"])
-        domain = pd.Categorical(series["domain"])
-        self.cc_codes = cc.codes.astype(np.int32)
-        self.cc_dict = pa.array(list(cc.categories), pa.string())
-        self.domain_codes = domain.codes.astype(np.int32)
-        self.domain_dict = pa.array(list(domain.categories), pa.string())
-        self.asn = series["probe_asn"].to_numpy(np.uint32)
         self.parts: list[dict[str, np.ndarray]] = []
 
     def add(self, hour, alive, measured, shares, y, change, mem: SeriesState) -> None:
@@ -260,13 +279,9 @@ class _RowWriter:
         alive = columns.pop("series")
         arrays = {
             "hour": pa.array(columns.pop("hour").astype("datetime64[s]")),
-            "probe_cc": pa.DictionaryArray.from_arrays(
-                pa.array(self.cc_codes[alive]), self.cc_dict
-            ).cast(pa.string()),
-            "probe_asn": pa.array(self.asn[alive]),
-            "domain": pa.DictionaryArray.from_arrays(
-                pa.array(self.domain_codes[alive]), self.domain_dict
-            ).cast(pa.string()),
+            "probe_cc": pa.array(self.series.cc[alive], pa.string()),
+            "probe_asn": pa.array(self.series.asn[alive]),
+            "domain": pa.array(self.series.domain[alive], pa.string()),
         }
         state = columns.pop("state")
         last_measured = columns.pop("last_measured")
