@@ -173,7 +173,8 @@ def ensure_tables(ch: ClickHouse, *names: str) -> None:
     On a ClickHouse server, OONI's own tables are never created implicitly: a missing
     one means a wrong ``OONI_CLICKHOUSE_URL`` (database, server) far more often than a
     new deployment, and an empty table created there would be exported, backed up
-    and served as if it were OONI's data. Staging tables are created as needed.
+    and served as if it were OONI's data. Staging tables, and the project's derived
+    tables (``DERIVED_TABLES``, written only by their asset), are created as needed.
     """
     for name in names:
         if name not in KNOWN_TABLES:
