@@ -14,7 +14,12 @@ from pydantic import Field
 
 from ooni_pipeline.clickhouse import ClickHouse, ClickHouseResource
 from ooni_pipeline.clickhouse.schema import ensure_tables
-from ooni_pipeline.common import CLICKHOUSE_POOL, OWNER, column_schema_metadata
+from ooni_pipeline.common import (
+    CLICKHOUSE_POOL,
+    OWNER,
+    column_schema_metadata,
+    one_run_at_a_time,
+)
 from ooni_pipeline.detector import sql
 from ooni_pipeline.detector.cusum import CusumParams
 from ooni_pipeline.detector.events import EventParams
@@ -143,10 +148,13 @@ def blocking_detector(
     first = hour_number(window.start)
     last = hour_number(window.end) - 1
     cusum, event_params = config.cusum(), config.events()
-    version = datetime.now(UTC).replace(tzinfo=None)
     store = object_store.get_store()
-    with clickhouse.connect() as ch:
+    # One detector pass at a time: the state of an hour is read from the table, so a
+    # re-detection of past hours and the hourly run must not interleave.
+    with clickhouse.connect() as ch, one_run_at_a_time(context, ch, "blocking_detector"):
         ensure_tables(ch, "fastpath", "citizenlab", "blocking_status", "blocking_events")
+        # Taken under the lock: versions of successive passes only grow.
+        version = datetime.now(UTC).replace(tzinfo=None)
         domains = watchlist(ch, config)
         if not domains:
             context.log.warning(
