@@ -71,29 +71,19 @@ def _write_hour(job: tuple) -> list[tuple[str, int, int]]:
     fh = tar = None
     for n in range(first, first + count):
         if tar is None:  # a new postcan, as the uploader's fill_postcan
-            cans.append(
-                [f"raw/{stem[:8]}/{hour}/{cc}/webconnectivity/{stem}.n1.{len(cans)}.tar.gz", 0, 0]
-            )
+            cans.append([f"raw/{stem[:8]}/{hour}/{cc}/webconnectivity/{stem}.n1.{len(cans)}.tar.gz", 0, 0])
             (outdir / cans[-1][0]).parent.mkdir(parents=True, exist_ok=True)
             tar = tarfile.open(fileobj=(fh := (outdir / cans[-1][0]).open("wb")), mode="w:gz")
         msm = dict(samples[n % len(samples)])
-        lead = datetime.strptime(msm["measurement_start_time"], TIME) - datetime.strptime(
-            msm["test_start_time"], TIME
-        )
+        lead = datetime.strptime(msm["measurement_start_time"], TIME) - datetime.strptime(msm["test_start_time"], TIME)
         start = datetime(2024, 1, 1, int(hour)) + timedelta(seconds=rng.randrange(600, 3300))
-        msm.update(
-            measurement_start_time=f"{start:{TIME}}",
-            test_start_time=f"{start - lead:{TIME}}",
-            probe_cc=cc,
-        )
+        msm.update(measurement_start_time=f"{start:{TIME}}", test_start_time=f"{start - lead:{TIME}}", probe_cc=cc)
         if msm.get("report_id"):  # 50 measurements per report
             msm["report_id"] = f"{msm['report_id'][:-6]}{n // 50:06d}"
         if n % 3:
             msm["input"] += f"{'&' if '?' in msm['input'] else '?'}bench={n % 1000}"
         body = json.dumps({"format": "json", "content": msm}, ensure_ascii=False).encode()
-        received = start + timedelta(
-            seconds=rng.randrange(60, 300), microseconds=rng.randrange(10**6)
-        )
+        received = start + timedelta(seconds=rng.randrange(60, 300), microseconds=rng.randrange(10**6))
         uid = f"{received:%Y%m%d%H%M%S.%f}_{cc}_webconnectivity_{hashlib.sha512(body).hexdigest()[:16]}"
         (info := tarfile.TarInfo(f"{stem}/{uid}.post")).size = len(body)
         tar.addfile(info, io.BytesIO(body))
@@ -114,17 +104,11 @@ def generate(outdir: Path, measurements: int) -> dict:
     shutil.rmtree(outdir, ignore_errors=True)
     dirs = [(cc, hour) for hour in HOURS for cc in COUNTRIES]
     bounds = [i * measurements // len(dirs) for i in range(len(dirs) + 1)]
-    jobs = [
-        (outdir, cc, hour, bounds[i], bounds[i + 1] - bounds[i])
-        for i, (cc, hour) in enumerate(dirs)
-    ]
+    jobs = [(outdir, cc, hour, bounds[i], bounds[i + 1] - bounds[i]) for i, (cc, hour) in enumerate(dirs)]
     print(f"writing {measurements} measurements into postcans under {outdir} ...", flush=True)
     with ProcessPoolExecutor() as pool:
         cans = [can for result in pool.map(_write_hour, jobs) for can in result]
-    day = {
-        "params": params,
-        "cans": [[key, n, raw, (outdir / key).stat().st_size] for key, n, raw in cans],
-    }
+    day = {"params": params, "cans": [[key, n, raw, (outdir / key).stat().st_size] for key, n, raw in cans]}
     manifest.write_text(json.dumps(day))
     return day
 
@@ -135,30 +119,13 @@ def load_fingerprints() -> dict[str, list[dict]]:
     from ooni_pipeline.clickhouse.schema import DNS_SCOPES, HTTP_SCOPES
     from ooni_pipeline.fingerprints.parse import parse_fingerprints
 
-    keys = (
-        "name",
-        "scope",
-        "other_names",
-        "location_found",
-        "pattern_type",
-        "pattern",
-        "confidence_no_fp",
-    )
+    keys = ("name", "scope", "other_names", "location_found", "pattern_type", "pattern", "confidence_no_fp")
     out = {}
     for kind, scopes in (("dns", DNS_SCOPES), ("http", HTTP_SCOPES)):
         path = DATA / f"fingerprints_{kind}.csv"
-        rows = sorted(
-            parse_fingerprints(path.read_bytes(), path.name, scopes).table.to_pylist(),
-            key=lambda r: r["name"],
-        )
-        countries = [
-            sorted({c.upper() for c in r["expected_countries"].strip().split(",")} - {"", "ZZ"})
-            for r in rows
-        ]
-        out[kind] = [
-            {**{k: r[k] for k in keys}, "expected_countries": ec}
-            for r, ec in zip(rows, countries, strict=True)
-        ]
+        rows = sorted(parse_fingerprints(path.read_bytes(), path.name, scopes).table.to_pylist(), key=lambda r: r["name"])
+        countries = [sorted({c.upper() for c in r["expected_countries"].strip().split(",")} - {"", "ZZ"}) for r in rows]
+        out[kind] = [{**{k: r[k] for k in keys}, "expected_countries": ec} for r, ec in zip(rows, countries, strict=True)]
     return out
 
 
@@ -181,11 +148,7 @@ def match_fingerprints(tk: dict, fps: dict) -> list[dict]:
             continue
         body = resp.get("body")
         if isinstance(body, dict):
-            body = (
-                b64decode(body["data"])
-                if "data" in body and body.get("format", "") == "base64"
-                else None
-            )
+            body = b64decode(body["data"]) if "data" in body and body.get("format", "") == "base64" else None
         if body is not None:  # every body pattern is a literal substring, whatever its type
             raw = isinstance(body, bytes)
             matches += [
@@ -194,9 +157,7 @@ def match_fingerprints(tk: dict, fps: dict) -> list[dict]:
             ]  # fmt: skip
         headers = _get(resp, "headers", {})
         headers = {h.lower(): v for h, v in headers.items()} if headers else {}
-        for fp in (
-            fp for fp in fps["http"] if headers and fp["location_found"].startswith("header.")
-        ):
+        for fp in (fp for fp in fps["http"] if headers and fp["location_found"].startswith("header.")):
             value = headers.get(fp["location_found"][7:])
             if fp["pattern_type"] == "full" and value == fp["pattern"]:
                 matches.append(fp)
@@ -209,19 +170,14 @@ def match_fingerprints(tk: dict, fps: dict) -> list[dict]:
 
 
 def score_web_connectivity(msm: dict, matches: list[dict]) -> dict:
-    scores: dict = {
-        f"blocking_{lv}": 0.0 for lv in ("general", "global", "country", "isp", "local")
-    }
+    scores: dict = {f"blocking_{lv}": 0.0 for lv in ("general", "global", "country", "isp", "local")}
     tk = _get(msm, "test_keys", {})
     if matches:
         mini = ("name", "scope", "location_found", "confidence_no_fp", "expected_countries")
         scores["fingerprints"] = [{k: fp[k] for k in mini} for fp in matches]
     probe_cc = _get(msm, "probe_cc", "ZZ").upper()
     for fp in matches:  # is_confirmed()
-        if (probe_cc != "ZZ" and probe_cc in fp["expected_countries"]) or fp["scope"] in (
-            "isp",
-            "nat",
-        ):
+        if (probe_cc != "ZZ" and probe_cc in fp["expected_countries"]) or fp["scope"] in ("isp", "nat"):
             locality = {"inst": "local", "isp": "isp", "nat": "country"}.get(fp["scope"], "general")
             scores[f"blocking_{locality}"] = 1.0
             scores["confirmed"] = True
@@ -240,9 +196,7 @@ def score_web_connectivity(msm: dict, matches: list[dict]) -> dict:
         scores["accuracy"] = 0.0
     if any(k.endswith("_failure") and (tk[k] or "").startswith("unknown_failure") for k in tk):
         scores["accuracy"] = 0.0
-    scores["blocking_general"] += sum(
-        scores[f"blocking_{lv}"] for lv in ("country", "global", "isp", "local")
-    )
+    scores["blocking_general"] += sum(scores[f"blocking_{lv}"] for lv in ("country", "global", "isp", "local"))
     if "accessible" in tk and tk["accessible"] is None and not matches:
         scores["accuracy"] = 0.0
     return scores
@@ -264,26 +218,18 @@ def fastpath_row(msm: dict, uid: str, fps: dict) -> dict | None:
     """process_measurement + db.clickhouse_upsert_summary; None when OONI drops it."""
     from urllib.parse import urlparse
 
-    if (
-        msm.get("report_id") is None
-        or msm.get("probe_cc", "").upper() == "ZZ"
-        or msm.get("probe_asn", "").upper() == "AS0"
-    ):
+    if msm.get("report_id") is None or msm.get("probe_cc", "").upper() == "ZZ" or msm.get("probe_asn", "").upper() == "AS0":
         return None
     if msm["test_name"] == "web_connectivity":
         scores = score_full(msm, fps)
     else:
-        scores = {
-            f"blocking_{lv}": 0.0 for lv in ("general", "global", "country", "isp", "local")
-        } | {"accuracy": 0.0}
+        scores = {f"blocking_{lv}": 0.0 for lv in ("general", "global", "country", "isp", "local")} | {"accuracy": 0.0}
     start = datetime.strptime(msm["measurement_start_time"], TIME)
     if uid.startswith("20") and len(uid) >= 20:  # flag_measurements_with_wrong_date
         delta = (datetime.strptime(uid[:22], "%Y%m%d%H%M%S.%f_") - start).total_seconds()
         if delta < -3600 or delta > 31536000:
             scores["accuracy"] = 0.0
-            scores["msg"] = (
-                f"Measurement start time {'from the future' if delta < 0 else 'too old'}"
-            )
+            scores["msg"] = f"Measurement start time {'from the future' if delta < 0 else 'too old'}"
     annot = msm.get("annotations") if isinstance(msm.get("annotations"), dict) else {}
     try:
         backend = _get(_get(msm, "test_helpers", {}), "backend", {})
@@ -318,14 +264,10 @@ def run_baseline(workdir: Path, endpoint: str) -> None:
     from ooni_pipeline.clickhouse.schema import ensure_tables
 
     fps = load_fingerprints()
-    s3 = boto3.client(
-        "s3", endpoint_url=endpoint, region_name=REGION, config=Config(signature_version=UNSIGNED)
-    )
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name=REGION, config=Config(signature_version=UNSIGNED))
     keys = sorted(
         item["Key"]
-        for page in s3.get_paginator("list_objects_v2").paginate(
-            Bucket=BUCKET, Prefix=f"raw/{DAY.replace('-', '')}/"
-        )
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=f"raw/{DAY.replace('-', '')}/")
         for item in page.get("Contents", [])
         if item["Key"].endswith(".tar.gz")
     )
@@ -343,20 +285,14 @@ def run_baseline(workdir: Path, endpoint: str) -> None:
                     if post.get("format", "") != "json":
                         continue
                     try:
-                        rows.append(
-                            fastpath_row(
-                                post.get("content", {}), member.name.rsplit("/", 1)[1][:-5], fps
-                            )
-                        )
+                        rows.append(fastpath_row(post.get("content", {}), member.name.rsplit("/", 1)[1][:-5], fps))
                     except Exception:  # process_measurement logs and drops it
                         rows.append(None)
     kept = [row for row in rows if row is not None]
     with open_chdb(workdir) as ch:
         ensure_tables(ch, "fastpath")
         ch.insert_df("fastpath", pd.DataFrame(kept))
-    print(
-        f"postcans={len(keys)} members={members} rows={len(kept)} dropped={len(rows) - len(kept)}"
-    )
+    print(f"postcans={len(keys)} members={members} rows={len(kept)} dropped={len(rows) - len(kept)}")
 
 
 def run_setup(datadir: Path, endpoint: str) -> None:
@@ -368,45 +304,21 @@ def run_setup(datadir: Path, endpoint: str) -> None:
         ensure_tables(ch, "fingerprints_dns", "fingerprints_http")
         for kind, scopes in (("dns", DNS_SCOPES), ("http", HTTP_SCOPES)):
             path = DATA / f"fingerprints_{kind}.csv"
-            ch.insert_arrow(
-                f"fingerprints_{kind}",
-                parse_fingerprints(path.read_bytes(), path.name, scopes).table,
-            )
+            ch.insert_arrow(f"fingerprints_{kind}", parse_fingerprints(path.read_bytes(), path.name, scopes).table)
             print(f"fingerprints_{kind}={ch.count(f'fingerprints_{kind}')}")
 
 
 def ours_env(workdir: Path, endpoint: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OONI_", "AWS_"))}
     home, data = str(workdir / "home"), str(workdir / "data")
-    return env | {
-        "OONI_DATA_DIR": data,
-        "OONI_PUBLIC_BUCKET": BUCKET,
-        "OONI_PUBLIC_ENDPOINT_URL": endpoint,
-        "DAGSTER_HOME": home,
-    }
+    return env | {"OONI_DATA_DIR": data, "OONI_PUBLIC_BUCKET": BUCKET, "OONI_PUBLIC_ENDPOINT_URL": endpoint, "DAGSTER_HOME": home}
 
 
 def run_ours(workdir: Path, endpoint: str) -> None:
     """The CLI in a child; peak = the largest process of its tree (ru_maxrss of children)."""
-    argv = [
-        "asset",
-        "materialize",
-        "-m",
-        "ooni_pipeline.definitions",
-        "--select",
-        "public_fastpath",
-        "--partition",
-        DAY,
-    ]
+    argv = ["asset", "materialize", "-m", "ooni_pipeline.definitions", "--select", "public_fastpath", "--partition", DAY]
     with (workdir / "dagster.log").open("w") as log:
-        cli = subprocess.Popen(
-            [str(DAGSTER), *argv],
-            cwd=ROOT,
-            env=ours_env(workdir, endpoint),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        cli = subprocess.Popen([str(DAGSTER), *argv], cwd=ROOT, env=ours_env(workdir, endpoint), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         timeout, timed_out = float(os.environ["BENCH_OURS_TIMEOUT_S"]), False
         try:
             rc = cli.wait(timeout=timeout)
@@ -429,9 +341,7 @@ def run_ours(workdir: Path, endpoint: str) -> None:
 
 def asset_defined(workdir: Path, endpoint: str) -> bool:
     argv = [str(DAGSTER), "asset", "list", "-m", "ooni_pipeline.definitions"]
-    proc = subprocess.run(
-        argv, cwd=ROOT, env=ours_env(workdir, endpoint), capture_output=True, text=True
-    )
+    proc = subprocess.run(argv, cwd=ROOT, env=ours_env(workdir, endpoint), capture_output=True, text=True)
     return proc.returncode == 0 and "public_fastpath" in proc.stdout
 
 
@@ -443,15 +353,7 @@ def run_count(workdir: Path, endpoint: str) -> None:
             f"countIf(msm_failure = 't'), {sums} FROM fastpath"
         )[0]
     names = ("rows", "uids", "anomaly", "confirmed", "msm_failure")
-    print(
-        "counts="
-        + json.dumps(
-            {
-                **dict(zip(names, map(int, row[:5]), strict=True)),
-                "sums": dict(zip(COMPARED, row[5:], strict=True)),
-            }
-        )
-    )
+    print("counts=" + json.dumps({**dict(zip(names, map(int, row[:5]), strict=True)), "sums": dict(zip(COMPARED, row[5:], strict=True))}))
 
 
 def _tree_rss_kb() -> int:
@@ -460,10 +362,7 @@ def _tree_rss_kb() -> int:
     for d in Path("/proc").glob("[0-9]*"):
         try:
             ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            procs[int(d.name)] = (
-                ppid,
-                int((d / "statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024,
-            )
+            procs[int(d.name)] = (ppid, int((d / "statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024)
         except (OSError, ValueError, IndexError):
             continue
     tree, new = set(), {os.getpid()}
@@ -483,9 +382,7 @@ def measure(mode: str, workdir: Path, endpoint: str) -> tuple[float, float, floa
 
     threading.Thread(target=sample, daemon=True).start()
     try:
-        wall, rss, out = run_measured(
-            [__file__, "--run", mode, "--workdir", str(workdir), "--endpoint", endpoint]
-        )
+        wall, rss, out = run_measured([__file__, "--run", mode, "--workdir", str(workdir), "--endpoint", endpoint])
     finally:
         done.set()
     return wall, rss, peak[0] / 1024, out
@@ -523,9 +420,7 @@ def main() -> None:
     parser.add_argument("--measurements", type=int, default=100_000)
     parser.add_argument("--workdir", type=Path, default=Path("bench/out/public_fastpath"))
     parser.add_argument("--modes", default="baseline,ours")
-    parser.add_argument(
-        "--wait-minutes", type=float, default=60, help="for public_fastpath to exist"
-    )
+    parser.add_argument("--wait-minutes", type=float, default=60, help="for public_fastpath to exist")
     parser.add_argument("--ours-timeout-minutes", type=float, default=60)
     parser.add_argument("--run", choices=sorted(MODES))
     parser.add_argument("--endpoint")
@@ -542,11 +437,7 @@ def main() -> None:
     os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"})
     work = args.workdir.absolute()
     cans = generate(work / "postcans", args.measurements)["cans"]
-    n, mb, raw_mb = (
-        sum(c[1] for c in cans),
-        sum(c[3] for c in cans) / 1e6,
-        sum(c[2] for c in cans) / 1e6,
-    )
+    n, mb, raw_mb = sum(c[1] for c in cans), sum(c[3] for c in cans) / 1e6, sum(c[2] for c in cans) / 1e6
     lines = [
         f"upload day {DAY}: {n} measurements in {len(cans)} postcans ({len(COUNTRIES)} countries x "
         f"{len(HOURS)} hours), {mb:.1f} MB compressed, {raw_mb:.1f} MB uncompressed"
@@ -556,13 +447,9 @@ def main() -> None:
     server.start()
     endpoint = f"http://127.0.0.1:{server._server.server_port}"
     client = boto3.client("s3", endpoint_url=endpoint, region_name=REGION)
-    client.create_bucket(
-        Bucket=BUCKET, ACL="public-read", CreateBucketConfiguration={"LocationConstraint": REGION}
-    )
+    client.create_bucket(Bucket=BUCKET, ACL="public-read", CreateBucketConfiguration={"LocationConstraint": REGION})
     for key, *_ in cans:  # ClickHouse reads anonymously
-        client.put_object(
-            Bucket=BUCKET, Key=key, Body=(work / "postcans" / key).read_bytes(), ACL="public-read"
-        )
+        client.put_object(Bucket=BUCKET, Key=key, Body=(work / "postcans" / key).read_bytes(), ACL="public-read")
     results, seen = {}, {}
     for mode in args.modes.split(","):
         print(f"{mode}: running ...", flush=True)
@@ -575,9 +462,7 @@ def main() -> None:
             results[mode] = measure_ours(work / mode, endpoint, args.wait_minutes)
             if "TIMEOUT" in results[mode][3]:
                 wall, rss, tree, out = results.pop(mode)
-                lines.append(
-                    f"{mode:8s} wall > {wall:7.2f} s  peak RSS {rss:6.0f} MB (tree {tree:6.0f} MB)  {out}"
-                )
+                lines.append(f"{mode:8s} wall > {wall:7.2f} s  peak RSS {rss:6.0f} MB (tree {tree:6.0f} MB)  {out}")
                 continue
             seen[mode] = counts(work / mode / "data", endpoint)
         print(f"{mode}: {results[mode][0]:.1f} s, {results[mode][3]}", flush=True)
@@ -590,10 +475,7 @@ def main() -> None:
         )
     if len(results) == 2:
         (bw, brss, btree, _), (ow, orss, otree, _) = results["baseline"], results["ours"]
-        equal = all(
-            seen["baseline"][k] == seen["ours"][k]
-            for k in ("rows", "anomaly", "confirmed", "msm_failure")
-        )
+        equal = all(seen["baseline"][k] == seen["ours"][k] for k in ("rows", "anomaly", "confirmed", "msm_failure"))
         differ = [c for c in COMPARED if seen["baseline"]["sums"][c] != seen["ours"]["sums"][c]]
         lines += [
             f"baseline/ours wall {bw / ow:.2f}x; ours/baseline peak RSS {orss / brss:.2f} (tree {otree / btree:.2f})",
