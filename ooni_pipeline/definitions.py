@@ -11,6 +11,7 @@ import dagster as dg
 from ooni_pipeline.asn_metadata import definitions as asn_metadata
 from ooni_pipeline.backup import definitions as backup
 from ooni_pipeline.clickhouse import ClickHouseResource
+from ooni_pipeline.detector import definitions as detector
 from ooni_pipeline.exports import definitions as exports
 from ooni_pipeline.fastpath import definitions as fastpath
 from ooni_pipeline.fingerprints import definitions as fingerprints
@@ -27,6 +28,7 @@ DOMAINS = (
     fastpath,
     backup,
     exports,
+    detector,
 )
 
 

@@ -188,6 +188,8 @@ def test_every_asset_is_described_owned_and_has_its_freshness_policy() -> None:
         "fingerprints_http": window(timedelta(hours=3)),
         "asnmeta": window(timedelta(days=8)),
         "geoip_db": window(timedelta(days=8)),
+        "blocking_status": window(timedelta(hours=3)),
+        "blocking_events": window(timedelta(hours=3)),
         **{f"backup/{table}": window(timedelta(days=8)) for table in _backup_tables(graph)},
         # yesterday's export, made by the 01:00 UTC schedule, there by 06:00 UTC
         "website_metrics": dg.FreshnessPolicy.cron(

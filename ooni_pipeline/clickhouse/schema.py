@@ -68,6 +68,46 @@ def _enum(values: tuple[str, ...]) -> str:
     return ", ".join(f"'{value}' = {i}" for i, value in enumerate(values, start=1))
 
 
+BLOCKING_STATUS_COLUMNS = """
+    hour DateTime('UTC'),
+    probe_cc LowCardinality(String),
+    probe_asn UInt32,
+    domain String,
+    measurements UInt32,
+    share_accessible Float32,
+    share_dns Float32,
+    share_tcp_ip Float32,
+    share_http_diff Float32,
+    share_http_failure Float32,
+    share_anomaly Float32,
+    share_failure Float32,
+    blocked_share Float32,
+    state Enum8('unknown' = 0, 'ok' = 1, 'blocked' = 2),
+    change Int8,
+    s_pos Float64,
+    s_neg Float64,
+    last_measured DateTime('UTC'),
+    update_time DateTime64(3, 'UTC')
+"""
+
+BLOCKING_EVENTS_COLUMNS = """
+    event_id String,
+    kind Enum8('blocking' = 1, 'no_measurements' = 2),
+    probe_cc LowCardinality(String),
+    domain String,
+    status Enum8('ongoing' = 1, 'ended' = 2, 'withdrawn' = 3),
+    onset Enum8('change' = 1, 'initial' = 2),
+    start_hour DateTime('UTC'),
+    end_hour Nullable(DateTime('UTC')),
+    networks Array(UInt32),
+    peak_networks UInt32,
+    explorer_url String,
+    first_detected DateTime64(3, 'UTC'),
+    updated DateTime64(3, 'UTC'),
+    announced LowCardinality(String),
+    version DateTime64(3, 'UTC')
+"""
+
 # name -> (columns, engine clause)
 _TABLES: dict[str, tuple[str, str]] = {
     "fastpath": (
@@ -91,7 +131,20 @@ _TABLES: dict[str, tuple[str, str]] = {
         "asn UInt32, org_name String, cc String, changed Date, aut_name String, source String",
         "ENGINE = MergeTree ORDER BY (asn, changed)",
     ),
+    "blocking_status": (
+        BLOCKING_STATUS_COLUMNS,
+        "ENGINE = ReplacingMergeTree(update_time) PARTITION BY toYYYYMM(hour) "
+        "ORDER BY (hour, probe_cc, domain, probe_asn)",
+    ),
+    "blocking_events": (
+        BLOCKING_EVENTS_COLUMNS,
+        "ENGINE = ReplacingMergeTree(version) ORDER BY event_id",
+    ),
 }
+
+# The project's own derived tables: created by the asset that writes them, on a server
+# too (nothing else writes them, and they start empty by design).
+DERIVED_TABLES = frozenset({"blocking_status", "blocking_events"})
 
 # staging table -> its live table
 STAGING_OF = {
@@ -120,12 +173,13 @@ def ensure_tables(ch: ClickHouse, *names: str) -> None:
     On a ClickHouse server, OONI's own tables are never created implicitly: a missing
     one means a wrong ``OONI_CLICKHOUSE_URL`` (database, server) far more often than a
     new deployment, and an empty table created there would be exported, backed up
-    and served as if it were OONI's data. Staging tables are created as needed.
+    and served as if it were OONI's data. Staging tables, and the project's derived
+    tables (``DERIVED_TABLES``, written only by their asset), are created as needed.
     """
     for name in names:
         if name not in KNOWN_TABLES:
             raise ValueError(f"unknown table {name!r}; known: {', '.join(KNOWN_TABLES)}")
-        if not ch.embedded and name in _TABLES:
+        if not ch.embedded and name in _TABLES and name not in DERIVED_TABLES:
             exists = ch.scalar(
                 "SELECT count() FROM system.tables WHERE database = currentDatabase() "
                 "AND name = {t:String}",

@@ -36,7 +36,7 @@ _DAY_OF_MEASUREMENTS = """
 """
 
 
-def _category(msm_failure: str, anomaly: str, blocking_type: str) -> str:
+def category_sql(msm_failure: str, anomaly: str, blocking_type: str) -> str:
     """The contract's rule: failure, else a known blocking type, else anomaly, else accessible."""
     known = ", ".join(f"'{t}'" for t in BLOCKING_TYPES)
     return (
@@ -56,7 +56,7 @@ SELECT
     latest.4 AS domain,
     latest.5 AS probe_cc,
     latest.6 = 't' AS is_confirmed,
-    {_category("latest.7", "latest.8", "latest.9")} AS category
+    {category_sql("latest.7", "latest.8", "latest.9")} AS category
 FROM (
     SELECT
         measurement_uid,
@@ -98,7 +98,7 @@ SELECT
 FROM (
     SELECT
         argMax((msm_failure, anomaly, blocking_type, confirmed, toString(probe_cc)), update_time) AS latest,
-        {_category("latest.1", "latest.2", "latest.3")} AS category
+        {category_sql("latest.1", "latest.2", "latest.3")} AS category
     {_DAY_OF_MEASUREMENTS}
 )
 """

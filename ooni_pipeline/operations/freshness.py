@@ -22,6 +22,9 @@ MAX_AGE = {
     "asnmeta": timedelta(days=8),
     "geoip_db": timedelta(days=8),
     "backup": timedelta(days=8),
+    # detected every hour at HH:20
+    "blocking_status": timedelta(hours=3),
+    "blocking_events": timedelta(hours=3),
 }
 # Yesterday's export must have been written by 06:00 UTC. Dagster's policy judges
 # the asset's latest materialization, not a partition's: the daily partitions are

@@ -1,0 +1,202 @@
+"""One detector pass, outside Dagster: status over the hours, events grouped and
+reconciled, messages sent, feeds written. The asset and the benchmark both call
+``detect``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import pandas as pd
+
+from ooni_pipeline import settings
+from ooni_pipeline.clickhouse import ClickHouse
+from ooni_pipeline.detector import sql
+from ooni_pipeline.detector.announce import pending
+from ooni_pipeline.detector.cusum import CusumParams
+from ooni_pipeline.detector.events import (
+    EventParams,
+    blocking_episodes,
+    reconcile,
+    shutdown_episodes,
+)
+from ooni_pipeline.detector.feeds import COUNTRY_CODE, build_feed, feed_key
+from ooni_pipeline.detector.status import StatusRun, hour_text, query_frame, run_status
+from ooni_pipeline.object_store.stores import ObjectStore
+from ooni_pipeline.operations.alerts import post_alert
+
+
+@dataclass
+class Detection:
+    status: StatusRun
+    written: pd.DataFrame  # event rows written (new, changed, withdrawn)
+    events: pd.DataFrame  # every stored event after the pass
+    messages_posted: int
+    feeds: list[str]
+
+
+def detect(
+    ch: ClickHouse,
+    store: ObjectStore,
+    first: int,
+    last: int,
+    domains: list[str],
+    cusum: CusumParams,
+    params: EventParams,
+    version: datetime,
+    log: Callable[[str], None] = print,
+) -> Detection:
+    """Detect over [first, last] (extended as ``status`` explains), then events,
+    messages and feeds. Tables must exist."""
+    status = run_status(ch, first, last, domains, cusum, version)
+    log(
+        f"detected hours {hour_text(status.first_hour)} .. {hour_text(status.last_hour)} "
+        f"({status.hours} h, {status.rows} rows) in {status.duration_s:.1f} s"
+    )
+    outcome = update_events(ch, status, params, version)
+    posted = announce(ch, outcome, status.last_hour, params, version, log)
+    feeds = write_feeds(store, outcome["all"], outcome["touched"], version)
+    return Detection(status, outcome["written"], outcome["all"], posted, feeds)
+
+
+_EVENT_TYPES = {
+    "event_id": "object",
+    "kind": "object",
+    "probe_cc": "object",
+    "domain": "object",
+    "status": "object",
+    "onset": "object",
+    "start_hour": "datetime64[ns]",
+    "end_hour": "datetime64[ns]",
+    "networks": "object",
+    "peak_networks": "int64",
+    "explorer_url": "object",
+    "first_detected": "datetime64[ns]",
+    "updated": "datetime64[ns]",
+    "announced": "object",
+    "version": "datetime64[ns]",
+}
+
+
+def read_events(ch: ClickHouse, query: str, params: dict[str, Any]) -> pd.DataFrame:
+    """Stored events with hours as numbers (``start``, ``end``; ONGOING when open)."""
+    df = query_frame(ch, query, params, _EVENT_TYPES)
+    df["start"] = (df["start_hour"].astype("int64") // 3_600_000_000_000).astype("int64")
+    ended = df["end_hour"].notna()
+    df["end"] = -1
+    df.loc[ended, "end"] = df.loc[ended, "end_hour"].astype("int64") // 3_600_000_000_000
+    df["end"] = df["end"].astype("int64")
+    return df.drop(columns=["start_hour", "end_hour", "version"])
+
+
+def write_events(ch: ClickHouse, rows: pd.DataFrame, version: datetime) -> None:
+    if rows.empty:
+        return
+    out = rows.copy()
+    out["start_hour"] = pd.to_datetime(out["start"] * 3600, unit="s")
+    out["end_hour"] = pd.to_datetime(out["end"].where(out["end"] >= 0) * 3600, unit="s")
+    out["version"] = pd.Timestamp(version)
+    out["networks"] = out["networks"].map(lambda asns: [int(a) for a in asns])
+    ch.insert_df("blocking_events", out[list(sql.EVENT_COLUMNS)])
+
+
+def update_events(
+    ch: ClickHouse, status: StatusRun, params: EventParams, version: datetime
+) -> dict[str, Any]:
+    """Group the hours a detector pass wrote into events, reconcile them with the
+    stored ones and write what changed."""
+    stored = read_events(ch, sql.EVENTS_FROM_SQL, {"start": hour_text(status.first_hour)})
+    active = stored[stored["status"] != "withdrawn"]
+    begin = min([status.first_hour, *active["start"].tolist()])
+    runs = query_frame(
+        ch,
+        sql.BLOCKING_EPISODES_SQL,
+        {"start": hour_text(begin), "end": hour_text(status.last_hour)},
+        {
+            "probe_cc": "object",
+            "domain": "object",
+            "start": "int64",
+            "last": "int64",
+            "onset_up": "bool",
+            "peak_networks": "int64",
+            "networks": "object",
+        },
+    )
+    volume = query_frame(
+        ch,
+        sql.COUNTRY_VOLUME_SQL,
+        {
+            "start": hour_text(begin - params.baseline_hours),
+            "end": hour_text(status.last_hour + 1),
+        },
+        {"hour": "int64", "probe_cc": "object", "measurements": "int64"},
+    )
+    episodes = pd.concat(
+        [
+            blocking_episodes(runs, status.last_hour),
+            shutdown_episodes(volume, begin, status.last_hour, params),
+        ],
+        ignore_index=True,
+    )
+    written = reconcile(episodes, stored, version)
+    write_events(ch, written, version)
+    everything = read_events(ch, sql.ALL_EVENTS_SQL, {})
+    touched = set(written["probe_cc"]) if len(written) else set()
+    return {"written": written, "all": everything, "touched": touched}
+
+
+def announce(
+    ch: ClickHouse,
+    outcome: dict[str, Any],
+    last_hour: int,
+    params: EventParams,
+    version: datetime,
+    log: Callable[[str], None],
+) -> int:
+    """Post each pending message, recording each one sent; a failure to post fails
+    the run after the others are recorded (the next run sends it again)."""
+    events = outcome["all"]
+    todo = pending(events.to_dict("records"), last_hour, params)
+    webhook_url = settings.env("OONI_ALERT_WEBHOOK_URL")
+    by_id = events.set_index("event_id")
+    done: list[str] = []
+    failure: Exception | None = None
+    posted = 0
+    for item in todo:
+        if item.text is not None:
+            if webhook_url:
+                try:
+                    post_alert(webhook_url, item.text)
+                except RuntimeError as exc:
+                    failure = exc
+                    continue
+                posted += 1
+            else:
+                log(f"OONI_ALERT_WEBHOOK_URL unset; event message: {item.text}")
+        done.append(item.event_id)
+        by_id.loc[item.event_id, "announced"] = item.status
+    if done:
+        rows = by_id.loc[done].reset_index()
+        write_events(ch, rows, version)
+        outcome["all"] = by_id.reset_index()
+    if failure is not None:
+        raise failure
+    return posted
+
+
+def write_feeds(
+    store: ObjectStore, events: pd.DataFrame, touched: set[str], generated: datetime
+) -> list[str]:
+    """The global feed and the feeds of the countries whose events changed."""
+    keys = [feed_key(None)]
+    store.put_bytes(keys[0], build_feed(events, None, generated))
+    for cc in sorted(touched):
+        if not COUNTRY_CODE.match(str(cc)):
+            continue
+        key = feed_key(cc)
+        store.put_bytes(key, build_feed(events, cc, generated))
+        keys.append(key)
+    return keys

@@ -1,0 +1,435 @@
+"""The blocking detector on synthetic hourly timelines, in real chdb, with exact events.
+
+Timelines use 20 measurements per series-hour: "ok" hours have 1 anomaly (share
+0.05), "blocked" hours 19 (0.95). With OONI's parameters (mu0 0, mu1 0.7, edd 10:
+h = 3.5) an OK series turns BLOCKED on its 6th blocked hour (6 x 0.6 = 3.6) and back
+on its 12th ok hour (12 x 0.3 = 3.6); a new series is established OK, silently, on
+its 12th ok hour.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+
+import dagster as dg
+import feedparser
+import numpy as np
+import pandas as pd
+import pytest
+
+from ooni_pipeline.clickhouse import ClickHouse
+from ooni_pipeline.clickhouse.schema import ensure_tables
+from ooni_pipeline.detector.assets import blocking_detector
+from ooni_pipeline.detector.cusum import BLOCKED, OK, UNKNOWN, CusumParams, SeriesState, step
+from ooni_pipeline.detector.events import event_id
+from ooni_pipeline.detector.status import hour_number
+from ooni_pipeline_tests.rig import failure_text
+
+T0 = datetime(2024, 3, 1)
+H0 = hour_number(T0)
+PER_HOUR = 20
+OK_LEVEL, BLOCKED_LEVEL = 1, 19  # anomalies out of PER_HOUR
+
+
+def at(hour: int) -> datetime:
+    return T0 + timedelta(hours=hour)
+
+
+def _rows(cc: str, asn: int, domain: str, hour: int, anomalies: int, tag: str = "") -> list[dict]:
+    rows = []
+    for i in range(PER_HOUR):
+        blocked = i < anomalies
+        rows.append(
+            {
+                "measurement_uid": f"{tag}{cc}-{asn}-{domain}-{hour}-{i}",
+                "report_id": f"r-{cc}-{asn}",
+                "input": f"https://{domain}/",
+                "domain": domain,
+                "probe_cc": cc,
+                "probe_asn": asn,
+                "test_name": "web_connectivity",
+                "measurement_start_time": at(hour) + timedelta(minutes=i),
+                "test_start_time": at(hour),
+                "anomaly": "t" if blocked else "f",
+                "confirmed": "f",
+                "msm_failure": "f",
+                "blocking_type": "dns" if blocked else "",
+            }
+        )
+    return rows
+
+
+def insert_timeline(
+    ch: ClickHouse, cc: str, asn: int, domain: str, levels: dict[int, int], tag: str = ""
+) -> None:
+    """``levels``: hour -> anomalies out of PER_HOUR (hours left out: no measurements)."""
+    rows = [r for hour, n in sorted(levels.items()) for r in _rows(cc, asn, domain, hour, n, tag)]
+    if rows:
+        ensure_tables(ch, "fastpath")
+        ch.insert_df("fastpath", pd.DataFrame(rows))
+
+
+def hours(first: int, last: int, level: int) -> dict[int, int]:
+    return dict.fromkeys(range(first, last + 1), level)
+
+
+@pytest.fixture
+def watchlist(ch: ClickHouse) -> None:
+    ensure_tables(ch, "citizenlab")
+    ch.insert_df(
+        "citizenlab",
+        pd.DataFrame(
+            [
+                {"domain": "x.com", "url": "https://x.com/", "cc": "ZZ", "category_code": "GRP"},
+                {"domain": "t.me", "url": "https://t.me/", "cc": "ZZ", "category_code": "GRP"},
+                {
+                    "domain": "news.ir",
+                    "url": "https://news.ir/",
+                    "cc": "IR",
+                    "category_code": "GRP",
+                },
+                {"domain": "b.org", "url": "https://b.org/", "cc": "ZZ", "category_code": "NEWS"},
+            ]
+        ),
+    )
+
+
+@pytest.fixture
+def webhook(upstream, monkeypatch):
+    monkeypatch.setenv("OONI_ALERT_WEBHOOK_URL", upstream.url("/hook"))
+    return upstream
+
+
+def detect(clickhouse, store, first: int, last: int, instance=None, config=None):
+    start, end = at(first), at(last)
+    return dg.materialize(
+        [blocking_detector],
+        resources={"clickhouse": clickhouse, "object_store": store},
+        instance=instance or dg.DagsterInstance.ephemeral(),
+        tags={
+            "dagster/asset_partition_range_start": f"{start:%Y-%m-%d-%H:%M}",
+            "dagster/asset_partition_range_end": f"{end:%Y-%m-%d-%H:%M}",
+        },
+        run_config={"ops": {"blocking_detector": {"config": config}}} if config else None,
+        raise_on_error=False,
+    )
+
+
+def events(ch: ClickHouse) -> list[dict]:
+    """The stored events, one per row (FINAL: a row updated twice is one row)."""
+    df = ch.query_df(
+        "SELECT event_id, kind, probe_cc, domain, status, onset, "
+        "toInt64(toUnixTimestamp(start_hour) / 3600) AS start, "
+        "toInt64(ifNull(toUnixTimestamp(end_hour), 0) / 3600) AS end, "
+        "networks, peak_networks, explorer_url, announced "
+        "FROM blocking_events FINAL ORDER BY start, probe_cc, domain"
+    )
+    out = []
+    for row in df.to_dict("records"):
+        row["start"] -= H0
+        row["end"] = row["end"] - H0 if row["end"] else None
+        row["networks"] = [int(a) for a in row["networks"]]
+        out.append(row)
+    return out
+
+
+def summary(ch: ClickHouse) -> list[tuple]:
+    return [
+        (
+            e["kind"],
+            e["probe_cc"],
+            e["domain"],
+            e["status"],
+            e["onset"],
+            e["start"],
+            e["end"],
+            e["networks"],
+        )
+        for e in events(ch)
+    ]
+
+
+def messages(server) -> list[str]:
+    return [json.loads(body)["text"] for path, body in server.posts if path == "/hook"]
+
+
+def status_of(ch: ClickHouse, cc: str, asn: int, domain: str) -> list[tuple]:
+    return [
+        (int(h) - H0, str(s), int(c))
+        for h, s, c in ch.query_rows(
+            "SELECT toInt64(toUnixTimestamp(hour) / 3600), state, change FROM blocking_status FINAL "
+            "WHERE probe_cc = {cc:String} AND probe_asn = {asn:UInt32} AND domain = {d:String} "
+            "ORDER BY hour",
+            {"cc": cc, "asn": asn, "d": domain},
+        )
+    ]
+
+
+def parse_feed(store, key: str):
+    feed = feedparser.parse(store.read_bytes(key))
+    assert feed.bozo == 0, feed.get("bozo_exception")
+    assert feed.version == "atom10"
+    return feed
+
+
+# -- the state machine alone ------------------------------------------------------------
+
+
+def test_cusum_step_matches_ooni_thresholds_and_gap_decay() -> None:
+    params = CusumParams()
+    assert params.h == pytest.approx(3.5)
+    mem = SeriesState.empty(3)
+    idx = np.arange(3)
+    # 11 ok hours leave every series unknown, the 12th establishes OK silently.
+    for hour in range(11):
+        assert not step(mem, hour, idx, np.full(3, 0.05), params).any()
+    assert list(mem.state) == [UNKNOWN] * 3
+    assert not step(mem, 11, idx, np.full(3, 0.05), params).any()
+    assert list(mem.state) == [OK] * 3
+    # Three blocked hours each, then: series 0 next hour, series 1 after 6 silent
+    # hours (no decay), series 2 after 72 silent hours (memory decays by 2**-(73/48)).
+    for hour in range(12, 15):
+        step(mem, hour, idx, np.full(3, 0.95), params)
+    assert mem.s_pos == pytest.approx([1.8] * 3)
+    changes = {}
+    for hour in range(15, 100):
+        due = [i for i, resume in enumerate((15, 21, 87)) if hour >= resume]
+        change = step(mem, hour, np.array(due, int), np.full(len(due), 0.95), params)
+        for i, c in zip(due, change, strict=True):
+            if c:
+                changes[i] = hour
+    assert changes == {0: 17, 1: 23, 2: 91}
+    assert list(mem.state) == [BLOCKED] * 3
+
+
+# -- timelines through the asset -------------------------------------------------------------
+
+
+def test_clean_onset_and_recovery(ch, clickhouse, local_store_resource, watchlist, webhook) -> None:
+    levels = hours(0, 23, OK_LEVEL) | hours(24, 47, BLOCKED_LEVEL) | hours(48, 79, OK_LEVEL)
+    insert_timeline(ch, "IR", 44244, "x.com", levels)
+    insert_timeline(ch, "IR", 44244, "filler.example", hours(0, 79, 0))  # not watched
+    instance = dg.DagsterInstance.ephemeral()
+    store = local_store_resource.get_store()
+
+    assert detect(clickhouse, local_store_resource, 0, 35, instance).success
+    eid = event_id("blocking", "IR", "x.com", H0 + 29)
+    assert summary(ch) == [("blocking", "IR", "x.com", "ongoing", "change", 29, None, [44244])]
+    assert [e["event_id"] for e in events(ch)] == [eid]
+    started = messages(webhook)
+    assert len(started) == 1 and "blocking started" in started[0] and "AS44244" in started[0]
+    assert (
+        "explorer.ooni.org/chart/mat?probe_cc=IR&test_name=web_connectivity&domain=x.com"
+        in started[0]
+    )
+    feed = parse_feed(store, "feeds/blocking/IR.atom")
+    assert [e.id for e in feed.entries] == [f"tag:ooni.org,2024:blocking-event:{eid}"]
+    assert feed.entries[0].title == "x.com blocked in IR"
+    first_updated = feed.entries[0].updated
+
+    assert detect(clickhouse, local_store_resource, 36, 79, instance).success
+    assert summary(ch) == [("blocking", "IR", "x.com", "ended", "change", 29, 59, [44244])]
+    assert [e["event_id"] for e in events(ch)] == [eid]
+    assert events(ch)[0]["announced"] == "ended"
+    ended = messages(webhook)[1:]
+    assert len(ended) == 1 and "blocking ended" in ended[0]
+    states = status_of(ch, "IR", 44244, "x.com")
+    assert [(h, c) for h, _, c in states if c] == [(29, 1), (59, -1)]
+    assert states[10][1] == "unknown" and states[11][1] == "ok" and states[-1][1] == "ok"
+    for key in ("feeds/blocking/IR.atom", "feeds/blocking/global.atom"):
+        feed = parse_feed(store, key)
+        assert [e.id for e in feed.entries] == [f"tag:ooni.org,2024:blocking-event:{eid}"]
+        assert feed.entries[0].title == "x.com reachable again in IR"
+        assert feed.entries[0].updated >= first_updated and feed.feed.updated
+        assert feed.entries[0].link.startswith("https://explorer.ooni.org/chart/mat?")
+
+    # A rerun of hours already detected changes nothing and sends nothing.
+    assert detect(clickhouse, local_store_resource, 50, 52, instance).success
+    assert summary(ch) == [("blocking", "IR", "x.com", "ended", "change", 29, 59, [44244])]
+    assert len(messages(webhook)) == 2
+    assert ch.scalar("SELECT count() FROM blocking_status FINAL") == 80
+
+
+def test_flapping_around_the_threshold_is_no_event_storm(
+    ch, clickhouse, local_store_resource, watchlist, webhook
+) -> None:
+    """Ten networks hovering around the midpoint (shares 0.25 / 0.45 hour by hour,
+    a threshold detector's worst case) for a week: no event. One flapping between
+    0.05 and 0.95 every hour (mostly blocked): exactly one event, never ended."""
+    alternating = {h: (5 if h % 2 else 9) for h in range(24, 24 + 7 * 24)}
+    for asn in range(1, 11):
+        insert_timeline(ch, "PK", asn, "t.me", hours(0, 23, OK_LEVEL) | alternating)
+    hard = {h: (BLOCKED_LEVEL if h % 2 else OK_LEVEL) for h in range(24, 24 + 7 * 24)}
+    insert_timeline(ch, "PK", 99, "x.com", hours(0, 23, OK_LEVEL) | hard)
+    assert detect(clickhouse, local_store_resource, 0, 24 + 7 * 24 - 1).success
+    # Shares 0.05 at even hours, 0.95 at odd ones: s_pos 0.6 + 0.3 per two hours.
+    assert summary(ch) == [("blocking", "PK", "x.com", "ongoing", "change", 45, None, [99])]
+    assert len(messages(webhook)) == 0  # the onset is older than 48 h before the last hour
+    for asn in range(1, 11):
+        assert not [c for _, _, c in status_of(ch, "PK", asn, "t.me") if c]
+
+
+def test_gaps_of_6_and_72_hours(ch, clickhouse, local_store_resource, watchlist, webhook) -> None:
+    """Three blocked hours, a silence, then blocked again: after 6 silent hours the
+    memory is intact (the 3rd hour back crosses h); after 72 it has decayed to a
+    third (the 5th hour back crosses). Other domains keep the countries' volume up."""
+    before = hours(0, 23, OK_LEVEL) | hours(24, 26, BLOCKED_LEVEL)
+    insert_timeline(ch, "EG", 1, "x.com", before | hours(33, 40, BLOCKED_LEVEL))
+    insert_timeline(ch, "TR", 2, "x.com", before | hours(99, 110, BLOCKED_LEVEL))
+    for cc in ("EG", "TR"):
+        insert_timeline(ch, cc, 3, "filler.example", hours(0, 110, 0))
+    assert detect(clickhouse, local_store_resource, 0, 110).success
+    assert summary(ch) == [
+        ("blocking", "EG", "x.com", "ongoing", "change", 35, None, [1]),
+        ("blocking", "TR", "x.com", "ongoing", "change", 103, None, [2]),
+    ]
+    assert len(messages(webhook)) == 1  # TR's onset is recent, EG's is not
+
+
+def test_national_block_over_50_networks_is_one_event(
+    ch, clickhouse, local_store_resource, watchlist, webhook
+) -> None:
+    """50 networks blocked within three hours of each other, and recovering over a
+    day: one event listing all 50; the same domain in another country: nothing."""
+    for asn in range(1000, 1050):
+        onset = 24 + asn % 3
+        recovery = 60 + asn % 24
+        levels = hours(0, onset - 1, OK_LEVEL) | hours(onset, recovery - 1, BLOCKED_LEVEL)
+        insert_timeline(ch, "RU", asn, "x.com", levels | hours(recovery, 100, OK_LEVEL))
+    insert_timeline(ch, "DE", 3320, "x.com", hours(0, 100, OK_LEVEL))
+    assert detect(clickhouse, local_store_resource, 0, 100).success
+    # First crossings at 24+5; the last network (recovering at 60+23) is OK on its
+    # 12th ok hour, 94.
+    assert summary(ch) == [
+        ("blocking", "RU", "x.com", "ended", "change", 29, 94, list(range(1000, 1050)))
+    ]
+    assert events(ch)[0]["peak_networks"] == 50
+    sent = messages(webhook)
+    assert len(sent) == 1 and "blocking ended" in sent[0]
+    assert ch.scalar("SELECT countIf(change = 1) FROM blocking_status") == 50
+
+
+def test_shutdown_opens_a_no_measurements_event(
+    ch, clickhouse, local_store_resource, watchlist, webhook
+) -> None:
+    """IR goes silent for 10 hours after two steady days while DE keeps measuring:
+    one no_measurements event, ended when measurements resume. When every country
+    is silent (data not uploaded yet), nothing."""
+    insert_timeline(ch, "IR", 1, "x.com", hours(0, 47, OK_LEVEL) | hours(58, 71, OK_LEVEL))
+    insert_timeline(ch, "DE", 2, "x.com", hours(0, 71, OK_LEVEL))
+    store = local_store_resource.get_store()
+    assert detect(clickhouse, local_store_resource, 0, 50).success
+    assert summary(ch) == [("no_measurements", "IR", "", "ongoing", "change", 48, None, [])]
+    assert "no measurements" in messages(webhook)[0]
+    assert detect(clickhouse, local_store_resource, 51, 71).success
+    assert summary(ch) == [("no_measurements", "IR", "", "ended", "change", 48, 58, [])]
+    assert "measurements resumed" in messages(webhook)[1]
+    entry = parse_feed(store, "feeds/blocking/IR.atom").entries[0]
+    assert entry.title == "Measurements from IR resumed"
+    assert "domain=" not in entry.link
+    # Hours 72.. have no data at all anywhere: not a shutdown.
+    assert detect(clickhouse, local_store_resource, 72, 90).success
+    assert summary(ch) == [("no_measurements", "IR", "", "ended", "change", 48, 58, [])]
+    assert len(messages(webhook)) == 2
+
+
+def test_late_upload_corrects_the_event_without_duplicating_it(
+    ch, clickhouse, local_store_resource, watchlist, webhook
+) -> None:
+    """Blocked from hour 24, detected at 29 and announced. Then measurements of
+    hours 20..23 are re-uploaded (new versions, same uids) showing the block began
+    at 20: re-detecting those hours moves the onset to 25 and carries on to hour
+    40; the event keeps its id, is updated, and no second message is sent. Finally
+    a re-upload showing no block at all withdraws it (one message)."""
+    insert_timeline(ch, "IR", 7, "x.com", hours(0, 23, OK_LEVEL) | hours(24, 40, BLOCKED_LEVEL))
+    insert_timeline(ch, "IR", 8, "filler.example", hours(0, 40, 0))
+    store = local_store_resource.get_store()
+    instance = dg.DagsterInstance.ephemeral()
+    assert detect(clickhouse, local_store_resource, 0, 40, instance).success
+    eid = event_id("blocking", "IR", "x.com", H0 + 29)
+    assert [(e["event_id"], e["start"]) for e in events(ch)] == [(eid, 29)]
+    assert len(messages(webhook)) == 1
+    before = parse_feed(store, "feeds/blocking/IR.atom").entries[0].updated
+
+    insert_timeline(ch, "IR", 7, "x.com", hours(20, 23, BLOCKED_LEVEL))  # same uids
+    result = detect(clickhouse, local_store_resource, 20, 23, instance)
+    assert result.success
+    assert summary(ch) == [("blocking", "IR", "x.com", "ongoing", "change", 25, None, [7])]
+    assert [e["event_id"] for e in events(ch)] == [eid]
+    assert ch.scalar("SELECT count() FROM blocking_events") >= 2  # updated: a newer version
+    assert len(messages(webhook)) == 1
+    entries = parse_feed(store, "feeds/blocking/IR.atom").entries
+    assert [e.id for e in entries] == [f"tag:ooni.org,2024:blocking-event:{eid}"]
+    assert entries[0].updated > before
+    assert ch.scalar("SELECT count() FROM blocking_status FINAL") == 41 * 1
+    status = result.asset_materializations_for_node("blocking_detector")[0].metadata
+    assert status["hours_detected_from"].value == f"{at(20):%Y-%m-%d %H:%M:%S}"
+    assert status["hours_detected_to"].value == f"{at(40):%Y-%m-%d %H:%M:%S}"
+
+    insert_timeline(ch, "IR", 7, "x.com", hours(20, 40, OK_LEVEL))
+    assert detect(clickhouse, local_store_resource, 20, 23, instance).success
+    assert summary(ch) == [("blocking", "IR", "x.com", "withdrawn", "change", 25, None, [7])]
+    assert "withdrawn" in messages(webhook)[1] and len(messages(webhook)) == 2
+    assert parse_feed(store, "feeds/blocking/IR.atom").entries == []
+
+
+def test_hostile_names_stay_text(ch, clickhouse, local_store_resource, watchlist, webhook) -> None:
+    """A watched domain with markup and controls: valid Atom, literal in chat; a
+    malformed country code gets no series and no feed."""
+    domain = "<b>&x</b>\x01`@here`.com"
+    insert_timeline(ch, "IR", 5, domain, hours(0, 23, OK_LEVEL) | hours(24, 40, BLOCKED_LEVEL))
+    insert_timeline(ch, "../", 6, "x.com", hours(0, 40, BLOCKED_LEVEL))
+    config = {"extra_domains": [domain]}
+    assert detect(clickhouse, local_store_resource, 0, 40, config=config).success
+    assert [(e["probe_cc"], e["domain"]) for e in events(ch)] == [("IR", domain.lower())]
+    text = messages(webhook)[0]
+    assert "<b>" not in text and "&lt;b&gt;" in text and "```" in text
+    feed = parse_feed(local_store_resource.get_store(), "feeds/blocking/IR.atom")
+    assert "&x" in feed.entries[0].title
+    assert local_store_resource.get_store().list_keys("feeds/blocking/") == [
+        "feeds/blocking/IR.atom",
+        "feeds/blocking/global.atom",
+    ]
+
+
+def test_webhook_failure_fails_the_run_and_is_sent_again(
+    ch, clickhouse, local_store_resource, watchlist, webhook
+) -> None:
+    insert_timeline(ch, "IR", 7, "x.com", hours(0, 23, OK_LEVEL) | hours(24, 40, BLOCKED_LEVEL))
+    webhook.post_status = 500
+    result = detect(clickhouse, local_store_resource, 0, 40)
+    assert not result.success
+    assert "HTTP 500" in failure_text(result) and "/hook" not in failure_text(result)
+    assert events(ch)[0]["announced"] == ""
+    webhook.post_status = 200
+    assert detect(clickhouse, local_store_resource, 40, 40).success
+    assert events(ch)[0]["announced"] == "ongoing"
+    assert len(messages(webhook)) == 2  # the failed POST, then the one that went through
+
+
+def test_a_changed_fastpath_day_requests_its_hours_and_citizenlab_requests_none() -> None:
+    from dagster._core.definitions.data_version import DATA_VERSION_TAG
+
+    from ooni_pipeline.clickhouse import ClickHouseResource
+    from ooni_pipeline.fastpath.assets import build_fastpath_asset
+    from ooni_pipeline.object_store import ObjectStoreResource
+
+    defs = dg.Definitions(
+        assets=[build_fastpath_asset("external"), dg.AssetSpec("citizenlab"), blocking_detector],
+        resources={"clickhouse": ClickHouseResource(), "object_store": ObjectStoreResource()},
+    )
+    instance = dg.DagsterInstance.ephemeral()
+    start = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+    assert start.total_requested == 0
+    instance.report_runless_asset_event(
+        dg.AssetObservation(
+            "fastpath", partition="2024-03-01", tags={DATA_VERSION_TAG: "40@2024-03-05"}
+        )
+    )
+    changed = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=start.cursor)
+    requested = changed.get_requested_partitions(dg.AssetKey("blocking_status"))
+    assert requested == {f"2024-03-01-{h:02d}:00" for h in range(24)}
+    instance.report_runless_asset_event(dg.AssetMaterialization("citizenlab"))
+    later = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=changed.cursor)
+    assert later.get_requested_partitions(dg.AssetKey("blocking_status")) == set()
