@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from ooni_pipeline.common import NETWORK_RETRY_POLICY
+from ooni_pipeline.common import NETWORK_RETRY_POLICY, launching_sensor_status, schedule_status
 from ooni_pipeline.detector.assets import blocking_detector
 
 blocking_detector_job = dg.define_asset_job(
@@ -18,14 +18,14 @@ blocking_detector_schedule = dg.build_schedule_from_partitioned_job(
     blocking_detector_job,
     name="blocking_detector_schedule",
     minute_of_hour=20,
-    default_status=dg.DefaultScheduleStatus.RUNNING,
+    default_status=schedule_status(),
     description="At 20 minutes past each hour, detect the hour before.",
 )
 
 blocking_detector_automation_sensor = dg.AutomationConditionSensorDefinition(
     "blocking_detector_automation_sensor",
     target=dg.AssetSelection.assets(blocking_detector),
-    default_status=dg.DefaultSensorStatus.RUNNING,
+    default_status=launching_sensor_status(),
     minimum_interval_seconds=60,
     description="Re-detects the hours of each day whose fastpath data version changed, "
     "and every hour detected after them.",
