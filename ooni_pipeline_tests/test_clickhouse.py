@@ -1,4 +1,5 @@
-"""The ClickHouse layer on real embedded ClickHouse (chdb)."""
+"""The ClickHouse layer on real ClickHouse: embedded (chdb) and behind its HTTP
+interface (the endpoint of conftest.py), every test that uses ``ch`` on both."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from ooni_pipeline.clickhouse.connection import redact_url
 from ooni_pipeline.clickhouse.lock import LockTimeoutError, exclusive
 from ooni_pipeline.clickhouse.schema import KNOWN_TABLES, ensure_tables
 from ooni_pipeline.clickhouse.swap import RowBounds, TableUpdateError, replace_table
+
+pytestmark = pytest.mark.clickhouse_backends("embedded", "server")
 
 
 def test_bound_parameters_carry_hostile_values(ch: ClickHouse) -> None:
@@ -140,6 +143,7 @@ def test_replace_table_failure_keeps_the_live_table(ch: ClickHouse, failure: str
     assert ch.query_rows("SELECT asn, org_name FROM asnmeta") == [(1, "old")]
 
 
+@pytest.mark.clickhouse_backends("embedded")
 def test_second_process_waits_for_the_embedded_lock(chdb_path: Path, ch: ClickHouse) -> None:
     """While this process holds the directory, another one waits, then succeeds."""
     ch.command("CREATE TABLE lock_probe (x UInt8) ENGINE = MergeTree ORDER BY x")
@@ -170,6 +174,7 @@ def test_second_process_waits_for_the_embedded_lock(chdb_path: Path, ch: ClickHo
         assert again.count("lock_probe") == 1
 
 
+@pytest.mark.clickhouse_backends("embedded")
 def test_lock_wait_gives_up_with_a_clear_message(chdb_path: Path, ch: ClickHouse) -> None:
     script = f"""
 from ooni_pipeline.clickhouse import ClickHouse
