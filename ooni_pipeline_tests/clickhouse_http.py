@@ -343,10 +343,16 @@ class ClickHouseHTTP:
         self.log: list[RequestLog] = []
         self._sessions: dict[tuple[str, str], _Session] = {}
         self._sessions_lock = threading.Lock()
+        self._keeper: Any = None
         conn = chdb.connect(self.path)
         try:
-            version, self.timezone = (
-                conn.query("SELECT version(), timezone()", "TSV").bytes().decode().split()
+            version, self.timezone, self.http_compression = (
+                conn.query(
+                    "SELECT version(), timezone(), getSetting('enable_http_compression')", "TSV"
+                )
+                .bytes()
+                .decode()
+                .split()
             )
             rows = conn.query(
                 "SELECT number, errorCodeToName(number) FROM numbers(2000) "
@@ -389,6 +395,23 @@ class ClickHouseHTTP:
     def url(self, user: str, password: str, database: str = "default") -> str:
         return f"http://{quote(user, safe='')}:{quote(password, safe='')}@127.0.0.1:{self.port}/{database}"
 
+    def keep_engine(self) -> None:
+        """Keep the engine up, as a running server does, until ``release_engine()``.
+
+        chdb shuts its engine down when the process's last connection closes (Memory
+        tables are emptied, the next request pays a restart), and keeps the data
+        directory locked while one is open: a test holds the engine while it uses the
+        endpoint, and lets it go after, so that embedded tests can take the lock.
+        """
+        if self._keeper is None:
+            self._keeper = chdb.connect(self.path)
+
+    def release_engine(self) -> None:
+        self.end_sessions()
+        if self._keeper is not None:
+            self._keeper.close()
+            self._keeper = None
+
     def end_sessions(self) -> None:
         """Close every idle session (a test's sessions end with the test)."""
         with self._sessions_lock:
@@ -400,7 +423,7 @@ class ClickHouseHTTP:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
-        self.end_sessions()
+        self.release_engine()
 
     # -- errors -------------------------------------------------------------------
     def error(self, name: str, message: str) -> ServerError:
@@ -663,7 +686,7 @@ class ClickHouseHTTP:
             accept = h.headers.get("Accept-Encoding", "")
             method = (
                 _choose_compression(accept)
-                if settings.get("enable_http_compression") == "1"
+                if settings.get("enable_http_compression", self.http_compression) in ("1", "true")
                 else None
             )
             self._send_result(h, entry, chunks, hold, headers, method, tag)

@@ -96,7 +96,8 @@ def clickhouse(
     """The resource on the chosen back end, its database emptied for this test."""
     if clickhouse_backend == "server":
         server: ClickHouseHTTP = request.getfixturevalue("clickhouse_server")
-        request.addfinalizer(server.end_sessions)
+        server.keep_engine()
+        request.addfinalizer(server.release_engine)
         url = server.url(SERVER_USER, SERVER_PASSWORD, SERVER_DATABASE)
     else:
         url = f"chdb://{chdb_path}"
