@@ -431,6 +431,8 @@ class ClickHouseHTTP:
         return ServerError(code, name, self._text(code, f"DB::Exception: {message}. ({name})"))
 
     def _text(self, code: int, exception: str) -> str:
+        if "(version " in exception:
+            return f"Code: {code}. {exception}"
         return f"Code: {code}. {exception} (version {self.version})"
 
     def engine_error(self, exc: Exception) -> ServerError:
@@ -662,7 +664,9 @@ class ClickHouseHTTP:
                     break
                 head += data
             statement = parse_statement(head)
-            if statement.insert_sql is not None:
+            # VALUES with bound parameters: the engine substitutes them in the statement
+            values_with_params = statement.insert_format == "Values" and bound
+            if statement.insert_sql is not None and not values_with_params:
                 self._insert(h, entry, conn, statement, head, stream, base)
                 return
             if len(head) > max_query_size:

@@ -3,12 +3,15 @@ interface (the endpoint of conftest.py), every test that uses ``ch`` on both."""
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import pandas as pd
@@ -335,3 +338,63 @@ def test_server_errors_carry_the_code_and_never_the_password(
     assert "516" in text and "AUTHENTICATION_FAILED" in text and wrong not in text
     assert info.value.__cause__ is None and info.value.__suppress_context__
     assert clickhouse_server.log[-1].status == 403
+
+
+@pytest.mark.clickhouse_backends("server")
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "zstd", "lz4"])
+def test_endpoint_reads_compressed_insert_bodies(
+    ch: ClickHouse, clickhouse_server: ClickHouseHTTP, encoding: str
+) -> None:
+    """What the server accepts from any client: the INSERT in the URL, its data as a
+    compressed body (the rig's own check; clickhouse-connect sends zstd)."""
+    import lz4.frame
+    import requests
+    import zstandard
+
+    ch.command("CREATE TABLE packed (id UInt32, s String) ENGINE = MergeTree ORDER BY id")
+    data = b"".join(b'%d,"row %d"\n' % (i, i) for i in range(100_000))
+    body = {
+        "gzip": lambda d: gzip.compress(d),
+        "deflate": lambda d: zlib.compress(d),
+        "zstd": lambda d: zstandard.ZstdCompressor().compress(d),
+        "lz4": lambda d: lz4.frame.compress(d),
+    }[encoding](data)
+    response = requests.post(
+        f"http://127.0.0.1:{clickhouse_server.port}/",
+        params={"query": "INSERT INTO packed FORMAT CSV", "database": SERVER_DATABASE},
+        data=body,
+        headers={"Content-Encoding": encoding},
+        auth=(SERVER_USER, SERVER_PASSWORD),
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    assert json.loads(response.headers["X-ClickHouse-Summary"])["written_rows"] == "100000"
+    assert ch.query_rows("SELECT count(), sum(id), max(s) FROM packed") == [
+        (100_000, 4_999_950_000, "row 99999")
+    ]
+
+
+@pytest.mark.clickhouse_backends("server")
+def test_endpoint_locks_a_busy_session(clickhouse_server: ClickHouseHTTP) -> None:
+    """As the server does: a second request in a session that is still answering the
+    first fails with SESSION_IS_LOCKED (why the pipeline's client uses no session)."""
+    import requests
+
+    url = f"http://127.0.0.1:{clickhouse_server.port}/"
+    auth = (SERVER_USER, SERVER_PASSWORD)
+    params = {"session_id": "busy-session"}
+    with requests.post(
+        url, params=params, data="SELECT number FROM numbers(50000000)", auth=auth, stream=True
+    ) as first:
+        next(first.iter_content(1 << 16))
+        second = requests.post(url, params=params, data="SELECT 1", auth=auth, timeout=60)
+    assert second.status_code == 500
+    assert second.headers["X-ClickHouse-Exception-Code"] == "373"
+    assert "SESSION_IS_LOCKED" in second.text
+    after = requests.post(url, params=params, data="SELECT 1", auth=auth, timeout=60)
+    for _ in range(50):  # the first request ends once the server notices the closed socket
+        if after.status_code == 200:
+            break
+        time.sleep(0.1)
+        after = requests.post(url, params=params, data="SELECT 1", auth=auth, timeout=60)
+    assert after.text == "1\n"
