@@ -297,6 +297,14 @@ class _Lz4:
         return head + self.frame.flush()
 
 
+def _literal(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _identifier(text: str) -> str:
+    return "`" + text.replace("\\", "\\\\").replace("`", "\\`") + "`"
+
+
 def _choose_compression(accept: str) -> str | None:
     for method in ("zstd", "lz4", "gzip", "deflate"):
         if method in accept:
@@ -334,7 +342,7 @@ class ClickHouseHTTP:
 
     ``users`` maps user names to passwords. The process's embedded engine is shared:
     each request runs on its own chdb connection, opened for it (or for its session)
-    and closed after, so no connection stays open between requests.
+    and closed after; ``keep_engine()`` holds the engine up meanwhile.
     """
 
     def __init__(self, path: str, users: dict[str, str] | None = None):
@@ -374,6 +382,7 @@ class ClickHouseHTTP:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body go out as separate writes
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -599,13 +608,16 @@ class ClickHouseHTTP:
 
     def _apply_settings(
         self, conn: Any, session: _Session | None, settings: dict[str, str]
-    ) -> dict:
+    ) -> dict[str, tuple[str, bool]]:
         """Apply request settings; return what restores a session's own values."""
         restore: dict[str, tuple[str, bool]] = {}
-        if session is not None and settings:
-            names = ", ".join(
-                "'" + n.replace("\\", "\\\\").replace("'", "\\'") + "'" for n in settings
-            )
+        if not settings:
+            return restore
+        for name in settings:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise self.error("UNKNOWN_SETTING", f"Unknown setting '{name}'")
+        if session is not None:
+            names = ", ".join(_literal(n) for n in settings)
             result = self._run(
                 conn,
                 f"SELECT name, value, changed FROM system.settings WHERE name IN ({names})",
@@ -614,22 +626,13 @@ class ClickHouseHTTP:
             for line in result.bytes().splitlines():
                 row = json.loads(line)
                 restore[row["name"]] = (row["value"], bool(row["changed"]))
-        for name, value in settings.items():
-            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-                raise self.error("UNKNOWN_SETTING", f"Unknown setting '{name}'")
-            literal = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-            self._run(conn, f"SET {name} = {literal}")
+        self._run(conn, "SET " + ", ".join(f"{n} = {_literal(v)}" for n, v in settings.items()))
         return restore
 
     def _restore_settings(self, conn: Any, restore: dict[str, tuple[str, bool]]) -> None:
         for name, (value, changed) in restore.items():
-            literal = (
-                "DEFAULT"
-                if not changed
-                else "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-            )
             try:
-                conn.query(f"SET {name} = {literal}", "TSV")
+                conn.query(f"SET {name} = {_literal(value) if changed else 'DEFAULT'}", "TSV")
             except Exception:
                 pass
 
@@ -646,9 +649,7 @@ class ClickHouseHTTP:
             settings["readonly"] = "2"
         bound = {k[len("param_") :]: v for k, v in params.items() if k.startswith("param_")}
         if params.get("database"):
-            self._run(
-                conn, "USE `" + params["database"].replace("\\", "\\\\").replace("`", "\\`") + "`"
-            )
+            self._run(conn, f"USE {_identifier(params['database'])}")
         restore = self._apply_settings(conn, session, settings)
         try:
             max_query_size = int(settings.get("max_query_size", 262144))

@@ -9,7 +9,7 @@ ClickHouse runs on two back ends: ``embedded`` (chdb in-process, ``chdb://``) an
 through clickhouse-connect's HTTP client, as production reaches its server; its
 tables live in database ``server`` of the same directory). Tests that use the
 ``clickhouse`` fixture run on the back ends named by ``--clickhouse`` (or
-``OONI_TEST_CLICKHOUSE``; default ``embedded``), unless marked
+``OONI_TEST_CLICKHOUSE``; default both), unless marked
 ``@pytest.mark.clickhouse_backends(...)``.
 """
 
@@ -36,7 +36,7 @@ BACKENDS = ("embedded", "server")
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--clickhouse",
-        default=os.environ.get("OONI_TEST_CLICKHOUSE", "embedded"),
+        default=os.environ.get("OONI_TEST_CLICKHOUSE", ",".join(BACKENDS)),
         help="ClickHouse back ends for tests using the clickhouse fixture: "
         "embedded, server, or embedded,server",
     )
