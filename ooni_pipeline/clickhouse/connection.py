@@ -270,10 +270,11 @@ class ClickHouse:
                         seen = block[-_EXCEPTION_TAIL:]
                         yield block
             except Exception as exc:
-                raise _server_failure(seen + pending, tag) or self._wrap(exc, sql) from None
-            failure = _server_failure(seen + pending, tag)
-            if failure:
-                raise failure
+                message = _server_failure(seen + pending, tag)
+                raise self._wrap(message or exc, sql) from None
+            message = _server_failure(seen + pending, tag)
+            if message:
+                raise self._wrap(message, sql)
             for start in range(0, len(pending), STREAM_BLOCK):
                 yield bytes(pending[start : start + STREAM_BLOCK])
 
@@ -339,14 +340,14 @@ class ClickHouse:
         ]
 
 
-def _server_failure(tail: bytes, tag: str | None) -> ClickHouseError | None:
+def _server_failure(tail: bytes, tag: str | None) -> Exception | None:
     """The server's exception, if ``tail`` ends a response with its tagged block."""
     if not tag or b"__exception__" not in tail:
         return None
     from clickhouse_connect.driver.transform import extract_exception_with_tag
 
     message = extract_exception_with_tag(tail, tag)
-    return ClickHouseError(f"ClickHouse failed while streaming: {message}") if message else None
+    return RuntimeError(f"ClickHouse failed while streaming: {message}") if message else None
 
 
 _END = object()
