@@ -3,6 +3,14 @@ server with fault injection, and local git repositories.
 
 chdb allows one data directory per process, so the whole session shares one; each
 test starts from an empty database (all tables dropped).
+
+ClickHouse runs on two back ends: ``embedded`` (chdb in-process, ``chdb://``) and
+``server`` (the same engine behind a ClickHouse HTTP endpoint on 127.0.0.1, reached
+through clickhouse-connect's HTTP client, as production reaches its server; its
+tables live in database ``server`` of the same directory). Tests that use the
+``clickhouse`` fixture run on the back ends named by ``--clickhouse`` (or
+``OONI_TEST_CLICKHOUSE``; default both), unless marked
+``@pytest.mark.clickhouse_backends(...)``.
 """
 
 from __future__ import annotations
@@ -18,7 +26,41 @@ import pytest
 
 from ooni_pipeline.clickhouse import ClickHouse, ClickHouseResource, quote_identifier
 from ooni_pipeline.object_store import ObjectStoreResource
+from ooni_pipeline_tests.clickhouse_http import ClickHouseHTTP
 from ooni_pipeline_tests.rig import GitRepo, UpstreamServer
+
+SERVER_USER, SERVER_PASSWORD, SERVER_DATABASE = "ooni", "pw-never-in-errors-7f3a", "server"
+BACKENDS = ("embedded", "server")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--clickhouse",
+        default=os.environ.get("OONI_TEST_CLICKHOUSE", ",".join(BACKENDS)),
+        help="ClickHouse back ends for tests using the clickhouse fixture: "
+        "embedded, server, or embedded,server",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "clickhouse_backends(*names): the ClickHouse back ends this test runs on"
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "clickhouse_backend" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("clickhouse_backends")
+    if marker is not None:
+        names = tuple(marker.args)
+    else:
+        names = tuple(n.strip() for n in metafunc.config.getoption("clickhouse").split(","))
+    unknown = set(names) - set(BACKENDS)
+    if unknown:
+        raise pytest.UsageError(f"unknown ClickHouse back end(s): {sorted(unknown)}")
+    if names != ("embedded",):  # the default run keeps its test ids
+        metafunc.parametrize("clickhouse_backend", names)
 
 
 @pytest.fixture(scope="session")
@@ -26,10 +68,40 @@ def chdb_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("chdb") / "clickhouse"
 
 
+@pytest.fixture(scope="session")
+def clickhouse_server(chdb_path: Path) -> Iterator[ClickHouseHTTP]:
+    """A ClickHouse HTTP endpoint on 127.0.0.1 in front of the session's chdb directory."""
+    import chdb
+
+    conn = chdb.connect(str(chdb_path))
+    try:
+        conn.query(f"CREATE DATABASE IF NOT EXISTS {SERVER_DATABASE}", "TSV")
+    finally:
+        conn.close()
+    server = ClickHouseHTTP(str(chdb_path), {SERVER_USER: SERVER_PASSWORD})
+    yield server
+    server.close()
+
+
 @pytest.fixture
-def clickhouse(chdb_path: Path) -> ClickHouseResource:
-    """The resource, on the session's embedded database, emptied for this test."""
-    resource = ClickHouseResource(url=f"chdb://{chdb_path}", lock_timeout_s=60)
+def clickhouse_backend() -> str:
+    """``embedded`` or ``server``; parametrized by ``pytest_generate_tests``."""
+    return "embedded"
+
+
+@pytest.fixture
+def clickhouse(
+    request: pytest.FixtureRequest, chdb_path: Path, clickhouse_backend: str
+) -> ClickHouseResource:
+    """The resource on the chosen back end, its database emptied for this test."""
+    if clickhouse_backend == "server":
+        server: ClickHouseHTTP = request.getfixturevalue("clickhouse_server")
+        server.keep_engine()
+        request.addfinalizer(server.release_engine)
+        url = server.url(SERVER_USER, SERVER_PASSWORD, SERVER_DATABASE)
+    else:
+        url = f"chdb://{chdb_path}"
+    resource = ClickHouseResource(url=url, lock_timeout_s=60)
     with resource.connect() as ch:
         for (table,) in ch.query_rows(
             "SELECT name FROM system.tables WHERE database = currentDatabase()"

@@ -1,21 +1,31 @@
-"""The ClickHouse layer on real embedded ClickHouse (chdb)."""
+"""The ClickHouse layer on real ClickHouse: embedded (chdb) and behind its HTTP
+interface (the endpoint of conftest.py), every test that uses ``ch`` on both."""
 
 from __future__ import annotations
 
+import gzip
+import json
+import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+import zlib
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from ooni_pipeline.clickhouse import ClickHouse, ClickHouseError, quote_identifier
-from ooni_pipeline.clickhouse.connection import redact_url
+from ooni_pipeline.clickhouse.connection import STREAM_BLOCK, redact_url
 from ooni_pipeline.clickhouse.lock import LockTimeoutError, exclusive
 from ooni_pipeline.clickhouse.schema import KNOWN_TABLES, ensure_tables
 from ooni_pipeline.clickhouse.swap import RowBounds, TableUpdateError, replace_table
+from ooni_pipeline_tests.clickhouse_http import ClickHouseHTTP
+from ooni_pipeline_tests.conftest import SERVER_DATABASE, SERVER_PASSWORD, SERVER_USER
+
+pytestmark = pytest.mark.clickhouse_backends("embedded", "server")
 
 
 def test_bound_parameters_carry_hostile_values(ch: ClickHouse) -> None:
@@ -140,6 +150,7 @@ def test_replace_table_failure_keeps_the_live_table(ch: ClickHouse, failure: str
     assert ch.query_rows("SELECT asn, org_name FROM asnmeta") == [(1, "old")]
 
 
+@pytest.mark.clickhouse_backends("embedded")
 def test_second_process_waits_for_the_embedded_lock(chdb_path: Path, ch: ClickHouse) -> None:
     """While this process holds the directory, another one waits, then succeeds."""
     ch.command("CREATE TABLE lock_probe (x UInt8) ENGINE = MergeTree ORDER BY x")
@@ -170,6 +181,7 @@ def test_second_process_waits_for_the_embedded_lock(chdb_path: Path, ch: ClickHo
         assert again.count("lock_probe") == 1
 
 
+@pytest.mark.clickhouse_backends("embedded")
 def test_lock_wait_gives_up_with_a_clear_message(chdb_path: Path, ch: ClickHouse) -> None:
     script = f"""
 from ooni_pipeline.clickhouse import ClickHouse
@@ -214,3 +226,175 @@ def test_a_lock_held_by_a_live_owner_times_out_and_an_unknown_old_one_is_taken_o
         with exclusive(ch, "swap_x", "run-3", owner_alive=lambda other: None, poll_s=0.1):
             assert ch.scalar("SELECT owner FROM _lock_swap_x") == "run-3"
     assert ch.scalar("SELECT count() FROM system.tables WHERE name LIKE '%lock%swap_x%'") == 0
+
+
+def test_a_query_runs_while_a_stream_is_open(ch: ClickHouse) -> None:
+    """A stream, then other statements on the same connection before it is finished: a
+    server refuses a second request in a busy session (SESSION_IS_LOCKED)."""
+    stream = ch.stream("SELECT number FROM numbers(5000000)")
+    first = next(stream)
+    ch.command("CREATE TABLE during (x UInt8) ENGINE = MergeTree ORDER BY x")
+    ch.insert_df("during", pd.DataFrame({"x": [1, 2]}))
+    assert ch.count("during") == 2
+    rest = b"".join(stream)
+    assert (first + rest).count(b"\n") == 5_000_000
+
+
+def test_a_failure_after_the_first_rows_reaches_the_consumer_with_the_servers_words(
+    ch: ClickHouse,
+) -> None:
+    """The engine fails after megabytes of rows went out: the consumer gets the engine's
+    error, and never the server's exception block as if it were data."""
+    chunks: list[bytes] = []
+    with pytest.raises(ClickHouseError, match="FUNCTION_THROW_IF_VALUE_IS_NON_ZERO"):
+        for chunk in ch.stream(
+            "SELECT number, throwIf(number = 3000000) FROM numbers(5000000)", prefetch=0
+        ):
+            chunks.append(chunk)
+    assert chunks, "the failure came after some rows"
+    assert not any(b"__exception__" in chunk for chunk in chunks)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.clickhouse_backends("server")
+def test_server_streams_a_large_result_whole_in_large_compressed_blocks(
+    ch: ClickHouse, clickhouse_server: ClickHouseHTTP
+) -> None:
+    """5M rows (600 MB of CSV) arrive complete, as a chunked, zstd-compressed response,
+    read in blocks of up to 1 MiB; neither end holds the result whole."""
+    sql = "SELECT number, toString(number), repeat('x', 100) FROM numbers(5000000)"
+    base, peak, done = _rss(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        stream = ch.stream(sql)
+        first = next(stream)
+        assert len(first) >= 256 * 1024  # a block, not a line
+        size, lines, last, blocks = len(first), first.count(b"\n"), first, 1
+        for block in stream:
+            assert len(block) <= STREAM_BLOCK
+            size, lines, last, blocks = (
+                size + len(block),
+                lines + block.count(b"\n"),
+                block,
+                blocks + 1,
+            )
+    finally:
+        done.set()
+        sampler.join()
+    assert lines == 5_000_000 and last.endswith(b'4999999,"4999999","' + b"x" * 100 + b'"\n')
+    assert blocks >= 500 and size > 600_000_000
+    served = clickhouse_server.log[-1]
+    assert served.status == 200 and served.chunked and served.content_encoding == "zstd"
+    assert served.chunks > 20 and served.body_bytes < size / 20  # compressed on the wire
+    assert served.held_bytes < 16 << 20  # one engine block at most before the first send
+    assert peak[0] - base < size / 3, f"peak RSS grew by {(peak[0] - base) / 1e6:.0f} MB"
+
+
+@pytest.mark.clickhouse_backends("server")
+def test_server_binds_hostile_parameters_in_the_url_and_in_a_form(ch: ClickHouse) -> None:
+    """Values that would break SQL or the URL travel as bound parameters: short ones in
+    the URL, long ones (over 4 KiB) in a multipart form; the engine sees them verbatim."""
+    hostile = [
+        "x'); DROP TABLE t; --\"\\",
+        "tab\there\nnewline\rcr\\N\\t\\\\",
+        "{s:String} $$heredoc$$ `tick` %00 %27 &param_s=1",
+        "ünïcödé ✓ \u202e",
+        "'" * 3000 + "\\" * 3000,  # over 4 KiB: sent as a form
+    ]
+    for value in hostile:
+        assert ch.scalar("SELECT {s:String}", {"s": value}) == value
+        assert ch.query_rows(
+            "SELECT length({s:String}), {a:Array(String)}", {"s": value, "a": [value, "b"]}
+        ) == [(len(value.encode()), [value, "b"])]
+
+
+@pytest.mark.clickhouse_backends("server")
+def test_server_errors_carry_the_code_and_never_the_password(
+    ch: ClickHouse, clickhouse_server: ClickHouseHTTP
+) -> None:
+    with pytest.raises(ClickHouseError) as info:
+        ch.command("SELECT * FROM no_such_table")
+    assert "code: 60" in str(info.value) and "UNKNOWN_TABLE" in str(info.value)
+    assert clickhouse_server.log[-1].status == 404
+    # the engine's message quotes the statement, which quotes the password
+    with pytest.raises(ClickHouseError) as info:
+        ch.command(f"SELECT no_such_function('{SERVER_PASSWORD}')")
+    assert "UNKNOWN_FUNCTION" in str(info.value) and SERVER_PASSWORD not in str(info.value)
+    wrong = "wrong-pw-4c8e"
+    with pytest.raises(ClickHouseError) as info:
+        ClickHouse(clickhouse_server.url(SERVER_USER, wrong, SERVER_DATABASE))
+    text = str(info.value)
+    assert "516" in text and "AUTHENTICATION_FAILED" in text and wrong not in text
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert clickhouse_server.log[-1].status == 403
+
+
+@pytest.mark.clickhouse_backends("server")
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "zstd", "lz4"])
+def test_endpoint_reads_compressed_insert_bodies(
+    ch: ClickHouse, clickhouse_server: ClickHouseHTTP, encoding: str
+) -> None:
+    """What the server accepts from any client: the INSERT in the URL, its data as a
+    compressed body (the rig's own check; clickhouse-connect sends zstd)."""
+    import lz4.frame
+    import requests
+    import zstandard
+
+    ch.command("CREATE TABLE packed (id UInt32, s String) ENGINE = MergeTree ORDER BY id")
+    data = b"".join(b'%d,"row %d"\n' % (i, i) for i in range(100_000))
+    body = {
+        "gzip": lambda d: gzip.compress(d),
+        "deflate": lambda d: zlib.compress(d),
+        "zstd": lambda d: zstandard.ZstdCompressor().compress(d),
+        "lz4": lambda d: lz4.frame.compress(d),
+    }[encoding](data)
+    response = requests.post(
+        f"http://127.0.0.1:{clickhouse_server.port}/",
+        params={"query": "INSERT INTO packed FORMAT CSV", "database": SERVER_DATABASE},
+        data=body,
+        headers={"Content-Encoding": encoding},
+        auth=(SERVER_USER, SERVER_PASSWORD),
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    assert json.loads(response.headers["X-ClickHouse-Summary"])["written_rows"] == "100000"
+    assert ch.query_rows("SELECT count(), sum(id), max(s) FROM packed") == [
+        (100_000, 4_999_950_000, "row 99999")
+    ]
+
+
+@pytest.mark.clickhouse_backends("server")
+def test_endpoint_locks_a_busy_session(clickhouse_server: ClickHouseHTTP) -> None:
+    """As the server does: a second request in a session that is still answering the
+    first fails with SESSION_IS_LOCKED (why the pipeline's client uses no session)."""
+    import requests
+
+    url = f"http://127.0.0.1:{clickhouse_server.port}/"
+    auth = (SERVER_USER, SERVER_PASSWORD)
+    params = {"session_id": "busy-session"}
+    with requests.post(
+        url, params=params, data="SELECT number FROM numbers(50000000)", auth=auth, stream=True
+    ) as first:
+        next(first.iter_content(1 << 16))
+        second = requests.post(url, params=params, data="SELECT 1", auth=auth, timeout=60)
+    assert second.status_code == 500
+    assert second.headers["X-ClickHouse-Exception-Code"] == "373"
+    assert "SESSION_IS_LOCKED" in second.text
+    after = requests.post(url, params=params, data="SELECT 1", auth=auth, timeout=60)
+    for _ in range(50):  # the first request ends once the server notices the closed socket
+        if after.status_code == 200:
+            break
+        time.sleep(0.1)
+        after = requests.post(url, params=params, data="SELECT 1", auth=auth, timeout=60)
+    assert after.text == "1\n"

@@ -27,6 +27,13 @@ from urllib.parse import urlsplit, urlunsplit
 import pandas as pd
 import pyarrow as pa
 
+# Server results are read in blocks this large, and asked for zstd-compressed
+# (clickhouse-connect inflates queries' responses, urllib3 a raw stream's).
+STREAM_BLOCK = 1 << 20
+STREAM_ENCODING = "zstd"
+SERVER_COMPRESSION = "zstd"
+_EXCEPTION_TAG_HEADER = "X-ClickHouse-Exception-Tag"
+_EXCEPTION_TAIL = 64 * 1024
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 # chdb's words for "another process holds this directory".
 _LOCKED_MARKERS = (
@@ -90,7 +97,12 @@ class ClickHouse:
 
         if not self.embedded:
             try:
-                return clickhouse_connect.get_client(dsn=self.url, compress=False)
+                # No session: this object runs queries concurrently (a stream open while it
+                # inserts or counts), and a server rejects a second request in a busy
+                # session (SESSION_IS_LOCKED). Nothing here relies on session state.
+                return clickhouse_connect.get_client(
+                    dsn=self.url, compress=SERVER_COMPRESSION, autogenerate_session_id=False
+                )
             except Exception as exc:  # re-raised with the password removed
                 raise ClickHouseError(
                     f"cannot connect to ClickHouse at {self.display_url}: "
@@ -159,7 +171,7 @@ class ClickHouse:
     # -- queries ----------------------------------------------------------------
     def _wrap(self, exc: Exception, sql: str) -> ClickHouseError:
         first_line = " ".join(sql.split())[:200]
-        return ClickHouseError(f"{_redact_text(str(exc), self._secrets)} (query: {first_line})")
+        return ClickHouseError(_redact_text(f"{exc} (query: {first_line})", self._secrets))
 
     def command(self, sql: str, parameters: Mapping[str, Any] | None = None) -> Any:
         """Run a statement; return its scalar result if any."""
@@ -220,14 +232,51 @@ class ClickHouse:
                         if data:
                             yield data
             else:
-                with self._client.raw_stream(sql, parameters=params, fmt=fmt) as stream:
-                    for data in stream:
-                        if data:
-                            yield data
+                yield from self._server_stream(sql, params, fmt)
         except ClickHouseError:
             raise
         except Exception as exc:
             raise self._wrap(exc, sql) from None
+
+    def _server_stream(
+        self, sql: str, params: dict[str, Any], fmt: str
+    ) -> Generator[bytes, None, None]:
+        """The HTTP response in blocks of ``STREAM_BLOCK`` bytes, compressed on the wire.
+
+        A server that fails after it has started answering appends a tagged exception
+        block to the body and cuts the response: one block is held back until more
+        arrives, so that block is not handed on as data, and the server's own message
+        is raised instead of a bare transport error.
+        """
+        with self._client.raw_stream(
+            sql,
+            parameters=params,
+            fmt=fmt,
+            settings={"enable_http_compression": 1},
+            transport_settings={"Accept-Encoding": STREAM_ENCODING},
+        ) as response:
+            tag = response.headers.get(_EXCEPTION_TAG_HEADER)
+            pending = bytearray()
+            seen = b""  # the end of what was handed on, for a block split across both
+            try:
+                # read1: one HTTP chunk at most, so the last one before a cut arrives
+                # (read() loses a failing call's bytes; urllib3 2.8's stream() drops
+                # bytes of chunked, compressed responses).
+                while piece := response.read1(STREAM_BLOCK):
+                    pending += piece
+                    while len(pending) >= 2 * STREAM_BLOCK:
+                        block = bytes(pending[:STREAM_BLOCK])
+                        del pending[:STREAM_BLOCK]
+                        seen = block[-_EXCEPTION_TAIL:]
+                        yield block
+            except Exception as exc:
+                message = _server_failure(seen + pending, tag)
+                raise self._wrap(message or exc, sql) from None
+            message = _server_failure(seen + pending, tag)
+            if message:
+                raise self._wrap(message, sql)
+            for start in range(0, len(pending), STREAM_BLOCK):
+                yield bytes(pending[start : start + STREAM_BLOCK])
 
     def header(self, sql: str, parameters: Mapping[str, Any] | None = None) -> list[str]:
         """The column names a query would return, without running it for data."""
@@ -289,6 +338,16 @@ class ClickHouse:
                 {"table": table},
             )
         ]
+
+
+def _server_failure(tail: bytes, tag: str | None) -> Exception | None:
+    """The server's exception, if ``tail`` ends a response with its tagged block."""
+    if not tag or b"__exception__" not in tail:
+        return None
+    from clickhouse_connect.driver.transform import extract_exception_with_tag
+
+    message = extract_exception_with_tag(tail, tag)
+    return RuntimeError(f"ClickHouse failed while streaming: {message}") if message else None
 
 
 _END = object()

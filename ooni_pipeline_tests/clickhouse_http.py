@@ -1,0 +1,814 @@
+"""A ClickHouse HTTP endpoint served by the real engine (chdb, in-process), for tests.
+
+No ClickHouse server can be installed where the tests run, yet production talks to
+one over HTTP through clickhouse-connect. This endpoint speaks the part of ClickHouse's
+HTTP interface that clickhouse-connect uses, and hands every statement to chdb, so the
+server path runs against the real engine. It follows ClickHouse 26.x where the two
+differ: what a response looks like is taken from the server's behaviour, not invented.
+
+Served: GET and POST on ``/`` (``/ping`` too); the query in the ``query`` parameter
+and/or the body (joined by a line feed, as the server does), or in multipart form
+fields; ``param_*`` bound by the engine; ``database``; ``default_format`` and a
+trailing ``FORMAT``; every other parameter applied as a setting (an unknown one fails
+as on the server); GET is ``readonly=2``; inserts stream their data into the engine
+(``send_insert``), whatever the format, ``VALUES`` included; results stream in
+chunks as the engine produces them, after the first ``buffer_size`` bytes (1 MiB),
+or whole with ``wait_end_of_query=1``; request bodies in gzip, deflate, zstd or lz4;
+responses compressed (zstd, lz4, gzip, deflate, the server's order of preference)
+when ``enable_http_compression=1`` and the client accepts it; errors as the server
+sends them (status by exception code, ``X-ClickHouse-Exception-Code``, ``Code: N.
+DB::Exception: ...`` body), and after the headers as a tagged block followed by a
+broken chunked stream; named sessions (``session_id``) with their own settings,
+locked while a request runs in them (``SESSION_IS_LOCKED``, 373); users with
+passwords by Basic auth, ``X-ClickHouse-User``/``Key`` or URL parameters (516 when
+wrong).
+
+Not served (see README.md): TLS, the native protocol, clusters, quotas, roles and
+grants, progress headers, external data, ``client_protocol_version`` block info,
+the server's own concurrency limits and memory accounting.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import re
+import secrets
+import tempfile
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from email.parser import BytesParser
+from email.policy import HTTP
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qsl, quote, urlsplit
+
+import chdb
+import lz4.frame
+import zstandard
+
+BLOCK = 1 << 20
+MAX_FORM_BYTES = 64 << 20
+# Request parameters the server consumes itself; every other one is a setting.
+TRANSPORT_PARAMS = {
+    "query", "database", "default_format", "user", "password", "quota_key", "query_id",
+    "session_id", "session_timeout", "session_check", "close_session", "compress",
+    "decompress", "buffer_size", "wait_end_of_query", "client_protocol_version", "role",
+    "stacktrace",
+}  # fmt: skip
+# Statements whose answer is a result set (the server names its format in a header).
+RESULT_STATEMENTS = {"SELECT", "WITH", "SHOW", "DESC", "DESCRIBE", "EXISTS", "EXPLAIN", "CHECK"}
+# Formats whose chunks concatenate into the whole: chdb streams these. Others (a header
+# or footer, like JSON or CSVWithNames) are produced whole by the engine, then sent.
+STREAMED_FORMATS = {
+    "Native", "TabSeparated", "TSV", "TabSeparatedRaw", "TSVRaw", "CSV", "RowBinary",
+    "JSONEachRow", "JSONCompactEachRow", "JSONLines", "NDJSON",
+}  # fmt: skip
+# ClickHouse's exceptionCodeToHTTPStatus, by error name.
+_STATUS_BY_NAME = {
+    401: ["REQUIRED_PASSWORD"],
+    403: ["UNKNOWN_USER", "WRONG_PASSWORD", "AUTHENTICATION_FAILED", "SET_NON_GRANTED_ROLE",
+          "ACCESS_DENIED"],
+    400: ["BAD_ARGUMENTS", "CANNOT_COMPILE_REGEXP", "CANNOT_PARSE_TEXT",
+          "CANNOT_PARSE_ESCAPE_SEQUENCE", "CANNOT_PARSE_QUOTED_STRING", "CANNOT_PARSE_DATE",
+          "CANNOT_PARSE_DATETIME", "CANNOT_PARSE_NUMBER", "CANNOT_PARSE_DOMAIN_VALUE_FROM_STRING",
+          "CANNOT_PARSE_IPV4", "CANNOT_PARSE_IPV6", "CANNOT_PARSE_INPUT_ASSERTION_FAILED",
+          "CANNOT_PARSE_UUID", "DUPLICATE_COLUMN", "ILLEGAL_COLUMN", "UNKNOWN_ELEMENT_IN_AST",
+          "UNKNOWN_TYPE_OF_AST_NODE", "THERE_IS_NO_COLUMN", "TOO_DEEP_AST", "TOO_BIG_AST",
+          "UNEXPECTED_AST_STRUCTURE", "SYNTAX_ERROR", "INCORRECT_DATA", "TYPE_MISMATCH",
+          "VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE"],
+    404: ["UNKNOWN_TABLE", "UNKNOWN_FUNCTION", "UNKNOWN_IDENTIFIER", "UNKNOWN_TYPE",
+          "UNKNOWN_STORAGE", "UNKNOWN_DATABASE", "UNKNOWN_SETTING", "UNKNOWN_DIRECTION_OF_SORTING",
+          "UNKNOWN_AGGREGATE_FUNCTION", "UNKNOWN_FORMAT", "UNKNOWN_DATABASE_ENGINE",
+          "UNKNOWN_TYPE_OF_QUERY", "UNKNOWN_ROLE"],
+    413: ["QUERY_IS_TOO_LARGE"],
+    501: ["NOT_IMPLEMENTED"],
+    503: ["SOCKET_TIMEOUT", "CANNOT_OPEN_FILE", "CANNOT_SCHEDULE_TASK"],
+    411: ["HTTP_LENGTH_REQUIRED"],
+    408: ["TIMEOUT_EXCEEDED"],
+    415: ["UNSUPPORTED_MEDIA_TYPE"],
+}  # fmt: skip
+_CONTENT_TYPES = {
+    "TabSeparated": "text/tab-separated-values; charset=UTF-8",
+    "TSV": "text/tab-separated-values; charset=UTF-8",
+    "CSV": "text/csv; charset=UTF-8; header=absent",
+    "JSON": "application/json; charset=UTF-8",
+    "JSONEachRow": "application/x-ndjson; charset=UTF-8",
+}
+_ENGINE_ERROR = re.compile(r"Code: (\d+)\. (DB::Exception: .*?)\s*$", re.S)
+_TOKEN = re.compile(
+    rb"""(?P<space>\s+)
+    |(?P<comment>--[^\n]*|\#[^\n]*|/\*.*?\*/)
+    |(?P<quoted>'(?:[^'\\]|\\.|'')*'|"(?:[^"\\]|\\.|"")*"|`(?:[^`\\]|\\.|``)*`)
+    |(?P<word>[A-Za-z_][A-Za-z0-9_]*)
+    |(?P<open>\()|(?P<close>\))
+    |(?P<other>.)""",
+    re.X | re.S,
+)
+
+
+class ServerError(Exception):
+    """A ClickHouse exception, with its code and the name of its code."""
+
+    def __init__(self, code: int, name: str, text: str):
+        super().__init__(text)
+        self.code, self.name, self.text = code, name, text
+
+
+@dataclass
+class Statement:
+    """What the head of a request says: the statement's first keyword; for an insert that
+    carries data, the SQL before its format and where the data starts; the output format
+    a trailing ``FORMAT`` names."""
+
+    keyword: str
+    insert_sql: bytes | None = None
+    insert_format: str | None = None
+    data_start: int = 0
+    output_format: str | None = None
+
+
+def parse_statement(head: bytes) -> Statement:
+    """Find the statement kind, an insert's inline data, a trailing FORMAT: the lexical
+    work the server's parser does before any data is read (quotes and comments respected)."""
+    keyword, previous, output = "", "", None
+    depth = format_at = 0
+    for match in _TOKEN.finditer(head):
+        kind = match.lastgroup
+        if kind in ("space", "comment"):
+            continue
+        if kind == "open":
+            keyword = keyword or "SELECT"  # (SELECT ...)
+            depth += 1
+        elif kind == "close":
+            depth = max(0, depth - 1)
+        if kind != "word" or depth > 0:
+            previous = ""
+            continue
+        text = match.group().decode()
+        word = text.upper()
+        keyword = keyword or word
+        if keyword == "INSERT":
+            if word in ("SELECT", "WITH") or (word == "INFILE" and previous == "FROM"):
+                return Statement(keyword)
+            if word == "VALUES":
+                return Statement(keyword, head[: match.start()], "Values", match.end())
+            if previous == "FORMAT":
+                return Statement(keyword, head[:format_at], text, _data_start(head, match.end()))
+        elif previous == "FORMAT":
+            output = text
+        if word == "FORMAT":
+            format_at = match.start()
+        previous = word
+    return Statement(keyword, output_format=output)
+
+
+def _data_start(head: bytes, at: int) -> int:
+    """Inline data starts after the format name's first line break, or its blanks."""
+    while head[at : at + 1] in (b" ", b"\t", b"\f"):
+        at += 1
+    at += head[at : at + 1] == b"\r"
+    return at + (head[at : at + 1] == b"\n")
+
+
+# -- request bodies --------------------------------------------------------------
+
+
+class _Body:
+    """The request body as sent: Content-Length or chunked, read in pieces."""
+
+    def __init__(self, rfile: Any, length: int | None, chunked: bool):
+        self.rfile, self.left, self.chunked = rfile, length or 0, chunked
+        self.done = not chunked and not length
+
+    def read(self, size: int = BLOCK) -> bytes:
+        if self.done:
+            return b""
+        if self.chunked and self.left == 0:
+            line = self.rfile.readline(1024).split(b";")[0].strip()
+            self.left = int(line or b"0", 16)
+            if self.left == 0:
+                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                    pass
+                self.done = True
+                return b""
+        data = self.rfile.read(min(size, self.left))
+        if not data:
+            raise ConnectionError("request body ended early")
+        self.left -= len(data)
+        if self.chunked and self.left == 0:
+            self.rfile.readline(1024)
+        elif not self.chunked and self.left == 0:
+            self.done = True
+        return data
+
+    def drain(self) -> None:
+        while self.read():
+            pass
+
+
+class _Decoded:
+    """A body unpacked as its Content-Encoding says, in pieces."""
+
+    METHODS = ("", "identity", "gzip", "zstd", "lz4", "deflate")
+
+    def __init__(self, body: _Body, encoding: str):
+        encoding = encoding.strip().lower()
+        if encoding in ("", "identity"):
+            self.reader: Any = body
+        elif encoding == "gzip":
+            self.reader = gzip.GzipFile(fileobj=body)
+        elif encoding == "zstd":
+            self.reader = zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=True)
+        elif encoding == "lz4":
+            self.reader = lz4.frame.LZ4FrameFile(body)
+        else:
+            self.reader = _Inflate(body)
+
+    def read(self, size: int = BLOCK) -> bytes:
+        return self.reader.read(size)
+
+
+class _Inflate:
+    def __init__(self, body: _Body):
+        self.body, self.inflate = body, zlib.decompressobj()
+
+    def read(self, size: int = BLOCK) -> bytes:
+        while True:
+            if self.inflate.unconsumed_tail:
+                return self.inflate.decompress(self.inflate.unconsumed_tail, size)
+            data = self.body.read()
+            if not data:
+                return self.inflate.flush()
+            out = self.inflate.decompress(data, size)
+            if out:
+                return out
+
+
+class _Chunked:
+    """A chunked response body, compressed with ``method`` if given."""
+
+    def __init__(self, wfile: Any, entry: RequestLog, method: str | None):
+        self.wfile, self.entry = wfile, entry
+        if method == "zstd":
+            self.compressor: Any = zstandard.ZstdCompressor().compressobj()
+        elif method == "lz4":
+            self.compressor = _Lz4()
+        elif method in ("gzip", "deflate"):
+            self.compressor = zlib.compressobj(6, zlib.DEFLATED, 31 if method == "gzip" else 15)
+        else:
+            self.compressor = None
+
+    def _frame(self, data: bytes) -> None:
+        if data:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.entry.chunks += 1
+            self.entry.body_bytes += len(data)
+
+    def write(self, data: bytes) -> None:
+        self._frame(self.compressor.compress(data) if self.compressor else data)
+
+    def end(self, complete: bool = True) -> None:
+        """Close the compressed stream; ``complete=False`` leaves the chunked stream
+        unterminated, which the client sees as a broken response."""
+        if self.compressor:
+            self._frame(self.compressor.flush())
+        if complete:
+            self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+
+class _Lz4:
+    def __init__(self) -> None:
+        self.frame = lz4.frame.LZ4FrameCompressor()
+        self.head = self.frame.begin()
+
+    def compress(self, data: bytes) -> bytes:
+        head, self.head = self.head, b""
+        return head + self.frame.compress(data)
+
+    def flush(self) -> bytes:
+        head, self.head = self.head, b""
+        return head + self.frame.flush()
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _identifier(text: str) -> str:
+    return "`" + text.replace("\\", "\\\\").replace("`", "\\`") + "`"
+
+
+def _choose_compression(accept: str) -> str | None:
+    for method in ("zstd", "lz4", "gzip", "deflate"):
+        if method in accept:
+            return method
+    return None
+
+
+# -- sessions ---------------------------------------------------------------------
+
+
+@dataclass
+class _Session:
+    conn: Any
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    expires: float = 0.0
+
+
+@dataclass
+class RequestLog:
+    """One request as the endpoint served it (no credentials)."""
+
+    method: str
+    params: dict[str, str]
+    status: int = 0
+    chunked: bool = False
+    content_encoding: str | None = None
+    chunks: int = 0
+    body_bytes: int = 0
+    held_bytes: int = 0  # most result bytes held at once before the first send
+    broken: bool = False  # the stream was cut after an exception
+
+
+class ClickHouseHTTP:
+    """The endpoint on 127.0.0.1, serving the chdb data directory ``path``.
+
+    ``users`` maps user names to passwords. The process's embedded engine is shared:
+    each request runs on its own chdb connection, opened for it (or for its session)
+    and closed after; ``keep_engine()`` holds the engine up meanwhile.
+    """
+
+    def __init__(self, path: str, users: dict[str, str] | None = None):
+        self.path = str(path)
+        self.users = dict(users or {"default": ""})
+        self.log: list[RequestLog] = []
+        self._sessions: dict[tuple[str, str], _Session] = {}
+        self._sessions_lock = threading.Lock()
+        self._keeper: Any = None
+        conn = chdb.connect(self.path)
+        try:
+            version, self.timezone, self.http_compression = (
+                conn.query(
+                    "SELECT version(), timezone(), getSetting('enable_http_compression')", "TSV"
+                )
+                .bytes()
+                .decode()
+                .split()
+            )
+            rows = conn.query(
+                "SELECT number, errorCodeToName(number) FROM numbers(2000) "
+                "WHERE errorCodeToName(number) != ''",
+                "TSV",
+            ).bytes()
+        finally:
+            conn.close()
+        self.version = version
+        self.error_names = {
+            int(c): n for c, n in (r.split("\t") for r in rows.decode().split("\n") if r)
+        }
+        self._codes = {name: code for code, name in self.error_names.items()}
+        self._status = {
+            self._codes[name]: status for status, names in _STATUS_BY_NAME.items()
+            for name in names if name in self._codes
+        }  # fmt: skip
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body go out as separate writes
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                endpoint._serve(self)
+
+            do_POST = do_GET
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def port(self) -> int:
+        return self.httpd.server_address[1]
+
+    def url(self, user: str, password: str, database: str = "default") -> str:
+        return f"http://{quote(user, safe='')}:{quote(password, safe='')}@127.0.0.1:{self.port}/{database}"
+
+    def keep_engine(self) -> None:
+        """Keep the engine up, as a running server does, until ``release_engine()``.
+
+        chdb shuts its engine down when the process's last connection closes (Memory
+        tables are emptied, the next request pays a restart), and keeps the data
+        directory locked while one is open: a test holds the engine while it uses the
+        endpoint, and lets it go after, so that embedded tests can take the lock.
+        """
+        if self._keeper is None:
+            self._keeper = chdb.connect(self.path)
+
+    def release_engine(self) -> None:
+        self.end_sessions()
+        if self._keeper is not None:
+            self._keeper.close()
+            self._keeper = None
+
+    def end_sessions(self) -> None:
+        """Close every idle session (a test's sessions end with the test)."""
+        with self._sessions_lock:
+            for key, session in list(self._sessions.items()):
+                if session.lock.acquire(blocking=False):
+                    session.conn.close()
+                    del self._sessions[key]
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.release_engine()
+
+    # -- errors -------------------------------------------------------------------
+    def error(self, name: str, message: str) -> ServerError:
+        code = self._codes.get(name, 1001)
+        return ServerError(code, name, self._text(code, f"DB::Exception: {message}. ({name})"))
+
+    def _text(self, code: int, exception: str) -> str:
+        if "(version " in exception:
+            return f"Code: {code}. {exception}"
+        return f"Code: {code}. {exception} (version {self.version})"
+
+    def engine_error(self, exc: Exception) -> ServerError:
+        match = _ENGINE_ERROR.search(str(exc))
+        if not match:
+            return self.error("UNKNOWN_EXCEPTION", str(exc).strip())
+        code = int(match.group(1))
+        return ServerError(code, self.error_names.get(code, ""), self._text(code, match.group(2)))
+
+    # -- one request --------------------------------------------------------------
+    def _serve(self, h: BaseHTTPRequestHandler) -> None:
+        url = urlsplit(h.path)
+        params = dict(parse_qsl(url.query, keep_blank_values=True))
+        entry = RequestLog(
+            h.command, {k: ("***" if k == "password" else v) for k, v in params.items()}
+        )
+        self.log.append(entry)
+        length = h.headers.get("Content-Length")
+        body = _Body(
+            h.rfile,
+            int(length) if length else None,
+            "chunked" in h.headers.get("Transfer-Encoding", ""),
+        )
+        tag = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(16))
+        query_id = (
+            params.get("query_id") or h.headers.get("X-ClickHouse-Query-Id") or str(uuid.uuid4())
+        )
+        base = {
+            "X-ClickHouse-Server-Display-Name": "chdb-http",
+            "X-ClickHouse-Query-Id": query_id,
+            "X-ClickHouse-Timezone": params.get("session_timezone") or self.timezone,
+            "X-ClickHouse-Exception-Tag": tag,
+        }
+        session: _Session | None = None
+        try:
+            if url.path.rstrip("/") == "/ping":
+                body.drain()
+                return self._reply(h, entry, 200, base, b"Ok.\n")
+            if url.path not in ("", "/"):
+                body.drain()
+                raise self.error("UNKNOWN_TYPE_OF_QUERY", f"There is no handle {url.path}")
+            user = self._authenticate(h, params)
+            content_type = h.headers.get("Content-Type", "")
+            if content_type.startswith("multipart/form-data"):
+                params.update(self._form(h, body, content_type))
+                body = _Body(h.rfile, 0, False)
+            session, conn = self._connection(user, params)
+            try:
+                self._execute(h, entry, conn, session, params, body, base, tag)
+            finally:
+                if session is None:
+                    conn.close()
+                else:
+                    self._release(session, params)
+        except ServerError as exc:
+            h.close_connection = h.close_connection or not body.done
+            entry.status = self._status.get(exc.code, 500)
+            headers = dict(base, **{"X-ClickHouse-Exception-Code": str(exc.code)})
+            headers["Content-Type"] = "text/plain; charset=UTF-8"
+            self._reply(h, entry, entry.status, headers, (exc.text + "\n").encode())
+        except (BrokenPipeError, ConnectionError):
+            h.close_connection = True
+
+    def _reply(self, h: Any, entry: RequestLog, status: int, headers: dict, data: bytes) -> None:
+        entry.status = status
+        h.send_response(status)
+        for name, value in headers.items():
+            h.send_header(name, value)
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+        entry.body_bytes += len(data)
+
+    def _authenticate(self, h: Any, params: dict[str, str]) -> str:
+        user, password = h.headers.get("X-ClickHouse-User"), h.headers.get("X-ClickHouse-Key")
+        auth = h.headers.get("Authorization", "")
+        if user is not None or password is not None:
+            if auth or "user" in params or "password" in params:
+                raise self.error(
+                    "AUTHENTICATION_FAILED",
+                    "Invalid authentication: it is not allowed to use X-ClickHouse HTTP headers "
+                    "and other authentication methods simultaneously",
+                )
+        elif auth:
+            if "user" in params or "password" in params:
+                raise self.error(
+                    "AUTHENTICATION_FAILED",
+                    "Invalid authentication: it is not allowed to use Authorization HTTP header "
+                    "and authentication via parameters simultaneously",
+                )
+            scheme, _, info = auth.partition(" ")
+            if scheme.lower() != "basic":
+                raise self.error(
+                    "AUTHENTICATION_FAILED",
+                    f"Invalid authentication: '{scheme}' HTTP Authorization scheme is not supported",
+                )
+            user, _, password = base64.b64decode(info).decode().partition(":")
+        else:
+            user, password = params.get("user", "default"), params.get("password", "")
+        user = user or "default"
+        if self.users.get(user) != (password or ""):
+            raise self.error(
+                "AUTHENTICATION_FAILED",
+                f"{user}: Authentication failed: password is incorrect, or there is no user "
+                "with such name.",
+            )
+        return user
+
+    def _form(self, h: Any, body: _Body, content_type: str) -> dict[str, str]:
+        data = _Decoded(body, h.headers.get("Content-Encoding", "")).read(MAX_FORM_BYTES + 1)
+        body.drain()
+        if len(data) > MAX_FORM_BYTES:
+            raise self.error("QUERY_IS_TOO_LARGE", "The form is too large for this endpoint")
+        message = BytesParser(policy=HTTP).parsebytes(
+            f"Content-Type: {content_type}\r\n\r\n".encode() + data
+        )
+        fields: dict[str, str] = {}
+        for part in message.iter_parts():
+            if part.get_filename() is not None:
+                raise self.error("NOT_IMPLEMENTED", "external data is not served by this endpoint")
+            name = part.get_param("name", header="content-disposition")
+            fields[str(name)] = part.get_payload(decode=True).decode()
+        return fields
+
+    def _connection(self, user: str, params: dict[str, str]) -> tuple[_Session | None, Any]:
+        session_id = params.get("session_id")
+        if not session_id:
+            return None, chdb.connect(self.path)
+        try:
+            timeout = int(params.get("session_timeout", "60"))
+        except ValueError:
+            raise self.error(
+                "INVALID_SESSION_TIMEOUT", f"Invalid session timeout: '{params['session_timeout']}'"
+            ) from None
+        now = time.monotonic()
+        with self._sessions_lock:
+            for key, old in list(self._sessions.items()):
+                if old.expires < now and old.lock.acquire(blocking=False):
+                    old.conn.close()
+                    del self._sessions[key]
+            session = self._sessions.get((user, session_id))
+            if session is None:
+                if params.get("session_check") == "1":
+                    raise self.error("SESSION_NOT_FOUND", f"Session {session_id} not found")
+                session = self._sessions[(user, session_id)] = _Session(chdb.connect(self.path))
+            if not session.lock.acquire(blocking=False):
+                raise self.error(
+                    "SESSION_IS_LOCKED", f"Session {session_id} is locked by a concurrent client"
+                )
+            session.expires = now + timeout
+        return session, session.conn
+
+    def _release(self, session: _Session, params: dict[str, str]) -> None:
+        session.expires = time.monotonic() + int(params.get("session_timeout", "60"))
+        session.lock.release()
+
+    def _run(
+        self, conn: Any, sql: bytes | str, fmt: str = "TSV", params: dict | None = None
+    ) -> Any:
+        try:
+            return conn.query(sql, fmt, params=params or {})
+        except Exception as exc:
+            raise self.engine_error(exc) from None
+
+    def _apply_settings(
+        self, conn: Any, session: _Session | None, settings: dict[str, str]
+    ) -> dict[str, tuple[str, bool]]:
+        """Apply request settings; return what restores a session's own values."""
+        restore: dict[str, tuple[str, bool]] = {}
+        if not settings:
+            return restore
+        for name in settings:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise self.error("UNKNOWN_SETTING", f"Unknown setting '{name}'")
+        if session is not None:
+            names = ", ".join(_literal(n) for n in settings)
+            result = self._run(
+                conn,
+                f"SELECT name, value, changed FROM system.settings WHERE name IN ({names})",
+                "JSONEachRow",
+            )
+            for line in result.bytes().splitlines():
+                row = json.loads(line)
+                restore[row["name"]] = (row["value"], bool(row["changed"]))
+        self._run(conn, "SET " + ", ".join(f"{n} = {_literal(v)}" for n, v in settings.items()))
+        return restore
+
+    def _restore_settings(self, conn: Any, restore: dict[str, tuple[str, bool]]) -> None:
+        for name, (value, changed) in restore.items():
+            try:
+                conn.query(f"SET {name} = {_literal(value) if changed else 'DEFAULT'}", "TSV")
+            except Exception:
+                pass
+
+    def _execute(
+        self, h: Any, entry: RequestLog, conn: Any, session: _Session | None,
+        params: dict[str, str], body: _Body, base: dict[str, str], tag: str,
+    ) -> None:  # fmt: skip
+        settings = {
+            k: v
+            for k, v in params.items()
+            if k not in TRANSPORT_PARAMS and not k.startswith("param_")
+        }
+        if h.command == "GET" and session is None and settings.get("readonly", "0") == "0":
+            settings["readonly"] = "2"
+        bound = {k[len("param_") :]: v for k, v in params.items() if k.startswith("param_")}
+        if params.get("database"):
+            self._run(conn, f"USE {_identifier(params['database'])}")
+        restore = self._apply_settings(conn, session, settings)
+        try:
+            max_query_size = int(settings.get("max_query_size", 262144))
+            encoding = h.headers.get("Content-Encoding", "")
+            if encoding.strip().lower() not in _Decoded.METHODS:
+                raise self.error("NOT_IMPLEMENTED", f"Unknown compression method '{encoding}'")
+            stream = _Decoded(body, encoding)
+            head = params.get("query", "").encode()
+            head += b"\n" if head else b""
+            while len(head) <= max_query_size:
+                data = stream.read(max_query_size + 1 - len(head))
+                if not data:
+                    break
+                head += data
+            statement = parse_statement(head)
+            # VALUES with bound parameters: the engine substitutes them in the statement
+            values_with_params = statement.insert_format == "Values" and bound
+            if statement.insert_sql is not None and not values_with_params:
+                self._insert(h, entry, conn, statement, head, stream, base)
+                return
+            if len(head) > max_query_size:
+                raise self.error(
+                    "SYNTAX_ERROR",
+                    f"Syntax error: failed at position {max_query_size}: Max query size exceeded",
+                )
+            if not head.strip():
+                raise self.error("SYNTAX_ERROR", "Empty query")
+            fmt = statement.output_format or params.get("default_format") or "TabSeparated"
+            headers = dict(base)
+            if statement.keyword in RESULT_STATEMENTS:
+                headers["X-ClickHouse-Format"] = fmt
+                headers["Content-Type"] = _CONTENT_TYPES.get(fmt, "application/octet-stream")
+                chunks = self._result(conn, head, fmt, bound)
+            else:
+                data = self._run(conn, head, fmt, bound).bytes()
+                chunks = iter([data] if data else [])
+            wait = params.get("wait_end_of_query") == "1"
+            hold = float("inf") if wait else int(params.get("buffer_size", BLOCK))
+            accept = h.headers.get("Accept-Encoding", "")
+            method = (
+                _choose_compression(accept)
+                if settings.get("enable_http_compression", self.http_compression) in ("1", "true")
+                else None
+            )
+            self._send_result(h, entry, chunks, hold, headers, method, tag)
+        finally:
+            self._restore_settings(conn, restore)
+
+    def _result(self, conn: Any, sql: bytes, fmt: str, bound: dict[str, str]) -> Iterator[bytes]:
+        try:
+            if fmt not in STREAMED_FORMATS:
+                raise ValueError("Streaming query is not supported for this format")
+            result = conn.send_query(sql, fmt, params=bound)
+        except Exception as exc:
+            if "Streaming query is not supported" not in str(exc):
+                raise self.engine_error(exc) from None
+            data = self._run(conn, sql, fmt, bound).bytes()
+            return iter([data] if data else [])
+
+        def chunks() -> Iterator[bytes]:
+            try:
+                for chunk in result:
+                    data = chunk.bytes()
+                    if data:
+                        yield data
+            except Exception as exc:
+                raise self.engine_error(exc) from None
+            finally:
+                result.close()
+
+        return chunks()
+
+    def _send_result(
+        self, h: Any, entry: RequestLog, chunks: Iterator[bytes], hold: float,
+        headers: dict[str, str], method: str | None, tag: str,
+    ) -> None:  # fmt: skip
+        """Hold the first ``hold`` bytes (an error there gets its status), then stream."""
+        held = tempfile.SpooledTemporaryFile(max_size=16 << 20)
+        try:
+            size, rest = 0, chunks
+            for data in chunks:
+                held.write(data)
+                size += len(data)
+                if size >= hold:
+                    break
+            else:
+                rest = iter(())
+            entry.held_bytes = size
+            entry.status, entry.chunked, entry.content_encoding = 200, True, method
+            h.send_response(200)
+            for name, value in headers.items():
+                h.send_header(name, value)
+            summary = {
+                "read_rows": "0",
+                "read_bytes": "0",
+                "written_rows": "0",
+                "written_bytes": "0",
+            }
+            h.send_header("X-ClickHouse-Summary", json.dumps(summary))
+            h.send_header("Transfer-Encoding", "chunked")
+            if method:
+                h.send_header("Content-Encoding", method)
+            h.end_headers()
+            out = _Chunked(h.wfile, entry, method)
+            held.seek(0)
+            while data := held.read(BLOCK):
+                out.write(data)
+            held.close()
+            try:
+                for data in rest:
+                    out.write(data)
+            except ServerError as exc:
+                # After the headers: the server's tagged exception block, then a cut stream.
+                text, mark = exc.text.encode(), tag.encode()
+                out.write(
+                    b"__exception__\r\n%s\r\n%s\n%d %s\r\n__exception__\r\n"
+                    % (mark, text, len(text) + 1, mark)
+                )
+                out.end(complete=False)
+                entry.broken = h.close_connection = True
+                return
+            out.end()
+        finally:
+            held.close()
+            close = getattr(chunks, "close", None)
+            if close:
+                close()
+
+    def _insert(
+        self, h: Any, entry: RequestLog, conn: Any, statement: Statement, head: bytes,
+        stream: _Decoded, base: dict[str, str],
+    ) -> None:  # fmt: skip
+        try:
+            inserter = conn.send_insert(statement.insert_sql.decode(), statement.insert_format)
+        except Exception as exc:
+            raise self.engine_error(exc) from None
+        try:
+            data = head[statement.data_start :]
+            while True:
+                if data:
+                    inserter.append(data)
+                data = stream.read(BLOCK)
+                if not data:
+                    break
+            result = inserter.finish()
+        except ServerError:
+            inserter.cancel()
+            raise
+        except (ConnectionError, OSError):
+            inserter.cancel()
+            raise
+        except Exception as exc:
+            inserter.cancel()
+            raise self.engine_error(exc) from None
+        summary = {
+            "read_rows": str(result.rows_written),
+            "read_bytes": str(result.bytes_written),
+            "written_rows": str(result.rows_written),
+            "written_bytes": str(result.bytes_written),
+            "elapsed_ns": str(int(result.elapsed * 1e9)),
+        }
+        self._reply(h, entry, 200, dict(base, **{"X-ClickHouse-Summary": json.dumps(summary)}), b"")
