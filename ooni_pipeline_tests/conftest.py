@@ -25,6 +25,7 @@ import boto3
 import pytest
 
 from ooni_pipeline.clickhouse import ClickHouse, ClickHouseResource, quote_identifier
+from ooni_pipeline.clickhouse.schema import OONI_TABLES, create_table_sql
 from ooni_pipeline.object_store import ObjectStoreResource
 from ooni_pipeline_tests.clickhouse_http import ClickHouseHTTP
 from ooni_pipeline_tests.rig import GitRepo, UpstreamServer
@@ -107,6 +108,11 @@ def clickhouse(
             "SELECT name FROM system.tables WHERE database = currentDatabase()"
         ):
             ch.command(f"DROP TABLE IF EXISTS {quote_identifier(table)} SYNC")
+        if clickhouse_backend == "server":
+            # A deployed server has OONI's tables (created by the operator, README
+            # "Configuration"): the project never creates them there.
+            for table in OONI_TABLES:
+                ch.command(create_table_sql(table))
     return resource
 
 

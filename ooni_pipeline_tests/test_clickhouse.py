@@ -20,7 +20,7 @@ import pytest
 from ooni_pipeline.clickhouse import ClickHouse, ClickHouseError, quote_identifier
 from ooni_pipeline.clickhouse.connection import STREAM_BLOCK, redact_url
 from ooni_pipeline.clickhouse.lock import LockTimeoutError, exclusive
-from ooni_pipeline.clickhouse.schema import KNOWN_TABLES, ensure_tables
+from ooni_pipeline.clickhouse.schema import KNOWN_TABLES, MissingTableError, ensure_tables
 from ooni_pipeline.clickhouse.swap import RowBounds, TableUpdateError, replace_table
 from ooni_pipeline_tests.clickhouse_http import ClickHouseHTTP
 from ooni_pipeline_tests.conftest import SERVER_DATABASE, SERVER_PASSWORD, SERVER_USER
@@ -398,3 +398,19 @@ def test_endpoint_locks_a_busy_session(clickhouse_server: ClickHouseHTTP) -> Non
         time.sleep(0.1)
         after = requests.post(url, params=params, data="SELECT 1", auth=auth, timeout=60)
     assert after.text == "1\n"
+
+
+@pytest.mark.clickhouse_backends("server")
+def test_a_server_never_gets_ooni_tables_implicitly(ch: ClickHouse) -> None:
+    """A missing OONI table on a server fails at once, naming the table and the server
+    (password hidden); nothing is created. Staging tables still are."""
+    ch.command("DROP TABLE fastpath SYNC")
+    with pytest.raises(MissingTableError) as info:
+        ensure_tables(ch, "asnmeta", "fastpath")
+    message = str(info.value)
+    assert f"table fastpath does not exist on http://{SERVER_USER}:***@127.0.0.1:" in message
+    assert SERVER_PASSWORD not in message
+    assert "python -m ooni_pipeline.clickhouse.schema fastpath" in message
+    assert ch.scalar("SELECT count() FROM system.tables WHERE name = 'fastpath'") == 0
+    ensure_tables(ch, "asnmeta_tmp")
+    assert ch.scalar("SELECT count() FROM system.tables WHERE name = 'asnmeta_tmp'") == 1

@@ -155,6 +155,8 @@ STAGING_OF = {
 }
 
 KNOWN_TABLES = (*_TABLES, *STAGING_OF)
+# OONI's own tables: never created implicitly on a server (see ensure_tables).
+OONI_TABLES = tuple(name for name in _TABLES if name not in DERIVED_TABLES)
 
 
 def create_table_sql(name: str) -> str:
@@ -179,7 +181,7 @@ def ensure_tables(ch: ClickHouse, *names: str) -> None:
     for name in names:
         if name not in KNOWN_TABLES:
             raise ValueError(f"unknown table {name!r}; known: {', '.join(KNOWN_TABLES)}")
-        if not ch.embedded and name in _TABLES and name not in DERIVED_TABLES:
+        if not ch.embedded and name in OONI_TABLES:
             exists = ch.scalar(
                 "SELECT count() FROM system.tables WHERE database = currentDatabase() "
                 "AND name = {t:String}",
