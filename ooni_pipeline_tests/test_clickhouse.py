@@ -375,32 +375,6 @@ def test_endpoint_reads_compressed_insert_bodies(
 
 
 @pytest.mark.clickhouse_backends("server")
-def test_endpoint_locks_a_busy_session(clickhouse_server: ClickHouseHTTP) -> None:
-    """As the server does: a second request in a session that is still answering the
-    first fails with SESSION_IS_LOCKED (why the pipeline's client uses no session)."""
-    import requests
-
-    url = f"http://127.0.0.1:{clickhouse_server.port}/"
-    auth = (SERVER_USER, SERVER_PASSWORD)
-    params = {"session_id": "busy-session"}
-    with requests.post(
-        url, params=params, data="SELECT number FROM numbers(50000000)", auth=auth, stream=True
-    ) as first:
-        next(first.iter_content(1 << 16))
-        second = requests.post(url, params=params, data="SELECT 1", auth=auth, timeout=60)
-    assert second.status_code == 500
-    assert second.headers["X-ClickHouse-Exception-Code"] == "373"
-    assert "SESSION_IS_LOCKED" in second.text
-    after = requests.post(url, params=params, data="SELECT 1", auth=auth, timeout=60)
-    for _ in range(50):  # the first request ends once the server notices the closed socket
-        if after.status_code == 200:
-            break
-        time.sleep(0.1)
-        after = requests.post(url, params=params, data="SELECT 1", auth=auth, timeout=60)
-    assert after.text == "1\n"
-
-
-@pytest.mark.clickhouse_backends("server")
 def test_a_server_never_gets_ooni_tables_implicitly(ch: ClickHouse) -> None:
     """A missing OONI table on a server fails at once, naming the table and the server
     (password hidden); nothing is created. Staging tables still are."""
