@@ -260,7 +260,10 @@ class ClickHouseHTTP:
                 else:
                     self._release(session, params)
         except ServerError as exc:
-            h.close_connection = h.close_connection or not body.done
+            try:  # as the server does: read the rest of the body, so the client sees the error
+                body.drain()
+            except (OSError, ValueError):
+                h.close_connection = True
             entry.status = self._status.get(exc.code, 500)
             headers = dict(base, **{"X-ClickHouse-Exception-Code": str(exc.code)})
             headers["Content-Type"] = "text/plain; charset=UTF-8"
