@@ -115,6 +115,8 @@ class ClickHouseHTTP:
         self._sessions: dict[tuple[str, str], _Session] = {}
         self._sessions_lock = threading.Lock()
         self._keeper: Any = None
+        self._busy = threading.Condition()
+        self._requests = 0  # being served: each holds an engine connection
         conn = chdb.connect(self.path)
         try:
             version, self.timezone, self.http_compression = (
@@ -151,7 +153,14 @@ class ClickHouseHTTP:
                 pass
 
             def do_GET(self) -> None:
-                endpoint._serve(self)
+                with endpoint._busy:
+                    endpoint._requests += 1
+                try:
+                    endpoint._serve(self)
+                finally:
+                    with endpoint._busy:
+                        endpoint._requests -= 1
+                        endpoint._busy.notify_all()
 
             do_POST = do_GET
 
@@ -178,7 +187,11 @@ class ClickHouseHTTP:
         if self._keeper is None:
             self._keeper = chdb.connect(self.path)
 
-    def release_engine(self) -> None:
+    def release_engine(self, wait_s: float = 30.0) -> None:
+        """Let the engine go once the requests still being served end (a request whose
+        client went away ends at its next write), and with them every session."""
+        with self._busy:
+            self._busy.wait_for(lambda: self._requests == 0, timeout=wait_s)
         self.end_sessions()
         if self._keeper is not None:
             self._keeper.close()
