@@ -31,7 +31,6 @@ the server's own concurrency limits and memory accounting.
 from __future__ import annotations
 
 import base64
-import gzip
 import json
 import re
 import secrets
@@ -39,7 +38,6 @@ import tempfile
 import threading
 import time
 import uuid
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email.parser import BytesParser
@@ -49,10 +47,22 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
 import chdb
-import lz4.frame
-import zstandard
 
-BLOCK = 1 << 20
+from ooni_pipeline_tests.clickhouse_wire import (
+    BLOCK,
+    CONTENT_TYPES,
+    STATUS_BY_ERROR_NAME,
+    Body,
+    Chunked,
+    Decoded,
+    RequestLog,
+    Statement,
+    choose_compression,
+    parse_statement,
+    sql_identifier,
+    sql_literal,
+)
+
 MAX_FORM_BYTES = 64 << 20
 # Request parameters the server consumes itself; every other one is a setting.
 TRANSPORT_PARAMS = {
@@ -69,47 +79,7 @@ STREAMED_FORMATS = {
     "Native", "TabSeparated", "TSV", "TabSeparatedRaw", "TSVRaw", "CSV", "RowBinary",
     "JSONEachRow", "JSONCompactEachRow", "JSONLines", "NDJSON",
 }  # fmt: skip
-# ClickHouse's exceptionCodeToHTTPStatus, by error name.
-_STATUS_BY_NAME = {
-    401: ["REQUIRED_PASSWORD"],
-    403: ["UNKNOWN_USER", "WRONG_PASSWORD", "AUTHENTICATION_FAILED", "SET_NON_GRANTED_ROLE",
-          "ACCESS_DENIED"],
-    400: ["BAD_ARGUMENTS", "CANNOT_COMPILE_REGEXP", "CANNOT_PARSE_TEXT",
-          "CANNOT_PARSE_ESCAPE_SEQUENCE", "CANNOT_PARSE_QUOTED_STRING", "CANNOT_PARSE_DATE",
-          "CANNOT_PARSE_DATETIME", "CANNOT_PARSE_NUMBER", "CANNOT_PARSE_DOMAIN_VALUE_FROM_STRING",
-          "CANNOT_PARSE_IPV4", "CANNOT_PARSE_IPV6", "CANNOT_PARSE_INPUT_ASSERTION_FAILED",
-          "CANNOT_PARSE_UUID", "DUPLICATE_COLUMN", "ILLEGAL_COLUMN", "UNKNOWN_ELEMENT_IN_AST",
-          "UNKNOWN_TYPE_OF_AST_NODE", "THERE_IS_NO_COLUMN", "TOO_DEEP_AST", "TOO_BIG_AST",
-          "UNEXPECTED_AST_STRUCTURE", "SYNTAX_ERROR", "INCORRECT_DATA", "TYPE_MISMATCH",
-          "VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE"],
-    404: ["UNKNOWN_TABLE", "UNKNOWN_FUNCTION", "UNKNOWN_IDENTIFIER", "UNKNOWN_TYPE",
-          "UNKNOWN_STORAGE", "UNKNOWN_DATABASE", "UNKNOWN_SETTING", "UNKNOWN_DIRECTION_OF_SORTING",
-          "UNKNOWN_AGGREGATE_FUNCTION", "UNKNOWN_FORMAT", "UNKNOWN_DATABASE_ENGINE",
-          "UNKNOWN_TYPE_OF_QUERY", "UNKNOWN_ROLE"],
-    413: ["QUERY_IS_TOO_LARGE"],
-    501: ["NOT_IMPLEMENTED"],
-    503: ["SOCKET_TIMEOUT", "CANNOT_OPEN_FILE", "CANNOT_SCHEDULE_TASK"],
-    411: ["HTTP_LENGTH_REQUIRED"],
-    408: ["TIMEOUT_EXCEEDED"],
-    415: ["UNSUPPORTED_MEDIA_TYPE"],
-}  # fmt: skip
-_CONTENT_TYPES = {
-    "TabSeparated": "text/tab-separated-values; charset=UTF-8",
-    "TSV": "text/tab-separated-values; charset=UTF-8",
-    "CSV": "text/csv; charset=UTF-8; header=absent",
-    "JSON": "application/json; charset=UTF-8",
-    "JSONEachRow": "application/x-ndjson; charset=UTF-8",
-}
 _ENGINE_ERROR = re.compile(r"Code: (\d+)\. (DB::Exception: .*?)\s*$", re.S)
-_TOKEN = re.compile(
-    rb"""(?P<space>\s+)
-    |(?P<comment>--[^\n]*|\#[^\n]*|/\*.*?\*/)
-    |(?P<quoted>'(?:[^'\\]|\\.|'')*'|"(?:[^"\\]|\\.|"")*"|`(?:[^`\\]|\\.|``)*`)
-    |(?P<word>[A-Za-z_][A-Za-z0-9_]*)
-    |(?P<open>\()|(?P<close>\))
-    |(?P<other>.)""",
-    re.X | re.S,
-)
 
 
 class ServerError(Exception):
@@ -120,198 +90,6 @@ class ServerError(Exception):
         self.code, self.name, self.text = code, name, text
 
 
-@dataclass
-class Statement:
-    """What the head of a request says: the statement's first keyword; for an insert that
-    carries data, the SQL before its format and where the data starts; the output format
-    a trailing ``FORMAT`` names."""
-
-    keyword: str
-    insert_sql: bytes | None = None
-    insert_format: str | None = None
-    data_start: int = 0
-    output_format: str | None = None
-
-
-def parse_statement(head: bytes) -> Statement:
-    """Find the statement kind, an insert's inline data, a trailing FORMAT: the lexical
-    work the server's parser does before any data is read (quotes and comments respected)."""
-    keyword, previous, output = "", "", None
-    depth = format_at = 0
-    for match in _TOKEN.finditer(head):
-        kind = match.lastgroup
-        if kind in ("space", "comment"):
-            continue
-        if kind == "open":
-            keyword = keyword or "SELECT"  # (SELECT ...)
-            depth += 1
-        elif kind == "close":
-            depth = max(0, depth - 1)
-        if kind != "word" or depth > 0:
-            previous = ""
-            continue
-        text = match.group().decode()
-        word = text.upper()
-        keyword = keyword or word
-        if keyword == "INSERT":
-            if word in ("SELECT", "WITH") or (word == "INFILE" and previous == "FROM"):
-                return Statement(keyword)
-            if word == "VALUES":
-                return Statement(keyword, head[: match.start()], "Values", match.end())
-            if previous == "FORMAT":
-                return Statement(keyword, head[:format_at], text, _data_start(head, match.end()))
-        elif previous == "FORMAT":
-            output = text
-        if word == "FORMAT":
-            format_at = match.start()
-        previous = word
-    return Statement(keyword, output_format=output)
-
-
-def _data_start(head: bytes, at: int) -> int:
-    """Inline data starts after the format name's first line break, or its blanks."""
-    while head[at : at + 1] in (b" ", b"\t", b"\f"):
-        at += 1
-    at += head[at : at + 1] == b"\r"
-    return at + (head[at : at + 1] == b"\n")
-
-
-# -- request bodies --------------------------------------------------------------
-
-
-class _Body:
-    """The request body as sent: Content-Length or chunked, read in pieces."""
-
-    def __init__(self, rfile: Any, length: int | None, chunked: bool):
-        self.rfile, self.left, self.chunked = rfile, length or 0, chunked
-        self.done = not chunked and not length
-
-    def read(self, size: int = BLOCK) -> bytes:
-        if self.done:
-            return b""
-        if self.chunked and self.left == 0:
-            line = self.rfile.readline(1024).split(b";")[0].strip()
-            self.left = int(line or b"0", 16)
-            if self.left == 0:
-                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                    pass
-                self.done = True
-                return b""
-        data = self.rfile.read(min(size, self.left))
-        if not data:
-            raise ConnectionError("request body ended early")
-        self.left -= len(data)
-        if self.chunked and self.left == 0:
-            self.rfile.readline(1024)
-        elif not self.chunked and self.left == 0:
-            self.done = True
-        return data
-
-    def drain(self) -> None:
-        while self.read():
-            pass
-
-
-class _Decoded:
-    """A body unpacked as its Content-Encoding says, in pieces."""
-
-    METHODS = ("", "identity", "gzip", "zstd", "lz4", "deflate")
-
-    def __init__(self, body: _Body, encoding: str):
-        encoding = encoding.strip().lower()
-        if encoding in ("", "identity"):
-            self.reader: Any = body
-        elif encoding == "gzip":
-            self.reader = gzip.GzipFile(fileobj=body)
-        elif encoding == "zstd":
-            self.reader = zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=True)
-        elif encoding == "lz4":
-            self.reader = lz4.frame.LZ4FrameFile(body)
-        else:
-            self.reader = _Inflate(body)
-
-    def read(self, size: int = BLOCK) -> bytes:
-        return self.reader.read(size)
-
-
-class _Inflate:
-    def __init__(self, body: _Body):
-        self.body, self.inflate = body, zlib.decompressobj()
-
-    def read(self, size: int = BLOCK) -> bytes:
-        while True:
-            if self.inflate.unconsumed_tail:
-                return self.inflate.decompress(self.inflate.unconsumed_tail, size)
-            data = self.body.read()
-            if not data:
-                return self.inflate.flush()
-            out = self.inflate.decompress(data, size)
-            if out:
-                return out
-
-
-class _Chunked:
-    """A chunked response body, compressed with ``method`` if given."""
-
-    def __init__(self, wfile: Any, entry: RequestLog, method: str | None):
-        self.wfile, self.entry = wfile, entry
-        if method == "zstd":
-            self.compressor: Any = zstandard.ZstdCompressor().compressobj()
-        elif method == "lz4":
-            self.compressor = _Lz4()
-        elif method in ("gzip", "deflate"):
-            self.compressor = zlib.compressobj(6, zlib.DEFLATED, 31 if method == "gzip" else 15)
-        else:
-            self.compressor = None
-
-    def _frame(self, data: bytes) -> None:
-        if data:
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-            self.entry.chunks += 1
-            self.entry.body_bytes += len(data)
-
-    def write(self, data: bytes) -> None:
-        self._frame(self.compressor.compress(data) if self.compressor else data)
-
-    def end(self, complete: bool = True) -> None:
-        """Close the compressed stream; ``complete=False`` leaves the chunked stream
-        unterminated, which the client sees as a broken response."""
-        if self.compressor:
-            self._frame(self.compressor.flush())
-        if complete:
-            self.wfile.write(b"0\r\n\r\n")
-        self.wfile.flush()
-
-
-class _Lz4:
-    def __init__(self) -> None:
-        self.frame = lz4.frame.LZ4FrameCompressor()
-        self.head = self.frame.begin()
-
-    def compress(self, data: bytes) -> bytes:
-        head, self.head = self.head, b""
-        return head + self.frame.compress(data)
-
-    def flush(self) -> bytes:
-        head, self.head = self.head, b""
-        return head + self.frame.flush()
-
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def _identifier(text: str) -> str:
-    return "`" + text.replace("\\", "\\\\").replace("`", "\\`") + "`"
-
-
-def _choose_compression(accept: str) -> str | None:
-    for method in ("zstd", "lz4", "gzip", "deflate"):
-        if method in accept:
-            return method
-    return None
-
-
 # -- sessions ---------------------------------------------------------------------
 
 
@@ -320,21 +98,6 @@ class _Session:
     conn: Any
     lock: threading.Lock = field(default_factory=threading.Lock)
     expires: float = 0.0
-
-
-@dataclass
-class RequestLog:
-    """One request as the endpoint served it (no credentials)."""
-
-    method: str
-    params: dict[str, str]
-    status: int = 0
-    chunked: bool = False
-    content_encoding: str | None = None
-    chunks: int = 0
-    body_bytes: int = 0
-    held_bytes: int = 0  # most result bytes held at once before the first send
-    broken: bool = False  # the stream was cut after an exception
 
 
 class ClickHouseHTTP:
@@ -352,6 +115,8 @@ class ClickHouseHTTP:
         self._sessions: dict[tuple[str, str], _Session] = {}
         self._sessions_lock = threading.Lock()
         self._keeper: Any = None
+        self._busy = threading.Condition()
+        self._requests = 0  # being served: each holds an engine connection
         conn = chdb.connect(self.path)
         try:
             version, self.timezone, self.http_compression = (
@@ -375,7 +140,7 @@ class ClickHouseHTTP:
         }
         self._codes = {name: code for code, name in self.error_names.items()}
         self._status = {
-            self._codes[name]: status for status, names in _STATUS_BY_NAME.items()
+            self._codes[name]: status for status, names in STATUS_BY_ERROR_NAME.items()
             for name in names if name in self._codes
         }  # fmt: skip
         endpoint = self
@@ -388,7 +153,14 @@ class ClickHouseHTTP:
                 pass
 
             def do_GET(self) -> None:
-                endpoint._serve(self)
+                with endpoint._busy:
+                    endpoint._requests += 1
+                try:
+                    endpoint._serve(self)
+                finally:
+                    with endpoint._busy:
+                        endpoint._requests -= 1
+                        endpoint._busy.notify_all()
 
             do_POST = do_GET
 
@@ -415,7 +187,11 @@ class ClickHouseHTTP:
         if self._keeper is None:
             self._keeper = chdb.connect(self.path)
 
-    def release_engine(self) -> None:
+    def release_engine(self, wait_s: float = 30.0) -> None:
+        """Let the engine go once the requests still being served end (a request whose
+        client went away ends at its next write), and with them every session."""
+        with self._busy:
+            self._busy.wait_for(lambda: self._requests == 0, timeout=wait_s)
         self.end_sessions()
         if self._keeper is not None:
             self._keeper.close()
@@ -460,7 +236,7 @@ class ClickHouseHTTP:
         )
         self.log.append(entry)
         length = h.headers.get("Content-Length")
-        body = _Body(
+        body = Body(
             h.rfile,
             int(length) if length else None,
             "chunked" in h.headers.get("Transfer-Encoding", ""),
@@ -487,7 +263,7 @@ class ClickHouseHTTP:
             content_type = h.headers.get("Content-Type", "")
             if content_type.startswith("multipart/form-data"):
                 params.update(self._form(h, body, content_type))
-                body = _Body(h.rfile, 0, False)
+                body = Body(h.rfile, 0, False)
             session, conn = self._connection(user, params)
             try:
                 self._execute(h, entry, conn, session, params, body, base, tag)
@@ -497,7 +273,10 @@ class ClickHouseHTTP:
                 else:
                     self._release(session, params)
         except ServerError as exc:
-            h.close_connection = h.close_connection or not body.done
+            try:  # as the server does: read the rest of the body, so the client sees the error
+                body.drain()
+            except (OSError, ValueError):
+                h.close_connection = True
             entry.status = self._status.get(exc.code, 500)
             headers = dict(base, **{"X-ClickHouse-Exception-Code": str(exc.code)})
             headers["Content-Type"] = "text/plain; charset=UTF-8"
@@ -550,8 +329,8 @@ class ClickHouseHTTP:
             )
         return user
 
-    def _form(self, h: Any, body: _Body, content_type: str) -> dict[str, str]:
-        data = _Decoded(body, h.headers.get("Content-Encoding", "")).read(MAX_FORM_BYTES + 1)
+    def _form(self, h: Any, body: Body, content_type: str) -> dict[str, str]:
+        data = Decoded(body, h.headers.get("Content-Encoding", "")).read(MAX_FORM_BYTES + 1)
         body.drain()
         if len(data) > MAX_FORM_BYTES:
             raise self.error("QUERY_IS_TOO_LARGE", "The form is too large for this endpoint")
@@ -617,7 +396,7 @@ class ClickHouseHTTP:
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
                 raise self.error("UNKNOWN_SETTING", f"Unknown setting '{name}'")
         if session is not None:
-            names = ", ".join(_literal(n) for n in settings)
+            names = ", ".join(sql_literal(n) for n in settings)
             result = self._run(
                 conn,
                 f"SELECT name, value, changed FROM system.settings WHERE name IN ({names})",
@@ -626,19 +405,19 @@ class ClickHouseHTTP:
             for line in result.bytes().splitlines():
                 row = json.loads(line)
                 restore[row["name"]] = (row["value"], bool(row["changed"]))
-        self._run(conn, "SET " + ", ".join(f"{n} = {_literal(v)}" for n, v in settings.items()))
+        self._run(conn, "SET " + ", ".join(f"{n} = {sql_literal(v)}" for n, v in settings.items()))
         return restore
 
     def _restore_settings(self, conn: Any, restore: dict[str, tuple[str, bool]]) -> None:
         for name, (value, changed) in restore.items():
             try:
-                conn.query(f"SET {name} = {_literal(value) if changed else 'DEFAULT'}", "TSV")
+                conn.query(f"SET {name} = {sql_literal(value) if changed else 'DEFAULT'}", "TSV")
             except Exception:
                 pass
 
     def _execute(
         self, h: Any, entry: RequestLog, conn: Any, session: _Session | None,
-        params: dict[str, str], body: _Body, base: dict[str, str], tag: str,
+        params: dict[str, str], body: Body, base: dict[str, str], tag: str,
     ) -> None:  # fmt: skip
         settings = {
             k: v
@@ -649,14 +428,14 @@ class ClickHouseHTTP:
             settings["readonly"] = "2"
         bound = {k[len("param_") :]: v for k, v in params.items() if k.startswith("param_")}
         if params.get("database"):
-            self._run(conn, f"USE {_identifier(params['database'])}")
+            self._run(conn, f"USE {sql_identifier(params['database'])}")
         restore = self._apply_settings(conn, session, settings)
         try:
             max_query_size = int(settings.get("max_query_size", 262144))
             encoding = h.headers.get("Content-Encoding", "")
-            if encoding.strip().lower() not in _Decoded.METHODS:
+            if encoding.strip().lower() not in Decoded.METHODS:
                 raise self.error("NOT_IMPLEMENTED", f"Unknown compression method '{encoding}'")
-            stream = _Decoded(body, encoding)
+            stream = Decoded(body, encoding)
             head = params.get("query", "").encode()
             head += b"\n" if head else b""
             while len(head) <= max_query_size:
@@ -681,7 +460,7 @@ class ClickHouseHTTP:
             headers = dict(base)
             if statement.keyword in RESULT_STATEMENTS:
                 headers["X-ClickHouse-Format"] = fmt
-                headers["Content-Type"] = _CONTENT_TYPES.get(fmt, "application/octet-stream")
+                headers["Content-Type"] = CONTENT_TYPES.get(fmt, "application/octet-stream")
                 chunks = self._result(conn, head, fmt, bound)
             else:
                 data = self._run(conn, head, fmt, bound).bytes()
@@ -690,7 +469,7 @@ class ClickHouseHTTP:
             hold = float("inf") if wait else int(params.get("buffer_size", BLOCK))
             accept = h.headers.get("Accept-Encoding", "")
             method = (
-                _choose_compression(accept)
+                choose_compression(accept)
                 if settings.get("enable_http_compression", self.http_compression) in ("1", "true")
                 else None
             )
@@ -753,7 +532,7 @@ class ClickHouseHTTP:
             if method:
                 h.send_header("Content-Encoding", method)
             h.end_headers()
-            out = _Chunked(h.wfile, entry, method)
+            out = Chunked(h.wfile, entry, method)
             held.seek(0)
             while data := held.read(BLOCK):
                 out.write(data)
@@ -780,7 +559,7 @@ class ClickHouseHTTP:
 
     def _insert(
         self, h: Any, entry: RequestLog, conn: Any, statement: Statement, head: bytes,
-        stream: _Decoded, base: dict[str, str],
+        stream: Decoded, base: dict[str, str],
     ) -> None:  # fmt: skip
         try:
             inserter = conn.send_insert(statement.insert_sql.decode(), statement.insert_format)

@@ -388,3 +388,19 @@ def test_a_server_never_gets_ooni_tables_implicitly(ch: ClickHouse) -> None:
     assert ch.scalar("SELECT count() FROM system.tables WHERE name = 'fastpath'") == 0
     ensure_tables(ch, "asnmeta_tmp")
     assert ch.scalar("SELECT count() FROM system.tables WHERE name = 'asnmeta_tmp'") == 1
+
+
+@pytest.mark.clickhouse_backends("server")
+def test_a_rejected_insert_reports_the_engines_error(ch: ClickHouse) -> None:
+    """A bad row megabytes into a streamed insert: the engine's own error comes back
+    (the server reads the rest of the body before answering, as ClickHouse does)."""
+    ch.command("CREATE TABLE strict (id UInt32, s String) ENGINE = MergeTree ORDER BY id")
+
+    def rows():
+        for n in range(20):
+            yield b"".join(b'%d,"ok"\n' % i for i in range(n * 50_000, (n + 1) * 50_000))
+            if n == 5:
+                yield b'not-a-number,"bad"\n'
+
+    with pytest.raises(ClickHouseError, match="CANNOT_PARSE|Cannot parse"):
+        ch.raw_insert("strict", rows(), fmt="CSV")
