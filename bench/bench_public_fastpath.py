@@ -133,17 +133,9 @@ def generate(outdir: Path, measurements: int) -> dict:
 def load_fingerprints() -> dict[str, list[dict]]:
     """prepare_fingerprints(): the eight columns, expected_countries a sorted list."""
     from ooni_pipeline.clickhouse.schema import DNS_SCOPES, HTTP_SCOPES
-    from ooni_pipeline.fingerprints.parse import parse_fingerprints
+    from ooni_pipeline.fingerprints.parse import HEADER, parse_fingerprints
 
-    keys = (
-        "name",
-        "scope",
-        "other_names",
-        "location_found",
-        "pattern_type",
-        "pattern",
-        "confidence_no_fp",
-    )
+    keys = HEADER[: HEADER.index("confidence_no_fp") + 1]
     out = {}
     for kind, scopes in (("dns", DNS_SCOPES), ("http", HTTP_SCOPES)):
         path = DATA / f"fingerprints_{kind}.csv"
