@@ -34,24 +34,16 @@ def _read(store: ObjectStore, key: str) -> dict[str, dict[str, Any]]:
 
 def load_manifest(store: ObjectStore, table: str | None = None) -> dict[str, dict[str, Any]]:
     """Object key -> entry, for ``table`` or for every table."""
-    tables = (
-        [table]
-        if table
-        else [
-            key[len(MANIFESTS_PREFIX) : -len(".json")]
-            for key in store.list_keys(MANIFESTS_PREFIX)
-            if key.endswith(".json")
-        ]
-    )
-    legacy = _read(store, LEGACY_MANIFEST_KEY)
-    objects = {}
-    if not table:
-        objects.update(legacy)
-    for name in tables:
-        own = _read(store, manifest_key(name))
-        if not own:
-            own = {k: v for k, v in legacy.items() if v.get("table") == name}
-        objects.update(own)
+    if table:
+        own = _read(store, manifest_key(table))
+        if own:
+            return own
+        legacy = _read(store, LEGACY_MANIFEST_KEY)
+        return {k: v for k, v in legacy.items() if v.get("table") == table}
+    objects = _read(store, LEGACY_MANIFEST_KEY)
+    for key in store.list_keys(MANIFESTS_PREFIX):
+        if key.endswith(".json"):
+            objects.update(_read(store, key))
     return objects
 
 

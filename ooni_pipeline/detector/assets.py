@@ -27,10 +27,10 @@ from ooni_pipeline.detector.pipeline import detect
 from ooni_pipeline.detector.status import StatusRun, hour_number, hour_text
 from ooni_pipeline.fastpath.assets import FASTPATH_KEY
 from ooni_pipeline.object_store import ObjectStoreResource
+from ooni_pipeline.test_lists.assets import CITIZENLAB_KEY
 
 BLOCKING_STATUS_KEY = dg.AssetKey("blocking_status")
 BLOCKING_EVENTS_KEY = dg.AssetKey("blocking_events")
-CITIZENLAB_KEY = dg.AssetKey("citizenlab")
 DETECTION_HOURS = dg.HourlyPartitionsDefinition(start_date="2024-01-01-00:00", timezone="UTC")
 DEFAULT_CATEGORIES = ("GRP",)
 GLOBAL_LIST_CC = "ZZ"

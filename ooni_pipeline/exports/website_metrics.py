@@ -92,13 +92,22 @@ class DayExport:
     source_version: str
 
 
-def export_day(ch: ClickHouse, store: ObjectStore, day: str, gzip_level: int) -> DayExport:
-    """Write one day's CSV object, streamed from ClickHouse through gzip to the store."""
+def export_day(
+    ch: ClickHouse,
+    store: ObjectStore,
+    day: str,
+    gzip_level: int,
+    source_version: str | None = None,
+) -> DayExport:
+    """Write one day's CSV object, streamed from ClickHouse through gzip to the store.
+
+    ``source_version`` is the day's data version taken before its rows are read
+    (read here if not given): a change landing later moves the version past this
+    record, which triggers one more export, never one too few."""
     start = time.monotonic()
     params = day_window(day)
-    # Taken before the rows are read: a change landing during the export moves the
-    # version past this record, which triggers one more export, never one too few.
-    source_version = day_versions(ch, [day])[day]
+    if source_version is None:
+        source_version = day_versions(ch, [day])[day]
     totals = source_totals(ch, day)
     preview = _Preview()
     chunks = preview.tap(_with_header(ch.stream(PIVOT_SQL, params, fmt="CSV")))
@@ -123,15 +132,16 @@ class WebsiteMetricsConfig(dg.Config):
 
 
 def refusals_to_shrink(
-    context: dg.AssetExecutionContext, ch: ClickHouse, store: ObjectStore, days: list[str]
+    context: dg.AssetExecutionContext,
+    store: ObjectStore,
+    days: list[str],
+    versions: dict[str, str],
 ) -> list[str]:
     """Days whose export would replace a published object with far fewer rows.
 
     Checked for every day of the run before any object is written, from the day's
-    data version (its distinct measurements, one grouped query) and the rows recorded
-    when the day was last published; an object with no record is only protected
-    from an empty export."""
-    versions = day_versions(ch, days)
+    data version (its distinct measurements) and the rows recorded when the day was
+    last published; an object with no record is only protected from an empty export."""
     refusals = []
     for day in days:
         new = int(versions[day].split("@")[0])
@@ -176,10 +186,13 @@ def website_metrics(
     exports: list[DayExport] = []
     with clickhouse.connect() as ch:
         ensure_tables(ch, "fastpath")
+        # One grouped query for every day of the run: the shrink check's row counts
+        # and the versions each day's export records.
+        versions = day_versions(ch, days)
         if not config.force:
-            raise_refusals(refusals_to_shrink(context, ch, store, days))
+            raise_refusals(refusals_to_shrink(context, store, days, versions))
         for number, day in enumerate(days, start=1):
-            export = export_day(ch, store, day, config.gzip_level)
+            export = export_day(ch, store, day, config.gzip_level, versions[day])
             exports.append(export)
             context.add_asset_metadata(_day_metadata(export), partition_key=day)
             context.log.info(
