@@ -10,6 +10,7 @@ its 12th ok hour.
 from __future__ import annotations
 
 import json
+import time
 from datetime import datetime, timedelta
 
 import dagster as dg
@@ -351,6 +352,7 @@ def test_late_upload_corrects_the_event_without_duplicating_it(
     assert [(e["event_id"], e["start"]) for e in events(ch)] == [(eid, 29)]
     assert len(messages(webhook)) == 1
     before = parse_feed(store, "feeds/blocking/IR.atom").entries[0].updated
+    time.sleep(1.1)  # Atom's `updated` has whole seconds: the correction must show later
 
     insert_timeline(ch, "IR", 7, "x.com", hours(20, 23, BLOCKED_LEVEL))  # same uids
     result = detect(clickhouse, local_store_resource, 20, 23, instance)
