@@ -435,3 +435,55 @@ def test_a_changed_fastpath_day_requests_its_hours_and_citizenlab_requests_none(
     instance.report_runless_asset_event(dg.AssetMaterialization("citizenlab"))
     later = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=changed.cursor)
     assert later.get_requested_partitions(dg.AssetKey("blocking_status")) == set()
+
+
+def _status_rows(ch: ClickHouse) -> list[tuple]:
+    """Every stored row of ``blocking_status``, every version (no FINAL)."""
+    return ch.query_rows(
+        "SELECT * FROM blocking_status ORDER BY hour, probe_cc, probe_asn, domain, update_time"
+    )
+
+
+def test_a_failed_redetection_leaves_the_status_table_as_it_was(
+    ch, clickhouse, local_store_resource, watchlist, webhook, monkeypatch
+) -> None:
+    """A late upload re-detects hours 716..760, across the March/April boundary
+    (hour 744), a day at a time. The second day failing must leave every row as it
+    was; the rerun then replaces both months, keeps the hours before the range, and
+    leaves no older version behind in the range."""
+    from ooni_pipeline.detector import status as status_module
+
+    insert_timeline(
+        ch, "IR", 7, "x.com", hours(700, 723, OK_LEVEL) | hours(724, 760, BLOCKED_LEVEL)
+    )
+    insert_timeline(ch, "IR", 8, "filler.example", hours(700, 760, 0))
+    instance = dg.DagsterInstance.ephemeral()
+    assert detect(clickhouse, local_store_resource, 700, 760, instance).success
+    assert summary(ch)[0][5] == 729
+    before = _status_rows(ch)
+    assert len(before) == 61 * 1
+
+    insert_timeline(ch, "IR", 7, "x.com", hours(716, 723, BLOCKED_LEVEL))  # same uids
+    real = status_module._observations
+    calls = []
+
+    def failing_on_the_second_day(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise RuntimeError("memory limit exceeded (injected)")
+        return real(*args)
+
+    monkeypatch.setattr(status_module, "_observations", failing_on_the_second_day)
+    failed = detect(clickhouse, local_store_resource, 716, 723, instance)
+    assert not failed.success and "injected" in failure_text(failed)
+    assert len(calls) == 2
+    assert _status_rows(ch) == before
+    assert summary(ch)[0][5] == 729
+
+    monkeypatch.setattr(status_module, "_observations", real)
+    assert detect(clickhouse, local_store_resource, 716, 723, instance).success
+    after = _status_rows(ch)
+    assert after[:16] == before[:16]  # hours 700..715: the very same rows
+    assert [row[0] for row in after] == [row[0] for row in before]  # one row per hour
+    assert all(new[-1] > old[-1] for new, old in zip(after[16:], before[16:], strict=True))
+    assert summary(ch)[0][5] == 721

@@ -133,7 +133,7 @@ _TABLES: dict[str, tuple[str, str]] = {
     ),
     "blocking_status": (
         BLOCKING_STATUS_COLUMNS,
-        "ENGINE = ReplacingMergeTree(update_time) PARTITION BY toYYYYMM(hour) "
+        "ENGINE = ReplacingMergeTree(update_time) PARTITION BY toDate(hour) "
         "ORDER BY (hour, probe_cc, domain, probe_asn)",
     ),
     "blocking_events": (
@@ -152,6 +152,7 @@ STAGING_OF = {
     "fingerprints_dns_tmp": "fingerprints_dns",
     "fingerprints_http_tmp": "fingerprints_http",
     "asnmeta_tmp": "asnmeta",
+    "blocking_status_tmp": "blocking_status",
 }
 
 KNOWN_TABLES = (*_TABLES, *STAGING_OF)

@@ -107,13 +107,29 @@ WHERE hour > toDateTime({hour:String}, 'UTC')
 HAVING count() > 0
 """
 
-# Older versions of [start, end]'s rows, after a rerun wrote the new ones: drops the
-# rows of series a rerun no longer has (left the watchlist), and lightens FINAL.
-DELETE_STALE_STATUS_SQL = """
-DELETE FROM blocking_status
-WHERE hour >= toDateTime({start:String}, 'UTC') AND hour <= toDateTime({end:String}, 'UTC')
-  AND update_time < {version:DateTime64(3)}
+# The staging table a pass writes into; its months replace the live ones at the end.
+STATUS_STAGING = "blocking_status_tmp"
+
+# Partitions of the live table a pass over [start, end] replaces: those holding rows
+# of the range, and those the new rows went to (staging has the same partition key).
+TOUCHED_PARTITIONS_SQL = f"""
+SELECT DISTINCT _partition_id FROM blocking_status
+WHERE hour >= toDateTime({{start:String}}, 'UTC') AND hour <= toDateTime({{end:String}}, 'UTC')
+UNION DISTINCT
+SELECT DISTINCT _partition_id FROM {STATUS_STAGING}
 """
+
+# The live rows of those partitions outside [start, end]: copied into staging, so
+# each partition is whole there before it replaces the live one.
+KEEP_OUTSIDE_SQL = f"""
+INSERT INTO {STATUS_STAGING}
+SELECT * FROM blocking_status
+WHERE _partition_id IN {{partitions:Array(String)}}
+  AND (hour < toDateTime({{start:String}}, 'UTC') OR hour > toDateTime({{end:String}}, 'UTC'))
+"""
+
+# Partitions of staging that hold rows once it is complete.
+STAGED_PARTITIONS_SQL = f"SELECT DISTINCT _partition_id FROM {STATUS_STAGING}"
 
 # Blocking episodes of [start, end], grouped by ClickHouse: per (country, domain), the
 # runs of consecutive hours with at least one network blocked (gaps and islands: an

@@ -15,19 +15,29 @@ handled the same way:
 - forward: up to the last hour already in the table, when the requested range ends
   earlier: rows that arrived late for a past hour change every state after it, so
   everything after is re-detected.
+
+A pass writes into a staging table and nothing reaches ``blocking_status`` until
+every hour is computed: the partitions (days) the pass touched are then completed in staging
+(their live rows outside the range copied over) and replace the live ones in one
+``ALTER TABLE … REPLACE PARTITION`` statement, a metadata-only swap of parts. A pass
+that fails leaves the live table as it was, never a mix of new and old hours; and a
+series that left the watchlist leaves no stale rows behind in the re-detected hours.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
 from ooni_pipeline.clickhouse import ClickHouse
+from ooni_pipeline.clickhouse.schema import ensure_tables
 from ooni_pipeline.detector import sql
 from ooni_pipeline.detector.cusum import CusumParams, SeriesState, remembered, step
 from ooni_pipeline.exports.website_metrics_sql import CATEGORIES
@@ -74,10 +84,9 @@ def _scalar_hour(ch: ClickHouse, query: str, params: dict[str, str]) -> int | No
     return None if value is None else hour_number(value)
 
 
-def plan_hours(ch: ClickHouse, first: int, last: int, params: CusumParams) -> tuple[int, int, bool]:
-    """(first, last, rewrites) hours to compute for a request of [first, last]:
-    extended back over unprocessed hours and forward over processed ones;
-    ``rewrites``: some of them are already in the table."""
+def plan_hours(ch: ClickHouse, first: int, last: int, params: CusumParams) -> tuple[int, int]:
+    """(first, last) hours to compute for a request of [first, last]: extended back
+    over unprocessed hours and forward over processed ones."""
     before = _scalar_hour(
         ch,
         sql.LAST_HOUR_BEFORE_SQL,
@@ -86,7 +95,7 @@ def plan_hours(ch: ClickHouse, first: int, last: int, params: CusumParams) -> tu
     after = _scalar_hour(ch, sql.LAST_HOUR_SQL, {"hour": hour_text(first - 1)})
     start = before + 1 if before is not None else first
     end = max(last, after) if after is not None else last
-    return start, end, after is not None
+    return start, end
 
 
 def query_frame(ch: ClickHouse, query: str, params: dict, columns: dict[str, str]) -> pd.DataFrame:
@@ -167,7 +176,9 @@ def run_status(
     stays that of a day, whatever the range."""
     started = time.monotonic()
     version = version or datetime.now(UTC).replace(tzinfo=None)
-    start, end, rewrites = plan_hours(ch, first, last, params)
+    start, end = plan_hours(ch, first, last, params)
+    ensure_tables(ch, sql.STATUS_STAGING)
+    ch.command(f"TRUNCATE TABLE {sql.STATUS_STAGING}")
 
     series = SeriesIndex()
     mem = SeriesState.empty(0)
@@ -219,11 +230,7 @@ def run_status(
             figures["up"] += int(np.count_nonzero(change == 1))
             figures["down"] += int(np.count_nonzero(change == -1))
         writer.flush()
-    if rewrites:
-        ch.command(
-            sql.DELETE_STALE_STATUS_SQL,
-            {"start": hour_text(start), "end": hour_text(end), "version": _ms(version)},
-        )
+    replace_partitions(ch, start, end)
     final_alive = remembered(mem, end, params)
     return StatusRun(
         first_hour=start,
@@ -240,8 +247,39 @@ def run_status(
     )
 
 
-def _ms(moment: datetime) -> str:
-    return f"{moment:%Y-%m-%d %H:%M:%S.%f}"[:-3]
+_PARTITION_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
+
+
+def _partition_ids(ch: ClickHouse, query: str, params: dict[str, Any]) -> set[str]:
+    ids = {str(row[0]) for row in ch.query_rows(query, params)}
+    for pid in ids:
+        if not _PARTITION_ID.fullmatch(pid):
+            raise ValueError(f"unexpected partition id {pid!r} in {sql.STATUS_STAGING}")
+    return ids
+
+
+def replace_partitions(ch: ClickHouse, start: int, end: int) -> int:
+    """Swap the staged hours [start, end] into ``blocking_status``, atomically;
+    the number of partitions (days) replaced.
+
+    Every partition the range touches is completed in staging with its live rows
+    outside the range, then all of them are replaced in one ALTER (one with no row
+    left is dropped in the same statement). Staging is emptied afterwards. Daily
+    partitions keep the copy of an hourly pass to the rest of its day."""
+    bounds = {"start": hour_text(start), "end": hour_text(end)}
+    touched = _partition_ids(ch, sql.TOUCHED_PARTITIONS_SQL, bounds)
+    ch.command(sql.KEEP_OUTSIDE_SQL, {**bounds, "partitions": sorted(touched)})
+    staged = _partition_ids(ch, sql.STAGED_PARTITIONS_SQL, {})
+    commands = [
+        f"REPLACE PARTITION ID '{pid}' FROM {sql.STATUS_STAGING}"
+        if pid in staged
+        else f"DROP PARTITION ID '{pid}'"
+        for pid in sorted(touched)
+    ]
+    if commands:
+        ch.command(f"ALTER TABLE blocking_status {', '.join(commands)}")
+    ch.command(f"TRUNCATE TABLE {sql.STATUS_STAGING}")
+    return len(commands)
 
 
 class _RowWriter:
@@ -291,4 +329,4 @@ class _RowWriter:
         arrays["last_measured"] = pa.array(last_measured.astype("datetime64[s]"))
         arrays["update_time"] = pa.array(np.full(len(alive), self.version))
         table = pa.table({name: arrays[name] for name in sql.STATUS_COLUMNS})
-        self.ch.insert_arrow("blocking_status", table)
+        self.ch.insert_arrow(sql.STATUS_STAGING, table)
