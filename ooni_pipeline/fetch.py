@@ -20,6 +20,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from ooni_pipeline.decompression import GiB, limit_chunks
+from ooni_pipeline.untrusted import excerpt
 
 USER_AGENT = "ooni-pipeline/0.1 (+https://github.com/ooni)"
 CONNECT_TIMEOUT_S = 15
@@ -140,7 +141,7 @@ def fetch(
             return
         if response.status_code != 200:
             raise FetchError(
-                f"fetching {url} failed: HTTP {response.status_code} {response.reason}",
+                f"fetching {url} failed: HTTP {response.status_code} {excerpt(response.reason)}",
                 status=response.status_code,
             )
         validators = Validators(

@@ -28,6 +28,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     delay_s: float = 0.0
     truncate_to: int | None = None  # send Content-Length of the full body, then stop early
+    reason: str | None = None  # the status line's reason phrase (None: the standard one)
 
 
 class UpstreamServer:
@@ -58,7 +59,7 @@ class UpstreamServer:
                 server.log.append((self.path, reply.status, dict(self.headers)))
                 if reply.delay_s:
                     time.sleep(reply.delay_s)
-                self.send_response(reply.status)
+                self.send_response(reply.status, reply.reason)
                 for name, value in reply.headers.items():
                     self.send_header(name, value)
                 self.send_header("Content-Length", str(len(reply.body)))

@@ -31,6 +31,19 @@ def test_404_is_final_and_named(upstream: UpstreamServer) -> None:
     assert info.value.status == 404
 
 
+def test_an_upstream_reason_phrase_is_shown_as_a_short_excerpt(upstream: UpstreamServer) -> None:
+    """The status line's reason phrase is the upstream's text: an error shows at most
+    an escaped excerpt of it, never the whole."""
+    reason = "Forbidden " + "A" * 300 + " token=SECRET-MARKER"
+    url = upstream.put("r.csv", "a\n")
+    upstream.fail("r.csv", Reply(403, reason=reason))
+    with pytest.raises(FetchError) as info:
+        fetch_bytes(url)
+    message = str(info.value)
+    assert "HTTP 403 'Forbidden AAAA" in message and "more characters" in message
+    assert "SECRET-MARKER" not in message and len(message) < len(url) + 120
+
+
 def test_truncated_body_is_an_error(upstream: UpstreamServer) -> None:
     url = upstream.put("t.csv", "x" * 10_000)
     upstream.fail("t.csv", Reply(200, b"x" * 10_000, truncate_to=5_000))
