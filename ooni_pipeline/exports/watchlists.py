@@ -44,14 +44,17 @@ WATCHLISTS_ENV = "OONI_WATCHLISTS"
 KEY_PREFIX = "watchlists"
 
 # The website_metrics rows whose domain is, or is under, a watched domain, once per
-# consumer watching it (bound: start, end; pairs of consumer index and domain).
+# consumer watching it (bound: start, end; pairs of consumer index and domain, as
+# comma-separated lists: a validated domain holds no comma, and a plain String
+# binds alike on both back ends).
 # Label by label: "bbc.com" matches "news.bbc.com", never "notbbc.com".
 WATCHLIST_SQL = f"""
 SELECT consumer, {", ".join(f"`{c}`" for c in CSV_COLUMNS)}
 FROM ({PIVOT_SQL})
 ARRAY JOIN arrayDistinct(arrayFilter(
     (c, d) -> lower(domain) = d OR endsWith(lower(domain), concat('.', d)),
-    {{consumers:Array(UInt32)}}, {{domains:Array(String)}}
+    arrayMap(i -> toUInt32(i), splitByChar(',', {{consumers:String}})),
+    splitByChar(',', {{domains:String}})
 )) AS consumer
 ORDER BY consumer, measurement_start_time, explorer_url
 """
@@ -137,8 +140,8 @@ def build_watchlists(
                 )
             for day in days:
                 params = day_window(day) | {
-                    "consumers": [i for i, _ in pairs],
-                    "domains": [d for _, d in pairs],
+                    "consumers": ",".join(str(i) for i, _ in pairs),
+                    "domains": ",".join(d for _, d in pairs),
                 }
                 written = {}
                 body = ch.stream(WATCHLIST_SQL, params, fmt="CSV")
