@@ -27,8 +27,8 @@ from ooni_pipeline.exports.consumer_schedules import (
 )
 from ooni_pipeline.exports.manifest import MANIFEST_KEY, load_exports_manifest
 from ooni_pipeline.exports.watchlist_file import WatchlistError, load_watchlists
-from ooni_pipeline.exports.website_metrics import website_metrics
 from ooni_pipeline.exports.website_metrics import object_key as wm_key
+from ooni_pipeline.exports.website_metrics import website_metrics
 from ooni_pipeline.exports.website_metrics_sql import CATEGORIES, CSV_COLUMNS
 from ooni_pipeline.fastpath.versions import day_versions
 from ooni_pipeline_tests.rig import failure_text
@@ -203,9 +203,10 @@ def test_watchlists_are_website_metrics_rows_of_each_consumers_domains(
         meta = _meta(result, f"watchlists/{consumer}", DAY)
         assert meta["dagster/row_count"] == len(rows)
         assert meta["key"] == watchlists.object_key(consumer, DAY)
-        assert meta["sha256"] == hashlib.sha256(
-            store.read_bytes(watchlists.object_key(consumer, DAY))
-        ).hexdigest()
+        assert (
+            meta["sha256"]
+            == hashlib.sha256(store.read_bytes(watchlists.object_key(consumer, DAY))).hexdigest()
+        )
     assert uids == {"bbc": ["w1", "w2", "w4"], "dw": ["w5"], "quiet": []}
     assert _csv(store, watchlists.object_key("bbc", DAY))[1]["dns"] == "1"
     assert _csv(store, watchlists.object_key("dw", DAY))[0]["failure"] == "1"
@@ -259,14 +260,46 @@ AGG_DAY = "2024-05-02"
 AGG_ROWS = [
     # uid, start, cc, asn, domain, input, fields
     ("a1", f"{AGG_DAY} 01:00:00", "IR", 197207, "x.org", "https://x.org/", {}),
-    ("a2", f"{AGG_DAY} 02:00:00", "IR", 197207, "x.org", "https://x.org/", {"anomaly": "t", "blocking_type": "dns", "confirmed": "t"}),  # fmt: skip
+    (
+        "a2",
+        f"{AGG_DAY} 02:00:00",
+        "IR",
+        197207,
+        "x.org",
+        "https://x.org/",
+        {"anomaly": "t", "blocking_type": "dns", "confirmed": "t"},
+    ),  # fmt: skip
     ("a3", f"{AGG_DAY} 03:00:00", "IR", 197207, "x.org", "https://x.org/", {"msm_failure": "t"}),
     ("a4", f"{AGG_DAY} 04:00:00", "IR", 44244, "x.org", "https://x.org/", {"anomaly": "t"}),
-    ("a5", f"{AGG_DAY} 05:00:00", "IT", 30722, "y.org", 'https://y.org/a,"b"', {"anomaly": "t", "blocking_type": "http-diff"}),  # fmt: skip
-    ("a6", "2024-05-20 05:00:00", "IR", 58224, "x.org", "https://x.org/", {"anomaly": "t", "blocking_type": "tcp_ip"}),  # fmt: skip
+    (
+        "a5",
+        f"{AGG_DAY} 05:00:00",
+        "IT",
+        30722,
+        "y.org",
+        'https://y.org/a,"b"',
+        {"anomaly": "t", "blocking_type": "http-diff"},
+    ),  # fmt: skip
+    (
+        "a6",
+        "2024-05-20 05:00:00",
+        "IR",
+        58224,
+        "x.org",
+        "https://x.org/",
+        {"anomaly": "t", "blocking_type": "tcp_ip"},
+    ),  # fmt: skip
     ("a7", "2024-05-20 06:00:00", "IR", 197207, "x.org", "https://x.org/", {}),
     ("a8", "2024-06-01 00:00:00", "IR", 197207, "x.org", "https://x.org/", {}),  # next month
-    ("a9", f"{AGG_DAY} 06:00:00", "IR", 197207, "x.org", "https://x.org/", {"test_name": "dnscheck"}),  # fmt: skip
+    (
+        "a9",
+        f"{AGG_DAY} 06:00:00",
+        "IR",
+        197207,
+        "x.org",
+        "https://x.org/",
+        {"test_name": "dnscheck"},
+    ),  # fmt: skip
 ]
 
 
@@ -381,7 +414,9 @@ def test_an_empty_day_is_a_header_only_csv_and_a_parquet_with_its_schema(
     day = "2016-01-01"
     daily = _run([aggregates.website_metrics_daily], clickhouse, object_store_resource, day)
     per_msm = _run([parquet.website_metrics_parquet], clickhouse, object_store_resource, day)
-    monthly = _run([aggregates.website_metrics_monthly], clickhouse, object_store_resource, "2016-01")
+    monthly = _run(
+        [aggregates.website_metrics_monthly], clickhouse, object_store_resource, "2016-01"
+    )
     assert daily.success and per_msm.success and monthly.success
     store = object_store_resource.get_store()
     text = gzip.decompress(store.read_bytes(aggregates.daily_key(day))).decode()
@@ -464,9 +499,7 @@ def test_manifest_lists_every_object_with_its_source_version(
     assert manifest["objects"][parquet.parquet_key(AGG_DAY)]["asset"] == "website_metrics_parquet"
 
 
-def test_concurrent_writers_lose_no_manifest_entry(
-    clickhouse, s3_store_resource, agg_rows
-) -> None:
+def test_concurrent_writers_lose_no_manifest_entry(clickhouse, s3_store_resource, agg_rows) -> None:
     """Two exports finishing together (separate Dagster instances, as two hosts):
     both objects end up in exports/manifest.json."""
     results = {}
@@ -561,7 +594,45 @@ def test_a_changed_day_re_exports_its_day_and_its_month() -> None:
     )
     changed = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=start.cursor)
     for key in ("website_metrics_daily", "website_metrics_parquet", "watchlists/bbc"):
-        assert changed.get_requested_partitions(dg.AssetKey.from_user_string(key)) == {
-            "2024-03-10"
-        }
+        assert changed.get_requested_partitions(dg.AssetKey.from_user_string(key)) == {"2024-03-10"}
     assert changed.get_requested_partitions(aggregates.MONTHLY_KEY) == {"2024-03"}
+
+
+def test_the_manifest_tells_a_sync_client_what_changed(
+    clickhouse, local_store_resource, ch, day_rows
+) -> None:
+    """A client keeps the manifest of its last sync and fetches the keys whose sha256
+    differs: after a late upload to one day, that day's objects only."""
+    instance = dg.DagsterInstance.ephemeral()
+    resources = {"clickhouse": clickhouse, "object_store": local_store_resource}
+    days = ("2024-03-09", DAY)
+
+    def export_all() -> None:
+        for day in days:
+            for asset in (website_metrics, aggregates.website_metrics_daily):
+                assert dg.materialize(
+                    [asset], resources=resources, partition_key=day, instance=instance
+                ).success
+
+    export_all()
+    store = local_store_resource.get_store()
+    synced = json.loads(store.read_bytes(MANIFEST_KEY))["objects"]
+    assert sorted(synced) == sorted(
+        [wm_key(d) for d in days]
+        + [aggregates.daily_key(d) for d in days]
+        + [aggregates.daily_parquet_key(d) for d in days]
+    )
+    assert synced[wm_key(DAY)]["rows"] == len(CASES)
+    assert (
+        synced[wm_key(DAY)]["sha256"] == hashlib.sha256(store.read_bytes(wm_key(DAY))).hexdigest()
+    )
+
+    _insert(ch, [_msm("late", f"{DAY} 12:30:00")])
+    export_all()
+    now = json.loads(store.read_bytes(MANIFEST_KEY))["objects"]
+    changed = sorted(k for k in now if now[k]["sha256"] != synced[k]["sha256"])
+    assert changed == sorted(
+        [wm_key(DAY), aggregates.daily_key(DAY), aggregates.daily_parquet_key(DAY)]
+    )
+    assert now[wm_key(DAY)]["rows"] == len(CASES) + 1
+    assert now[wm_key(DAY)]["source_version"] == day_versions(ch, [DAY])[DAY]

@@ -19,6 +19,7 @@ import dagster as dg
 
 from ooni_pipeline.clickhouse import ClickHouse
 from ooni_pipeline.common import one_run_at_a_time
+from ooni_pipeline.object_store import UploadResult
 from ooni_pipeline.object_store.manifest import read_manifest, write_manifest
 from ooni_pipeline.object_store.stores import ObjectStore
 
@@ -45,8 +46,30 @@ def manifest_entry(
     written: Any, asset_key: dg.AssetKey, partition: str, source_version: str
 ) -> dict[str, Any]:
     """The manifest's entry of one ``publish.Written`` object."""
+    return upload_entry(
+        written.upload, written.rows, written.format, asset_key, partition, source_version
+    )
+
+
+def upload_entry(
+    upload: UploadResult,
+    rows: int,
+    fmt: str,
+    asset_key: dg.AssetKey,
+    partition: str,
+    source_version: str,
+) -> dict[str, Any]:
+    """The manifest's entry of an object written by ``stream_upload`` (website_metrics)."""
+    entry = {
+        "key": upload.key,
+        "format": fmt,
+        "rows": rows,
+        "bytes": upload.bytes,
+        "uncompressed_bytes": upload.raw_bytes,
+        "sha256": upload.sha256,
+    }
     return {
-        **written.entry(),
+        **entry,
         "asset": asset_key.to_user_string(),
         "partition": partition,
         "source_version": source_version,
