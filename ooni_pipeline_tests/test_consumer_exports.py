@@ -25,6 +25,7 @@ from ooni_pipeline.exports.consumer_schedules import (
     consumer_exports_daily_schedule,
     website_metrics_monthly_schedule,
 )
+from ooni_pipeline.exports.daily_consumers import build_daily_consumer_exports
 from ooni_pipeline.exports.manifest import MANIFEST_KEY, load_exports_manifest
 from ooni_pipeline.exports.watchlist_file import WatchlistError, load_watchlists
 from ooni_pipeline.exports.website_metrics import object_key as wm_key
@@ -50,31 +51,29 @@ def _csv(store, key: str) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(text, newline="")))
 
 
-def _run(assets, clickhouse, store_resource, partition, instance=None, config=None, selection=None):
-    checks = [c for a in assets for c in _checks_of(a)]
-    run_config = None
-    if config:
-        run_config = {"ops": {a.op.name: {"config": config} for a in assets}}
+DAILY = aggregates.DAILY_KEY
+PARQUET = parquet.WEBSITE_METRICS_PARQUET_KEY
+MONTHLY = aggregates.MONTHLY_KEY
+
+
+def _run(keys, clickhouse, store_resource, partition, instance=None, config=None, lists=None):
+    """Materialize the assets ``keys`` (and their checks) of one partition."""
+    daily, daily_checks = build_daily_consumer_exports(lists or {})
+    op = "website_metrics_monthly" if MONTHLY in keys else "consumer_exports_daily"
     return dg.materialize(
-        [*assets, *checks],
+        [
+            daily,
+            aggregates.website_metrics_monthly,
+            *daily_checks,
+            aggregates.website_metrics_monthly_check,
+        ],
+        selection=dg.AssetSelection.assets(*keys),
         resources={"clickhouse": clickhouse, "object_store": store_resource},
         partition_key=partition,
         instance=instance or dg.DagsterInstance.ephemeral(),
-        run_config=run_config,
-        selection=selection,
+        run_config={"ops": {op: {"config": config}}} if config else None,
         raise_on_error=False,
     )
-
-
-_CHECKS = {
-    "website_metrics_daily": aggregates.website_metrics_daily_check,
-    "website_metrics_monthly": aggregates.website_metrics_monthly_check,
-    "website_metrics_parquet": parquet.website_metrics_parquet_check,
-}
-
-
-def _checks_of(asset) -> list:
-    return [_CHECKS[k.to_user_string()] for k in asset.keys if k.to_user_string() in _CHECKS]
 
 
 def _meta(result, key: str, partition: str | None = None) -> dict:
@@ -141,17 +140,22 @@ def test_each_consumer_is_an_asset_loaded_from_the_env_var(tmp_path: Path, monke
     path = tmp_path / "w.yaml"
     path.write_text(WATCHLIST)
     monkeypatch.setenv("OONI_WATCHLISTS", str(path))
-    assets, checks = watchlists.watchlists_from_env()
-    assert {k.to_user_string() for a in assets for k in a.keys} == {
+    asset, checks = build_daily_consumer_exports(watchlists.watchlists_from_env())
+    assert {k.to_user_string() for k in asset.keys} == {
+        "website_metrics_daily",
+        "website_metrics_parquet",
         "watchlists/bbc",
         "watchlists/dw",
         "watchlists/quiet",
     }
-    assert len(checks) == 3
-    (asset,) = assets
+    assert len(checks) == 5
     assert asset.can_subset
+    assert asset.specs_by_key[watchlists.asset_key("bbc")].metadata["domains"].value == [
+        "bbc.com",
+        "bbc.co.uk",
+    ]
     monkeypatch.delenv("OONI_WATCHLISTS")
-    assert watchlists.watchlists_from_env() == ([], [])
+    assert watchlists.watchlists_from_env() == {}
 
 
 # -- watchlists -------------------------------------------------------------------
@@ -183,14 +187,11 @@ def test_watchlists_are_website_metrics_rows_of_each_consumers_domains(
     clickhouse, object_store_resource, watched_rows
 ) -> None:
     consumers = {"bbc": ("bbc.com", "bbc.co.uk"), "dw": ("dw.com",), "quiet": ("nowhere.example",)}
-    (asset,), checks = watchlists.build_watchlists(consumers)
-    instance = dg.DagsterInstance.ephemeral()
     store = object_store_resource.get_store()
     resources = {"clickhouse": clickhouse, "object_store": object_store_resource}
     assert dg.materialize([website_metrics], resources=resources, partition_key=DAY).success
-    result = dg.materialize(
-        [asset, *checks], resources=resources, partition_key=DAY, instance=instance
-    )
+    keys = [watchlists.asset_key(c) for c in consumers]
+    result = _run(keys, clickhouse, object_store_resource, DAY, lists=consumers)
     assert result.success, failure_text(result)
     published = _csv(store, wm_key(DAY))
 
@@ -221,24 +222,17 @@ def test_adding_a_consumer_and_backfilling_it_leaves_the_others_untouched(
     clickhouse, s3_store_resource, ch, watched_rows
 ) -> None:
     instance = dg.DagsterInstance.ephemeral()
-    resources = {"clickhouse": clickhouse, "object_store": s3_store_resource}
     store = s3_store_resource.get_store()
-    (first,), _ = watchlists.build_watchlists({"bbc": ("bbc.com",), "dw": ("dw.com",)})
-    assert dg.materialize([first], resources=resources, partition_key=DAY, instance=instance)
+    first = {"bbc": ("bbc.com",), "dw": ("dw.com",)}
+    # Everything of the day, the two consumers' watchlists included.
+    keys = [DAILY, PARQUET, *(watchlists.asset_key(c) for c in first)]
+    assert _run(keys, clickhouse, s3_store_resource, DAY, instance, lists=first).success
     before = {c: store.read_bytes(watchlists.object_key(c, DAY)) for c in ("bbc", "dw")}
     manifest_before = load_exports_manifest(store)
 
     _insert(ch, [_msm("late", f"{DAY} 11:00:00", domain="bbc.com")])  # bbc's day changed
-    (second,), _ = watchlists.build_watchlists(
-        {"bbc": ("bbc.com",), "dw": ("dw.com",), "rfa": ("bbc.co.uk",)}
-    )
-    result = dg.materialize(
-        [second],
-        resources=resources,
-        partition_key=DAY,
-        instance=instance,
-        selection=[watchlists.asset_key("rfa")],
-    )
+    second = {**first, "rfa": ("bbc.co.uk",)}
+    result = _run([watchlists.asset_key("rfa")], clickhouse, s3_store_resource, DAY, instance, lists=second)  # fmt: skip
     assert result.success, failure_text(result)
     assert {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()} == {
         "watchlists/rfa"
@@ -248,6 +242,7 @@ def test_adding_a_consumer_and_backfilling_it_leaves_the_others_untouched(
     ]
     for consumer, data in before.items():
         assert store.read_bytes(watchlists.object_key(consumer, DAY)) == data
+    assert store.exists(aggregates.daily_key(DAY))
     after = load_exports_manifest(store)
     for key, entry in manifest_before.items():
         assert after[key] == entry
@@ -358,7 +353,7 @@ def _typed(rows: list[dict[str, str]]) -> list[dict]:
 
 
 def test_daily_aggregate_counts_per_network(clickhouse, object_store_resource, agg_rows) -> None:
-    result = _run([aggregates.website_metrics_daily], clickhouse, object_store_resource, AGG_DAY)
+    result = _run([DAILY], clickhouse, object_store_resource, AGG_DAY)
     assert result.success, failure_text(result)
     store = object_store_resource.get_store()
     rows = _csv(store, aggregates.daily_key(AGG_DAY))
@@ -380,9 +375,7 @@ def test_daily_aggregate_counts_per_network(clickhouse, object_store_resource, a
 def test_monthly_rollup_counts_networks_and_days(
     clickhouse, object_store_resource, agg_rows
 ) -> None:
-    result = _run(
-        [aggregates.website_metrics_monthly], clickhouse, object_store_resource, "2024-05"
-    )
+    result = _run([MONTHLY], clickhouse, object_store_resource, "2024-05")
     assert result.success, failure_text(result)
     store = object_store_resource.get_store()
     assert aggregates.monthly_key("2024-05") == "exports/website_metrics_monthly/2024-05.csv.gz"
@@ -399,7 +392,7 @@ def test_aggregates_add_up_to_the_per_measurement_csv(
 ) -> None:
     resources = {"clickhouse": clickhouse, "object_store": local_store_resource}
     assert dg.materialize([website_metrics], resources=resources, partition_key=DAY).success
-    assert _run([aggregates.website_metrics_daily], clickhouse, local_store_resource, DAY).success
+    assert _run([DAILY], clickhouse, local_store_resource, DAY).success
     store = local_store_resource.get_store()
     per_measurement = _csv(store, wm_key(DAY))
     daily = _csv(store, aggregates.daily_key(DAY))
@@ -412,11 +405,9 @@ def test_an_empty_day_is_a_header_only_csv_and_a_parquet_with_its_schema(
     clickhouse, object_store_resource, ch
 ) -> None:
     day = "2016-01-01"
-    daily = _run([aggregates.website_metrics_daily], clickhouse, object_store_resource, day)
-    per_msm = _run([parquet.website_metrics_parquet], clickhouse, object_store_resource, day)
-    monthly = _run(
-        [aggregates.website_metrics_monthly], clickhouse, object_store_resource, "2016-01"
-    )
+    daily = _run([DAILY], clickhouse, object_store_resource, day)
+    per_msm = _run([PARQUET], clickhouse, object_store_resource, day)
+    monthly = _run([MONTHLY], clickhouse, object_store_resource, "2016-01")
     assert daily.success and per_msm.success and monthly.success
     store = object_store_resource.get_store()
     text = gzip.decompress(store.read_bytes(aggregates.daily_key(day))).decode()
@@ -440,7 +431,7 @@ def test_parquet_is_the_csv_table_and_a_month_reads_with_one_glob(
 ) -> None:
     instance = dg.DagsterInstance.ephemeral()
     for day in ("2024-03-09", DAY):
-        result = _run([parquet.website_metrics_parquet], clickhouse, local_store_resource, day, instance)  # fmt: skip
+        result = _run([PARQUET], clickhouse, local_store_resource, day, instance)  # fmt: skip
         assert result.success, failure_text(result)
         assert all(c.passed for c in result.get_asset_check_evaluations())
     store = local_store_resource.get_store()
@@ -475,8 +466,8 @@ def test_manifest_lists_every_object_with_its_source_version(
     clickhouse, s3_store_resource, ch, agg_rows
 ) -> None:
     instance = dg.DagsterInstance.ephemeral()
-    for asset in (aggregates.website_metrics_daily, parquet.website_metrics_parquet):
-        assert _run([asset], clickhouse, s3_store_resource, AGG_DAY, instance).success
+    for key in (DAILY, PARQUET):
+        assert _run([key], clickhouse, s3_store_resource, AGG_DAY, instance).success
     store = s3_store_resource.get_store()
     manifest = json.loads(store.read_bytes(MANIFEST_KEY))
     version = day_versions(ch, [AGG_DAY])[AGG_DAY]
@@ -504,13 +495,10 @@ def test_concurrent_writers_lose_no_manifest_entry(clickhouse, s3_store_resource
     both objects end up in exports/manifest.json."""
     results = {}
 
-    def run(asset) -> None:
-        results[asset.key] = _run([asset], clickhouse, s3_store_resource, AGG_DAY)
+    def run(key) -> None:
+        results[key] = _run([key], clickhouse, s3_store_resource, AGG_DAY)
 
-    threads = [
-        threading.Thread(target=run, args=(a,))
-        for a in (aggregates.website_metrics_daily, parquet.website_metrics_parquet)
-    ]
+    threads = [threading.Thread(target=run, args=(key,)) for key in (DAILY, PARQUET)]
     for t in threads:
         t.start()
     for t in threads:
@@ -527,14 +515,15 @@ def test_concurrent_writers_lose_no_manifest_entry(clickhouse, s3_store_resource
 
 def test_check_fails_on_a_replaced_object(clickhouse, local_store_resource, agg_rows) -> None:
     instance = dg.DagsterInstance.ephemeral()
-    assert _run([aggregates.website_metrics_daily], clickhouse, local_store_resource, AGG_DAY, instance).success  # fmt: skip
+    assert _run([DAILY], clickhouse, local_store_resource, AGG_DAY, instance).success  # fmt: skip
     store = local_store_resource.get_store()
     lines = gzip.decompress(store.read_bytes(aggregates.daily_key(AGG_DAY))).splitlines(True)
     store.put_bytes(aggregates.daily_key(AGG_DAY), gzip.compress(b"".join(lines[:-1])))
     context = dg.build_asset_check_context(
         resources={"object_store": local_store_resource}, instance=instance
     )
-    checked = aggregates.website_metrics_daily_check(context)
+    daily_check = build_daily_consumer_exports({})[1][0]
+    checked = daily_check(context)
     assert not checked.passed
     assert "sha256 differs" in checked.metadata["problems"].value
 
@@ -543,7 +532,7 @@ def test_an_emptied_source_never_replaces_published_exports(
     clickhouse, s3_store_resource, ch, agg_rows
 ) -> None:
     instance = dg.DagsterInstance.ephemeral()
-    daily = aggregates.website_metrics_daily
+    daily = DAILY
     assert _run([daily], clickhouse, s3_store_resource, AGG_DAY, instance).success
     store = s3_store_resource.get_store()
     published = store.read_bytes(aggregates.daily_key(AGG_DAY))
@@ -575,14 +564,12 @@ def test_a_changed_day_re_exports_its_day_and_its_month() -> None:
     from ooni_pipeline.fastpath.assets import build_fastpath_asset
     from ooni_pipeline.object_store import ObjectStoreResource
 
-    (watch,), _ = watchlists.build_watchlists({"bbc": ("bbc.com",)})
+    daily, _ = build_daily_consumer_exports({"bbc": ("bbc.com",)})
     defs = dg.Definitions(
         assets=[
             build_fastpath_asset("external"),
-            aggregates.website_metrics_daily,
+            daily,
             aggregates.website_metrics_monthly,
-            parquet.website_metrics_parquet,
-            watch,
         ],
         resources={"clickhouse": ClickHouseResource(), "object_store": ObjectStoreResource()},
     )
@@ -609,10 +596,10 @@ def test_the_manifest_tells_a_sync_client_what_changed(
 
     def export_all() -> None:
         for day in days:
-            for asset in (website_metrics, aggregates.website_metrics_daily):
-                assert dg.materialize(
-                    [asset], resources=resources, partition_key=day, instance=instance
-                ).success
+            assert dg.materialize(
+                [website_metrics], resources=resources, partition_key=day, instance=instance
+            ).success
+            assert _run([DAILY], clickhouse, local_store_resource, day, instance).success
 
     export_all()
     store = local_store_resource.get_store()

@@ -23,13 +23,8 @@ from ooni_pipeline.exports.publish import (
     write_csv,
     write_parquet,
 )
-from ooni_pipeline.exports.website_metrics import (
-    PARTITIONS as DAYS,
-)
-from ooni_pipeline.exports.website_metrics import (
-    REEXPORT_WHEN_SOURCE_CHANGED,
-    day_window,
-)
+from ooni_pipeline.exports.stage import staged
+from ooni_pipeline.exports.website_metrics import REEXPORT_WHEN_SOURCE_CHANGED
 from ooni_pipeline.exports.website_metrics_sql import CATEGORIES, PIVOT_SQL
 from ooni_pipeline.fastpath.assets import FASTPATH_KEY
 from ooni_pipeline.fastpath.versions import day_versions
@@ -48,14 +43,20 @@ _COUNTS = ",\n    ".join(
     + [f"sum(`{c}`) AS `{c}`" for c in CATEGORIES]
     + ["sum(confirmed) AS confirmed"]
 )
-# bound: start, end (one UTC day)
-DAILY_SQL = f"""
+DAILY_ORDER = "probe_cc, probe_asn, domain, input"
+MONTHLY_ORDER = "probe_cc, domain, input"
+
+
+def daily_sql(rows: str) -> str:
+    """The daily aggregate of ``rows`` (a table, or a subquery of website_metrics rows)."""
+    return f"""
 SELECT probe_cc, probe_asn, domain, input,
     {_COUNTS}
-FROM ({PIVOT_SQL})
-GROUP BY probe_cc, probe_asn, domain, input
-ORDER BY probe_cc, probe_asn, domain, input
+FROM {rows}
+GROUP BY {DAILY_ORDER}
 """
+
+
 # bound: start, end (one UTC month)
 MONTHLY_SQL = f"""
 SELECT probe_cc, domain, input,
@@ -63,9 +64,13 @@ SELECT probe_cc, domain, input,
     uniqExact(probe_asn) AS networks,
     uniqExact(substring(measurement_start_time, 1, 10)) AS days
 FROM ({PIVOT_SQL})
-GROUP BY probe_cc, domain, input
-ORDER BY probe_cc, domain, input
+GROUP BY {MONTHLY_ORDER}
 """
+
+
+def ordered(table: str, columns: tuple[str, ...], order: str) -> str:
+    """The rows of a stage table in the export's column order and row order."""
+    return f"SELECT {', '.join(f'`{c}`' for c in columns)} FROM {table} ORDER BY {order}"
 
 
 def daily_key(day: str) -> str:
@@ -118,48 +123,6 @@ class AggregateExportConfig(dg.Config):
 
 
 @dg.asset(
-    key=DAILY_KEY,
-    group_name="exports",
-    kinds={"clickhouse", "s3", "csv", "parquet"},
-    owners=[OWNER],
-    pool=CLICKHOUSE_POOL,
-    partitions_def=DAYS,
-    deps=[FASTPATH_KEY],
-    automation_condition=REEXPORT_WHEN_SOURCE_CHANGED,
-    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=31),
-)
-def website_metrics_daily(
-    context: dg.AssetExecutionContext,
-    config: AggregateExportConfig,
-    clickhouse: ClickHouseResource,
-    object_store: ObjectStoreResource,
-) -> dg.MaterializeResult:
-    """The day's website-metrics rows counted per network: one row per (probe_cc,
-    probe_asn, domain, input) with ``measurement_count``, one count per category and
-    ``confirmed``, at ``exports/website_metrics_daily/<YYYY-MM-DD>.csv.gz`` and
-    ``exports/parquet/website_metrics_daily/day=<YYYY-MM-DD>/``. Re-exported when the
-    day's fastpath data version changes."""
-    store = object_store.get_store()
-    days = list(context.partition_keys)
-    with clickhouse.connect() as ch:
-        ensure_tables(ch, "fastpath")
-        versions = day_versions(ch, days)
-        if not config.force:
-            raise_refusals(refusals_to_shrink(context, store, DAILY_KEY, versions, daily_key))
-
-        def produce(day: str) -> list[Written]:
-            params = day_window(day)
-            body = ch.stream(DAILY_SQL, params, fmt="CSV")
-            return [
-                write_csv(store, daily_key(day), DAILY_COLUMNS, body, config.gzip_level),
-                write_parquet(ch, store, daily_parquet_key(day), DAILY_SQL, params),
-            ]
-
-        publish_partitions(context, ch, store, DAILY_KEY, versions, produce)
-    return dg.MaterializeResult(metadata={"partitions_in_run": len(days)})
-
-
-@dg.asset(
     key=MONTHLY_KEY,
     group_name="exports",
     kinds={"clickhouse", "s3", "csv", "parquet"},
@@ -193,20 +156,19 @@ def website_metrics_monthly(
             raise_refusals(refusals_to_shrink(context, store, MONTHLY_KEY, versions, monthly_key))
 
         def produce(month: str) -> list[Written]:
-            params = month_window(month)
-            body = ch.stream(MONTHLY_SQL, params, fmt="CSV")
-            return [
-                write_csv(store, monthly_key(month), MONTHLY_COLUMNS, body, config.gzip_level),
-                write_parquet(ch, store, monthly_parquet_key(month), MONTHLY_SQL, params),
-            ]
+            # The month's deduplication, once for both files.
+            with staged(ch, MONTHLY_SQL, month_window(month), MONTHLY_ORDER) as table:
+                sql = ordered(table, MONTHLY_COLUMNS, MONTHLY_ORDER)
+                body = ch.stream(sql, fmt="CSV")
+                return [
+                    write_csv(store, monthly_key(month), MONTHLY_COLUMNS, body, config.gzip_level),
+                    write_parquet(ch, store, monthly_parquet_key(month), sql, {}),
+                ]
 
         publish_partitions(context, ch, store, MONTHLY_KEY, versions, produce)
     return dg.MaterializeResult(metadata={"partitions_in_run": len(months)})
 
 
-website_metrics_daily_check = build_objects_check(
-    DAILY_KEY, {"csv.gz": DAILY_COLUMNS, "parquet": DAILY_COLUMNS}
-)
 website_metrics_monthly_check = build_objects_check(
     MONTHLY_KEY, {"csv.gz": MONTHLY_COLUMNS, "parquet": MONTHLY_COLUMNS}
 )

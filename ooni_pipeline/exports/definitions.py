@@ -4,8 +4,6 @@
 import dagster as dg
 
 from ooni_pipeline.exports.aggregates import (
-    website_metrics_daily,
-    website_metrics_daily_check,
     website_metrics_monthly,
     website_metrics_monthly_check,
 )
@@ -14,7 +12,7 @@ from ooni_pipeline.exports.consumer_schedules import (
     consumer_exports_daily_schedule,
     website_metrics_monthly_schedule,
 )
-from ooni_pipeline.exports.parquet import website_metrics_parquet, website_metrics_parquet_check
+from ooni_pipeline.exports.daily_consumers import build_daily_consumer_exports
 from ooni_pipeline.exports.schedules import (
     website_metrics_automation_sensor,
     website_metrics_schedule,
@@ -22,22 +20,16 @@ from ooni_pipeline.exports.schedules import (
 from ooni_pipeline.exports.watchlists import watchlists_from_env
 from ooni_pipeline.exports.website_metrics import website_metrics, website_metrics_object_check
 
-watchlist_assets, watchlist_checks = watchlists_from_env()
+consumer_exports_daily, consumer_exports_daily_checks = build_daily_consumer_exports(
+    watchlists_from_env()
+)
 
 defs = dg.Definitions(
-    assets=[
-        website_metrics,
-        website_metrics_daily,
-        website_metrics_monthly,
-        website_metrics_parquet,
-    ]
-    + watchlist_assets,
+    assets=[website_metrics, consumer_exports_daily, website_metrics_monthly],
     asset_checks=[
         website_metrics_object_check,
-        website_metrics_daily_check,
         website_metrics_monthly_check,
-        website_metrics_parquet_check,
-        *watchlist_checks,
+        *consumer_exports_daily_checks,
     ],
     schedules=[
         website_metrics_schedule,

@@ -227,6 +227,35 @@ def verify_object(store: ObjectStore, entry: dict[str, Any], columns: Sequence[s
     return problems
 
 
+def record_partition(
+    context: dg.AssetExecutionContext,
+    ch: ClickHouse,
+    store: ObjectStore,
+    asset_key: dg.AssetKey,
+    partition: str,
+    version: str,
+    written: list[Written],
+) -> None:
+    """Record a partition's objects in its metadata and in the manifest (after each
+    partition, so a run failing half-way still records what it published)."""
+    from ooni_pipeline.exports.manifest import manifest_entry, record_exports
+
+    context.add_asset_metadata(
+        objects_metadata(written, version), asset_key=asset_key, partition_key=partition
+    )
+    record_exports(
+        context,
+        ch,
+        store,
+        asset_key,
+        {w.key: manifest_entry(w, asset_key, partition, version) for w in written},
+    )
+    context.log.info(
+        f"{asset_key.to_user_string()} {partition}: "
+        + ", ".join(f"{w.key} ({w.rows} rows, {w.upload.bytes} bytes)" for w in written)
+    )
+
+
 def publish_partitions(
     context: dg.AssetExecutionContext,
     ch: ClickHouse,
@@ -235,27 +264,9 @@ def publish_partitions(
     versions: dict[str, str],
     produce: Callable[[str], list[Written]],
 ) -> None:
-    """Write each partition's objects with ``produce(partition)``, then record them
-    in that partition's metadata and in the manifest (after each partition, so a
-    run failing half-way still records what it published)."""
-    from ooni_pipeline.exports.manifest import manifest_entry, record_exports
-
-    for number, (partition, version) in enumerate(versions.items(), start=1):
-        written = produce(partition)
-        context.add_asset_metadata(
-            objects_metadata(written, version), asset_key=asset_key, partition_key=partition
-        )
-        record_exports(
-            context,
-            ch,
-            store,
-            asset_key,
-            {w.key: manifest_entry(w, asset_key, partition, version) for w in written},
-        )
-        context.log.info(
-            f"[{number}/{len(versions)}] {asset_key.to_user_string()} {partition}: "
-            + ", ".join(f"{w.key} ({w.rows} rows, {w.upload.bytes} bytes)" for w in written)
-        )
+    """Write each partition's objects with ``produce(partition)`` and record them."""
+    for partition, version in versions.items():
+        record_partition(context, ch, store, asset_key, partition, version, produce(partition))
 
 
 def build_objects_check(asset_key: dg.AssetKey, columns: dict[str, Sequence[str]]):

@@ -1,0 +1,146 @@
+"""Benchmark: the consumer exports of one day of 2M web_connectivity rows, against
+``website_metrics`` alone on the same day.
+
+Run by hand from the repository root (takes a few minutes):
+
+    .venv/bin/python bench/bench_consumers.py [--rows 2000000] [--workdir bench/out/consumers]
+
+Data: bench_website_metrics.setup (2M rows of 2024-03-10, 2% unmerged duplicates,
+2% other tests). Each mode runs in its own process as Dagster runs it
+(``dg.materialize`` of the assets, metadata, checks off, the manifest written):
+  website_metrics  the per-measurement CSV alone
+  consumers        everything of issue 16 for that day: the daily aggregate (CSV +
+                   Parquet), the per-measurement Parquet, the month's rollup (CSV +
+                   Parquet; the month holds only this day) and watchlists of 10
+                   consumers x 20 domains, with exports/manifest.json
+  watchlists       the watchlists alone, to count their scans
+Scans are counted by the engine: ClickHouse's ``SelectedRows`` profile counter
+(rows read from MergeTree tables, ``system.events``, cumulative per process; chdb
+has no ``system.query_log``) before and after, divided by the rows of ``fastpath``.
+Targets: consumers <= 2x website_metrics (time inside the runs); watchlists at most
+one scan of the day more than what every export reads for its data version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+from bench_website_metrics import DAY, setup
+from harness import report_peak, run_measured
+
+CONSUMERS = {f"newsroom{k}": tuple(f"site{k * 20 + j}.example.org" for j in range(20)) for k in range(10)}
+
+
+def _resources(workdir: Path) -> dict:
+    from ooni_pipeline.clickhouse import ClickHouseResource
+    from ooni_pipeline.object_store import ObjectStoreResource
+
+    return {
+        "clickhouse": ClickHouseResource(url=f"chdb://{(workdir / 'clickhouse').absolute()}"),
+        "object_store": ObjectStoreResource(local_dir=str((workdir / "objects").absolute())),
+    }
+
+
+def _selected_rows(resources: dict) -> tuple[int, int]:
+    with resources["clickhouse"].connect() as ch:
+        events = dict(
+            ch.query_rows(
+                "SELECT event, value FROM system.events WHERE event IN ('SelectedRows', 'SelectQuery')"
+            )
+        )
+        rows = ch.scalar("SELECT count() FROM fastpath")
+    return int(events.get("SelectedRows", 0)), int(rows)
+
+
+def _materialize(groups: list[tuple[list, str]], workdir: Path) -> None:
+    import dagster as dg
+
+    resources = _resources(workdir)
+    before, fastpath_rows = _selected_rows(resources)
+    instance = dg.DagsterInstance.ephemeral()
+    start = time.monotonic()
+    for assets, partition in groups:
+        result = dg.materialize(
+            assets, resources=resources, partition_key=partition, instance=instance
+        )
+        assert result.success
+    elapsed = time.monotonic() - start
+    after, _ = _selected_rows(resources)
+    # minus the two small probes of _selected_rows itself (one count() of fastpath)
+    scans = (after - before) / fastpath_rows
+    print(f"in_runs={elapsed:.2f}s scans_of_fastpath={scans:.2f}")
+
+
+def run_website_metrics(workdir: Path) -> None:
+    from ooni_pipeline.exports.website_metrics import website_metrics
+
+    _materialize([([website_metrics], DAY)], workdir)
+
+
+def run_consumers(workdir: Path) -> None:
+    from ooni_pipeline.exports.aggregates import website_metrics_daily, website_metrics_monthly
+    from ooni_pipeline.exports.parquet import website_metrics_parquet
+    from ooni_pipeline.exports.watchlists import build_watchlists
+
+    (watch,), _ = build_watchlists(CONSUMERS)
+    daily = [website_metrics_daily, website_metrics_parquet, watch]
+    _materialize([(daily, DAY), ([website_metrics_monthly], DAY[:7])], workdir)
+
+
+def run_watchlists(workdir: Path) -> None:
+    from ooni_pipeline.exports.watchlists import build_watchlists
+
+    (watch,), _ = build_watchlists(CONSUMERS)
+    _materialize([([watch], DAY)], workdir)
+
+
+MODES = {
+    "website_metrics": run_website_metrics,
+    "consumers": run_consumers,
+    "watchlists": run_watchlists,
+}
+
+
+def _figure(output: str, name: str) -> float:
+    return float(next(p.split("=")[1].rstrip("s") for p in output.split() if p.startswith(name)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=2_000_000)
+    parser.add_argument("--workdir", type=Path, default=Path("bench/out/consumers"))
+    parser.add_argument("--run", choices=sorted(MODES))
+    parser.add_argument("--repeat", type=int, default=2)
+    args = parser.parse_args()
+    if args.run:
+        MODES[args.run](args.workdir)
+        report_peak()
+        return
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    args.workdir.mkdir(parents=True)
+    setup(args.workdir, args.rows)
+    results: dict[str, list[tuple[float, float, str]]] = {m: [] for m in MODES}
+    for _ in range(args.repeat):
+        for mode in MODES:
+            results[mode].append(
+                run_measured([__file__, "--run", mode, "--workdir", str(args.workdir)])
+            )
+    best = {m: min(r, key=lambda x: _figure(x[2], "in_runs")) for m, r in results.items()}
+    for mode, (wall, rss, out) in best.items():
+        print(f"{mode:16s} process wall {wall:7.2f} s  peak RSS {rss:7.0f} MB  {out}")
+    ours = _figure(best["consumers"][2], "in_runs")
+    alone = _figure(best["website_metrics"][2], "in_runs")
+    print(f"consumers / website_metrics (time in runs): {ours / alone:.2f}x (target <= 2)")
+    wm_scans = _figure(best["website_metrics"][2], "scans_of_fastpath")
+    wl_scans = _figure(best["watchlists"][2], "scans_of_fastpath")
+    print(
+        f"scans of the day: website_metrics {wm_scans:.2f}, watchlists (10 x 20 domains) "
+        f"{wl_scans:.2f} (its data-version query + one scan)"
+    )
+
+
+if __name__ == "__main__":
+    main()
