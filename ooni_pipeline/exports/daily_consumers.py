@@ -23,7 +23,7 @@ from ooni_pipeline.exports.parquet import WEBSITE_METRICS_PARQUET_KEY
 from ooni_pipeline.exports.publish import (
     Written,
     build_objects_check,
-    record_partition,
+    record_partitions,
     refusals_to_shrink,
     write_csv,
     write_parquet,
@@ -181,21 +181,20 @@ def build_daily_consumer_exports(
                 )
             for day in days:
                 version, level = versions[day], config.gzip_level
+                written: dict[dg.AssetKey, list[Written]] = {}
                 with staged(ch, PIVOT_SQL, day_window(day), parquet.ROW_ORDER) as stage:
                     if DAILY_KEY in selected:
-                        written = _daily_aggregate(ch, store, stage, day, level)
-                        record_partition(context, ch, store, DAILY_KEY, day, version, written)
+                        written[DAILY_KEY] = _daily_aggregate(ch, store, stage, day, level)
                     if WEBSITE_METRICS_PARQUET_KEY in selected:
-                        key = parquet.parquet_key(day)
-                        written = [write_parquet(ch, store, key, parquet.parquet_sql(stage), {})]
-                        record_partition(
-                            context, ch, store, WEBSITE_METRICS_PARQUET_KEY, day, version, written
-                        )
+                        key, sql = parquet.parquet_key(day), parquet.parquet_sql(stage)
+                        written[WEBSITE_METRICS_PARQUET_KEY] = [
+                            write_parquet(ch, store, key, sql, {})
+                        ]
                     if consumers:
                         objects = _watchlists(ch, store, stage, day, level, lists, consumers)
                         for consumer, one in objects.items():
-                            key = watchlists.asset_key(consumer)
-                            record_partition(context, ch, store, key, day, version, [one])
+                            written[watchlists.asset_key(consumer)] = [one]
+                record_partitions(context, ch, store, day, version, written)
         for key in selected:
             yield dg.MaterializeResult(asset_key=key, metadata={"partitions_in_run": len(days)})
 

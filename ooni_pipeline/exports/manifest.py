@@ -81,17 +81,18 @@ def record_exports(
     context: dg.AssetExecutionContext,
     ch: ClickHouse,
     store: ObjectStore,
-    asset_key: dg.AssetKey,
-    entries: dict[str, dict[str, Any]],
+    entries: dict[dg.AssetKey, dict[str, dict[str, Any]]],
 ) -> None:
-    """Merge ``entries`` (object key -> entry) into the asset's part, then rewrite
-    ``exports/manifest.json`` from all parts."""
+    """Merge each asset's ``entries`` (object key -> entry) into its part, then
+    rewrite ``exports/manifest.json`` from all parts (once, however many assets)."""
+    entries = {key: objects for key, objects in entries.items() if objects}
     if not entries:
         return
     with one_run_at_a_time(context, ch, LOCK_NAME):
-        own = read_manifest(store, part_key(asset_key), WHAT)
-        own.update(entries)
-        write_manifest(store, part_key(asset_key), own, asset=asset_key.to_user_string())
+        for asset_key, objects in entries.items():
+            own = read_manifest(store, part_key(asset_key), WHAT)
+            own.update(objects)
+            write_manifest(store, part_key(asset_key), own, asset=asset_key.to_user_string())
         write_manifest(
             store,
             MANIFEST_KEY,

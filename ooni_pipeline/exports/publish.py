@@ -227,32 +227,35 @@ def verify_object(store: ObjectStore, entry: dict[str, Any], columns: Sequence[s
     return problems
 
 
-def record_partition(
+def record_partitions(
     context: dg.AssetExecutionContext,
     ch: ClickHouse,
     store: ObjectStore,
-    asset_key: dg.AssetKey,
     partition: str,
     version: str,
-    written: list[Written],
+    written: dict[dg.AssetKey, list[Written]],
 ) -> None:
-    """Record a partition's objects in its metadata and in the manifest (after each
-    partition, so a run failing half-way still records what it published)."""
+    """Record each asset's objects of a partition in its metadata and in the
+    manifest (after each partition, so a run failing half-way still records what it
+    published)."""
     from ooni_pipeline.exports.manifest import manifest_entry, record_exports
 
-    context.add_asset_metadata(
-        objects_metadata(written, version), asset_key=asset_key, partition_key=partition
-    )
+    for asset_key, objects in written.items():
+        context.add_asset_metadata(
+            objects_metadata(objects, version), asset_key=asset_key, partition_key=partition
+        )
+        context.log.info(
+            f"{asset_key.to_user_string()} {partition}: "
+            + ", ".join(f"{w.key} ({w.rows} rows, {w.upload.bytes} bytes)" for w in objects)
+        )
     record_exports(
         context,
         ch,
         store,
-        asset_key,
-        {w.key: manifest_entry(w, asset_key, partition, version) for w in written},
-    )
-    context.log.info(
-        f"{asset_key.to_user_string()} {partition}: "
-        + ", ".join(f"{w.key} ({w.rows} rows, {w.upload.bytes} bytes)" for w in written)
+        {
+            asset_key: {w.key: manifest_entry(w, asset_key, partition, version) for w in objects}
+            for asset_key, objects in written.items()
+        },
     )
 
 
@@ -266,7 +269,7 @@ def publish_partitions(
 ) -> None:
     """Write each partition's objects with ``produce(partition)`` and record them."""
     for partition, version in versions.items():
-        record_partition(context, ch, store, asset_key, partition, version, produce(partition))
+        record_partitions(context, ch, store, partition, version, {asset_key: produce(partition)})
 
 
 def build_objects_check(asset_key: dg.AssetKey, columns: dict[str, Sequence[str]]):

@@ -24,19 +24,31 @@ KEY_PREFIX = "watchlists"
 
 def watchlist_sql(table: str) -> str:
     """The rows of the stage ``table`` whose domain is, or is under, a watched domain,
-    once per consumer watching it, led by the consumer's index (bound: pairs of
-    consumer index and domain, as comma-separated lists: a validated domain holds no
-    comma, and a plain String binds alike on both back ends). Label by label:
-    "bbc.com" matches "news.bbc.com", never "notbbc.com"."""
+    once per consumer watching it, led by the consumer's index.
+
+    Label by label: each row's domain yields its suffixes at label boundaries
+    (news.bbc.com: news.bbc.com, bbc.com, com), joined by hash on the watched
+    domains, so "bbc.com" matches "news.bbc.com", never "notbbc.com", and the cost
+    does not grow with the number of watched domains. Bound: the pairs of consumer
+    index and domain, as comma-separated lists (a validated domain holds no comma,
+    and a plain String binds alike on both back ends)."""
+    columns = ", ".join(f"`{c}`" for c in CSV_COLUMNS)
     return f"""
-SELECT consumer, {", ".join(f"`{c}`" for c in CSV_COLUMNS)}
-FROM {table}
-ARRAY JOIN arrayDistinct(arrayFilter(
-    (c, d) -> lower(domain) = d OR endsWith(lower(domain), concat('.', d)),
-    arrayMap(i -> toUInt32(i), splitByChar(',', {{consumers:String}})),
-    splitByChar(',', {{domains:String}})
-)) AS consumer
+SELECT w.consumer AS consumer, {columns}
+FROM (
+    SELECT *, arrayJoin(arrayMap(
+        i -> arrayStringConcat(arraySlice(splitByChar('.', lower(domain)), i), '.'),
+        range(1, length(splitByChar('.', lower(domain))) + 1)
+    )) AS suffix
+    FROM {table}
+) AS r
+INNER JOIN (
+    SELECT toUInt32(pair.1) AS consumer, pair.2 AS watched
+    FROM (SELECT arrayJoin(arrayZip(splitByChar(',', {{consumers:String}}),
+                                    splitByChar(',', {{domains:String}}))) AS pair)
+) AS w ON r.suffix = w.watched
 ORDER BY consumer, measurement_start_time, explorer_url
+LIMIT 1 BY consumer, explorer_url
 """
 
 

@@ -196,22 +196,15 @@ def website_metrics(
             export = export_day(ch, store, day, config.gzip_level, versions[day])
             exports.append(export)
             context.add_asset_metadata(_day_metadata(export), partition_key=day)
-            record_exports(
-                context,
-                ch,
-                store,
+            entry = upload_entry(
+                export.upload,
+                export.totals["rows"],
+                "csv.gz",
                 WEBSITE_METRICS_KEY,
-                {
-                    export.upload.key: upload_entry(
-                        export.upload,
-                        export.totals["rows"],
-                        "csv.gz",
-                        WEBSITE_METRICS_KEY,
-                        day,
-                        export.source_version,
-                    )
-                },
+                day,
+                export.source_version,
             )
+            record_exports(context, ch, store, {WEBSITE_METRICS_KEY: {export.upload.key: entry}})
             context.log.info(
                 f"[{number}/{len(days)}] {day}: {export.totals['rows']} rows, "
                 f"{export.upload.bytes / 1e6:.1f} MB gzip in {export.duration_s:.1f} s -> {export.upload.address}"
