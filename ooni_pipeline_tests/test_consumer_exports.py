@@ -32,6 +32,7 @@ from ooni_pipeline.exports.website_metrics import object_key as wm_key
 from ooni_pipeline.exports.website_metrics import website_metrics
 from ooni_pipeline.exports.website_metrics_sql import CATEGORIES, CSV_COLUMNS
 from ooni_pipeline.fastpath.versions import day_versions
+from ooni_pipeline.object_store import ObjectStoreResource
 from ooni_pipeline_tests.rig import failure_text
 from ooni_pipeline_tests.test_exports import CASES, DAY, _expected, _insert, _msm, day_rows
 
@@ -628,3 +629,24 @@ def test_the_manifest_tells_a_sync_client_what_changed(
     )
     assert now[wm_key(DAY)]["rows"] == len(CASES) + 1
     assert now[wm_key(DAY)]["source_version"] == day_versions(ch, [DAY])[DAY]
+
+
+def test_the_stage_table_never_outlives_its_step(
+    clickhouse, ch, moto_endpoint, local_store_resource, agg_rows
+) -> None:
+    def stages() -> list:
+        return ch.query_rows(
+            "SELECT name FROM system.tables WHERE database = currentDatabase() "
+            "AND startsWith(name, '_exports_stage_')"
+        )
+
+    assert _run([DAILY, PARQUET], clickhouse, local_store_resource, AGG_DAY).success
+    assert stages() == []
+    # The uploads fail (no such bucket) after the day is staged: dropped all the same.
+    missing = ObjectStoreResource(
+        bucket="no-such-bucket", endpoint_url=moto_endpoint, region_name="us-east-1"
+    )
+    failed = _run([DAILY], clickhouse, missing, AGG_DAY)
+    assert not failed.success
+    assert "NoSuchBucket" in failure_text(failed)
+    assert stages() == []

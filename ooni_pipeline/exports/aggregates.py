@@ -157,11 +157,13 @@ def website_metrics_monthly(
 
         def produce(month: str) -> list[Written]:
             # The month's deduplication, once for both files.
-            with staged(ch, MONTHLY_SQL, month_window(month), MONTHLY_ORDER) as table:
+            with staged(ch, MONTHLY_SQL, month_window(month)) as table:
                 sql = ordered(table, MONTHLY_COLUMNS, MONTHLY_ORDER)
+                rows = int(ch.scalar(f"SELECT count() FROM {table}"))
                 body = ch.stream(sql, fmt="CSV")
+                key, level = monthly_key(month), config.gzip_level
                 return [
-                    write_csv(store, monthly_key(month), MONTHLY_COLUMNS, body, config.gzip_level),
+                    write_csv(store, key, MONTHLY_COLUMNS, body, level, rows=rows),
                     write_parquet(ch, store, monthly_parquet_key(month), sql, {}),
                 ]
 

@@ -76,10 +76,12 @@ def _main_keys(consumers: dict[str, tuple[str, ...]]) -> dict[dg.AssetKey, objec
 
 
 def _daily_aggregate(ch: ClickHouse, store: ObjectStore, stage: str, day: str, level: int):
-    with staged(ch, aggregates.daily_sql(stage), {}, DAILY_ORDER) as table:
+    with staged(ch, aggregates.daily_sql(stage), {}) as table:
         sql = aggregates.ordered(table, DAILY_COLUMNS, DAILY_ORDER)
+        rows = int(ch.scalar(f"SELECT count() FROM {table}"))
+        key = aggregates.daily_key(day)
         return [
-            write_csv(store, aggregates.daily_key(day), DAILY_COLUMNS, ch.stream(sql), level),
+            write_csv(store, key, DAILY_COLUMNS, ch.stream(sql), level, rows=rows),
             write_parquet(ch, store, aggregates.daily_parquet_key(day), sql, {}),
         ]
 
@@ -182,7 +184,7 @@ def build_daily_consumer_exports(
             for day in days:
                 version, level = versions[day], config.gzip_level
                 written: dict[dg.AssetKey, list[Written]] = {}
-                with staged(ch, PIVOT_SQL, day_window(day), parquet.ROW_ORDER) as stage:
+                with staged(ch, PIVOT_SQL, day_window(day)) as stage:
                     if DAILY_KEY in selected:
                         written[DAILY_KEY] = _daily_aggregate(ch, store, stage, day, level)
                     if WEBSITE_METRICS_PARQUET_KEY in selected:

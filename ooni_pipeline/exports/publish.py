@@ -101,18 +101,20 @@ def write_csv(
     columns: Sequence[str],
     body: Iterable[bytes],
     gzip_level: int,
+    rows: int | None = None,
 ) -> Written:
     """A gzip CSV object: the header, then ``body`` (CSV records without header:
     chdb repeats a ``CSVWithNames`` header in every streamed chunk). An empty
-    body gives a header-only object."""
+    body gives a header-only object. Its records are counted on the way unless
+    ``rows`` says how many the engine sends (the check counts them again)."""
     records = CsvRecords()
 
     def chunks() -> Iterator[bytes]:
         yield header_line(columns)
-        yield from records.count(body)
+        yield from body if rows is not None else records.count(body)
 
     upload = stream_upload(store, key, chunks(), "gzip", level=gzip_level)
-    return Written(key, "csv.gz", records.rows, upload)
+    return Written(key, "csv.gz", records.rows if rows is None else rows, upload)
 
 
 def write_parquet(
@@ -198,16 +200,20 @@ def verify_object(store: ObjectStore, entry: dict[str, Any], columns: Sequence[s
     if not store.exists(key):
         return [f"no object at {key}"]
     digest = hashlib.sha256()
-    with store.open_reader(key) as raw:
-        for block in iter(lambda: raw.read(READ_BLOCK), b""):
-            digest.update(block)
-    if digest.hexdigest() != entry["sha256"]:
-        return [f"{key}: sha256 differs from the one recorded (replaced since?)"]
-    if entry["format"] == "parquet":
-        data = store.read_bytes(key)
-        meta = pq.read_metadata(io.BytesIO(data))
-        header, rows = list(meta.schema.to_arrow_schema().names), meta.num_rows
-    else:
+    # One download: hashed, and spooled for the Parquet footer (at the file's end).
+    with tempfile.TemporaryFile() as spool:
+        with store.open_reader(key) as raw:
+            for block in iter(lambda: raw.read(READ_BLOCK), b""):
+                digest.update(block)
+                if entry["format"] == "parquet":
+                    spool.write(block)
+        if digest.hexdigest() != entry["sha256"]:
+            return [f"{key}: sha256 differs from the one recorded (replaced since?)"]
+        if entry["format"] == "parquet":
+            spool.seek(0)
+            meta = pq.read_metadata(spool)
+            header, rows = list(meta.schema.to_arrow_schema().names), meta.num_rows
+    if entry["format"] != "parquet":
         try:
             with (
                 store.open_reader(key) as raw,
