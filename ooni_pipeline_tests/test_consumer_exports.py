@@ -561,6 +561,8 @@ def test_schedules_request_yesterday_and_last_month() -> None:
     context = dg.build_schedule_context(scheduled_execution_time=datetime(2024, 3, 1, 1, 15))
     assert consumer_exports_daily_schedule(context).partition_key == "2024-02-29"
     assert website_metrics_monthly_schedule(context).partition_key == "2024-02"
+    assert consumer_exports_daily_schedule.cron_schedule == "15 1 * * *"
+    assert website_metrics_monthly_schedule.cron_schedule == "0 3 1 * *"
 
 
 def test_a_changed_day_re_exports_its_day_and_its_month() -> None:
