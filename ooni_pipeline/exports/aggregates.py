@@ -1,9 +1,10 @@
 """Aggregates of the website-metrics rows: per network and day, per country and month.
 
-Both group the very rows of ``website_metrics`` (its query, ``PIVOT_SQL``, is the
-inner query: same deduplication, same category rule), so their counts add up to
-the per-measurement CSV's. Each partition is a gzip CSV and a Parquet file in a Hive
-layout, both written by ClickHouse.
+Both group the very rows of ``website_metrics`` (its query, ``PIVOT_SQL``: same
+deduplication, same category rule), so their counts add up to the per-measurement
+CSV's: the daily one the day's stage of those rows (``daily_consumers``, which
+materializes it), the monthly one ``PIVOT_SQL`` over the month. Each partition is
+a gzip CSV and a Parquet file in a Hive layout, both written by ClickHouse.
 """
 
 import hashlib

@@ -9,7 +9,8 @@ stage. In the UI each is its own asset with its own partitions; a backfill of on
 (a newly added consumer, say) runs only it and writes only its objects.
 """
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import dagster as dg
 from pydantic import Field
@@ -50,7 +51,7 @@ class ConsumerExportConfig(dg.Config):
     )
 
 
-def _spec(key: dg.AssetKey, kinds: set[str], description: str, **extra) -> dg.AssetSpec:
+def _spec(key: dg.AssetKey, kinds: set[str], description: str, **extra: Any) -> dg.AssetSpec:
     return dg.AssetSpec(
         key=key,
         group_name="exports",
@@ -64,9 +65,9 @@ def _spec(key: dg.AssetKey, kinds: set[str], description: str, **extra) -> dg.As
     )
 
 
-def _main_keys(consumers: dict[str, tuple[str, ...]]) -> dict[dg.AssetKey, object]:
+def _main_keys(consumers: dict[str, tuple[str, ...]]) -> dict[dg.AssetKey, Callable[[str], str]]:
     """Each asset's main object key, by day (protected by the shrink refusal)."""
-    keys: dict[dg.AssetKey, object] = {
+    keys: dict[dg.AssetKey, Callable[[str], str]] = {
         DAILY_KEY: aggregates.daily_key,
         WEBSITE_METRICS_PARQUET_KEY: parquet.parquet_key,
     }
@@ -75,7 +76,9 @@ def _main_keys(consumers: dict[str, tuple[str, ...]]) -> dict[dg.AssetKey, objec
     return keys
 
 
-def _daily_aggregate(ch: ClickHouse, store: ObjectStore, stage: str, day: str, level: int):
+def _daily_aggregate(
+    ch: ClickHouse, store: ObjectStore, stage: str, day: str, level: int
+) -> list[Written]:
     with staged(ch, aggregates.daily_sql(stage), {}) as table:
         sql = aggregates.ordered(table, DAILY_COLUMNS, DAILY_ORDER)
         rows = int(ch.scalar(f"SELECT count() FROM {table}"))

@@ -171,7 +171,7 @@ def refusals_to_shrink(
     store: ObjectStore,
     asset_key: dg.AssetKey,
     partitions: dict[str, str],
-    main_key: Any,
+    main_key: Callable[[str], str],
 ) -> list[str]:
     """Partitions whose source now holds far fewer measurements than when their
     objects were last published (a wrong or empty database looks like that).
