@@ -19,6 +19,7 @@ from ooni_pipeline.operations.freshness import (
     DAILY_EXPORT_DEADLINE_CRON,
     DAILY_EXPORT_WINDOW,
     WITHOUT_FRESHNESS,
+    freshness_policy,
 )
 from ooni_pipeline_tests.rig import UpstreamServer
 
@@ -182,6 +183,10 @@ def test_every_asset_is_described_owned_and_has_its_freshness_policy() -> None:
     def window(age: timedelta) -> dg.FreshnessPolicy:
         return dg.FreshnessPolicy.time_window(fail_window=age)
 
+    daily = dg.FreshnessPolicy.cron(
+        deadline_cron="0 6 * * *", lower_bound_delta=timedelta(hours=5), timezone="UTC"
+    )
+
     assert {key.to_user_string(): policy for key, policy in policies.items() if policy} == {
         "citizenlab": window(timedelta(hours=2)),
         "fingerprints_dns": window(timedelta(hours=3)),
@@ -192,10 +197,15 @@ def test_every_asset_is_described_owned_and_has_its_freshness_policy() -> None:
         "blocking_events": window(timedelta(hours=3)),
         **{f"backup/{table}": window(timedelta(days=8)) for table in _backup_tables(graph)},
         # yesterday's export, made by the 01:00 UTC schedule, there by 06:00 UTC
-        "website_metrics": dg.FreshnessPolicy.cron(
-            deadline_cron="0 6 * * *", lower_bound_delta=timedelta(hours=5), timezone="UTC"
+        "website_metrics": daily,
+        # the consumer exports: yesterday's by 06:00 UTC too, last month's on the 1st
+        "website_metrics_daily": daily,
+        "website_metrics_parquet": daily,
+        "website_metrics_monthly": dg.FreshnessPolicy.cron(
+            deadline_cron="0 6 1 * *", lower_bound_delta=timedelta(hours=3), timezone="UTC"
         ),
     }
+    assert freshness_policy(dg.AssetKey(["watchlists", "bbc"])) == daily
     for key in graph.get_all_asset_keys():
         node = graph.get(key)
         assert node.description and len(node.description) > 40, key
@@ -205,7 +215,8 @@ def test_every_asset_is_described_owned_and_has_its_freshness_policy() -> None:
     # Every step that opens ClickHouse, checks included, takes a slot of the pool.
     for checks_def in repo.asset_checks_defs_by_key.values():
         check_keys = list(checks_def.check_keys)
-        if any(k.name == "geoip_db_lookup_check" for k in check_keys):
+        # These read files or objects only.
+        if any(k.name in ("geoip_db_lookup_check", "objects_check") for k in check_keys):
             continue
         assert checks_def.node_def.pools == {"clickhouse"}, check_keys
     sensors = {s.name for s in repo.sensor_defs}

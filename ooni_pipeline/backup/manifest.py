@@ -13,23 +13,15 @@ so a run that fails half-way still records what it did upload.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from ooni_pipeline.backup.plan import LEGACY_MANIFEST_KEY, MANIFESTS_PREFIX, manifest_key
+from ooni_pipeline.object_store.manifest import read_manifest, write_manifest
 from ooni_pipeline.object_store.stores import ObjectStore
 
 
 def _read(store: ObjectStore, key: str) -> dict[str, dict[str, Any]]:
-    if not store.exists(key):
-        return {}
-    try:
-        manifest = json.loads(store.read_bytes(key))
-    except ValueError:
-        manifest = None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("objects"), dict):
-        raise ValueError(f"{store.address(key)} is not a backup manifest")
-    return manifest["objects"]
+    return read_manifest(store, key, "backup manifest")
 
 
 def load_manifest(store: ObjectStore, table: str | None = None) -> dict[str, dict[str, Any]]:
@@ -51,5 +43,4 @@ def record_objects(store: ObjectStore, table: str, entries: dict[str, dict[str, 
     """Merge ``entries`` (object key -> entry) into ``table``'s manifest."""
     objects = load_manifest(store, table)
     objects.update(entries)
-    body = {"version": 1, "table": table, "objects": objects}
-    store.put_bytes(manifest_key(table), json.dumps(body, indent=1, sort_keys=True).encode())
+    write_manifest(store, manifest_key(table), objects, table=table)

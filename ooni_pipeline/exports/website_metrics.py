@@ -20,6 +20,7 @@ from ooni_pipeline.common import (
     shrink_refusal,
 )
 from ooni_pipeline.decompression import DecompressionLimitExceeded, open_bounded
+from ooni_pipeline.exports.manifest import record_exports, upload_entry
 from ooni_pipeline.exports.website_metrics_sql import CATEGORIES, CSV_COLUMNS, PIVOT_SQL, TOTALS_SQL
 from ooni_pipeline.fastpath.assets import FASTPATH_KEY, MEASUREMENT_DAYS
 from ooni_pipeline.fastpath.versions import day_versions
@@ -195,6 +196,15 @@ def website_metrics(
             export = export_day(ch, store, day, config.gzip_level, versions[day])
             exports.append(export)
             context.add_asset_metadata(_day_metadata(export), partition_key=day)
+            entry = upload_entry(
+                export.upload,
+                export.totals["rows"],
+                "csv.gz",
+                WEBSITE_METRICS_KEY,
+                day,
+                export.source_version,
+            )
+            record_exports(context, ch, store, {WEBSITE_METRICS_KEY: {export.upload.key: entry}})
             context.log.info(
                 f"[{number}/{len(days)}] {day}: {export.totals['rows']} rows, "
                 f"{export.upload.bytes / 1e6:.1f} MB gzip in {export.duration_s:.1f} s -> {export.upload.address}"

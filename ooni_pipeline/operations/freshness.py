@@ -32,11 +32,20 @@ MAX_AGE = {
 # which exports yesterday, and 06:00.
 DAILY_EXPORT_DEADLINE_CRON = "0 6 * * *"
 DAILY_EXPORT_WINDOW = timedelta(hours=5)
+_DAILY_EXPORT = dg.FreshnessPolicy.cron(
+    deadline_cron=DAILY_EXPORT_DEADLINE_CRON,
+    lower_bound_delta=DAILY_EXPORT_WINDOW,
+    timezone="UTC",
+)
+# asset key or key prefix -> its deadline: the consumer exports of yesterday (01:15
+# UTC schedule) by 06:00 as well; last month's rollup (03:00 UTC on the 1st) by 06:00.
 DAILY_DEADLINE = {
-    "website_metrics": dg.FreshnessPolicy.cron(
-        deadline_cron=DAILY_EXPORT_DEADLINE_CRON,
-        lower_bound_delta=DAILY_EXPORT_WINDOW,
-        timezone="UTC",
+    "website_metrics": _DAILY_EXPORT,
+    "website_metrics_daily": _DAILY_EXPORT,
+    "website_metrics_parquet": _DAILY_EXPORT,
+    "watchlists": _DAILY_EXPORT,
+    "website_metrics_monthly": dg.FreshnessPolicy.cron(
+        deadline_cron="0 6 1 * *", lower_bound_delta=timedelta(hours=3), timezone="UTC"
     ),
 }
 # Assets without a freshness policy, and why: age says nothing about them.
@@ -52,6 +61,8 @@ def freshness_policy(key: dg.AssetKey) -> dg.FreshnessPolicy | None:
     name = key.to_user_string()
     if name in DAILY_DEADLINE:
         return DAILY_DEADLINE[name]
+    if len(key.path) > 1 and key.path[0] in DAILY_DEADLINE:
+        return DAILY_DEADLINE[key.path[0]]
     age = MAX_AGE.get(name)
     if age is None and len(key.path) > 1:
         age = MAX_AGE.get(key.path[0])

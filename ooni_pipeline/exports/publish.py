@@ -1,0 +1,319 @@
+"""Writing one consumer export object (gzip CSV or Parquet) and recording it.
+
+Shared by the watchlists, the aggregates and the Parquet copies: every object is
+produced by one ClickHouse query, streamed into the object store (all or nothing),
+and described by the same figures (key, rows, bytes, sha256, source version) in its
+partition's metadata and in ``exports/manifest.json``.
+"""
+
+import csv
+import hashlib
+import io
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import dagster as dg
+import pyarrow.parquet as pq
+
+from ooni_pipeline.clickhouse import ClickHouse
+from ooni_pipeline.common import last_metadata, shrink_refusal
+from ooni_pipeline.decompression import DecompressionLimitExceeded, open_bounded
+from ooni_pipeline.object_store import ObjectStoreResource, UploadResult, stream_upload
+from ooni_pipeline.object_store.stores import ObjectStore
+
+PARQUET_SETTINGS = "SETTINGS output_format_parquet_compression_method = 'zstd'"
+READ_BLOCK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Written:
+    """One object as written: what the metadata, the manifest and the check record."""
+
+    key: str
+    format: str  # "csv.gz" or "parquet"
+    rows: int
+    upload: UploadResult
+
+    def entry(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "format": self.format,
+            "rows": self.rows,
+            "bytes": self.upload.bytes,
+            "uncompressed_bytes": self.upload.raw_bytes,
+            "sha256": self.upload.sha256,
+        }
+
+
+class CsvRecords:
+    """Splits a CSV byte stream into records, newlines inside quoted fields kept.
+
+    ClickHouse doubles a quote inside a quoted field, so a newline ends a record
+    exactly when the quotes before it are even in number."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+
+    def count(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        """``chunks`` unchanged, counting records on the way."""
+        odd = False
+        for chunk in chunks:
+            if b'"' not in chunk and not odd:
+                self.rows += chunk.count(b"\n")
+            else:
+                pieces = chunk.split(b"\n")
+                for piece in pieces[:-1]:  # each is followed by a newline
+                    odd ^= piece.count(b'"') % 2 == 1
+                    self.rows += not odd
+                odd ^= pieces[-1].count(b'"') % 2 == 1
+            yield chunk
+
+    @staticmethod
+    def split(chunks: Iterable[bytes]) -> Iterator[bytes]:
+        """Whole records (each ending with its newline)."""
+        pending: list[bytes] = []
+        odd = False
+        for chunk in chunks:
+            pieces = chunk.split(b"\n")
+            for piece in pieces[:-1]:
+                pending.append(piece + b"\n")
+                odd ^= piece.count(b'"') % 2 == 1
+                if not odd:
+                    yield b"".join(pending)
+                    pending.clear()
+            if pieces[-1]:
+                pending.append(pieces[-1])
+                odd ^= pieces[-1].count(b'"') % 2 == 1
+        if pending:
+            yield b"".join(pending)
+
+
+def header_line(columns: Sequence[str]) -> bytes:
+    return (",".join(columns) + "\n").encode()
+
+
+def write_csv(
+    store: ObjectStore,
+    key: str,
+    columns: Sequence[str],
+    body: Iterable[bytes],
+    gzip_level: int,
+    rows: int | None = None,
+) -> Written:
+    """A gzip CSV object: the header, then ``body`` (CSV records without header:
+    chdb repeats a ``CSVWithNames`` header in every streamed chunk). An empty
+    body gives a header-only object. Its records are counted on the way unless
+    ``rows`` says how many the engine sends (the check counts them again)."""
+    records = CsvRecords()
+
+    def chunks() -> Iterator[bytes]:
+        yield header_line(columns)
+        yield from body if rows is not None else records.count(body)
+
+    upload = stream_upload(store, key, chunks(), "gzip", level=gzip_level)
+    return Written(key, "csv.gz", records.rows if rows is None else rows, upload)
+
+
+def write_parquet(
+    ch: ClickHouse, store: ObjectStore, key: str, sql: str, params: dict[str, Any]
+) -> Written:
+    """A Parquet object written by the engine, then uploaded as it is.
+
+    The file goes through a local temporary file: chdb streams ``FORMAT Parquet``
+    as one complete file per block, so embedded ClickHouse writes it with ``INTO
+    OUTFILE``; a server's HTTP stream is one file. The footer then gives the rows.
+    An empty result is a file with the schema and no row group."""
+    with tempfile.TemporaryDirectory(prefix="ooni-parquet-") as tmp:
+        path = os.path.join(tmp, "data.parquet")
+        if ch.embedded:
+            if "'" in path or "\\" in path:
+                raise ValueError(f"unusable temporary path {path!r}")
+            ch.command(f"{sql} {PARQUET_SETTINGS} INTO OUTFILE '{path}' FORMAT Parquet", params)
+        else:
+            with open(path, "wb") as out:
+                for chunk in ch.stream(f"{sql} {PARQUET_SETTINGS}", params, fmt="Parquet"):
+                    out.write(chunk)
+        rows = pq.read_metadata(path).num_rows
+        with open(path, "rb") as handle:
+            upload = stream_upload(store, key, iter(lambda: handle.read(READ_BLOCK), b""), "none")
+    return Written(key, "parquet", rows, upload)
+
+
+def objects_metadata(written: Sequence[Written], source_version: str) -> dict[str, Any]:
+    """A partition's metadata: the first object's figures at the top (row count,
+    bytes, key, sha256), every object in ``objects`` for the check."""
+    main = written[0]
+    address = main.upload.address
+    return {
+        "dagster/row_count": main.rows,
+        "bytes": main.upload.bytes,
+        "key": main.key,
+        "sha256": main.upload.sha256,
+        "object": dg.MetadataValue.url(address)
+        if address.startswith("s3://")
+        else dg.MetadataValue.path(address),
+        "objects": dg.MetadataValue.json([w.entry() for w in written]),
+        "fastpath_data_version": source_version,
+    }
+
+
+def version_rows(version: str) -> int:
+    """Distinct measurements in a recorded source version (``<n>@<time>``, or
+    ``;``-joined for a month)."""
+    return sum(int(part.split("@")[0]) for part in version.split(";") if part)
+
+
+def refusals_to_shrink(
+    context: dg.AssetExecutionContext,
+    store: ObjectStore,
+    asset_key: dg.AssetKey,
+    partitions: dict[str, str],
+    main_key: Callable[[str], str],
+) -> list[str]:
+    """Partitions whose source now holds far fewer measurements than when their
+    objects were last published (a wrong or empty database looks like that).
+
+    ``partitions`` maps partition -> current source version; ``main_key(partition)``
+    is its main object, protected from an empty source even without a record."""
+    refusals = []
+    for partition, version in partitions.items():
+        new = version_rows(version)
+        recorded = last_metadata(context, asset_key, partition).get("fastpath_data_version")
+        what = f"{asset_key.to_user_string()} {partition}"
+        if recorded is None:
+            if new == 0 and store.exists(main_key(partition)):
+                refusals.append(f"{what}: an empty source would replace the published object")
+            continue
+        refusal = shrink_refusal(what, version_rows(recorded), new)
+        if refusal:
+            refusals.append(refusal.replace(" rows would replace", " measurements would replace"))
+    return refusals
+
+
+def verify_object(store: ObjectStore, entry: dict[str, Any], columns: Sequence[str]) -> list[str]:
+    """What differs between a published object and its recorded entry: presence,
+    sha256, rows and columns. A CSV is unpacked no further than its recorded size."""
+    key = entry["key"]
+    if not store.exists(key):
+        return [f"no object at {key}"]
+    digest = hashlib.sha256()
+    # One download: hashed, and spooled for the Parquet footer (at the file's end).
+    with tempfile.TemporaryFile() as spool:
+        with store.open_reader(key) as raw:
+            for block in iter(lambda: raw.read(READ_BLOCK), b""):
+                digest.update(block)
+                if entry["format"] == "parquet":
+                    spool.write(block)
+        if digest.hexdigest() != entry["sha256"]:
+            return [f"{key}: sha256 differs from the one recorded (replaced since?)"]
+        if entry["format"] == "parquet":
+            spool.seek(0)
+            meta = pq.read_metadata(spool)
+            header, rows = list(meta.schema.to_arrow_schema().names), meta.num_rows
+    if entry["format"] != "parquet":
+        try:
+            with (
+                store.open_reader(key) as raw,
+                open_bounded(raw, "gzip", limit=entry["uncompressed_bytes"], what=key) as unpacked,
+                io.TextIOWrapper(unpacked, encoding="utf-8", newline="") as text,
+            ):
+                reader = csv.reader(text)
+                header = next(reader, [])
+                rows = sum(1 for _ in reader)
+        except DecompressionLimitExceeded as exc:
+            return [str(exc)]
+    problems = []
+    if tuple(header) != tuple(columns):
+        problems.append(f"{key}: columns differ from the contract")
+    if rows != entry["rows"]:
+        problems.append(f"{key}: {rows} rows, {entry['rows']} recorded")
+    return problems
+
+
+def record_partitions(
+    context: dg.AssetExecutionContext,
+    ch: ClickHouse,
+    store: ObjectStore,
+    partition: str,
+    version: str,
+    written: dict[dg.AssetKey, list[Written]],
+) -> None:
+    """Record each asset's objects of a partition in its metadata and in the
+    manifest (after each partition, so a run failing half-way still records what it
+    published)."""
+    from ooni_pipeline.exports.manifest import manifest_entry, record_exports
+
+    for asset_key, objects in written.items():
+        context.add_asset_metadata(
+            objects_metadata(objects, version), asset_key=asset_key, partition_key=partition
+        )
+        context.log.info(
+            f"{asset_key.to_user_string()} {partition}: "
+            + ", ".join(f"{w.key} ({w.rows} rows, {w.upload.bytes} bytes)" for w in objects)
+        )
+    record_exports(
+        context,
+        ch,
+        store,
+        {
+            asset_key: {w.key: manifest_entry(w, asset_key, partition, version) for w in objects}
+            for asset_key, objects in written.items()
+        },
+    )
+
+
+def publish_partitions(
+    context: dg.AssetExecutionContext,
+    ch: ClickHouse,
+    store: ObjectStore,
+    asset_key: dg.AssetKey,
+    versions: dict[str, str],
+    produce: Callable[[str], list[Written]],
+) -> None:
+    """Write each partition's objects with ``produce(partition)`` and record them."""
+    for partition, version in versions.items():
+        record_partitions(context, ch, store, partition, version, {asset_key: produce(partition)})
+
+
+def build_objects_check(asset_key: dg.AssetKey, columns: dict[str, Sequence[str]]):
+    """The check of an export asset: each materialized partition's objects are
+    there, unchanged since written (sha256), with the recorded rows and the
+    contract's columns (``columns``: format -> column names)."""
+
+    @dg.asset_check(
+        asset=asset_key,
+        name="objects_check",
+        description="Each materialized partition's objects exist, have the sha256 and the "
+        "rows recorded when written, and the contract's columns.",
+    )
+    def objects_check(
+        context: dg.AssetCheckExecutionContext, object_store: ObjectStoreResource
+    ) -> dg.AssetCheckResult:
+        store = object_store.get_store()
+        if context.has_partition_key_range or context.has_partition_key:
+            partitions = list(context.partition_keys)
+        else:
+            event = context.instance.get_latest_materialization_event(asset_key)
+            partitions = [event.dagster_event.partition] if event and event.dagster_event else []
+        problems: list[str] = []
+        checked = 0
+        for partition in partitions:
+            entries = last_metadata(context, asset_key, partition).get("objects") or []
+            if not entries:
+                problems.append(f"{partition}: no recorded objects")
+            for entry in entries:
+                checked += 1
+                problems += verify_object(store, entry, columns[entry["format"]])
+        return dg.AssetCheckResult(
+            passed=bool(partitions) and not problems,
+            metadata={
+                "partitions_checked": len(partitions),
+                "objects_checked": checked,
+                "problems": dg.MetadataValue.text("\n".join(problems) or "none"),
+            },
+        )
+
+    return objects_check

@@ -1,0 +1,84 @@
+"""Watchlists: each consumer's own daily ``website_metrics``, only its domains.
+
+One asset per consumer of the watchlist file (``OONI_WATCHLISTS``, see
+``watchlist_file``), ``watchlists/<consumer>``, daily partitioned, writing
+``exports/watchlists/<consumer>/<YYYY-MM-DD>.csv.gz`` with exactly the
+``website_metrics`` columns and rows: they are read from the day's stage of those
+rows (``daily_consumers``), matched against all consumers' domains in one query,
+then split by consumer.
+"""
+
+import itertools
+from collections.abc import Iterator
+
+import dagster as dg
+
+from ooni_pipeline import settings
+from ooni_pipeline.exports.publish import CsvRecords
+from ooni_pipeline.exports.watchlist_file import load_watchlists
+from ooni_pipeline.exports.website_metrics_sql import CSV_COLUMNS
+
+WATCHLISTS_ENV = "OONI_WATCHLISTS"
+KEY_PREFIX = "watchlists"
+
+
+def watchlist_sql(table: str) -> str:
+    """The rows of the stage ``table`` whose domain is, or is under, a watched domain,
+    once per consumer watching it, led by the consumer's index.
+
+    Label by label: each row's domain yields its suffixes at label boundaries
+    (news.bbc.com: news.bbc.com, bbc.com, com), joined by hash on the watched
+    domains, so "bbc.com" matches "news.bbc.com", never "notbbc.com", and the cost
+    does not grow with the number of watched domains. Bound: the pairs of consumer
+    index and domain, as comma-separated lists (a validated domain holds no comma,
+    and a plain String binds alike on both back ends)."""
+    columns = ", ".join(f"`{c}`" for c in CSV_COLUMNS)
+    return f"""
+SELECT w.consumer AS consumer, {columns}
+FROM (
+    SELECT *, arrayJoin(arrayMap(
+        i -> arrayStringConcat(arraySlice(splitByChar('.', lower(domain)), i), '.'),
+        range(1, length(splitByChar('.', lower(domain))) + 1)
+    )) AS suffix
+    FROM {table}
+) AS r
+INNER JOIN (
+    SELECT toUInt32(pair.1) AS consumer, pair.2 AS watched
+    FROM (SELECT arrayJoin(arrayZip(splitByChar(',', {{consumers:String}}),
+                                    splitByChar(',', {{domains:String}}))) AS pair)
+) AS w ON r.suffix = w.watched
+ORDER BY consumer, measurement_start_time, explorer_url
+LIMIT 1 BY consumer, explorer_url
+"""
+
+
+def asset_key(consumer: str) -> dg.AssetKey:
+    return dg.AssetKey([KEY_PREFIX, consumer])
+
+
+def object_key(consumer: str, day: str) -> str:
+    return f"exports/watchlists/{consumer}/{day}.csv.gz"
+
+
+def by_consumer(chunks: Iterator[bytes]) -> Iterator[tuple[int, Iterator[bytes]]]:
+    """(consumer index, its CSV records without the index column), in order."""
+    records = CsvRecords.split(chunks)
+    split = ((int(r[: r.index(b",")]), r[r.index(b",") + 1 :]) for r in records)
+    for index, group in itertools.groupby(split, key=lambda pair: pair[0]):
+        yield index, (record for _, record in group)
+
+
+def pair_params(watchlists: dict[str, tuple[str, ...]], consumers: list[str]) -> dict[str, str]:
+    """The bound parameters of ``watchlist_sql`` for ``consumers`` (indices into it)."""
+    pairs = [(i, d) for i, c in enumerate(consumers) for d in watchlists[c]]
+    return {
+        "consumers": ",".join(str(i) for i, _ in pairs),
+        "domains": ",".join(d for _, d in pairs),
+    }
+
+
+def watchlists_from_env() -> dict[str, tuple[str, ...]]:
+    """The consumers of ``$OONI_WATCHLISTS`` (none when unset). Read when the code
+    location loads: a wrong file fails the load, naming file and line."""
+    path = settings.env(WATCHLISTS_ENV)
+    return load_watchlists(path) if path else {}

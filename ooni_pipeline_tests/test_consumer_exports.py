@@ -1,0 +1,654 @@
+"""The consumer exports (watchlists, aggregates, Parquet, manifest) on real chdb,
+both ClickHouse back ends, moto S3 and the local store, read back with csv, pandas
+and pyarrow, values asserted exactly."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import gzip
+import hashlib
+import io
+import json
+import threading
+from datetime import datetime
+from pathlib import Path
+
+import dagster as dg
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from ooni_pipeline.exports import aggregates, parquet, watchlists
+from ooni_pipeline.exports.consumer_schedules import (
+    consumer_exports_daily_schedule,
+    website_metrics_monthly_schedule,
+)
+from ooni_pipeline.exports.daily_consumers import build_daily_consumer_exports
+from ooni_pipeline.exports.manifest import MANIFEST_KEY, load_exports_manifest
+from ooni_pipeline.exports.watchlist_file import WatchlistError, load_watchlists
+from ooni_pipeline.exports.website_metrics import object_key as wm_key
+from ooni_pipeline.exports.website_metrics import website_metrics
+from ooni_pipeline.exports.website_metrics_sql import CATEGORIES, CSV_COLUMNS
+from ooni_pipeline.fastpath.versions import day_versions
+from ooni_pipeline.object_store import ObjectStoreResource
+from ooni_pipeline_tests.rig import failure_text
+from ooni_pipeline_tests.test_exports import CASES, DAY, _expected, _insert, _msm, day_rows
+
+__all__ = ["day_rows"]  # the fixture, shared with test_exports
+
+WATCHLIST = """\
+consumers:
+  bbc: [bbc.com, BBC.co.uk]
+  dw:
+    - dw.com
+  quiet: [nowhere.example]
+"""
+
+
+def _csv(store, key: str) -> list[dict[str, str]]:
+    text = gzip.decompress(store.read_bytes(key)).decode("utf-8")
+    return list(csv.DictReader(io.StringIO(text, newline="")))
+
+
+DAILY = aggregates.DAILY_KEY
+PARQUET = parquet.WEBSITE_METRICS_PARQUET_KEY
+MONTHLY = aggregates.MONTHLY_KEY
+
+
+def _run(keys, clickhouse, store_resource, partition, instance=None, config=None, lists=None):
+    """Materialize the assets ``keys`` (and their checks) of one partition."""
+    daily, daily_checks = build_daily_consumer_exports(lists or {})
+    op = "website_metrics_monthly" if MONTHLY in keys else "consumer_exports_daily"
+    return dg.materialize(
+        [
+            daily,
+            aggregates.website_metrics_monthly,
+            *daily_checks,
+            aggregates.website_metrics_monthly_check,
+        ],
+        selection=dg.AssetSelection.assets(*keys),
+        resources={"clickhouse": clickhouse, "object_store": store_resource},
+        partition_key=partition,
+        instance=instance or dg.DagsterInstance.ephemeral(),
+        run_config={"ops": {op: {"config": config}}} if config else None,
+        raise_on_error=False,
+    )
+
+
+def _meta(result, key: str, partition: str | None = None) -> dict:
+    events = [
+        e
+        for e in result.get_asset_materialization_events()
+        if e.asset_key.to_user_string() == key and (partition is None or e.partition == partition)
+    ]
+    return {k: getattr(v, "value", v) for k, v in events[-1].materialization.metadata.items()}
+
+
+# -- the watchlist file -----------------------------------------------------------
+
+
+def test_watchlist_file_normalizes_domains(tmp_path: Path) -> None:
+    path = tmp_path / "w.yaml"
+    path.write_text(WATCHLIST + "  rfa-news: [Bücher.Example., rfa.org]\n", encoding="utf-8")
+    assert load_watchlists(path) == {
+        "bbc": ("bbc.com", "bbc.co.uk"),
+        "dw": ("dw.com",),
+        "quiet": ("nowhere.example",),
+        "rfa-news": ("xn--bcher-kva.example", "rfa.org"),
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "message"),
+    [
+        ("consumers:\n  bbc: [bbc.com]\nconsumer:\n  dw: [dw.com]\n", 3, "unknown key 'consumer'"),
+        ("consumers:\n  bbc: [bbc.com]\n  dw: [dw.com]\n  bbc: [x.org]\n", 4, "duplicate consumer"),
+        ("consumers:\n  bbc:\n    - bbc.com\n    - 'bad domain'\n", 4, "is not a domain name"),
+        ("consumers:\n  bbc: [com]\n", 2, "'com' is not a domain name"),
+        ("consumers:\n  bbc: [bbc.com, BBC.COM]\n", 2, "duplicate domain 'bbc.com'"),
+        ("consumers:\n  ../etc: [bbc.com]\n", 2, "is not a safe path segment"),
+        ("consumers:\n  BBC: [bbc.com]\n", 2, "is not a safe path segment"),
+        ("consumers:\n  bbc: []\n", 2, "expected a non-empty list"),
+        ("consumers: [bbc.com]\n", 1, "must map each consumer"),
+        ("consumers:\n  bbc: [bbc.com\n", 3, "not valid YAML"),
+    ],
+)
+def test_a_wrong_watchlist_file_fails_the_load_with_file_and_line(
+    tmp_path: Path, monkeypatch, text: str, line: int, message: str
+) -> None:
+    path = tmp_path / "watchlists.yaml"
+    path.write_text(text)
+    with pytest.raises(WatchlistError) as raised:
+        load_watchlists(path)
+    assert str(raised.value).startswith(f"{path}:{line}: ")
+    assert message in str(raised.value)
+    # The code location does not load: nothing runs, nothing published changes.
+    monkeypatch.setenv("OONI_WATCHLISTS", str(path))
+    with pytest.raises(WatchlistError):
+        watchlists.watchlists_from_env()
+
+
+def test_a_long_hostile_name_is_quoted_short(tmp_path: Path) -> None:
+    path = tmp_path / "w.yaml"
+    path.write_text("consumers:\n  '" + "\u202e" + "x" * 500 + "': [bbc.com]\n")
+    message = str(pytest.raises(WatchlistError, load_watchlists, path).value)
+    assert "\u202e" not in message and "\\u202e" in message and len(message) < 300
+
+
+def test_each_consumer_is_an_asset_loaded_from_the_env_var(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "w.yaml"
+    path.write_text(WATCHLIST)
+    monkeypatch.setenv("OONI_WATCHLISTS", str(path))
+    asset, checks = build_daily_consumer_exports(watchlists.watchlists_from_env())
+    assert {k.to_user_string() for k in asset.keys} == {
+        "website_metrics_daily",
+        "website_metrics_parquet",
+        "watchlists/bbc",
+        "watchlists/dw",
+        "watchlists/quiet",
+    }
+    assert len(checks) == 5
+    assert asset.can_subset
+    assert asset.specs_by_key[watchlists.asset_key("bbc")].metadata["domains"].value == [
+        "bbc.com",
+        "bbc.co.uk",
+    ]
+    monkeypatch.delenv("OONI_WATCHLISTS")
+    assert watchlists.watchlists_from_env() == {}
+
+
+# -- watchlists -------------------------------------------------------------------
+
+WATCHED = [
+    ("w1", f"{DAY} 10:00:00", {"domain": "bbc.com", "input": "https://bbc.com/"}),
+    ("w2", f"{DAY} 10:00:01", {"domain": "news.BBC.com", "anomaly": "t", "blocking_type": "dns"}),
+    ("w3", f"{DAY} 10:00:02", {"domain": "notbbc.com"}),
+    ("w4", f"{DAY} 10:00:03", {"domain": "www.bbc.co.uk", "probe_cc": "RU", "probe_asn": 12389}),
+    ("w5", f"{DAY} 10:00:04", {"domain": "dw.com", "msm_failure": "t"}),
+    ("w6", f"{DAY} 10:00:05", {"domain": "bbc.com.evil.org"}),
+    ("w7", "2024-03-11 00:00:00", {"domain": "bbc.com"}),  # the next day
+]
+
+
+@pytest.fixture
+def watched_rows(ch, day_rows) -> None:
+    _insert(ch, [_msm(uid, start, **fields) for uid, start, fields in WATCHED])
+    # A newer version of w5 that moved it to dw's subdomain: the latest version wins.
+    _insert(ch, [_msm("w5", f"{DAY} 10:00:04", domain="www.dw.com", msm_failure="t")])
+
+
+def _matches(domain: str, watched: tuple[str, ...]) -> bool:
+    domain = domain.lower()
+    return any(domain == d or domain.endswith("." + d) for d in watched)
+
+
+def test_watchlists_are_website_metrics_rows_of_each_consumers_domains(
+    clickhouse, object_store_resource, watched_rows
+) -> None:
+    # bbc lists a domain and one of its subdomains: w2 is still one row.
+    consumers = {
+        "bbc": ("bbc.com", "bbc.co.uk", "news.bbc.com"),
+        "dw": ("dw.com",),
+        "quiet": ("nowhere.example",),
+    }
+    store = object_store_resource.get_store()
+    resources = {"clickhouse": clickhouse, "object_store": object_store_resource}
+    assert dg.materialize([website_metrics], resources=resources, partition_key=DAY).success
+    keys = [watchlists.asset_key(c) for c in consumers]
+    result = _run(keys, clickhouse, object_store_resource, DAY, lists=consumers)
+    assert result.success, failure_text(result)
+    published = _csv(store, wm_key(DAY))
+
+    uids = {}
+    for consumer, domains in consumers.items():
+        rows = _csv(store, watchlists.object_key(consumer, DAY))
+        # Exactly the website_metrics rows (columns, order, values) of its domains.
+        assert rows == [r for r in published if _matches(r["domain"], domains)]
+        uids[consumer] = [r["explorer_url"].rsplit("/", 1)[1] for r in rows]
+        meta = _meta(result, f"watchlists/{consumer}", DAY)
+        assert meta["dagster/row_count"] == len(rows)
+        assert meta["key"] == watchlists.object_key(consumer, DAY)
+        assert (
+            meta["sha256"]
+            == hashlib.sha256(store.read_bytes(watchlists.object_key(consumer, DAY))).hexdigest()
+        )
+    assert uids == {"bbc": ["w1", "w2", "w4"], "dw": ["w5"], "quiet": []}
+    assert _csv(store, watchlists.object_key("bbc", DAY))[1]["dns"] == "1"
+    assert _csv(store, watchlists.object_key("dw", DAY))[0]["failure"] == "1"
+    # No rows: a header-only object.
+    quiet = gzip.decompress(store.read_bytes(watchlists.object_key("quiet", DAY))).decode()
+    assert quiet == ",".join(CSV_COLUMNS) + "\n"
+    evaluations = result.get_asset_check_evaluations()
+    assert len(evaluations) == 3 and all(e.passed for e in evaluations)
+
+
+def test_adding_a_consumer_and_backfilling_it_leaves_the_others_untouched(
+    clickhouse, s3_store_resource, ch, watched_rows
+) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    store = s3_store_resource.get_store()
+    first = {"bbc": ("bbc.com",), "dw": ("dw.com",)}
+    # Everything of the day, the two consumers' watchlists included.
+    keys = [DAILY, PARQUET, *(watchlists.asset_key(c) for c in first)]
+    assert _run(keys, clickhouse, s3_store_resource, DAY, instance, lists=first).success
+    before = {c: store.read_bytes(watchlists.object_key(c, DAY)) for c in ("bbc", "dw")}
+    manifest_before = load_exports_manifest(store)
+
+    _insert(ch, [_msm("late", f"{DAY} 11:00:00", domain="bbc.com")])  # bbc's day changed
+    second = {**first, "rfa": ("bbc.co.uk",)}
+    result = _run([watchlists.asset_key("rfa")], clickhouse, s3_store_resource, DAY, instance, lists=second)  # fmt: skip
+    assert result.success, failure_text(result)
+    assert {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()} == {
+        "watchlists/rfa"
+    }
+    assert [r["explorer_url"][-2:] for r in _csv(store, watchlists.object_key("rfa", DAY))] == [
+        "w4"
+    ]
+    for consumer, data in before.items():
+        assert store.read_bytes(watchlists.object_key(consumer, DAY)) == data
+    assert store.exists(aggregates.daily_key(DAY))
+    after = load_exports_manifest(store)
+    for key, entry in manifest_before.items():
+        assert after[key] == entry
+    assert watchlists.object_key("rfa", DAY) in after
+
+
+# -- aggregates -------------------------------------------------------------------
+
+AGG_DAY = "2024-05-02"
+AGG_ROWS = [
+    # uid, start, cc, asn, domain, input, fields
+    ("a1", f"{AGG_DAY} 01:00:00", "IR", 197207, "x.org", "https://x.org/", {}),
+    (
+        "a2",
+        f"{AGG_DAY} 02:00:00",
+        "IR",
+        197207,
+        "x.org",
+        "https://x.org/",
+        {"anomaly": "t", "blocking_type": "dns", "confirmed": "t"},
+    ),  # fmt: skip
+    ("a3", f"{AGG_DAY} 03:00:00", "IR", 197207, "x.org", "https://x.org/", {"msm_failure": "t"}),
+    ("a4", f"{AGG_DAY} 04:00:00", "IR", 44244, "x.org", "https://x.org/", {"anomaly": "t"}),
+    (
+        "a5",
+        f"{AGG_DAY} 05:00:00",
+        "IT",
+        30722,
+        "y.org",
+        'https://y.org/a,"b"',
+        {"anomaly": "t", "blocking_type": "http-diff"},
+    ),  # fmt: skip
+    (
+        "a6",
+        "2024-05-20 05:00:00",
+        "IR",
+        58224,
+        "x.org",
+        "https://x.org/",
+        {"anomaly": "t", "blocking_type": "tcp_ip"},
+    ),  # fmt: skip
+    ("a7", "2024-05-20 06:00:00", "IR", 197207, "x.org", "https://x.org/", {}),
+    ("a8", "2024-06-01 00:00:00", "IR", 197207, "x.org", "https://x.org/", {}),  # next month
+    (
+        "a9",
+        f"{AGG_DAY} 06:00:00",
+        "IR",
+        197207,
+        "x.org",
+        "https://x.org/",
+        {"test_name": "dnscheck"},
+    ),  # fmt: skip
+]
+
+
+@pytest.fixture
+def agg_rows(ch) -> None:
+    _insert(
+        ch,
+        [
+            _msm(uid, start, probe_cc=cc, probe_asn=asn, domain=dom, input=inp, **fields)
+            for uid, start, cc, asn, dom, inp, fields in AGG_ROWS
+        ],
+    )
+    # A newer version of a1: anomaly now (unmerged duplicate; the latest wins).
+    _insert(
+        ch,
+        [
+            _msm("a1", f"{AGG_DAY} 01:00:00", probe_cc="IR", probe_asn=197207, domain="x.org",
+                 input="https://x.org/", anomaly="t", blocking_type="tcp_ip"),
+        ],
+    )  # fmt: skip
+
+
+def _counts(n, accessible=0, dns=0, tcp_ip=0, diff=0, hfail=0, anomaly=0, failure=0, confirmed=0):
+    return {
+        "measurement_count": str(n),
+        "accessible": str(accessible),
+        "dns": str(dns),
+        "tcp_ip": str(tcp_ip),
+        "http-diff": str(diff),
+        "http-failure": str(hfail),
+        "anomaly": str(anomaly),
+        "failure": str(failure),
+        "confirmed": str(confirmed),
+    }
+
+
+DAILY_EXPECTED = [
+    {"probe_cc": "IR", "probe_asn": "44244", "domain": "x.org", "input": "https://x.org/",
+     **_counts(1, anomaly=1)},
+    {"probe_cc": "IR", "probe_asn": "197207", "domain": "x.org", "input": "https://x.org/",
+     **_counts(3, dns=1, tcp_ip=1, failure=1, confirmed=1)},
+    {"probe_cc": "IT", "probe_asn": "30722", "domain": "y.org", "input": 'https://y.org/a,"b"',
+     **_counts(1, diff=1)},
+]  # fmt: skip
+MONTHLY_EXPECTED = [
+    {"probe_cc": "IR", "domain": "x.org", "input": "https://x.org/",
+     **_counts(6, accessible=1, dns=1, tcp_ip=2, anomaly=1, failure=1, confirmed=1),
+     "networks": "3", "days": "2"},
+    {"probe_cc": "IT", "domain": "y.org", "input": 'https://y.org/a,"b"',
+     **_counts(1, diff=1), "networks": "1", "days": "1"},
+]  # fmt: skip
+
+
+def _typed(rows: list[dict[str, str]]) -> list[dict]:
+    return [{k: v if k in ("probe_cc", "domain", "input") else int(v) for k, v in r.items()} for r in rows]  # fmt: skip
+
+
+def test_daily_aggregate_counts_per_network(clickhouse, object_store_resource, agg_rows) -> None:
+    result = _run([DAILY], clickhouse, object_store_resource, AGG_DAY)
+    assert result.success, failure_text(result)
+    store = object_store_resource.get_store()
+    rows = _csv(store, aggregates.daily_key(AGG_DAY))
+    assert rows == DAILY_EXPECTED
+    table = pq.read_table(io.BytesIO(store.read_bytes(aggregates.daily_parquet_key(AGG_DAY))))
+    assert table.column_names == list(aggregates.DAILY_COLUMNS)
+    assert table.schema.field("probe_asn").type == pa.int32()
+    assert table.schema.field("measurement_count").type == pa.uint64()
+    assert table.schema.field("probe_cc").type == pa.string()
+    assert table.to_pylist() == _typed(DAILY_EXPECTED)
+    meta = _meta(result, "website_metrics_daily", AGG_DAY)
+    assert meta["dagster/row_count"] == 3
+    assert [o["rows"] for o in meta["objects"]] == [3, 3]
+    assert meta["fastpath_data_version"].startswith("5@")
+    (check,) = result.get_asset_check_evaluations()
+    assert check.passed, check.metadata
+
+
+def test_monthly_rollup_counts_networks_and_days(
+    clickhouse, object_store_resource, agg_rows
+) -> None:
+    result = _run([MONTHLY], clickhouse, object_store_resource, "2024-05")
+    assert result.success, failure_text(result)
+    store = object_store_resource.get_store()
+    assert aggregates.monthly_key("2024-05") == "exports/website_metrics_monthly/2024-05.csv.gz"
+    assert _csv(store, aggregates.monthly_key("2024-05")) == MONTHLY_EXPECTED
+    table = pq.read_table(io.BytesIO(store.read_bytes(aggregates.monthly_parquet_key("2024-05"))))
+    assert table.column_names == list(aggregates.MONTHLY_COLUMNS)
+    assert table.to_pylist() == _typed(MONTHLY_EXPECTED)
+    (check,) = result.get_asset_check_evaluations()
+    assert check.passed, check.metadata
+
+
+def test_aggregates_add_up_to_the_per_measurement_csv(
+    clickhouse, local_store_resource, day_rows
+) -> None:
+    resources = {"clickhouse": clickhouse, "object_store": local_store_resource}
+    assert dg.materialize([website_metrics], resources=resources, partition_key=DAY).success
+    assert _run([DAILY], clickhouse, local_store_resource, DAY).success
+    store = local_store_resource.get_store()
+    per_measurement = _csv(store, wm_key(DAY))
+    daily = _csv(store, aggregates.daily_key(DAY))
+    for column in (*CATEGORIES, "confirmed"):
+        assert sum(int(r[column]) for r in daily) == sum(int(r[column]) for r in per_measurement)
+    assert sum(int(r["measurement_count"]) for r in daily) == len(CASES)
+
+
+def test_an_empty_day_is_a_header_only_csv_and_a_parquet_with_its_schema(
+    clickhouse, object_store_resource, ch
+) -> None:
+    day = "2016-01-01"
+    daily = _run([DAILY], clickhouse, object_store_resource, day)
+    per_msm = _run([PARQUET], clickhouse, object_store_resource, day)
+    monthly = _run([MONTHLY], clickhouse, object_store_resource, "2016-01")
+    assert daily.success and per_msm.success and monthly.success
+    store = object_store_resource.get_store()
+    text = gzip.decompress(store.read_bytes(aggregates.daily_key(day))).decode()
+    assert text == ",".join(aggregates.DAILY_COLUMNS) + "\n"
+    text = gzip.decompress(store.read_bytes(aggregates.monthly_key("2016-01"))).decode()
+    assert text == ",".join(aggregates.MONTHLY_COLUMNS) + "\n"
+    for key, columns in (
+        (aggregates.daily_parquet_key(day), aggregates.DAILY_COLUMNS),
+        (aggregates.monthly_parquet_key("2016-01"), aggregates.MONTHLY_COLUMNS),
+        (parquet.parquet_key(day), CSV_COLUMNS),
+    ):
+        table = pq.read_table(io.BytesIO(store.read_bytes(key)))
+        assert table.num_rows == 0 and table.column_names == list(columns)
+
+
+# -- Parquet ----------------------------------------------------------------------
+
+
+def test_parquet_is_the_csv_table_and_a_month_reads_with_one_glob(
+    clickhouse, local_store_resource, day_rows
+) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    for day in ("2024-03-09", DAY):
+        result = _run([PARQUET], clickhouse, local_store_resource, day, instance)  # fmt: skip
+        assert result.success, failure_text(result)
+        assert all(c.passed for c in result.get_asset_check_evaluations())
+    store = local_store_resource.get_store()
+    assert parquet.parquet_key(DAY) == (
+        f"exports/parquet/website_metrics/day={DAY}/website_metrics_{DAY}.parquet"
+    )
+    table = pq.read_table(io.BytesIO(store.read_bytes(parquet.parquet_key(DAY))))
+    assert table.column_names == list(CSV_COLUMNS)
+    types = {f.name: f.type for f in table.schema}
+    assert types["measurement_start_time"] == pa.string()
+    assert types["probe_asn"] == pa.int32()
+    assert all(types[c] == pa.uint8() for c in (*CATEGORIES, "confirmed"))
+    as_text = [{k: str(v) for k, v in row.items()} for row in table.to_pylist()]
+    assert as_text == _expected()
+
+    # One glob for the month, with the Hive partition as a column.
+    root = Path(store.root) / "exports" / "parquet" / "website_metrics"
+    files = sorted(glob.glob(str(root / "day=2024-03-*" / "*.parquet")))
+    month = pads.dataset(files, format="parquet", partitioning="hive", partition_base_dir=str(root))
+    rows = month.to_table().to_pylist()
+    assert len(rows) == len(CASES) + 1
+    assert {r["day"] for r in rows} == {"2024-03-09", DAY}
+    assert [r["explorer_url"] for r in rows if r["day"] == "2024-03-09"] == [
+        "https://explorer.ooni.org/m/x2"
+    ]
+
+
+# -- manifest, checks, refusals -----------------------------------------------------
+
+
+def test_manifest_lists_every_object_with_its_source_version(
+    clickhouse, s3_store_resource, ch, agg_rows
+) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    for key in (DAILY, PARQUET):
+        assert _run([key], clickhouse, s3_store_resource, AGG_DAY, instance).success
+    store = s3_store_resource.get_store()
+    manifest = json.loads(store.read_bytes(MANIFEST_KEY))
+    version = day_versions(ch, [AGG_DAY])[AGG_DAY]
+    keys = [
+        aggregates.daily_key(AGG_DAY),
+        aggregates.daily_parquet_key(AGG_DAY),
+        parquet.parquet_key(AGG_DAY),
+    ]
+    assert sorted(manifest["objects"]) == sorted(keys)
+    for key in keys:
+        entry = manifest["objects"][key]
+        data = store.read_bytes(key)
+        assert entry["key"] == key
+        assert entry["bytes"] == len(data)
+        assert entry["sha256"] == hashlib.sha256(data).hexdigest()
+        assert entry["source_version"] == version
+        assert datetime.fromisoformat(entry["written_at"]).tzinfo is not None
+    assert manifest["objects"][aggregates.daily_key(AGG_DAY)]["rows"] == 3
+    assert manifest["objects"][parquet.parquet_key(AGG_DAY)]["rows"] == 5
+    assert manifest["objects"][parquet.parquet_key(AGG_DAY)]["asset"] == "website_metrics_parquet"
+
+
+def test_concurrent_writers_lose_no_manifest_entry(clickhouse, s3_store_resource, agg_rows) -> None:
+    """Two exports finishing together (separate Dagster instances, as two hosts):
+    both objects end up in exports/manifest.json."""
+    results = {}
+
+    def run(key) -> None:
+        results[key] = _run([key], clickhouse, s3_store_resource, AGG_DAY)
+
+    threads = [threading.Thread(target=run, args=(key,)) for key in (DAILY, PARQUET)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r.success for r in results.values())
+    store = s3_store_resource.get_store()
+    objects = json.loads(store.read_bytes(MANIFEST_KEY))["objects"]
+    assert set(objects) == {
+        aggregates.daily_key(AGG_DAY),
+        aggregates.daily_parquet_key(AGG_DAY),
+        parquet.parquet_key(AGG_DAY),
+    }
+
+
+def test_check_fails_on_a_replaced_object(clickhouse, local_store_resource, agg_rows) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    assert _run([DAILY], clickhouse, local_store_resource, AGG_DAY, instance).success  # fmt: skip
+    store = local_store_resource.get_store()
+    lines = gzip.decompress(store.read_bytes(aggregates.daily_key(AGG_DAY))).splitlines(True)
+    store.put_bytes(aggregates.daily_key(AGG_DAY), gzip.compress(b"".join(lines[:-1])))
+    context = dg.build_asset_check_context(
+        resources={"object_store": local_store_resource}, instance=instance
+    )
+    daily_check = build_daily_consumer_exports({})[1][0]
+    checked = daily_check(context)
+    assert not checked.passed
+    assert "sha256 differs" in checked.metadata["problems"].value
+
+
+def test_an_emptied_source_never_replaces_published_exports(
+    clickhouse, s3_store_resource, ch, agg_rows
+) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    daily = DAILY
+    assert _run([daily], clickhouse, s3_store_resource, AGG_DAY, instance).success
+    store = s3_store_resource.get_store()
+    published = store.read_bytes(aggregates.daily_key(AGG_DAY))
+    ch.command("TRUNCATE TABLE fastpath")
+    refused = _run([daily], clickhouse, s3_store_resource, AGG_DAY, instance)
+    assert not refused.success
+    assert "0 measurements would replace the 5 published" in failure_text(refused)
+    assert store.read_bytes(aggregates.daily_key(AGG_DAY)) == published
+    fresh = _run([daily], clickhouse, s3_store_resource, AGG_DAY)  # no record: still refused
+    assert "an empty source would replace the published object" in failure_text(fresh)
+    forced = _run([daily], clickhouse, s3_store_resource, AGG_DAY, instance, {"force": True})
+    assert forced.success
+    assert _csv(store, aggregates.daily_key(AGG_DAY)) == []
+
+
+# -- schedules and automation -------------------------------------------------------
+
+
+def test_schedules_request_yesterday_and_last_month() -> None:
+    context = dg.build_schedule_context(scheduled_execution_time=datetime(2024, 3, 1, 1, 15))
+    assert consumer_exports_daily_schedule(context).partition_key == "2024-02-29"
+    assert website_metrics_monthly_schedule(context).partition_key == "2024-02"
+    assert consumer_exports_daily_schedule.cron_schedule == "15 1 * * *"
+    assert website_metrics_monthly_schedule.cron_schedule == "0 3 1 * *"
+
+
+def test_a_changed_day_re_exports_its_day_and_its_month() -> None:
+    from dagster._core.definitions.data_version import DATA_VERSION_TAG
+
+    from ooni_pipeline.clickhouse import ClickHouseResource
+    from ooni_pipeline.fastpath.assets import build_fastpath_asset
+    from ooni_pipeline.object_store import ObjectStoreResource
+
+    daily, _ = build_daily_consumer_exports({"bbc": ("bbc.com",)})
+    defs = dg.Definitions(
+        assets=[
+            build_fastpath_asset("external"),
+            daily,
+            aggregates.website_metrics_monthly,
+        ],
+        resources={"clickhouse": ClickHouseResource(), "object_store": ObjectStoreResource()},
+    )
+    instance = dg.DagsterInstance.ephemeral()
+    start = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+    assert start.total_requested == 0
+    instance.report_runless_asset_event(
+        dg.AssetObservation("fastpath", partition="2024-03-10", tags={DATA_VERSION_TAG: "9@x"})
+    )
+    changed = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=start.cursor)
+    for key in ("website_metrics_daily", "website_metrics_parquet", "watchlists/bbc"):
+        assert changed.get_requested_partitions(dg.AssetKey.from_user_string(key)) == {"2024-03-10"}
+    assert changed.get_requested_partitions(aggregates.MONTHLY_KEY) == {"2024-03"}
+
+
+def test_the_manifest_tells_a_sync_client_what_changed(
+    clickhouse, local_store_resource, ch, day_rows
+) -> None:
+    """A client keeps the manifest of its last sync and fetches the keys whose sha256
+    differs: after a late upload to one day, that day's objects only."""
+    instance = dg.DagsterInstance.ephemeral()
+    resources = {"clickhouse": clickhouse, "object_store": local_store_resource}
+    days = ("2024-03-09", DAY)
+
+    def export_all() -> None:
+        for day in days:
+            assert dg.materialize(
+                [website_metrics], resources=resources, partition_key=day, instance=instance
+            ).success
+            assert _run([DAILY], clickhouse, local_store_resource, day, instance).success
+
+    export_all()
+    store = local_store_resource.get_store()
+    synced = json.loads(store.read_bytes(MANIFEST_KEY))["objects"]
+    assert sorted(synced) == sorted(
+        [wm_key(d) for d in days]
+        + [aggregates.daily_key(d) for d in days]
+        + [aggregates.daily_parquet_key(d) for d in days]
+    )
+    assert synced[wm_key(DAY)]["rows"] == len(CASES)
+    assert (
+        synced[wm_key(DAY)]["sha256"] == hashlib.sha256(store.read_bytes(wm_key(DAY))).hexdigest()
+    )
+
+    _insert(ch, [_msm("late", f"{DAY} 12:30:00")])
+    export_all()
+    now = json.loads(store.read_bytes(MANIFEST_KEY))["objects"]
+    changed = sorted(k for k in now if now[k]["sha256"] != synced[k]["sha256"])
+    assert changed == sorted(
+        [wm_key(DAY), aggregates.daily_key(DAY), aggregates.daily_parquet_key(DAY)]
+    )
+    assert now[wm_key(DAY)]["rows"] == len(CASES) + 1
+    assert now[wm_key(DAY)]["source_version"] == day_versions(ch, [DAY])[DAY]
+
+
+def test_the_stage_table_never_outlives_its_step(
+    clickhouse, ch, moto_endpoint, local_store_resource, agg_rows
+) -> None:
+    def stages() -> list:
+        return ch.query_rows(
+            "SELECT name FROM system.tables WHERE database = currentDatabase() "
+            "AND startsWith(name, '_exports_stage_')"
+        )
+
+    assert _run([DAILY, PARQUET], clickhouse, local_store_resource, AGG_DAY).success
+    assert stages() == []
+    # The uploads fail (no such bucket) after the day is staged: dropped all the same.
+    missing = ObjectStoreResource(
+        bucket="no-such-bucket", endpoint_url=moto_endpoint, region_name="us-east-1"
+    )
+    failed = _run([DAILY], clickhouse, missing, AGG_DAY)
+    assert not failed.success
+    assert "NoSuchBucket" in failure_text(failed)
+    assert stages() == []
