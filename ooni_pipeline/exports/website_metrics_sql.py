@@ -102,3 +102,37 @@ FROM (
     {_DAY_OF_MEASUREMENTS}
 )
 """
+
+# The contract's CSV written whole by the engine: ClickHouse's CSVWithNames quotes the
+# header names, the contract's header is bare, so a Template of one header line and
+# rows serialized by the CSV escaping rule (byte for byte what format CSV writes).
+CSV_FORMAT = "Template"
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+_TEMPLATE_SETTINGS = {
+    "format_template_resultset_format": ",".join(CSV_COLUMNS) + "\n${data}",
+    "format_template_row_format": ",".join(f'${{"{c}":CSV}}' for c in CSV_COLUMNS) + "\n",
+    "format_template_rows_between_delimiter": "",
+}
+CSV_FORMAT_SETTINGS = ", ".join(f"{k} = {_literal(v)}" for k, v in _TEMPLATE_SETTINGS.items())
+
+
+def export_to_file_sql(gzip_level: int) -> str:
+    """The engine writing the day's gzip CSV to a local file (bound: path, start, end).
+
+    An existing file there (the empty staging file) is overwritten."""
+    if not 1 <= int(gzip_level) <= 9:
+        raise ValueError(f"gzip level must be 1..9, got {gzip_level!r}")
+    return (
+        f"INSERT INTO FUNCTION file({{path:String}}, '{CSV_FORMAT}', 'auto', 'gzip') {PIVOT_SQL}"
+        f" SETTINGS engine_file_truncate_on_insert = 1,"
+        f" output_format_compression_level = {int(gzip_level)}, {CSV_FORMAT_SETTINGS}"
+    )
+
+
+# The same CSV as a query result, for a server that compresses its HTTP response.
+EXPORT_SQL = f"{PIVOT_SQL} SETTINGS {CSV_FORMAT_SETTINGS}"
