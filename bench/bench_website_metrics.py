@@ -302,36 +302,51 @@ def main() -> None:
         return cli(label, EMPTY_DAY)
 
     first = cli_empty("cli (empty day, fresh DAGSTER_HOME)")
-    pairs = []
-    for _ in range(args.repeat):
-        base = alone()
+    # Each ratio from processes run back to back (the machine is shared: absolute
+    # seconds move with its load, ratios much less); every repetition is reported.
+    ratios = []
+    for number in range(1, args.repeat + 1):
+        base_s, base_rss, _ = alone()
         ours = cli("cli (embedded)", DAY)
-        pairs.append((base, ours))
-    # Each ratio from one pair measured back to back; the best pair reported.
-    (base_s, base_rss, _), ours = min(pairs, key=lambda p: (p[1]["step"] + p[1]["check"]) / p[0][0])
-    same = unpacked_digest(obj) == unpacked_digest(args.workdir / "clickhouse_alone.csv.gz")
-    empty = min(
-        (cli("cli (empty day)", EMPTY_DAY) for _ in range(args.repeat)), key=lambda r: r["wall"]
+        work = ours["step"] + ours["check"]
+        same = unpacked_digest(obj) == unpacked_digest(args.workdir / "clickhouse_alone.csv.gz")
+        line = (
+            f"[{number}] asset step / ClickHouse alone {ours['step'] / base_s:.2f}x (target <= 1.3); "
+            f"step + check / ClickHouse alone {work / base_s:.2f}x (target <= 1.6); "
+            f"peak RSS CLI - ClickHouse alone {ours['rss'] - base_rss:+.0f} MB; "
+            f"identical once unpacked: {same}"
+        )
+        ratio = {"step": ours["step"] / base_s, "work": work / base_s}
+        if not args.no_notebook:
+            nw, nrss, nout = run_measured(
+                [__file__, "--run", "notebook", "--workdir", str(args.workdir)]
+            )
+            print(
+                f"notebook (#331)   process {nw:6.2f} s  peak RSS {nrss:5.0f} MB  {nout}  ({load()})"
+            )
+            line += (
+                f"; notebook / (step + check) {nw / work:.1f}x, notebook / whole CLI process "
+                f"{nw / ours['wall']:.1f}x (target >= 4)"
+            )
+            ratio["notebook"] = nw / work
+        print(line)
+        ratios.append(ratio)
+    empty = min((cli_empty("cli (empty day)") for _ in range(args.repeat)), key=lambda r: r["wall"])
+    print(f"gzip level {level} (the asset's default) in ours and in ClickHouse alone")
+    print(
+        "worst of the repetitions: asset step / ClickHouse alone "
+        f"{max(r['step'] for r in ratios):.2f}x (target <= 1.3); step + check "
+        f"{max(r['work'] for r in ratios):.2f}x (target <= 1.6)"
+        + (
+            f"; notebook / (step + check) {min(r['notebook'] for r in ratios):.1f}x (target >= 4)"
+            if not args.no_notebook
+            else ""
+        )
     )
     print(
-        f"gzip level {level} (the asset's default) in both; objects identical once unpacked: {same}"
+        f"empty day through the CLI {empty['wall']:.2f} s, best of {args.repeat} (target <= 4; "
+        f"{first['wall']:.2f} s as the first run in a fresh DAGSTER_HOME)"
     )
-    print(
-        f"asset step / ClickHouse alone {ours['step'] / base_s:.2f}x (target <= 1.3); "
-        f"step + check / ClickHouse alone {(ours['step'] + ours['check']) / base_s:.2f}x (target <= 1.6); "
-        f"empty day through the CLI {empty['wall']:.2f} s (target <= 4; {first['wall']:.2f} s as the "
-        "first run in a fresh DAGSTER_HOME); "
-        f"peak RSS CLI - ClickHouse alone {ours['rss'] - base_rss:+.0f} MB"
-    )
-    if not args.no_notebook:
-        nw, nrss, nout = run_measured(
-            [__file__, "--run", "notebook", "--workdir", str(args.workdir)]
-        )
-        print(f"notebook (#331)   process {nw:6.2f} s  peak RSS {nrss:5.0f} MB  {nout}  ({load()})")
-        print(
-            f"notebook / (step + check) {nw / (ours['step'] + ours['check']):.1f}x, "
-            f"notebook / whole CLI process {nw / ours['wall']:.1f}x (target >= 4)"
-        )
     if args.server:
         embedded = cli("cli (embedded)", DAY)
         endpoint = Endpoint(args.workdir)
