@@ -164,7 +164,66 @@ def run_notebook(workdir: Path) -> None:
     print(f"rows={len(pivot)}")
 
 
-MODES = {"clickhouse": run_clickhouse, "notebook": run_notebook}
+def run_breakdown(workdir: Path) -> None:
+    """The asset's phases in one process, on the engine already warm: where the time
+    beyond ClickHouse's own goes (library level, beside the CLI figures)."""
+    import chdb
+
+    from ooni_pipeline.clickhouse import ClickHouse
+    from ooni_pipeline.exports.website_metrics import (
+        _file_digest,
+        _staged_totals,
+        day_window,
+        read_object_totals,
+    )
+    from ooni_pipeline.exports.website_metrics_sql import (
+        CSV_FORMAT,
+        CSV_FORMAT_SETTINGS,
+        PIVOT_SQL,
+        export_to_file_sql,
+    )
+    from ooni_pipeline.fastpath.versions import day_versions
+    from ooni_pipeline.object_store import LocalObjectStore
+
+    level = default_gzip_level()
+    staged = (workdir / "breakdown.csv.gz").absolute()
+    alone = (workdir / "breakdown_alone.csv.gz").absolute()
+    times: dict[str, float] = {}
+    with ClickHouse(f"chdb://{(workdir / 'clickhouse').absolute()}") as ch:
+
+        def timed(name, fn):
+            start = time.monotonic()
+            result = fn()
+            times[name] = time.monotonic() - start
+            return result
+
+        alone.unlink(missing_ok=True)
+        conn = chdb.connect(ch.path)
+        timed(
+            "clickhouse_alone",
+            lambda: conn.query(
+                f"{PIVOT_SQL} INTO OUTFILE '{alone}' COMPRESSION 'gzip' LEVEL {level} "
+                f"FORMAT {CSV_FORMAT} SETTINGS {CSV_FORMAT_SETTINGS}",
+                "CSV",
+                params=day_window(DAY),
+            ),
+        )
+        timed("day_versions", lambda: day_versions(ch, [DAY]))
+        timed(
+            "engine_file",
+            lambda: ch.command(export_to_file_sql(level), day_window(DAY) | {"path": str(staged)}),
+        )
+    figures = timed("arrow_read_back", lambda: _staged_totals(staged, "staged"))
+    timed("sha256", lambda: _file_digest(staged))
+    store = LocalObjectStore(workdir)
+    timed(
+        "check_read_bounded",
+        lambda: read_object_totals(store, staged.name, figures.raw_bytes),
+    )
+    print(" ".join(f"{k}={v:.2f}" for k, v in times.items()))
+
+
+MODES = {"clickhouse": run_clickhouse, "notebook": run_notebook, "breakdown": run_breakdown}
 
 
 def load() -> str:
@@ -301,6 +360,8 @@ def main() -> None:
         empty_obj.unlink(missing_ok=True)  # each time the day's first export
         return cli(label, EMPTY_DAY)
 
+    wall, rss, out = run_measured([__file__, "--run", "breakdown", "--workdir", str(args.workdir)])
+    print(f"library breakdown (s, one process): {out}  ({load()})")
     first = cli_empty("cli (empty day, fresh DAGSTER_HOME)")
     # Each ratio from processes run back to back (the machine is shared: absolute
     # seconds move with its load, ratios much less); every repetition is reported.
