@@ -69,8 +69,7 @@ FROM (
 )
 """
 
-# The CSV body, without header (written separately: chdb repeats *WithNames
-# headers in every streamed chunk).
+# The CSV's rows, in the contract's order (the header line comes from CSV_FORMAT).
 PIVOT_SQL = f"""
 SELECT
     formatDateTime(start_time, '%Y-%m-%d %H:%i:%S', 'UTC') AS measurement_start_time,
@@ -83,24 +82,6 @@ SELECT
     toUInt8(is_confirmed) AS confirmed
 FROM ({_MEASUREMENTS})
 ORDER BY start_time, explorer_url
-"""
-
-# Totals of the same rows, for metadata and for the check. Only what the totals
-# need goes through the dedup (a small argMax state), so this costs a fraction of
-# the export itself.
-TOTALS_SQL = f"""
-SELECT
-    count() AS rows,
-    {", ".join(f"countIf(category = '{c}') AS `{c}`" for c in CATEGORIES)},
-    countIf(latest.4 = 't') AS confirmed,
-    uniqExact(latest.5) AS countries,
-    topK(10)(latest.5) AS top_countries
-FROM (
-    SELECT
-        argMax((msm_failure, anomaly, blocking_type, confirmed, toString(probe_cc)), update_time) AS latest,
-        {category_sql("latest.1", "latest.2", "latest.3")} AS category
-    {_DAY_OF_MEASUREMENTS}
-)
 """
 
 # The contract's CSV written whole by the engine: ClickHouse's CSVWithNames quotes the
