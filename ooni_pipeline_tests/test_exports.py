@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import io
@@ -333,3 +334,65 @@ def test_schedule_requests_yesterday() -> None:
     request = website_metrics_schedule(context)
     assert request.partition_key == "2024-03-10"
     assert website_metrics_schedule.cron_schedule == "0 1 * * *"
+
+
+def test_check_fails_on_a_malformed_object_without_quoting_it(
+    clickhouse, local_store_resource, ch, day_rows
+) -> None:
+    """A short row and a cell that is no count make the check fail, naming the object
+    and never echoing the hostile cell (the csv-module reader crashed on int())."""
+    instance = dg.DagsterInstance.ephemeral()
+    assert _materialize(clickhouse, local_store_resource, DAY, instance).success
+    store = local_store_resource.get_store()
+    header = (",".join(CSV_COLUMNS) + "\n").encode()
+    context = dg.build_asset_check_context(
+        resources={"clickhouse": clickhouse, "object_store": local_store_resource},
+        instance=instance,
+    )
+    for body in (
+        b'"2024-03-10 00:00:00",1,"i","d","u","IT",<b>pwned</b>,0,0,0,0,0,0,0\n',
+        b'"2024-03-10 00:00:00",1,"i"\n',
+    ):
+        store.put_bytes(object_key(DAY), gzip.compress(header + body))
+        checked = website_metrics_object_check(context)
+        assert not checked.passed
+        problems = checked.metadata["problems"].value
+        assert f"{DAY}: {object_key(DAY)} is not a CSV of the contract's 14 columns" in problems
+        assert "pwned" not in problems
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_a_file_becomes_the_object_only_when_complete(object_store_resource, fail) -> None:
+    """``open_file_writer`` (for writers that need a path, like ClickHouse's file()):
+    nothing under the key while the file is written, the previous object kept and
+    the file removed on error."""
+    store = object_store_resource.get_store()
+    key = "exports/website_metrics/2024-03-10.csv.gz"
+    store.put_bytes(key, b"published")
+    staged = None
+    with pytest.raises(RuntimeError) if fail else contextlib.nullcontext():
+        with store.open_file_writer(key) as path:
+            staged = path
+            path.write_bytes(b"new object")
+            assert store.read_bytes(key) == b"published"
+            assert store.list_keys("exports/") == [key]
+            if fail:
+                raise RuntimeError("the engine failed")
+    assert store.read_bytes(key) == (b"published" if fail else b"new object")
+    assert not staged.exists()
+    assert store.list_keys("exports/") == [key]
+
+
+@pytest.mark.clickhouse_backends("server")
+def test_a_server_compresses_the_export_itself(
+    clickhouse, clickhouse_server, local_store_resource, day_rows
+) -> None:
+    """The CSV comes gzip-compressed by the server, at the configured level, and is
+    stored as it arrives: no Python gzip on the way."""
+    clickhouse_server.log.clear()
+    result = _materialize(clickhouse, local_store_resource, DAY, config={"gzip_level": 2})
+    assert result.success
+    (export,) = [e for e in clickhouse_server.log if "http_zlib_compression_level" in e.params]
+    assert export.content_encoding == "gzip"
+    assert export.params["http_zlib_compression_level"] == "2"
+    assert _read(local_store_resource.get_store(), object_key(DAY)) == _expected()

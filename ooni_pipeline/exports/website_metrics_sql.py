@@ -69,8 +69,7 @@ FROM (
 )
 """
 
-# The CSV body, without header (written separately: chdb repeats *WithNames
-# headers in every streamed chunk).
+# The CSV's rows, in the contract's order (the header line comes from CSV_FORMAT).
 PIVOT_SQL = f"""
 SELECT
     formatDateTime(start_time, '%Y-%m-%d %H:%i:%S', 'UTC') AS measurement_start_time,
@@ -85,20 +84,36 @@ FROM ({_MEASUREMENTS})
 ORDER BY start_time, explorer_url
 """
 
-# Totals of the same rows, for metadata and for the check. Only what the totals
-# need goes through the dedup (a small argMax state), so this costs a fraction of
-# the export itself.
-TOTALS_SQL = f"""
-SELECT
-    count() AS rows,
-    {", ".join(f"countIf(category = '{c}') AS `{c}`" for c in CATEGORIES)},
-    countIf(latest.4 = 't') AS confirmed,
-    uniqExact(latest.5) AS countries,
-    topK(10)(latest.5) AS top_countries
-FROM (
-    SELECT
-        argMax((msm_failure, anomaly, blocking_type, confirmed, toString(probe_cc)), update_time) AS latest,
-        {category_sql("latest.1", "latest.2", "latest.3")} AS category
-    {_DAY_OF_MEASUREMENTS}
-)
-"""
+# The contract's CSV written whole by the engine: ClickHouse's CSVWithNames quotes the
+# header names, the contract's header is bare, so a Template of one header line and
+# rows serialized by the CSV escaping rule (byte for byte what format CSV writes).
+CSV_FORMAT = "Template"
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+_TEMPLATE_SETTINGS = {
+    "format_template_resultset_format": ",".join(CSV_COLUMNS) + "\n${data}",
+    "format_template_row_format": ",".join(f'${{"{c}":CSV}}' for c in CSV_COLUMNS) + "\n",
+    "format_template_rows_between_delimiter": "",
+}
+CSV_FORMAT_SETTINGS = ", ".join(f"{k} = {_literal(v)}" for k, v in _TEMPLATE_SETTINGS.items())
+
+
+def export_to_file_sql(gzip_level: int) -> str:
+    """The engine writing the day's gzip CSV to a local file (bound: path, start, end).
+
+    An existing file there (the empty staging file) is overwritten."""
+    if not 1 <= int(gzip_level) <= 9:
+        raise ValueError(f"gzip level must be 1..9, got {gzip_level!r}")
+    return (
+        f"INSERT INTO FUNCTION file({{path:String}}, '{CSV_FORMAT}', 'auto', 'gzip') {PIVOT_SQL}"
+        f" SETTINGS engine_file_truncate_on_insert = 1,"
+        f" output_format_compression_level = {int(gzip_level)}, {CSV_FORMAT_SETTINGS}"
+    )
+
+
+# The same CSV as a query result, for a server that compresses its HTTP response.
+EXPORT_SQL = f"{PIVOT_SQL} SETTINGS {CSV_FORMAT_SETTINGS}"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dagster as dg
-from dagster_aws.s3 import S3Resource
 from pydantic import Field
 
 from ooni_pipeline import settings
@@ -33,6 +32,10 @@ class ObjectStoreResource(dg.ConfigurableResource):
         bucket = self.bucket or settings.env("OONI_S3_BUCKET")
         if not bucket:
             return LocalObjectStore(self.local_dir or settings.data_dir() / "objects")
+        # dagster_aws (with the Dagster components it pulls in) costs about a second
+        # to import: only a run that writes to S3 pays for it, not every code load.
+        from dagster_aws.s3 import S3Resource
+
         s3 = S3Resource(
             endpoint_url=self.endpoint_url or settings.env("OONI_S3_ENDPOINT_URL"),
             region_name=self.region_name

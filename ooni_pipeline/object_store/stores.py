@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 MIN_PART_SIZE = 5 * 1024 * 1024
+FILE_BLOCK = 8 * 1024 * 1024
 
 
 class ObjectWriter(ABC):
@@ -49,6 +50,25 @@ class ObjectStore(ABC):
     @abstractmethod
     def address(self, key: str) -> str:
         """Where a person finds the object (``s3://bucket/key`` or a path)."""
+
+    @contextmanager
+    def open_file_writer(self, key: str) -> Iterator[Path]:
+        """A path on this machine for a writer that needs a file (e.g. ClickHouse's
+        ``file()``): what is there when the block ends without error becomes the object
+        ``key``; on error it is removed and the object is left as it was.
+
+        Here the file is staged in the temporary directory, then streamed through
+        ``open_writer``; stores on the local filesystem rename it into place."""
+        _check_key(key)
+        fd, tmp = tempfile.mkstemp(prefix=".object.", suffix=".partial")
+        os.close(fd)
+        try:
+            yield Path(tmp)
+            with open(tmp, "rb") as source, self.open_writer(key) as writer:
+                while block := source.read(FILE_BLOCK):
+                    writer.write(block)
+        finally:
+            os.unlink(tmp)
 
     def put_bytes(self, key: str, data: bytes) -> None:
         with self.open_writer(key) as writer:
@@ -83,6 +103,23 @@ class LocalObjectStore(ObjectStore):
             with os.fdopen(fd, "wb") as handle:
                 yield _FileWriter(handle)
                 handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @contextmanager
+    def open_file_writer(self, key: str) -> Iterator[Path]:
+        """Staged beside the object (hidden, ``.partial``), renamed into place: no copy."""
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        os.close(fd)
+        try:
+            yield Path(tmp)
+            with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
         except BaseException:
