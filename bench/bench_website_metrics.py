@@ -170,8 +170,8 @@ def run_breakdown(workdir: Path) -> None:
     import chdb
 
     from ooni_pipeline.clickhouse import ClickHouse
+    from ooni_pipeline.exports.engine_file import engine_file, file_digest
     from ooni_pipeline.exports.website_metrics import (
-        _file_digest,
         _staged_totals,
         day_window,
         read_object_totals,
@@ -180,7 +180,6 @@ def run_breakdown(workdir: Path) -> None:
         CSV_FORMAT,
         CSV_FORMAT_SETTINGS,
         PIVOT_SQL,
-        export_to_file_sql,
     )
     from ooni_pipeline.fastpath.versions import day_versions
     from ooni_pipeline.object_store import LocalObjectStore
@@ -209,13 +208,24 @@ def run_breakdown(workdir: Path) -> None:
             ),
         )
         timed("day_versions", lambda: day_versions(ch, [DAY]))
-        timed(
-            "engine_file",
-            lambda: ch.command(export_to_file_sql(level), day_window(DAY) | {"path": str(staged)}),
-        )
+        store = LocalObjectStore(workdir)
+
+        def write_staged() -> None:
+            with engine_file(
+                ch,
+                store,
+                staged.name,
+                PIVOT_SQL,
+                day_window(DAY),
+                fmt=CSV_FORMAT,
+                settings=CSV_FORMAT_SETTINGS,
+                gzip_level=level,
+            ):
+                pass
+
+        timed("engine_file", write_staged)
     figures = timed("arrow_read_back", lambda: _staged_totals(staged, "staged"))
-    timed("sha256", lambda: _file_digest(staged))
-    store = LocalObjectStore(workdir)
+    timed("sha256", lambda: file_digest(staged))
     timed(
         "check_read_bounded",
         lambda: read_object_totals(store, staged.name, figures.raw_bytes),

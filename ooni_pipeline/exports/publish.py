@@ -1,7 +1,7 @@
 """Writing one consumer export object (gzip CSV or Parquet) and recording it.
 
 Shared by the watchlists, the aggregates and the Parquet copies: every object is
-produced by one ClickHouse query, streamed into the object store (all or nothing),
+produced by one ClickHouse query, written into the object store all or nothing,
 and described by the same figures (key, rows, bytes, sha256, source version) in its
 partition's metadata and in ``exports/manifest.json``.
 """
@@ -9,8 +9,8 @@ partition's metadata and in ``exports/manifest.json``.
 import csv
 import hashlib
 import io
-import os
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,10 +21,11 @@ import pyarrow.parquet as pq
 from ooni_pipeline.clickhouse import ClickHouse
 from ooni_pipeline.common import last_metadata, shrink_refusal
 from ooni_pipeline.decompression import DecompressionLimitExceeded, open_bounded
+from ooni_pipeline.exports.engine_file import engine_file, file_digest
 from ooni_pipeline.object_store import ObjectStoreResource, UploadResult, stream_upload
 from ooni_pipeline.object_store.stores import ObjectStore
 
-PARQUET_SETTINGS = "SETTINGS output_format_parquet_compression_method = 'zstd'"
+PARQUET_SETTINGS = "output_format_parquet_compression_method = 'zstd'"
 READ_BLOCK = 1 << 20
 
 
@@ -120,25 +121,20 @@ def write_csv(
 def write_parquet(
     ch: ClickHouse, store: ObjectStore, key: str, sql: str, params: dict[str, Any]
 ) -> Written:
-    """A Parquet object written by the engine, then uploaded as it is.
-
-    The file goes through a local temporary file: chdb streams ``FORMAT Parquet``
-    as one complete file per block, so embedded ClickHouse writes it with ``INTO
-    OUTFILE``; a server's HTTP stream is one file. The footer then gives the rows.
-    An empty result is a file with the schema and no row group."""
-    with tempfile.TemporaryDirectory(prefix="ooni-parquet-") as tmp:
-        path = os.path.join(tmp, "data.parquet")
-        if ch.embedded:
-            if "'" in path or "\\" in path:
-                raise ValueError(f"unusable temporary path {path!r}")
-            ch.command(f"{sql} {PARQUET_SETTINGS} INTO OUTFILE '{path}' FORMAT Parquet", params)
-        else:
-            with open(path, "wb") as out:
-                for chunk in ch.stream(f"{sql} {PARQUET_SETTINGS}", params, fmt="Parquet"):
-                    out.write(chunk)
+    """A Parquet object written by the engine (``engine_file``); its footer gives
+    the rows. An empty result is a file with the schema and no row group."""
+    start = time.monotonic()
+    with engine_file(ch, store, key, sql, params, fmt="Parquet", settings=PARQUET_SETTINGS) as path:
         rows = pq.read_metadata(path).num_rows
-        with open(path, "rb") as handle:
-            upload = stream_upload(store, key, iter(lambda: handle.read(READ_BLOCK), b""), "none")
+        digest, size = file_digest(path)
+    upload = UploadResult(
+        key=key,
+        address=store.address(key),
+        raw_bytes=size,
+        bytes=size,
+        sha256=digest,
+        duration_s=time.monotonic() - start,
+    )
     return Written(key, "parquet", rows, upload)
 
 

@@ -1,6 +1,5 @@
 """The ``website_metrics`` asset: one pivoted gzip CSV per UTC day, for newsrooms and researchers."""
 
-import hashlib
 import time
 import zlib
 from collections import Counter
@@ -22,13 +21,14 @@ from ooni_pipeline.common import (
     shrink_refusal,
 )
 from ooni_pipeline.decompression import DecompressionLimitExceeded, open_bounded
+from ooni_pipeline.exports.engine_file import engine_file, file_digest
 from ooni_pipeline.exports.manifest import record_exports, upload_entry
 from ooni_pipeline.exports.website_metrics_sql import (
     CATEGORIES,
     CSV_COLUMNS,
     CSV_FORMAT,
-    EXPORT_SQL,
-    export_to_file_sql,
+    CSV_FORMAT_SETTINGS,
+    PIVOT_SQL,
 )
 from ooni_pipeline.fastpath.assets import FASTPATH_KEY, MEASUREMENT_DAYS
 from ooni_pipeline.fastpath.versions import day_versions
@@ -209,13 +209,16 @@ def export_day(
     if source_version is None:
         source_version = day_versions(ch, [day])[day]
     key = object_key(day)
-    with store.open_file_writer(key) as path:
-        if ch.embedded:
-            ch.command(export_to_file_sql(gzip_level), params | {"path": str(path)})
-        else:
-            with open(path, "wb") as handle:
-                for chunk in ch.stream_gzip(EXPORT_SQL, params, fmt=CSV_FORMAT, level=gzip_level):
-                    handle.write(chunk)
+    with engine_file(
+        ch,
+        store,
+        key,
+        PIVOT_SQL,
+        params,
+        fmt=CSV_FORMAT,
+        settings=CSV_FORMAT_SETTINGS,
+        gzip_level=gzip_level,
+    ) as path:
         figures = _staged_totals(path, key)
         problems = figures.problems()
         expected = int(source_version.split("@")[0])
@@ -223,7 +226,7 @@ def export_day(
             problems.append(f"{figures.totals['rows']} rows, the day has {expected} measurements")
         if problems:
             raise RuntimeError(f"{day}: the export is not published: {'; '.join(problems)}")
-        digest, size = _file_digest(path)
+        digest, size = file_digest(path)
     upload = UploadResult(
         key=key,
         address=store.address(key),
@@ -244,12 +247,6 @@ def _staged_totals(path: Path, key: str) -> CsvTotals:
 
     with pa.CompressedInputStream(pa.OSFile(str(path)), "gzip") as unpacked:
         return read_csv_totals(unpacked, key)
-
-
-def _file_digest(path: Path) -> tuple[str, int]:
-    with open(path, "rb") as handle:
-        digest = hashlib.file_digest(handle, "sha256")
-    return digest.hexdigest(), path.stat().st_size
 
 
 class WebsiteMetricsConfig(dg.Config):

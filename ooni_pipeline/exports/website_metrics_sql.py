@@ -100,20 +100,3 @@ _TEMPLATE_SETTINGS = {
     "format_template_rows_between_delimiter": "",
 }
 CSV_FORMAT_SETTINGS = ", ".join(f"{k} = {_literal(v)}" for k, v in _TEMPLATE_SETTINGS.items())
-
-
-def export_to_file_sql(gzip_level: int) -> str:
-    """The engine writing the day's gzip CSV to a local file (bound: path, start, end).
-
-    An existing file there (the empty staging file) is overwritten."""
-    if not 1 <= int(gzip_level) <= 9:
-        raise ValueError(f"gzip level must be 1..9, got {gzip_level!r}")
-    return (
-        f"INSERT INTO FUNCTION file({{path:String}}, '{CSV_FORMAT}', 'auto', 'gzip') {PIVOT_SQL}"
-        f" SETTINGS engine_file_truncate_on_insert = 1,"
-        f" output_format_compression_level = {int(gzip_level)}, {CSV_FORMAT_SETTINGS}"
-    )
-
-
-# The same CSV as a query result, for a server that compresses its HTTP response.
-EXPORT_SQL = f"{PIVOT_SQL} SETTINGS {CSV_FORMAT_SETTINGS}"
