@@ -591,3 +591,37 @@ def test_s3_credentials_never_reach_the_check_results(
     text = json.dumps({k: str(v.value) for k, v in result.metadata.items()})
     for secret in ("AKIAKEYIDNEVERSHOWN", "secret-never-in-errors-91c2"):
         assert secret not in text
+
+
+def test_parts_holding_rows_newer_than_the_snapshot_are_never_taken_for_unchanged(
+    clickhouse, ch, local_store_resource
+) -> None:
+    """Rows inserted within the snapshot lag are left for the next backup; the parts
+    holding them must not mark the month unchanged, or those rows would never be
+    backed up. Fresh parts without such rows are recorded at once."""
+    ensure_tables(ch, "fastpath")
+    ch.command(  # two months inserted two hours ago
+        "INSERT INTO fastpath (measurement_uid, report_id, input, probe_cc, probe_asn, test_name, "
+        "measurement_start_time, anomaly, confirmed, msm_failure, blocking_type, scores, update_time) "
+        "SELECT toString(number), 'r', 'https://x.org/', 'IT', 3269, 'web_connectivity', "
+        "toDateTime('2024-01-01 00:00:00', 'UTC') + toIntervalDay(number % 2 * 31) + number, "
+        "'f', 'f', 'f', '', '{}', now64(3) - toIntervalHour(2) FROM numbers(200) "
+        "SETTINGS insert_allow_materialized_columns = 1"
+    )
+    ch.command(FASTPATH_LATE_ROW, {"n": 1})  # January, inserted now: after the snapshot
+    instance = dg.DagsterInstance.ephemeral()
+    lagged = {**FAST, "snapshot_lag_s": 600.0}
+
+    def run(config: dict) -> dict:
+        result = _run(clickhouse, local_store_resource, [fastpath_backup], config, instance)
+        assert result.success
+        return materialization_metadata(result)
+
+    assert run(lagged)["dagster/row_count"] == 200
+    manifest = load_manifest(local_store_resource.get_store(), "fastpath")
+    january, february = (f"clickhouse_export/csv/fastpath_2024{m}.csv.zstd" for m in ("01", "02"))
+    assert "parts" not in manifest[january] and "parts" in manifest[february]
+    meta = run(lagged)
+    assert meta["objects_skipped"] == 2 and meta["objects_skipped_by_parts"] == 1
+    meta = run(FAST)  # no lag: the late row is in, January goes up again
+    assert meta["written_keys"] == [january] and meta["dagster/row_count"] == 101

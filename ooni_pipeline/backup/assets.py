@@ -17,6 +17,7 @@ from ooni_pipeline.backup.plan import (
     Source,
     TableParts,
     fingerprint,
+    inside_snapshot,
     list_chunks,
     manifest_key,
     parts_state,
@@ -136,7 +137,7 @@ def back_up_chunk(
                 raise ChunkChangedError(
                     f"{chunk.label} changed while it was exported (fingerprint {fp} before)"
                 )
-            settled = before if unchanged and before.settled_before(snapshot) else None
+            settled = before if unchanged and inside_snapshot(ch, chunk, before, snapshot) else None
             return upload, rows, fp, settled
         except Exception as exc:
             if attempt == config.chunk_attempts:
@@ -192,9 +193,11 @@ def build_backup_asset(spec: BackupTable) -> tuple[dg.AssetsDefinition, dg.Asset
         description=(
             f"Backup and public export of the ClickHouse table ``{spec.table}``: zstd-compressed CSVWithNames "
             f"under ``clickhouse_export/csv/`` ({how}), streamed from ClickHouse through zstd into a multipart "
-            "upload, with no temporary file. Chunks whose content fingerprint (row count and checksum of the "
-            "deduplicated rows) matches the table's manifest (``clickhouse_export/manifests/<table>.json``) are skipped; a pause between chunks "
-            "keeps the database's queue short. A failed upload is aborted: no partial object is ever visible."
+            "upload, with no temporary file. Chunks whose parts (``system.parts``), or else content fingerprint (row "
+            "count and checksum of the deduplicated rows), match the table's manifest "
+            "(``clickhouse_export/manifests/<table>.json``) are skipped; on a ClickHouse server busy with other "
+            "queries, a pause between chunks keeps its queue short. A failed upload is aborted: no partial "
+            "object is ever visible."
         ),
     )
     def _asset(
@@ -242,7 +245,7 @@ def build_backup_asset(spec: BackupTable) -> tuple[dg.AssetsDefinition, dg.Asset
                         )
                         if (
                             state
-                            and state.settled_before(snapshot)
+                            and inside_snapshot(ch, chunk, state, snapshot)
                             and parts_state(ch, chunk) == state
                         ):
                             refreshed[chunk.key] = {**previous, "parts": state.signature}
