@@ -46,7 +46,6 @@ BUCKET = "ooni-bench"
 SERVER_BUCKET = "ooni-bench-server"
 USER, PASSWORD = "bench", "bench-pw"
 SELECT = "backup/fastpath"
-STEP_RE = re.compile(r'Finished execution of step "([^"]+)" in ([0-9.]+)(ms|s|m)')
 
 
 # -- children -------------------------------------------------------------------------
@@ -105,6 +104,16 @@ def child_clickhouse(workdir: Path, endpoint: str, url: str | None) -> None:
         print(f"queries_s={time.monotonic() - start:.3f}", flush=True)
 
 
+def child_steps() -> None:
+    """Step durations of the latest run in $DAGSTER_HOME, to the millisecond."""
+    import dagster as dg
+
+    instance = dg.DagsterInstance.get()
+    run = instance.get_runs(limit=1)[0]
+    for stat in instance.get_run_step_stats(run.run_id):
+        print(f"step {stat.step_key} {stat.end_time - stat.start_time:.3f}")
+
+
 def child_serve(workdir: Path) -> None:
     """The test rig's ClickHouse HTTP endpoint over the bench's data, until stdin ends."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -155,13 +164,6 @@ def measured(argv: list[str], env: dict[str, str]) -> tuple[float, float, int, s
     return wall, usage.ru_maxrss / 1024, peak_tmp[0], text
 
 
-def step_times(log: str) -> dict[str, float]:
-    times = {}
-    for step, value, unit in STEP_RE.findall(log):
-        times[step] = float(value) * {"ms": 0.001, "s": 1.0, "m": 60.0}[unit]
-    return times
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -179,7 +181,10 @@ def run_cli(env: dict[str, str]) -> dict:
     if "RUN_SUCCESS" not in log:
         print(log[-4000:])
         raise SystemExit("the CLI run did not succeed")
-    steps = step_times(log)
+    found = subprocess.run(
+        [sys.executable, __file__, "--child", "steps"], env=env, capture_output=True, text=True
+    ).stdout
+    steps = {k: float(v) for _, k, v in (line.split() for line in found.splitlines() if line)}
     return {
         "wall": wall,
         "rss": rss,
@@ -196,7 +201,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("bench/out/backup"))
     parser.add_argument("--server", action="store_true", help="also run the CLI over HTTP")
     parser.add_argument("--settle", type=float, default=65.0, help="seconds from insert to backup")
-    parser.add_argument("--child", choices=("setup", "clickhouse", "serve"))
+    parser.add_argument("--child", choices=("setup", "clickhouse", "serve", "steps"))
     parser.add_argument("--endpoint")
     parser.add_argument("--url")
     args = parser.parse_args()
@@ -207,6 +212,8 @@ def main() -> None:
         return child_clickhouse(workdir, args.endpoint, args.url)
     if args.child == "serve":
         return child_serve(workdir)
+    if args.child == "steps":
+        return child_steps()
 
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)

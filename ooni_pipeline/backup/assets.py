@@ -171,6 +171,13 @@ class RestoreCheckConfig(dg.Config):
         description="besides the objects the last backup wrote, how many older objects each check "
         "verifies, in rotation, so every object is verified again in time at a bounded cost per run",
     )
+    max_threads: int = Field(
+        default=4,
+        ge=1,
+        description="ClickHouse threads per object read: reading, unpacking and parsing form a "
+        "pipeline that leaves cores idle at one thread per core (measured: 4 threads on 2 cores "
+        "read a month 1.6x faster than 2)",
+    )
 
 
 # Tables written by an asset of the same key: a backup depends on it in the lineage.
@@ -338,7 +345,7 @@ def build_backup_asset(spec: BackupTable) -> tuple[dg.AssetsDefinition, dg.Asset
         with clickhouse.connect() as ch:
             for object_key in just_written + sample:
                 results[object_key] = verify_object(
-                    ch, store, spec.table, object_key, entries[object_key]
+                    ch, store, spec.table, object_key, entries[object_key], config.max_threads
                 )
         failed = {k: r for k, r in results.items() if not r["match"]}
         return dg.AssetCheckResult(
