@@ -21,6 +21,8 @@ the process's own TMPDIR):
               test rig's ClickHouse HTTP endpoint (the same engine, chdb, served over
               HTTP in its own process) on the same data, into a fresh bucket
 
+``--libraries`` instead measures issue 14 item 8 (see ``libraries``).
+
 Targets (issue 14): backup step + restore check <= 1.5x clickhouse; peak RSS <= the
 engine's + 300 MB; 0 temporary bytes; no-change step <= 10% of the full step; server
 step <= 1.5x embedded step. The rows are inserted more than a minute before the
@@ -114,6 +116,130 @@ def child_steps() -> None:
         print(f"step {stat.step_key} {stat.end_time - stat.start_time:.3f}")
 
 
+def libraries(mib: int = 200) -> None:
+    """Issue 14 item 8: hand-written code against a library doing the same job.
+
+    1. The S3 writer (one part uploading while the next fills) against boto3's
+       transfer manager (``upload_fileobj`` over a streaming reader), both putting
+       ``mib`` MiB in 16 MiB parts to moto in its own process.
+    2. The AS-map streamer (parse to Arrow batches) against ClickHouse parsing the
+       JSON itself (``JSONAsString`` + ``JSONExtractKeysAndValuesRaw``/``JSONExtract``),
+       on the 34 MB map of bench_asnmeta.py.
+    """
+    import boto3
+    from boto3.s3.transfer import TransferConfig
+
+    from ooni_pipeline.object_store.stores import S3ObjectStore
+
+    port = free_port()
+    moto = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        client = boto3.client(
+            "s3",
+            endpoint_url=f"http://127.0.0.1:{port}",
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+        client.create_bucket(Bucket=BUCKET)
+        block = os.urandom(1 << 20)
+
+        class Reader:
+            def __init__(self) -> None:
+                self.left, self.buffer = mib, bytearray()
+
+            def read(self, size: int = -1) -> bytes:
+                while self.left and (size < 0 or len(self.buffer) < size):
+                    self.buffer += block
+                    self.left -= 1
+                size = len(self.buffer) if size < 0 else size
+                out = bytes(self.buffer[:size])
+                del self.buffer[:size]
+                return out
+
+        def ours() -> None:
+            with S3ObjectStore(client, BUCKET, 16 << 20).open_writer("ours") as writer:
+                for _ in range(mib):
+                    writer.write(block)
+
+        def transfer(threads: int):
+            config = TransferConfig(
+                multipart_threshold=16 << 20,
+                multipart_chunksize=16 << 20,
+                max_concurrency=threads,
+                use_threads=threads > 1,
+            )
+            return lambda: client.upload_fileobj(Reader(), BUCKET, f"tm{threads}", Config=config)
+
+        for name, run in [
+            ("ours (S3ObjectStore.open_writer)", ours),
+            ("upload_fileobj, 1 thread", transfer(1)),
+            ("upload_fileobj, 2 threads", transfer(2)),
+            ("upload_fileobj, 10 threads (default)", transfer(10)),
+        ]:
+            walls = []
+            for _ in range(3):
+                start = time.monotonic()
+                run()
+                walls.append(time.monotonic() - start)
+            print(f"upload {mib} MiB  {name:38s} best {min(walls):5.2f} s  [load {load()}]")
+    finally:
+        moto.terminate()
+        moto.wait(timeout=30)
+
+    import chdb
+    from bench_asnmeta import generate
+
+    from ooni_pipeline.asn_metadata.parse import (
+        ParseStats,
+        arrow_batches,
+        cyclic_gc_relaxed,
+        iter_member_runs,
+    )
+
+    body = generate(150_000, 400_000)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-asn-"))
+    (workdir / "map.json").write_bytes(body)
+    walls = []
+    for _ in range(3):
+        start, stats, rows = time.monotonic(), ParseStats(), 0
+        chunks = (body[i : i + (1 << 18)] for i in range(0, len(body), 1 << 18))
+        with cyclic_gc_relaxed():
+            for batch in arrow_batches(iter_member_runs(chunks, stats), stats, 20_000):
+                rows += batch.num_rows
+        walls.append(time.monotonic() - start)
+    print(
+        f"AS map {len(body) / 1e6:.1f} MB  ours -> Arrow batches     best {min(walls):5.2f} s, {rows} rows  [load {load()}]"
+    )
+    conn = chdb.connect(str(workdir / "ch"))
+    sql = (
+        "SELECT count() FROM (SELECT toUInt32(kv.1) AS asn, arrayJoin(JSONExtract(kv.2, "
+        "'Array(Tuple(String, String, String, String, String))')) AS e FROM (SELECT "
+        "arrayJoin(JSONExtractKeysAndValuesRaw(json)) AS kv FROM file({path:String}, "
+        "'JSONAsString', 'json String')))"
+    )
+    walls = []
+    for _ in range(3):
+        start = time.monotonic()
+        rows = int(conn.query(sql, "TSV", params={"path": str(workdir / "map.json")}).bytes())
+        walls.append(time.monotonic() - start)
+    conn.close()
+    shutil.rmtree(workdir, ignore_errors=True)
+    print(
+        f"AS map {len(body) / 1e6:.1f} MB  ClickHouse JSONExtract     best {min(walls):5.2f} s, {rows} rows  [load {load()}]"
+    )
+
+
 def child_serve(workdir: Path) -> None:
     """The test rig's ClickHouse HTTP endpoint over the bench's data, until stdin ends."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -204,6 +330,7 @@ def main() -> None:
     parser.add_argument("--child", choices=("setup", "clickhouse", "serve", "steps"))
     parser.add_argument("--endpoint")
     parser.add_argument("--url")
+    parser.add_argument("--libraries", action="store_true", help="issue 14 item 8 figures only")
     args = parser.parse_args()
     workdir = args.workdir.absolute()
     if args.child == "setup":
@@ -214,6 +341,9 @@ def main() -> None:
         return child_serve(workdir)
     if args.child == "steps":
         return child_steps()
+    if args.libraries:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        return libraries()
 
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)

@@ -63,6 +63,16 @@ def _s3_credentials(store: S3ObjectStore) -> tuple[str, str, str] | None:
     return frozen.access_key, frozen.secret_key, frozen.token or ""
 
 
+def _s3_url(store: S3ObjectStore, key: str) -> str:
+    """The object's URL: virtual-hosted in the bucket's region on AWS, path-style on
+    any other endpoint (MinIO, R2, moto), as boto3 addresses them."""
+    endpoint = store.client.meta.endpoint_url.rstrip("/")
+    region = store.client.meta.region_name
+    if endpoint in ("https://s3.amazonaws.com", f"https://s3.{region}.amazonaws.com") and region:
+        return f"https://{store.bucket}.s3.{region}.amazonaws.com/{quote(key)}"
+    return f"{endpoint}/{store.bucket}/{quote(key)}"
+
+
 def object_source(
     ch: ClickHouse, store: ObjectStore, key: str, structure: str
 ) -> tuple[str, dict[str, Any]] | None:
@@ -77,8 +87,7 @@ def object_source(
         params["path"] = store.address(key)
         return "file({path:String}, 'CSVWithNames', {structure:String}, 'zstd')", params
     if isinstance(store, S3ObjectStore):
-        endpoint = store.client.meta.endpoint_url.rstrip("/")
-        params["url"] = f"{endpoint}/{store.bucket}/{quote(key)}"
+        params["url"] = _s3_url(store, key)
         credentials = _s3_credentials(store)
         if credentials is None:
             return "s3({url:String}, 'CSVWithNames', {structure:String}, 'zstd')", params
