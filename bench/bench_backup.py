@@ -304,9 +304,12 @@ def run_cli(env: dict[str, str]) -> dict:
     dagster = str(Path(sys.executable).with_name("dagster"))
     argv = [dagster, "asset", "materialize", "-m", "ooni_pipeline.definitions", "--select", SELECT]
     wall, rss, tmp, log = measured(argv, env)
-    if "RUN_SUCCESS" not in log:
+    if (
+        "RUN_SUCCESS" not in log
+        or "Asset check 'restore_check' on 'backup/fastpath' passed" not in log
+    ):
         print(log[-4000:])
-        raise SystemExit("the CLI run did not succeed")
+        raise SystemExit("the CLI run or its restore check did not succeed")
     found = subprocess.run(
         [sys.executable, __file__, "--child", "steps"], env=env, capture_output=True, text=True
     ).stdout
