@@ -1,40 +1,61 @@
-"""Benchmark: backing up a 12-month fastpath to S3 (a moto server on 127.0.0.1).
+"""Benchmark: ``backup/fastpath`` as users run it, against ClickHouse alone.
 
 Run by hand from the repository root (several minutes):
 
-    .venv/bin/python bench/bench_backup.py [--rows 6000000] [--repeat 1]
+    .venv/bin/python bench/bench_backup.py [--rows 6000000] [--server]
 
-The same chdb data, the same objects (one zstd CSVWithNames per month), three ways,
-each in its own process (peak RSS: the child's VmHWM, see harness.py; temporary bytes
-sampled every 0.1 s in the process's own TMPDIR):
-  ours        the backup asset's path: stream from ClickHouse through zstd into a
-              multipart upload, no temporary file
-  clickhouse  (a) ClickHouse's own INSERT INTO FUNCTION s3(...) per month
-  old         (b) the old tool: dump each month through zstd into a temporary file,
-              then boto3 upload_file
-Targets: ours <= 1.5x (a) wall time, faster than (b), zero temporary bytes, peak RSS
-<= (a) + 300 MB. moto keeps objects in memory in the driver process, not measured.
+A 12-month fastpath (``--rows`` spread evenly) in embedded ClickHouse, S3 served by
+moto in its own process on 127.0.0.1. Measured, each in a fresh process (wall time,
+the process tree's peak RSS from ``wait4``, temporary bytes sampled every 0.1 s in
+the process's own TMPDIR):
+
+  clickhouse  ClickHouse alone writing the identical objects: per month
+              ``INSERT INTO FUNCTION s3(..., 'CSVWithNames', ..., 'zstd')`` of the same
+              ``SELECT * FROM fastpath FINAL PREWHERE update_time <= T WHERE month``,
+              at zstd level 3 (``output_format_compression_level``), the level ours uses
+  cli         ``dagster asset materialize -m ooni_pipeline.definitions --select
+              backup/fastpath`` with no config: the backup step and its restore check,
+              as a user runs them (step times read from Dagster's log)
+  cli-again   the same command again, nothing changed (the no-change cost)
+  server      (``--server``) the same CLI run with OONI_CLICKHOUSE_URL pointing at the
+              test rig's ClickHouse HTTP endpoint (the same engine, chdb, served over
+              HTTP in its own process) on the same data, into a fresh bucket
+
+``--libraries`` instead measures issue 14 item 8 (see ``libraries``).
+
+Targets (issue 14): backup step + restore check <= 1.5x clickhouse; peak RSS <= the
+engine's + 300 MB; 0 temporary bytes; no-change step <= 10% of the full step; server
+step <= 1.5x embedded step. The rows are inserted more than a minute before the
+backups run, as in production, so every row is inside the default 60 s snapshot lag.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from harness import open_chdb, report_peak, run_measured
-
 BUCKET = "ooni-bench"
+SERVER_BUCKET = "ooni-bench-server"
+USER, PASSWORD = "bench", "bench-pw"
+SELECT = "backup/fastpath"
 
 
-def setup(workdir: Path, rows: int) -> None:
+# -- children -------------------------------------------------------------------------
+def child_setup(workdir: Path, rows: int) -> None:
+    from ooni_pipeline.clickhouse import ClickHouse
     from ooni_pipeline.clickhouse.schema import ensure_tables
 
-    with open_chdb(workdir) as ch:
+    with ClickHouse(f"chdb://{(workdir / 'clickhouse').absolute()}") as ch:
         ensure_tables(ch, "fastpath")
         ch.command(
             """
@@ -62,160 +83,411 @@ def setup(workdir: Path, rows: int) -> None:
             """,
             {"rows": rows},
         )
-        print(f"fastpath rows: {ch.count('fastpath')}")
+        ch.command("OPTIMIZE TABLE fastpath FINAL")  # merged, as months past are
+        print(f"fastpath rows: {ch.count('fastpath')}", flush=True)
 
 
-def _months(ch) -> list:
-    from ooni_pipeline.backup.plan import FASTPATH_SPEC, list_chunks
+def child_clickhouse(workdir: Path, endpoint: str, url: str | None) -> None:
+    """ClickHouse alone: the same rows, columns, order, codec and level, per month."""
+    from ooni_pipeline.backup.plan import FASTPATH_SPEC, list_chunks, table_source
+    from ooni_pipeline.clickhouse import ClickHouse
 
-    return list_chunks(ch, FASTPATH_SPEC)
-
-
-def run_ours(workdir: Path, endpoint: str) -> None:
-    from ooni_pipeline.backup.assets import BackupConfig, back_up_chunk
-    from ooni_pipeline.backup.plan import table_source
-    from ooni_pipeline.object_store import ObjectStoreResource
-
-    store = ObjectStoreResource(
-        bucket=BUCKET, endpoint_url=endpoint, region_name="us-east-1"
-    ).get_store()
-    config = BackupConfig(pause_between_chunks_s=0, chunk_attempts=1)
-
-    class Log:
-        def info(self, message: str) -> None:
-            pass
-
-        warning = info
-
-    total = 0
-    with open_chdb(workdir) as ch:
-        source = table_source(ch, "fastpath").at_now(ch)
-        for chunk in _months(ch):
-            upload, rows, _ = back_up_chunk(ch, store, chunk, source, config, Log())
-            total += upload.bytes
-    print(f"objects_bytes={total}")
-
-
-def run_clickhouse(workdir: Path, endpoint: str) -> None:
-    from ooni_pipeline.backup.plan import select_sql, table_source
-
-    with open_chdb(workdir) as ch:
-        source = table_source(ch, "fastpath").at_now(ch)
-        for chunk in _months(ch):
-            sql, params = select_sql(chunk, source, max_threads=2)
-            url = f"{endpoint}/{BUCKET}/{chunk.key}"
+    with ClickHouse(url or f"chdb://{(workdir / 'clickhouse').absolute()}") as ch:
+        source = table_source(ch, "fastpath").at_now(ch, 60.0)
+        start = time.monotonic()
+        for chunk in list_chunks(ch, FASTPATH_SPEC):
+            rows, params = source.rows(chunk)
             ch.command(
-                f"INSERT INTO FUNCTION s3('{url}', 'testing', 'testing', 'CSVWithNames', 'auto', 'zstd') "
-                f"{sql.split(' SETTINGS ')[0]} SETTINGS max_threads = 2, s3_truncate_on_insert = 1",
-                params,
+                "INSERT INTO FUNCTION s3({url:String}, 'testing', 'testing', 'CSVWithNames', 'auto', 'zstd') "
+                f"SELECT * FROM {rows} SETTINGS max_threads = 2, output_format_compression_level = 3, "
+                "s3_truncate_on_insert = 1",
+                {**params, "url": f"{endpoint}/{BUCKET}/baseline/{chunk.key}"},
             )
-    print("done")
+        print(f"queries_s={time.monotonic() - start:.3f}", flush=True)
 
 
-def run_old(workdir: Path, endpoint: str) -> None:
+def child_steps() -> None:
+    """Step durations of the latest run in $DAGSTER_HOME, to the millisecond."""
+    import dagster as dg
+
+    instance = dg.DagsterInstance.get()
+    run = instance.get_runs(limit=1)[0]
+    for stat in instance.get_run_step_stats(run.run_id):
+        print(f"step {stat.step_key} {stat.end_time - stat.start_time:.3f}")
+
+
+def libraries(mib: int = 200) -> None:
+    """Issue 14 item 8: hand-written code against a library doing the same job.
+
+    1. The S3 writer (one part uploading while the next fills) against boto3's
+       transfer manager (``upload_fileobj`` over a streaming reader), both putting
+       ``mib`` MiB in 16 MiB parts to moto in its own process.
+    2. The AS-map streamer (parse to Arrow batches) against ClickHouse parsing the
+       JSON itself (``JSONAsString`` + ``JSONExtractKeysAndValuesRaw``/``JSONExtract``),
+       on the 34 MB map of bench_asnmeta.py.
+    """
     import boto3
-    import zstandard
+    from boto3.s3.transfer import TransferConfig
 
-    from ooni_pipeline.backup.plan import select_sql, table_source
+    from ooni_pipeline.object_store.stores import S3ObjectStore
 
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    with open_chdb(workdir) as ch:
-        source = table_source(ch, "fastpath").at_now(ch)
-        header = ",".join(f'"{c}"' for c in ch.header("SELECT * FROM fastpath")) + "\n"
-        for chunk in _months(ch):
-            sql, params = select_sql(chunk, source, max_threads=2)
-            with tempfile.NamedTemporaryFile(suffix=".csv.zstd") as tmp:
-                with zstandard.ZstdCompressor(level=3).stream_writer(tmp, closefd=False) as out:
-                    out.write(header.encode())
-                    for data in ch.stream(sql, params, fmt="CSV", prefetch=0):
-                        out.write(data)
-                tmp.flush()
-                client.upload_file(tmp.name, BUCKET, chunk.key)
-    print("done")
+    port = free_port()
+    moto = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        client = boto3.client(
+            "s3",
+            endpoint_url=f"http://127.0.0.1:{port}",
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+        client.create_bucket(Bucket=BUCKET)
+        block = os.urandom(1 << 20)
+
+        class Reader:
+            def __init__(self) -> None:
+                self.left, self.buffer = mib, bytearray()
+
+            def read(self, size: int = -1) -> bytes:
+                while self.left and (size < 0 or len(self.buffer) < size):
+                    self.buffer += block
+                    self.left -= 1
+                size = len(self.buffer) if size < 0 else size
+                out = bytes(self.buffer[:size])
+                del self.buffer[:size]
+                return out
+
+        def ours() -> None:
+            with S3ObjectStore(client, BUCKET, 16 << 20).open_writer("ours") as writer:
+                for _ in range(mib):
+                    writer.write(block)
+
+        def transfer(threads: int):
+            config = TransferConfig(
+                multipart_threshold=16 << 20,
+                multipart_chunksize=16 << 20,
+                max_concurrency=threads,
+                use_threads=threads > 1,
+            )
+            return lambda: client.upload_fileobj(Reader(), BUCKET, f"tm{threads}", Config=config)
+
+        for name, run in [
+            ("ours (S3ObjectStore.open_writer)", ours),
+            ("upload_fileobj, 1 thread", transfer(1)),
+            ("upload_fileobj, 2 threads", transfer(2)),
+            ("upload_fileobj, 10 threads (default)", transfer(10)),
+        ]:
+            walls = []
+            for _ in range(3):
+                start = time.monotonic()
+                run()
+                walls.append(time.monotonic() - start)
+            print(f"upload {mib} MiB  {name:38s} best {min(walls):5.2f} s  [load {load()}]")
+    finally:
+        moto.terminate()
+        moto.wait(timeout=30)
+
+    import chdb
+    from bench_asnmeta import generate
+
+    from ooni_pipeline.asn_metadata.parse import (
+        ParseStats,
+        arrow_batches,
+        cyclic_gc_relaxed,
+        iter_member_runs,
+    )
+
+    body = generate(150_000, 400_000)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-asn-"))
+    (workdir / "map.json").write_bytes(body)
+    walls = []
+    for _ in range(3):
+        start, stats, rows = time.monotonic(), ParseStats(), 0
+        chunks = (body[i : i + (1 << 18)] for i in range(0, len(body), 1 << 18))
+        with cyclic_gc_relaxed():
+            for batch in arrow_batches(iter_member_runs(chunks, stats), stats, 20_000):
+                rows += batch.num_rows
+        walls.append(time.monotonic() - start)
+    print(
+        f"AS map {len(body) / 1e6:.1f} MB  ours -> Arrow batches     best {min(walls):5.2f} s, {rows} rows  [load {load()}]"
+    )
+    conn = chdb.connect(str(workdir / "ch"))
+    sql = (
+        "SELECT count() FROM (SELECT toUInt32(kv.1) AS asn, arrayJoin(JSONExtract(kv.2, "
+        "'Array(Tuple(String, String, String, String, String))')) AS e FROM (SELECT "
+        "arrayJoin(JSONExtractKeysAndValuesRaw(json)) AS kv FROM file({path:String}, "
+        "'JSONAsString', 'json String')))"
+    )
+    walls = []
+    for _ in range(3):
+        start = time.monotonic()
+        rows = int(conn.query(sql, "TSV", params={"path": str(workdir / "map.json")}).bytes())
+        walls.append(time.monotonic() - start)
+    conn.close()
+    shutil.rmtree(workdir, ignore_errors=True)
+    print(
+        f"AS map {len(body) / 1e6:.1f} MB  ClickHouse JSONExtract     best {min(walls):5.2f} s, {rows} rows  [load {load()}]"
+    )
 
 
-MODES = {"ours": run_ours, "clickhouse": run_clickhouse, "old": run_old}
+def child_serve(workdir: Path) -> None:
+    """The test rig's ClickHouse HTTP endpoint over the bench's data, until stdin ends."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from ooni_pipeline_tests.clickhouse_http import ClickHouseHTTP
+
+    server = ClickHouseHTTP(str((workdir / "clickhouse").absolute()), {USER: PASSWORD})
+    server.keep_engine()
+    print(server.url(USER, PASSWORD, "default"), flush=True)
+    sys.stdin.read()
+    server.close()
 
 
-def measure(mode: str, workdir: Path, endpoint: str) -> tuple[float, float, int]:
-    """(wall s, peak RSS MB, peak temporary bytes) of one mode in a fresh process."""
-    tmpdir = Path(tempfile.mkdtemp(prefix=f"bench-{mode}-"))
-    env = {
-        **os.environ,
-        "TMPDIR": str(tmpdir),
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-    }
+# -- measuring ------------------------------------------------------------------------
+def measured(argv: list[str], env: dict[str, str]) -> tuple[float, float, int, str]:
+    """(wall s, peak RSS MB of the process tree's largest process, peak temp bytes, output)."""
+    tmpdir = Path(tempfile.mkdtemp(prefix="bench-backup-tmp-"))
+    env = {**env, "TMPDIR": str(tmpdir)}
     peak_tmp = [0]
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            size = sum(p.stat().st_size for p in tmpdir.rglob("*") if p.is_file())
+            size = 0
+            for path in tmpdir.rglob("*"):
+                try:
+                    size += path.stat().st_size if path.is_file() else 0
+                except FileNotFoundError:
+                    pass
             peak_tmp[0] = max(peak_tmp[0], size)
             time.sleep(0.1)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    try:
-        wall, rss, _ = run_measured(
-            [__file__, "--run", mode, "--workdir", str(workdir), "--endpoint", endpoint], env
-        )
-    finally:
-        done.set()
-        sampler.join()
-        shutil.rmtree(tmpdir, ignore_errors=True)
-    return wall, rss, peak_tmp[0]
+    start = time.monotonic()
+    out = tempfile.TemporaryFile()
+    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.monotonic() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    done.set()
+    sampler.join()
+    shutil.rmtree(tmpdir, ignore_errors=True)
+    out.seek(0)
+    text = out.read().decode(errors="replace")
+    if proc.returncode != 0:
+        print(text[-4000:])
+        raise SystemExit(f"{argv} failed with exit code {proc.returncode}")
+    return wall, usage.ru_maxrss / 1024, peak_tmp[0], text
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def run_cli(env: dict[str, str]) -> dict:
+    dagster = str(Path(sys.executable).with_name("dagster"))
+    argv = [dagster, "asset", "materialize", "-m", "ooni_pipeline.definitions", "--select", SELECT]
+    wall, rss, tmp, log = measured(argv, env)
+    if (
+        "RUN_SUCCESS" not in log
+        or "Asset check 'restore_check' on 'backup/fastpath' passed" not in log
+    ):
+        print(log[-4000:])
+        raise SystemExit("the CLI run or its restore check did not succeed")
+    found = subprocess.run(
+        [sys.executable, __file__, "--child", "steps"], env=env, capture_output=True, text=True
+    ).stdout
+    steps = {k: float(v) for _, k, v in (line.split() for line in found.splitlines() if line)}
+    return {
+        "wall": wall,
+        "rss": rss,
+        "tmp": tmp,
+        "step": steps.get("backup__fastpath", float("nan")),
+        "check": steps.get("backup__fastpath_restore_check", float("nan")),
+        "load": load(),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=6_000_000)
     parser.add_argument("--workdir", type=Path, default=Path("bench/out/backup"))
-    parser.add_argument("--repeat", type=int, default=1)
-    parser.add_argument("--run", choices=sorted(MODES))
+    parser.add_argument("--server", action="store_true", help="also run the CLI over HTTP")
+    parser.add_argument("--settle", type=float, default=65.0, help="seconds from insert to backup")
+    parser.add_argument("--child", choices=("setup", "clickhouse", "serve", "steps"))
     parser.add_argument("--endpoint")
+    parser.add_argument("--url")
+    parser.add_argument("--libraries", action="store_true", help="issue 14 item 8 figures only")
+    parser.add_argument("--repeat", type=int, default=2, help="alternating baseline/CLI runs")
     args = parser.parse_args()
-    if args.run:
-        MODES[args.run](args.workdir, args.endpoint)
-        report_peak()
-        return
-    import logging
+    workdir = args.workdir.absolute()
+    if args.child == "setup":
+        return child_setup(workdir, args.rows)
+    if args.child == "clickhouse":
+        return child_clickhouse(workdir, args.endpoint, args.url)
+    if args.child == "serve":
+        return child_serve(workdir)
+    if args.child == "steps":
+        return child_steps()
+    if args.libraries:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        return libraries()
 
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"})
-    shutil.rmtree(args.workdir, ignore_errors=True)
-    args.workdir.mkdir(parents=True)
-    setup(args.workdir, args.rows)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{server._server.server_port}"
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    client.create_bucket(Bucket=BUCKET)
-    results: dict[str, list] = {m: [] for m in MODES}
-    sizes = {}
-    for _ in range(args.repeat):
-        for mode in ("clickhouse", "ours", "old"):
-            results[mode].append(measure(mode, args.workdir, endpoint))
-            listing = client.list_objects_v2(
-                Bucket=BUCKET, Prefix="clickhouse_export/csv/fastpath_"
-            )
-            sizes[mode] = (listing["KeyCount"], sum(o["Size"] for o in listing.get("Contents", [])))
-    server.stop()
-    best = {m: min(r, key=lambda x: x[0]) for m, r in results.items()}
-    for mode, (wall, rss, tmp) in best.items():
-        print(
-            f"{mode:10s} wall {wall:7.2f} s  peak RSS {rss:6.0f} MB  peak temp {tmp / 1e6:8.1f} MB  "
-            f"objects {sizes[mode][0]} ({sizes[mode][1] / 1e6:.1f} MB)"
-        )
-    (ow, orss, otmp), (aw, arss, _), (bw, _, _) = best["ours"], best["clickhouse"], best["old"]
-    print(
-        f"ours/clickhouse wall {ow / aw:.2f}x (target <= 1.5); old/ours {bw / ow:.2f}x (target > 1); "
-        f"temp {otmp} bytes (target 0); RSS ours - clickhouse {orss - arss:+.0f} MB (target <= +300)"
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(root),
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+        "OONI_DATA_DIR": str(workdir),
+    }
+    env.pop("OONI_CLICKHOUSE_URL", None)
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    moto = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
+    server = None
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        import boto3
+
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+        for bucket in (BUCKET, SERVER_BUCKET):
+            s3.create_bucket(Bucket=bucket)  # baseline objects; the HTTP run's
+        me = [sys.executable, __file__, "--workdir", str(workdir)]
+        loaded = time.monotonic()
+        subprocess.run([*me, "--child", "setup", "--rows", str(args.rows)], env=env, check=True)
+        time.sleep(max(0.0, args.settle - (time.monotonic() - loaded)))  # rows older than the lag
+
+        def baseline() -> dict:
+            wall, rss, tmp, out = measured(
+                [*me, "--child", "clickhouse", "--endpoint", endpoint], env
+            )
+            found = {"wall": wall, "rss": rss, "tmp": tmp, "load": load()}
+            found["queries"] = float(re.search(r"queries_s=([0-9.]+)", out).group(1))
+            return found
+
+        def fresh_cli_env(bucket: str) -> dict[str, str]:
+            s3.create_bucket(Bucket=bucket)
+            home = tempfile.mkdtemp(prefix="bench-backup-home-")
+            Path(home, "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+            return {
+                **env,
+                "OONI_S3_BUCKET": bucket,
+                "OONI_S3_ENDPOINT_URL": endpoint,
+                "DAGSTER_HOME": home,
+            }
+
+        # Baseline and full CLI backup alternate, each full backup into a fresh bucket:
+        # the machine's load drifts, so the best of each is compared.
+        bases, fulls = [], []
+        for number in range(args.repeat):
+            bases.append(baseline())
+            cli_env = fresh_cli_env(f"{BUCKET}-{number}")
+            fulls.append(run_cli(cli_env))
+        base = min(bases, key=lambda r: r["queries"])
+        full = min(fulls, key=lambda r: r["step"] + r["check"])
+        runs_note = "; ".join(
+            f"run {i + 1}: clickhouse {b['queries']:.2f} s [load {b['load']}], cli step {f['step']:.2f} s "
+            f"+ check {f['check']:.2f} s [load {f['load']}]"
+            for i, (b, f) in enumerate(zip(bases, fulls, strict=True))
+        )
+        again = run_cli(cli_env)
+
+        def size(bucket: str, prefix: str) -> tuple[int, int]:
+            pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            objects = [o for page in pages for o in page.get("Contents", [])]
+            return len(objects), sum(o["Size"] for o in objects)
+
+        ours_objects = size(cli_env["OONI_S3_BUCKET"], "clickhouse_export/csv/")
+        base_objects = size(BUCKET, "baseline/")
+        lines = [
+            f"fastpath rows: {args.rows}, 12 months; load (1/5/15 min) shown per figure; best of "
+            f"{args.repeat} alternating runs ({runs_note})",
+            f"clickhouse alone  process {base['wall']:6.2f} s, queries {base['queries']:6.2f} s, "
+            f"peak RSS {base['rss']:5.0f} MB, temp {base['tmp']} B, "
+            f"objects {base_objects[0]} ({base_objects[1] / 1e6:.1f} MB)  [load {base['load']}]",
+            f"cli full          run {full['wall']:6.2f} s, backup step {full['step']:6.2f} s, "
+            f"restore check {full['check']:6.2f} s, peak RSS {full['rss']:5.0f} MB, temp {full['tmp']} B, "
+            f"objects {ours_objects[0]} ({ours_objects[1] / 1e6:.1f} MB)  [load {full['load']}]",
+            f"cli nothing new   run {again['wall']:6.2f} s, backup step {again['step']:6.2f} s, "
+            f"restore check {again['check']:6.2f} s  [load {again['load']}]",
+            f"ratios: (step + check) / clickhouse queries = "
+            f"{(full['step'] + full['check']) / base['queries']:.2f}x (target <= 1.5); "
+            f"step / clickhouse = {full['step'] / base['queries']:.2f}x; "
+            f"RSS cli - clickhouse = {full['rss'] - base['rss']:+.0f} MB (target <= +300); "
+            f"temp {full['tmp']} B (target 0); "
+            f"no-change step / full step = {again['step'] / full['step']:.1%} (target <= 10%)",
+        ]
+        if args.server:
+            server = subprocess.Popen(
+                [*me, "--child", "serve"],
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            url = server.stdout.readline().strip()
+            server_env = {
+                **cli_env,
+                "OONI_CLICKHOUSE_URL": url,
+                "OONI_S3_BUCKET": SERVER_BUCKET,
+                "DAGSTER_HOME": tempfile.mkdtemp(prefix="bench-backup-home-"),
+            }
+            Path(server_env["DAGSTER_HOME"], "dagster.yaml").write_text(
+                "telemetry:\n  enabled: false\n"
+            )
+            over_http = run_cli(server_env)
+            lines.append(
+                f"cli over HTTP     run {over_http['wall']:6.2f} s, backup step {over_http['step']:6.2f} s, "
+                f"restore check {over_http['check']:6.2f} s, client peak RSS {over_http['rss']:5.0f} MB, "
+                f"temp {over_http['tmp']} B  [load {over_http['load']}]"
+            )
+            lines.append(
+                f"ratios: HTTP / embedded: step {over_http['step'] / full['step']:.2f}x, "
+                f"step + check {(over_http['step'] + over_http['check']) / (full['step'] + full['check']):.2f}x "
+                "(target <= 1.5)"
+            )
+        print("\n".join(lines))
+    finally:
+        if server is not None:
+            server.stdin.close()
+            server.wait(timeout=60)
+        moto.send_signal(signal.SIGTERM)
+        moto.wait(timeout=30)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,12 @@ import dagster as dg
 import pytest
 import zstandard
 
-from ooni_pipeline.backup.assets import build_backup_asset
+from ooni_pipeline.backup.assets import (
+    BackupConfig,
+    RestoreCheckConfig,
+    build_backup_asset,
+    pause_s,
+)
 from ooni_pipeline.backup.definitions import backup_schedule
 from ooni_pipeline.backup.manifest import load_manifest, record_objects
 from ooni_pipeline.backup.plan import (
@@ -59,7 +64,11 @@ def _fill_fastpath(ch: ClickHouse, months: dict[str, int], random_chars: int = 0
 
 
 def _run(clickhouse, store_resource, assets, config=FAST, instance=None):
-    ops = {a.op.name: {"config": config} for a in assets if isinstance(a, dg.AssetsDefinition)}
+    ops = {
+        a.op.name: {"config": config}
+        for a in assets
+        if isinstance(a, dg.AssetsDefinition) and not isinstance(a, dg.AssetChecksDefinition)
+    }
     return dg.materialize(
         list(assets),
         resources={"clickhouse": clickhouse, "object_store": store_resource},
@@ -140,7 +149,9 @@ def test_months_back_up_then_skip_then_reupload_the_changed_one(
     assert materialization_metadata(fourth)["written_keys"] == [keys[1]]
     assert len(_read_csv(store, keys[1])) == 202
     (check,) = fourth.get_asset_check_evaluations()
-    assert check.passed and check.metadata["objects_checked"].value == 1
+    # The object just written, and two older ones in rotation.
+    assert check.passed and check.metadata["objects_checked"].value == 3
+    assert check.metadata["objects_just_written"].value == 1
 
 
 def test_small_table_whole_and_restore_round_trip(clickhouse, ch, local_store_resource) -> None:
@@ -314,8 +325,8 @@ def test_restore_check_stops_a_bomb_at_the_recorded_size(
     assert not result.passed
     entry = result.metadata["results"].value[key]
     assert entry["match"] is False and "rows" not in entry
-    assert f"{key} unpacks to more than {recorded} bytes" in entry["error"]
-    assert written.peak <= recorded
+    assert recorded > 0 and f"{key} unpacks to more than the 1000 rows recorded" in entry["error"]
+    assert written.peak == 0
     assert list(staging.iterdir()) == []
     assert ch.count("asnmeta") == 1000
     assert not [t for (t,) in ch.query_rows("SHOW TABLES") if t.startswith("_restore_check")]
@@ -438,3 +449,179 @@ def test_parse_tables_and_schedule() -> None:
     assert (
         backup_schedule.name == "backup_schedule" and backup_schedule.cron_schedule == "0 2 * * 6"
     )
+
+
+def _check_now(check, clickhouse, store_resource, instance) -> dg.AssetCheckResult:
+    context = dg.build_asset_check_context(
+        resources={"clickhouse": clickhouse, "object_store": store_resource}, instance=instance
+    )
+    return check(context, RestoreCheckConfig())
+
+
+def test_restore_check_has_the_engine_read_each_object_without_scratch_table_or_temp_file(
+    clickhouse, ch, object_store_resource, tmp_path, monkeypatch
+) -> None:
+    """The engine reads the object where it lies (count and checksum from the object
+    itself); nothing is staged in a temporary file, no table is created. A server
+    cannot see the local object store: that case takes the documented fallback."""
+    _fill_fastpath(ch, {"2024-01": 150_000}, random_chars=30)
+    instance = dg.DagsterInstance.ephemeral()
+    assert _run(clickhouse, object_store_resource, [fastpath_backup], instance=instance).success
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(staging))
+    monkeypatch.setenv("TMPDIR", str(staging))
+    local = object_store_resource.local_dir is not None
+    with PeakFileSize(staging) as written:
+        result = _check_now(fastpath_restore_check, clickhouse, object_store_resource, instance)
+    assert result.passed
+    (entry,) = result.metadata["results"].value.values()
+    assert entry["rows"] == 150_000 and entry["match"]
+    if local and not ch.embedded:
+        assert entry["read_by"].startswith("scratch table")
+    else:
+        assert entry["read_by"] == "engine"
+    assert written.peak == 0 and list(staging.iterdir()) == []
+
+
+def test_restore_check_verifies_the_new_objects_and_a_rotating_sample_of_older_ones(
+    clickhouse, ch, local_store_resource
+) -> None:
+    _fill_fastpath(ch, {"2024-01": 10, "2024-02": 10, "2024-03": 10, "2024-04": 10})
+    instance = dg.DagsterInstance.ephemeral()
+    checked = []
+    for _ in range(4):
+        result = _run(
+            clickhouse,
+            local_store_resource,
+            [fastpath_backup, fastpath_restore_check],
+            instance=instance,
+        )
+        (check,) = result.get_asset_check_evaluations()
+        assert check.passed
+        checked.append(sorted(check.metadata["results"].value))
+        assert "2 older object(s) per run" in check.metadata["bound"].value
+    months = [f"clickhouse_export/csv/fastpath_2024{m}.csv.zstd" for m in ("01", "02", "03", "04")]
+    assert checked == [months, months[:2], months[2:], months[:2]]
+
+
+def test_no_pause_on_the_embedded_database(clickhouse, ch, local_store_resource) -> None:
+    """The default pause config: embedded, nobody else can be queuing, so none."""
+    _fill_fastpath(ch, {"2024-01": 10, "2024-02": 10, "2024-03": 10})
+    defaults = {"chunk_attempts": 1, "snapshot_lag_s": 0.0}
+    result = _run(clickhouse, local_store_resource, [fastpath_backup], config=defaults)
+    meta = materialization_metadata(result)
+    assert meta["objects_written"] == 3
+    if ch.embedded:
+        assert meta["duration_s"] < 4.0
+
+
+@pytest.mark.clickhouse_backends("server")
+def test_on_a_server_the_pause_follows_the_load(clickhouse, ch) -> None:
+    config = BackupConfig()
+    assert pause_s(ch, config, 4.0) == 0.0  # nothing else running
+    busy = threading.Thread(
+        target=lambda: ClickHouse(clickhouse.url).command(
+            "SELECT sleepEachRow(0.5) FROM numbers(6) FORMAT Null"
+        )
+    )
+    busy.start()
+    try:
+        time.sleep(0.7)
+        assert pause_s(ch, config, 4.0) == 2.0  # half the last chunk's time
+        assert pause_s(ch, config, 40.0) == 5.0  # at most pause_between_chunks_s
+        assert pause_s(ch, BackupConfig(pause_fraction=0), 4.0) == 0.0
+    finally:
+        busy.join()
+
+
+def test_nothing_changed_is_decided_from_the_parts(clickhouse, ch, local_store_resource) -> None:
+    """A rerun with nothing changed looks at the parts, not the rows; a merge changes
+    the parts but not the content (one fingerprint, then parts again); an insert
+    into one month leaves the other months to the parts."""
+    _fill_fastpath(ch, {"2024-01": 100, "2024-02": 100})
+    _fill_fastpath(ch, {"2024-03": 100})  # its own part, whose range is March only
+    time.sleep(1.1)  # parts settled: older than the snapshot by a whole second
+    instance = dg.DagsterInstance.ephemeral()
+
+    def run() -> dict:
+        result = _run(clickhouse, local_store_resource, [fastpath_backup], instance=instance)
+        assert result.success
+        return materialization_metadata(result)
+
+    assert run()["objects_written"] == 3
+    meta = run()
+    assert meta["objects_skipped"] == 3 and meta["objects_skipped_by_parts"] == 3
+    ch.command("OPTIMIZE TABLE fastpath FINAL")
+    time.sleep(1.1)
+    meta = run()
+    assert meta["objects_skipped"] == 3 and meta["objects_skipped_by_parts"] == 0
+    assert run()["objects_skipped_by_parts"] == 3
+    _fill_fastpath(ch, {"2024-03": 101})
+    time.sleep(1.1)
+    meta = run()
+    assert meta["written_keys"] == ["clickhouse_export/csv/fastpath_202403.csv.zstd"]
+    assert meta["objects_skipped_by_parts"] == 2
+
+
+def test_s3_credentials_never_reach_the_check_results(
+    clickhouse, ch, moto_endpoint, s3_bucket, monkeypatch
+) -> None:
+    """The engine gets the S3 credentials as bound parameters; an object it fails to
+    read yields an error naming the object, never the keys."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAKEYIDNEVERSHOWN")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-never-in-errors-91c2")
+    resource = ObjectStoreResource(
+        bucket=s3_bucket, endpoint_url=moto_endpoint, region_name="us-east-1", part_size_mb=5
+    )
+    ensure_tables(ch, "asnmeta")
+    ch.command(
+        "INSERT INTO asnmeta SELECT number, 'Org', 'IT', toDate('2020-01-01'), '', 'RIPE' "
+        "FROM numbers(100)"
+    )
+    instance = dg.DagsterInstance.ephemeral()
+    assert _run(clickhouse, resource, [asnmeta_backup], instance=instance).success
+    store = resource.get_store()
+    key = "clickhouse_export/csv/asnmeta.csv.zstd"
+    store.put_bytes(key, b"\x28\xb5\x2f\xfd not zstd after all")
+    result = _check_now(asnmeta_restore_check, clickhouse, resource, instance)
+    assert not result.passed
+    entry = result.metadata["results"].value[key]
+    assert entry["match"] is False and entry["error"]
+    text = json.dumps({k: str(v.value) for k, v in result.metadata.items()})
+    for secret in ("AKIAKEYIDNEVERSHOWN", "secret-never-in-errors-91c2"):
+        assert secret not in text
+
+
+def test_parts_holding_rows_newer_than_the_snapshot_are_never_taken_for_unchanged(
+    clickhouse, ch, local_store_resource
+) -> None:
+    """Rows inserted within the snapshot lag are left for the next backup; the parts
+    holding them must not mark the month unchanged, or those rows would never be
+    backed up. Fresh parts without such rows are recorded at once."""
+    ensure_tables(ch, "fastpath")
+    ch.command(  # two months inserted two hours ago
+        "INSERT INTO fastpath (measurement_uid, report_id, input, probe_cc, probe_asn, test_name, "
+        "measurement_start_time, anomaly, confirmed, msm_failure, blocking_type, scores, update_time) "
+        "SELECT toString(number), 'r', 'https://x.org/', 'IT', 3269, 'web_connectivity', "
+        "toDateTime('2024-01-01 00:00:00', 'UTC') + toIntervalDay(number % 2 * 31) + number, "
+        "'f', 'f', 'f', '', '{}', now64(3) - toIntervalHour(2) FROM numbers(200) "
+        "SETTINGS insert_allow_materialized_columns = 1"
+    )
+    ch.command(FASTPATH_LATE_ROW, {"n": 1})  # January, inserted now: after the snapshot
+    instance = dg.DagsterInstance.ephemeral()
+    lagged = {**FAST, "snapshot_lag_s": 600.0}
+
+    def run(config: dict) -> dict:
+        result = _run(clickhouse, local_store_resource, [fastpath_backup], config, instance)
+        assert result.success
+        return materialization_metadata(result)
+
+    assert run(lagged)["dagster/row_count"] == 200
+    manifest = load_manifest(local_store_resource.get_store(), "fastpath")
+    january, february = (f"clickhouse_export/csv/fastpath_2024{m}.csv.zstd" for m in ("01", "02"))
+    assert "parts" not in manifest[january] and "parts" in manifest[february]
+    meta = run(lagged)
+    assert meta["objects_skipped"] == 2 and meta["objects_skipped_by_parts"] == 1
+    meta = run(FAST)  # no lag: the late row is in, January goes up again
+    assert meta["written_keys"] == [january] and meta["dagster/row_count"] == 101
