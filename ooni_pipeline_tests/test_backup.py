@@ -567,8 +567,9 @@ def test_nothing_changed_is_decided_from_the_parts(clickhouse, ch, local_store_r
 def test_s3_credentials_never_reach_the_check_results(
     clickhouse, ch, moto_endpoint, s3_bucket, monkeypatch
 ) -> None:
-    """The engine gets the S3 credentials as bound parameters; an object it fails to
-    read yields an error naming the object, never the keys."""
+    """The engine reads the object through a presigned URL, never the store's
+    credentials; an object it fails to read yields an error naming the object,
+    never the keys or the URL's signature."""
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAKEYIDNEVERSHOWN")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-never-in-errors-91c2")
     resource = ObjectStoreResource(
@@ -589,7 +590,8 @@ def test_s3_credentials_never_reach_the_check_results(
     entry = result.metadata["results"].value[key]
     assert entry["match"] is False and entry["error"]
     text = json.dumps({k: str(v.value) for k, v in result.metadata.items()})
-    for secret in ("AKIAKEYIDNEVERSHOWN", "secret-never-in-errors-91c2"):
+    assert "asnmeta.csv.zstd" in text
+    for secret in ("AKIAKEYIDNEVERSHOWN", "secret-never-in-errors-91c2", "X-Amz-Signature"):
         assert secret not in text
 
 

@@ -8,9 +8,10 @@ bytes never pass through Python. Reading stops one row past the recorded count,
 so an object that unpacks to more rows than were written (a decompression bomb)
 costs no more than the real object would.
 
-S3 credentials, when the object store has any, reach the engine as bound query
-parameters: never in the query text, so never in an error message built from it;
-ClickHouse's own errors name the bucket and key only.
+A bucket's object is read through a presigned GET URL (``url()``): the engine never
+sees the store's credentials, only a signature good for reading that one object for
+a few minutes; and errors are shown without the URL's query string, where the
+signature is.
 
 When the engine cannot read the object (a ClickHouse server and the local object
 store, which the server cannot see; a server that cannot reach the bucket), the
@@ -20,8 +21,8 @@ server that stream travels over HTTP, so it writes no local temporary file eithe
 
 from __future__ import annotations
 
+import re
 from typing import Any
-from urllib.parse import quote
 
 from ooni_pipeline.backup.plan import fingerprint_sql, table_structure
 from ooni_pipeline.clickhouse import ClickHouse, ClickHouseError, quote_identifier
@@ -32,11 +33,8 @@ MB = 1024 * 1024
 NO_RECORDED_SIZE = "the manifest records no rows and uncompressed_bytes to bound the check with"
 # Characters s3() would read as a glob or a URL part rather than as the key.
 _NOT_LITERAL = set("*?{}[]")
-# The engine retries S3 requests up to 100 times by default: a check names an
-# unreachable bucket after a few.
-_S3_SETTINGS = (
-    "s3_retry_attempts = 3, s3_max_single_read_retries = 3, s3_connect_timeout_ms = 10000"
-)
+# A check names an unreachable bucket after a few tries, not the engine's default.
+_URL_SETTINGS = "http_max_tries = 3, http_connection_timeout = 10"
 # Error codes that mean the engine could not reach the object, not that it is bad.
 _UNREACHABLE = (
     "(S3_ERROR)",
@@ -46,31 +44,28 @@ _UNREACHABLE = (
 )
 
 
+_URL_QUERY = re.compile(r"(https?://[^\s?'\"]*)\?[^\s'\"]*")
+
+
 def short_error(exc: BaseException, limit: int = 300) -> str:
-    """An error on one line, escaped and cut short: parse errors quote the object."""
-    text = " ".join(str(exc).split())
+    """An error on one line, escaped and cut short: parse errors quote the object,
+    and a URL's query string (a presigned URL's signature) is left out."""
+    text = _URL_QUERY.sub(r"\1?…", " ".join(str(exc).split()))
     text = text.encode("ascii", "backslashreplace").decode()
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _s3_credentials(store: S3ObjectStore) -> tuple[str, str, str] | None:
-    """The client's own credentials (boto3's chain), or None for anonymous access."""
-    getter = getattr(store.client, "_get_credentials", None)
-    credentials = getter() if getter else None
-    if credentials is None:
-        return None
-    frozen = credentials.get_frozen_credentials()
-    return frozen.access_key, frozen.secret_key, frozen.token or ""
+PRESIGNED_URL_TTL_S = 900
 
 
-def _s3_url(store: S3ObjectStore, key: str) -> str:
-    """The object's URL: virtual-hosted in the bucket's region on AWS, path-style on
-    any other endpoint (MinIO, R2, moto), as boto3 addresses them."""
-    endpoint = store.client.meta.endpoint_url.rstrip("/")
-    region = store.client.meta.region_name
-    if endpoint in ("https://s3.amazonaws.com", f"https://s3.{region}.amazonaws.com") and region:
-        return f"https://{store.bucket}.s3.{region}.amazonaws.com/{quote(key)}"
-    return f"{endpoint}/{store.bucket}/{quote(key)}"
+def _presigned_url(store: S3ObjectStore, key: str) -> str:
+    """A GET URL of the object, signed by the store's own client (its endpoint,
+    region and addressing style), valid for ``PRESIGNED_URL_TTL_S``."""
+    return store.client.generate_presigned_url(
+        "get_object",
+        Params={"Bucket": store.bucket, "Key": key},
+        ExpiresIn=PRESIGNED_URL_TTL_S,
+    )
 
 
 def object_source(
@@ -87,13 +82,8 @@ def object_source(
         params["path"] = store.address(key)
         return "file({path:String}, 'CSVWithNames', {structure:String}, 'zstd')", params
     if isinstance(store, S3ObjectStore):
-        params["url"] = _s3_url(store, key)
-        credentials = _s3_credentials(store)
-        if credentials is None:
-            return "s3({url:String}, 'CSVWithNames', {structure:String}, 'zstd')", params
-        params["key_id"], params["secret"], params["token"] = credentials
-        auth = "{key_id:String}, {secret:String}, {token:String}"
-        return f"s3({{url:String}}, {auth}, 'CSVWithNames', {{structure:String}}, 'zstd')", params
+        params["url"] = _presigned_url(store, key)
+        return "url({url:String}, 'CSVWithNames', {structure:String}, 'zstd')", params
     return None
 
 
@@ -116,8 +106,8 @@ def verify_object(
         return {**restore_and_compare(ch, store, table, key, entry), "read_by": "scratch table"}
     function, params = source
     settings = f"max_threads = {int(max_threads)}"
-    if function.startswith("s3("):
-        settings += f", {_S3_SETTINGS}"
+    if function.startswith("url("):
+        settings += f", {_URL_SETTINGS}"
     sql = (
         f"SELECT count(), sum(h) FROM (SELECT cityHash64(*) AS h FROM {function} "
         f"LIMIT {{bound:UInt64}}) SETTINGS {settings}"
