@@ -194,6 +194,34 @@ ClickHouse("chdb://{chdb_path}", lock_timeout_s=1, lock_poll_s=0.2)
     assert "held by another process" in child.stderr
 
 
+@pytest.mark.clickhouse_backends("embedded")
+def test_a_lock_left_by_a_crashed_process_is_taken_over_at_once(
+    chdb_path: Path, ch: ClickHouse
+) -> None:
+    """A run killed while holding a lock leaves the lock table, whose owner row (a
+    Memory table's) dies with it: the next run must not wait out the server's grace."""
+    ch.close()
+    script = textwrap.dedent(
+        f"""
+        import os
+        from ooni_pipeline.clickhouse import ClickHouse
+        from ooni_pipeline.clickhouse.lock import exclusive
+        ch = ClickHouse("chdb://{chdb_path}")
+        with exclusive(ch, "crashy", "dead-run", owner_alive=lambda other: None):
+            os._exit(9)
+        """
+    )
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert child.returncode == 9, child.stderr
+    with ClickHouse(f"chdb://{chdb_path}") as again:
+        assert again.scalar("SELECT count() FROM _lock_crashy") == 0  # ownerless
+        start = time.monotonic()
+        with exclusive(again, "crashy", "run-2", owner_alive=lambda other: None, poll_s=0.1):
+            waited = time.monotonic() - start
+            assert again.scalar("SELECT owner FROM _lock_crashy") == "run-2"
+    assert waited < 20
+
+
 def test_stream_error_reaches_the_consumer(ch: ClickHouse) -> None:
     with pytest.raises(ClickHouseError, match="no_such_table"):
         list(ch.stream("SELECT * FROM no_such_table"))

@@ -25,6 +25,12 @@ from ooni_pipeline.clickhouse.connection import ClickHouse, ClickHouseError, quo
 # A lock table whose owner row never arrived (a crash between CREATE and INSERT, or
 # a server restart emptying the Memory table) is stale after this long.
 OWNERLESS_GRACE_S = 60.0
+# Embedded, the process holding the lock holds the whole data directory for as long
+# as its connection is open, and a Memory table's rows die with their process: an
+# ownerless lock seen from another connection is a crashed run's, unless a thread of
+# this very process is between its CREATE and INSERT (milliseconds). A crash left
+# every next run waiting the server's grace.
+EMBEDDED_OWNERLESS_GRACE_S = 2.0
 # An owner nobody here knows (another Dagster instance) is presumed working for this
 # long: longer than an updater's run with all its retries (about 2.5 hours).
 UNKNOWN_OWNER_STALE_S = 6 * 3600.0
@@ -91,7 +97,8 @@ def exclusive(
             holder, age = held
             if holder is None:
                 ownerless_since = ownerless_since or time.monotonic()
-                stale = time.monotonic() - ownerless_since > OWNERLESS_GRACE_S
+                grace = EMBEDDED_OWNERLESS_GRACE_S if ch.embedded else OWNERLESS_GRACE_S
+                stale = time.monotonic() - ownerless_since > grace
             else:
                 ownerless_since = None
                 alive = owner_alive(holder) if holder != owner else True
