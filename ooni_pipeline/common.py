@@ -95,6 +95,15 @@ def last_metadata(
     }
 
 
+def checked_partitions(context: dg.AssetCheckExecutionContext, key: dg.AssetKey) -> list[str]:
+    """The partitions a check verifies: those of its run (a materialization with its
+    checks), else the one its asset last materialized (a check run on its own)."""
+    if context.has_partition_key_range or context.has_partition_key:
+        return list(context.partition_keys)
+    event = context.instance.get_latest_materialization_event(key)
+    return [event.dagster_event.partition] if event and event.dagster_event else []
+
+
 SCHEDULE_STATES = ("running", "stopped")
 
 

@@ -19,7 +19,7 @@ import dagster as dg
 import pyarrow.parquet as pq
 
 from ooni_pipeline.clickhouse import ClickHouse
-from ooni_pipeline.common import last_metadata, shrink_refusal
+from ooni_pipeline.common import checked_partitions, last_metadata, shrink_refusal
 from ooni_pipeline.decompression import DecompressionLimitExceeded, open_bounded
 from ooni_pipeline.exports.engine_file import engine_file, file_digest
 from ooni_pipeline.object_store import ObjectStoreResource, UploadResult, stream_upload
@@ -289,11 +289,7 @@ def build_objects_check(asset_key: dg.AssetKey, columns: dict[str, Sequence[str]
         context: dg.AssetCheckExecutionContext, object_store: ObjectStoreResource
     ) -> dg.AssetCheckResult:
         store = object_store.get_store()
-        if context.has_partition_key_range or context.has_partition_key:
-            partitions = list(context.partition_keys)
-        else:
-            event = context.instance.get_latest_materialization_event(asset_key)
-            partitions = [event.dagster_event.partition] if event and event.dagster_event else []
+        partitions = checked_partitions(context, asset_key)
         problems: list[str] = []
         checked = 0
         for partition in partitions:

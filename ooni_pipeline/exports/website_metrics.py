@@ -15,6 +15,7 @@ from ooni_pipeline.clickhouse.schema import ensure_tables
 from ooni_pipeline.common import (
     CLICKHOUSE_POOL,
     OWNER,
+    checked_partitions,
     last_metadata,
     raise_refusals,
     shrink_refusal,
@@ -386,11 +387,7 @@ def website_metrics_object_check(
     object_store: ObjectStoreResource,
 ) -> dg.AssetCheckResult:
     store = object_store.get_store()
-    if context.has_partition_key_range or context.has_partition_key:
-        days = list(context.partition_keys)
-    else:
-        event = context.instance.get_latest_materialization_event(WEBSITE_METRICS_KEY)
-        days = [event.dagster_event.partition] if event and event.dagster_event else []
+    days = checked_partitions(context, WEBSITE_METRICS_KEY)
     problems: list[str] = []
     recorded = {day: last_metadata(context, WEBSITE_METRICS_KEY, day) for day in days}
     for day in days:
