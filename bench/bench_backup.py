@@ -35,14 +35,18 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+from harness import dagster_home, materialize_argv
 
 BUCKET = "ooni-bench"
 SERVER_BUCKET = "ooni-bench-server"
@@ -126,32 +130,11 @@ def libraries(mib: int = 200) -> None:
        JSON itself (``JSONAsString`` + ``JSONExtractKeysAndValuesRaw``/``JSONExtract``),
        on the 34 MB map of bench_asnmeta.py.
     """
-    import boto3
     from boto3.s3.transfer import TransferConfig
 
     from ooni_pipeline.object_store.stores import S3ObjectStore
 
-    port = free_port()
-    moto = subprocess.Popen(
-        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        client = boto3.client(
-            "s3",
-            endpoint_url=f"http://127.0.0.1:{port}",
-            region_name="us-east-1",
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
-        client.create_bucket(Bucket=BUCKET)
+    with moto_s3(BUCKET) as (_, client):
         block = os.urandom(1 << 20)
 
         class Reader:
@@ -193,9 +176,6 @@ def libraries(mib: int = 200) -> None:
                 run()
                 walls.append(time.monotonic() - start)
             print(f"upload {mib} MiB  {name:38s} best {min(walls):5.2f} s  [load {load()}]")
-    finally:
-        moto.terminate()
-        moto.wait(timeout=30)
 
     import chdb
     from bench_asnmeta import generate
@@ -290,6 +270,40 @@ def measured(argv: list[str], env: dict[str, str]) -> tuple[float, float, int, s
     return wall, usage.ru_maxrss / 1024, peak_tmp[0], text
 
 
+@contextmanager
+def moto_s3(*buckets: str) -> Iterator[tuple[str, Any]]:
+    """moto in its own process on 127.0.0.1: (endpoint, boto3 client), ``buckets`` made."""
+    import boto3
+
+    port = free_port()
+    moto = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        endpoint = f"http://127.0.0.1:{port}"
+        client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+        for bucket in buckets:
+            client.create_bucket(Bucket=bucket)
+        yield endpoint, client
+    finally:
+        moto.terminate()
+        moto.wait(timeout=30)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -301,9 +315,7 @@ def load() -> str:
 
 
 def run_cli(env: dict[str, str]) -> dict:
-    dagster = str(Path(sys.executable).with_name("dagster"))
-    argv = [dagster, "asset", "materialize", "-m", "ooni_pipeline.definitions", "--select", SELECT]
-    wall, rss, tmp, log = measured(argv, env)
+    wall, rss, tmp, log = measured(materialize_argv(SELECT), env)
     if (
         "RUN_SUCCESS" not in log
         or "Asset check 'restore_check' on 'backup/fastpath' passed" not in log
@@ -361,133 +373,106 @@ def main() -> None:
         "OONI_DATA_DIR": str(workdir),
     }
     env.pop("OONI_CLICKHOUSE_URL", None)
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    moto = subprocess.Popen(
-        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     server = None
-    try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        import boto3
+    # Baseline objects go to BUCKET, the HTTP run's to SERVER_BUCKET.
+    with moto_s3(BUCKET, SERVER_BUCKET) as (endpoint, s3):
+        try:
+            me = [sys.executable, __file__, "--workdir", str(workdir)]
+            loaded = time.monotonic()
+            subprocess.run([*me, "--child", "setup", "--rows", str(args.rows)], env=env, check=True)
+            time.sleep(
+                max(0.0, args.settle - (time.monotonic() - loaded))
+            )  # rows older than the lag
 
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            region_name="us-east-1",
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
-        for bucket in (BUCKET, SERVER_BUCKET):
-            s3.create_bucket(Bucket=bucket)  # baseline objects; the HTTP run's
-        me = [sys.executable, __file__, "--workdir", str(workdir)]
-        loaded = time.monotonic()
-        subprocess.run([*me, "--child", "setup", "--rows", str(args.rows)], env=env, check=True)
-        time.sleep(max(0.0, args.settle - (time.monotonic() - loaded)))  # rows older than the lag
+            def baseline() -> dict:
+                wall, rss, tmp, out = measured(
+                    [*me, "--child", "clickhouse", "--endpoint", endpoint], env
+                )
+                found = {"wall": wall, "rss": rss, "tmp": tmp, "load": load()}
+                found["queries"] = float(re.search(r"queries_s=([0-9.]+)", out).group(1))
+                return found
 
-        def baseline() -> dict:
-            wall, rss, tmp, out = measured(
-                [*me, "--child", "clickhouse", "--endpoint", endpoint], env
+            def fresh_cli_env(bucket: str) -> dict[str, str]:
+                s3.create_bucket(Bucket=bucket)
+                return {
+                    **env,
+                    "OONI_S3_BUCKET": bucket,
+                    "OONI_S3_ENDPOINT_URL": endpoint,
+                    "DAGSTER_HOME": str(dagster_home()),
+                }
+
+            # Baseline and full CLI backup alternate, each full backup into a fresh bucket:
+            # the machine's load drifts, so the best of each is compared.
+            bases, fulls = [], []
+            for number in range(args.repeat):
+                bases.append(baseline())
+                cli_env = fresh_cli_env(f"{BUCKET}-{number}")
+                fulls.append(run_cli(cli_env))
+            base = min(bases, key=lambda r: r["queries"])
+            full = min(fulls, key=lambda r: r["step"] + r["check"])
+            runs_note = "; ".join(
+                f"run {i + 1}: clickhouse {b['queries']:.2f} s [load {b['load']}], cli step {f['step']:.2f} s "
+                f"+ check {f['check']:.2f} s [load {f['load']}]"
+                for i, (b, f) in enumerate(zip(bases, fulls, strict=True))
             )
-            found = {"wall": wall, "rss": rss, "tmp": tmp, "load": load()}
-            found["queries"] = float(re.search(r"queries_s=([0-9.]+)", out).group(1))
-            return found
+            again = run_cli(cli_env)
 
-        def fresh_cli_env(bucket: str) -> dict[str, str]:
-            s3.create_bucket(Bucket=bucket)
-            home = tempfile.mkdtemp(prefix="bench-backup-home-")
-            Path(home, "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-            return {
-                **env,
-                "OONI_S3_BUCKET": bucket,
-                "OONI_S3_ENDPOINT_URL": endpoint,
-                "DAGSTER_HOME": home,
-            }
+            def size(bucket: str, prefix: str) -> tuple[int, int]:
+                pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+                objects = [o for page in pages for o in page.get("Contents", [])]
+                return len(objects), sum(o["Size"] for o in objects)
 
-        # Baseline and full CLI backup alternate, each full backup into a fresh bucket:
-        # the machine's load drifts, so the best of each is compared.
-        bases, fulls = [], []
-        for number in range(args.repeat):
-            bases.append(baseline())
-            cli_env = fresh_cli_env(f"{BUCKET}-{number}")
-            fulls.append(run_cli(cli_env))
-        base = min(bases, key=lambda r: r["queries"])
-        full = min(fulls, key=lambda r: r["step"] + r["check"])
-        runs_note = "; ".join(
-            f"run {i + 1}: clickhouse {b['queries']:.2f} s [load {b['load']}], cli step {f['step']:.2f} s "
-            f"+ check {f['check']:.2f} s [load {f['load']}]"
-            for i, (b, f) in enumerate(zip(bases, fulls, strict=True))
-        )
-        again = run_cli(cli_env)
-
-        def size(bucket: str, prefix: str) -> tuple[int, int]:
-            pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-            objects = [o for page in pages for o in page.get("Contents", [])]
-            return len(objects), sum(o["Size"] for o in objects)
-
-        ours_objects = size(cli_env["OONI_S3_BUCKET"], "clickhouse_export/csv/")
-        base_objects = size(BUCKET, "baseline/")
-        lines = [
-            f"fastpath rows: {args.rows}, 12 months; load (1/5/15 min) shown per figure; best of "
-            f"{args.repeat} alternating runs ({runs_note})",
-            f"clickhouse alone  process {base['wall']:6.2f} s, queries {base['queries']:6.2f} s, "
-            f"peak RSS {base['rss']:5.0f} MB, temp {base['tmp']} B, "
-            f"objects {base_objects[0]} ({base_objects[1] / 1e6:.1f} MB)  [load {base['load']}]",
-            f"cli full          run {full['wall']:6.2f} s, backup step {full['step']:6.2f} s, "
-            f"restore check {full['check']:6.2f} s, peak RSS {full['rss']:5.0f} MB, temp {full['tmp']} B, "
-            f"objects {ours_objects[0]} ({ours_objects[1] / 1e6:.1f} MB)  [load {full['load']}]",
-            f"cli nothing new   run {again['wall']:6.2f} s, backup step {again['step']:6.2f} s, "
-            f"restore check {again['check']:6.2f} s  [load {again['load']}]",
-            f"ratios: (step + check) / clickhouse queries = "
-            f"{(full['step'] + full['check']) / base['queries']:.2f}x (target <= 1.5); "
-            f"step / clickhouse = {full['step'] / base['queries']:.2f}x; "
-            f"RSS cli - clickhouse = {full['rss'] - base['rss']:+.0f} MB (target <= +300); "
-            f"temp {full['tmp']} B (target 0); "
-            f"no-change step / full step = {again['step'] / full['step']:.1%} (target <= 10%)",
-        ]
-        if args.server:
-            server = subprocess.Popen(
-                [*me, "--child", "serve"],
-                env=env,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            url = server.stdout.readline().strip()
-            server_env = {
-                **cli_env,
-                "OONI_CLICKHOUSE_URL": url,
-                "OONI_S3_BUCKET": SERVER_BUCKET,
-                "DAGSTER_HOME": tempfile.mkdtemp(prefix="bench-backup-home-"),
-            }
-            Path(server_env["DAGSTER_HOME"], "dagster.yaml").write_text(
-                "telemetry:\n  enabled: false\n"
-            )
-            over_http = run_cli(server_env)
-            lines.append(
-                f"cli over HTTP     run {over_http['wall']:6.2f} s, backup step {over_http['step']:6.2f} s, "
-                f"restore check {over_http['check']:6.2f} s, client peak RSS {over_http['rss']:5.0f} MB, "
-                f"temp {over_http['tmp']} B  [load {over_http['load']}]"
-            )
-            lines.append(
-                f"ratios: HTTP / embedded: step {over_http['step'] / full['step']:.2f}x, "
-                f"step + check {(over_http['step'] + over_http['check']) / (full['step'] + full['check']):.2f}x "
-                "(target <= 1.5)"
-            )
-        print("\n".join(lines))
-    finally:
-        if server is not None:
-            server.stdin.close()
-            server.wait(timeout=60)
-        moto.send_signal(signal.SIGTERM)
-        moto.wait(timeout=30)
+            ours_objects = size(cli_env["OONI_S3_BUCKET"], "clickhouse_export/csv/")
+            base_objects = size(BUCKET, "baseline/")
+            lines = [
+                f"fastpath rows: {args.rows}, 12 months; load (1/5/15 min) shown per figure; best of "
+                f"{args.repeat} alternating runs ({runs_note})",
+                f"clickhouse alone  process {base['wall']:6.2f} s, queries {base['queries']:6.2f} s, "
+                f"peak RSS {base['rss']:5.0f} MB, temp {base['tmp']} B, "
+                f"objects {base_objects[0]} ({base_objects[1] / 1e6:.1f} MB)  [load {base['load']}]",
+                f"cli full          run {full['wall']:6.2f} s, backup step {full['step']:6.2f} s, "
+                f"restore check {full['check']:6.2f} s, peak RSS {full['rss']:5.0f} MB, temp {full['tmp']} B, "
+                f"objects {ours_objects[0]} ({ours_objects[1] / 1e6:.1f} MB)  [load {full['load']}]",
+                f"cli nothing new   run {again['wall']:6.2f} s, backup step {again['step']:6.2f} s, "
+                f"restore check {again['check']:6.2f} s  [load {again['load']}]",
+                f"ratios: (step + check) / clickhouse queries = "
+                f"{(full['step'] + full['check']) / base['queries']:.2f}x (target <= 1.5); "
+                f"step / clickhouse = {full['step'] / base['queries']:.2f}x; "
+                f"RSS cli - clickhouse = {full['rss'] - base['rss']:+.0f} MB (target <= +300); "
+                f"temp {full['tmp']} B (target 0); "
+                f"no-change step / full step = {again['step'] / full['step']:.1%} (target <= 10%)",
+            ]
+            if args.server:
+                server = subprocess.Popen(
+                    [*me, "--child", "serve"],
+                    env=env,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+                url = server.stdout.readline().strip()
+                server_env = {
+                    **cli_env,
+                    "OONI_CLICKHOUSE_URL": url,
+                    "OONI_S3_BUCKET": SERVER_BUCKET,
+                    "DAGSTER_HOME": str(dagster_home()),
+                }
+                over_http = run_cli(server_env)
+                lines.append(
+                    f"cli over HTTP     run {over_http['wall']:6.2f} s, backup step {over_http['step']:6.2f} s, "
+                    f"restore check {over_http['check']:6.2f} s, client peak RSS {over_http['rss']:5.0f} MB, "
+                    f"temp {over_http['tmp']} B  [load {over_http['load']}]"
+                )
+                lines.append(
+                    f"ratios: HTTP / embedded: step {over_http['step'] / full['step']:.2f}x, "
+                    f"step + check {(over_http['step'] + over_http['check']) / (full['step'] + full['check']):.2f}x "
+                    "(target <= 1.5)"
+                )
+            print("\n".join(lines))
+        finally:
+            if server is not None:
+                server.stdin.close()
+                server.wait(timeout=60)
 
 
 if __name__ == "__main__":

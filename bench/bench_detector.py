@@ -26,13 +26,11 @@ import argparse
 import os
 import shutil
 import subprocess
-import sys
-import tempfile
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from harness import open_chdb, report_peak, run_measured
+from harness import ROOT, dagster_home, materialize_argv, open_chdb, report_peak, run_measured
 
 START = "2024-03-01 00:00:00"
 DOMAINS = ("facebook.com", "twitter.com", "t.me", "youtube.com")
@@ -134,24 +132,21 @@ def run_detection(workdir: Path, first: int, last: int) -> None:
 def run_cli(workdir: Path, hour: int) -> tuple[float, float, str]:
     """(wall s, peak RSS MB of the process tree, result line) of the CLI for one hour."""
     partition = (datetime.fromisoformat(START) + timedelta(hours=hour)).strftime("%Y-%m-%d-%H:%M")
-    root = Path(__file__).resolve().parents[1]
-    with tempfile.TemporaryDirectory() as home:
-        shutil.copy(root / "dagster.yaml", Path(home) / "dagster.yaml")
-        env = {
-            **os.environ,
-            "DAGSTER_HOME": home,
-            "OONI_DATA_DIR": str(workdir.absolute()),
-            "OONI_SCHEDULES_DEFAULT": "stopped",
-        }
-        argv = [
-            "/usr/bin/time", "-f", "maxrss_kb=%M",
-            str(Path(sys.executable).parent / "dagster"), "asset", "materialize",
-            "-m", "ooni_pipeline.definitions",
-            "--select", "blocking_status,blocking_events", "--partition", partition,
-        ]  # fmt: skip
-        start = time.monotonic()
-        proc = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=root)
-        wall = time.monotonic() - start
+    home = dagster_home()
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "OONI_DATA_DIR": str(workdir.absolute()),
+        "OONI_SCHEDULES_DEFAULT": "stopped",
+    }
+    argv = [
+        "/usr/bin/time", "-f", "maxrss_kb=%M",
+        *materialize_argv("blocking_status,blocking_events", partition),
+    ]  # fmt: skip
+    start = time.monotonic()
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=ROOT)
+    wall = time.monotonic() - start
+    shutil.rmtree(home, ignore_errors=True)
     if proc.returncode != 0:
         raise SystemExit(f"the CLI failed:\n{proc.stderr[-3000:]}")
     peak_kb = int(proc.stderr.strip().splitlines()[-1].split("=")[1])

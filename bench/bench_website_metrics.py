@@ -36,15 +36,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from harness import open_chdb, report_peak, run_measured
+from harness import ROOT, dagster_home, materialize_argv, open_chdb, report_peak, run_measured
 
 DAY = "2024-03-10"
 EMPTY_DAY = "2024-03-01"
-ROOT = Path(__file__).resolve().parents[1]
 SERVER_USER, SERVER_PASSWORD = "bench", "bench-password"
 
 
@@ -256,12 +254,7 @@ def run_cli(workdir: Path, home: Path, partition: str, clickhouse_url: str | Non
     env.pop("OONI_CLICKHOUSE_URL", None)
     if clickhouse_url:
         env["OONI_CLICKHOUSE_URL"] = clickhouse_url
-    argv = [
-        "/usr/bin/time", "-f", "maxrss_kb=%M",
-        str(Path(sys.executable).parent / "dagster"), "asset", "materialize",
-        "-m", "ooni_pipeline.definitions",
-        "--select", "website_metrics", "--partition", partition,
-    ]  # fmt: skip
+    argv = ["/usr/bin/time", "-f", "maxrss_kb=%M", *materialize_argv("website_metrics", partition)]
     start = time.monotonic()
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=ROOT)
     wall = time.monotonic() - start
@@ -361,8 +354,7 @@ def main() -> None:
         )
         return r
 
-    home = Path(tempfile.mkdtemp(prefix="dagster_home."))
-    shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
+    home = dagster_home()
     empty_obj = obj.with_name(f"{EMPTY_DAY}.csv.gz")
 
     def cli_empty(label: str) -> dict:

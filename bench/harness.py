@@ -45,3 +45,25 @@ def run_measured(argv: list[str], env: dict[str, str] | None = None) -> tuple[fl
     peak = next(int(line[len(MARKER) :]) for line in reversed(lines) if line.startswith(MARKER))
     output = " ".join(line for line in lines if not line.startswith(MARKER))
     return wall, peak / 1024, output
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dagster_home() -> Path:
+    """A fresh DAGSTER_HOME holding the project's own dagster.yaml: what a user runs."""
+    import shutil
+    import tempfile
+
+    home = Path(tempfile.mkdtemp(prefix="bench-dagster-home-"))
+    shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
+    return home
+
+
+def materialize_argv(select: str, partition: str | None = None) -> list[str]:
+    """The shipped path: ``dagster asset materialize`` of the project, default config."""
+    argv = [
+        str(Path(sys.executable).with_name("dagster")), "asset", "materialize",
+        "-m", "ooni_pipeline.definitions", "--select", select,
+    ]  # fmt: skip
+    return [*argv, "--partition", partition] if partition else argv

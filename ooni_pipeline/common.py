@@ -43,7 +43,7 @@ class ShrinkRefusedError(RuntimeError):
     """A result much smaller than what is published would have replaced it."""
 
 
-def shrink_refusal(what: str, published: int | None, new: int) -> str | None:
+def shrink_refusal(what: str, published: int | None, new: int, unit: str = "rows") -> str | None:
     """Why ``new`` rows may not replace ``published`` ones (``None`` if they may).
 
     An empty result never replaces a non-empty one, nor does one under half of it:
@@ -51,7 +51,7 @@ def shrink_refusal(what: str, published: int | None, new: int) -> str | None:
     the run would otherwise be green. ``force: true`` in the run config overrides.
     """
     if published and new < published / 2:
-        return f"{what}: {new} rows would replace the {published} published"
+        return f"{what}: {new} {unit} would replace the {published} published"
     return None
 
 

@@ -172,6 +172,4 @@ def website_metrics_monthly(
     return dg.MaterializeResult(metadata={"partitions_in_run": len(months)})
 
 
-website_metrics_monthly_check = build_objects_check(
-    MONTHLY_KEY, {"csv.gz": MONTHLY_COLUMNS, "parquet": MONTHLY_COLUMNS}
-)
+website_metrics_monthly_check = build_objects_check(MONTHLY_KEY)

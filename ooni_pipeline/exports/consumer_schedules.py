@@ -8,6 +8,7 @@ import dagster as dg
 from ooni_pipeline.common import NETWORK_RETRY_POLICY, launching_sensor_status, schedule_status
 from ooni_pipeline.exports.aggregates import DAILY_KEY, MONTHLY_KEY
 from ooni_pipeline.exports.parquet import WEBSITE_METRICS_PARQUET_KEY
+from ooni_pipeline.exports.schedules import previous_day_schedule
 from ooni_pipeline.exports.watchlists import KEY_PREFIX
 
 DAILY_SELECTION = dg.AssetSelection.assets(
@@ -25,18 +26,14 @@ consumer_exports_monthly_job = dg.define_asset_job(
 )
 
 
-@dg.schedule(
-    name="consumer_exports_daily_schedule",
-    job=consumer_exports_daily_job,
-    cron_schedule="15 1 * * *",
-    execution_timezone="UTC",
-    default_status=schedule_status(),
-    description="At 01:15 UTC, the daily aggregate, the Parquet table and every watchlist "
+consumer_exports_daily_schedule = previous_day_schedule(
+    "consumer_exports_daily_schedule",
+    consumer_exports_daily_job,
+    "15 1 * * *",
+    "At 01:15 UTC, the daily aggregate, the Parquet table and every watchlist "
     "of yesterday. Later changes re-export through consumer_exports_automation_sensor.",
+    run_key="consumer_exports",
 )
-def consumer_exports_daily_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
-    day = f"{context.scheduled_execution_time.date() - timedelta(days=1):%Y-%m-%d}"
-    return dg.RunRequest(run_key=f"consumer_exports {day}", partition_key=day)
 
 
 @dg.schedule(

@@ -204,8 +204,8 @@ def build_daily_consumer_exports(
             yield dg.MaterializeResult(asset_key=key, metadata={"partitions_in_run": len(days)})
 
     checks = [
-        build_objects_check(DAILY_KEY, {"csv.gz": DAILY_COLUMNS, "parquet": DAILY_COLUMNS}),
-        build_objects_check(WEBSITE_METRICS_PARQUET_KEY, {"parquet": CSV_COLUMNS}),
-        *(build_objects_check(watchlists.asset_key(c), {"csv.gz": CSV_COLUMNS}) for c in lists),
+        build_objects_check(DAILY_KEY),
+        build_objects_check(WEBSITE_METRICS_PARQUET_KEY),
+        *(build_objects_check(watchlists.asset_key(c)) for c in lists),
     ]
     return consumer_exports_daily, checks

@@ -1,6 +1,7 @@
 """Yesterday's export on time; later changes re-export through the asset's automation."""
 
 from datetime import timedelta
+from typing import Any
 
 import dagster as dg
 
@@ -14,18 +15,35 @@ website_metrics_job = dg.define_asset_job(
 )
 
 
-@dg.schedule(
-    name="website_metrics_schedule",
-    job=website_metrics_job,
-    cron_schedule="0 1 * * *",
-    execution_timezone="UTC",
-    default_status=schedule_status(),
-    description="At 01:00 UTC, export yesterday. Days whose fastpath data version changes "
+def previous_day_schedule(
+    name: str, job: Any, cron: str, description: str, run_key: str
+) -> dg.ScheduleDefinition:
+    """A schedule requesting yesterday's partition of ``job`` (an asset job), once per day
+    (run key ``<run_key> <day>``): a daily export on time."""
+
+    @dg.schedule(
+        name=name,
+        job=job,
+        cron_schedule=cron,
+        execution_timezone="UTC",
+        default_status=schedule_status(),
+        description=description,
+    )
+    def _schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+        day = f"{context.scheduled_execution_time.date() - timedelta(days=1):%Y-%m-%d}"
+        return dg.RunRequest(run_key=f"{run_key} {day}", partition_key=day)
+
+    return _schedule
+
+
+website_metrics_schedule = previous_day_schedule(
+    "website_metrics_schedule",
+    website_metrics_job,
+    "0 1 * * *",
+    "At 01:00 UTC, export yesterday. Days whose fastpath data version changes "
     "later (late uploads) are re-exported by website_metrics_automation_sensor.",
+    run_key="website_metrics",
 )
-def website_metrics_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
-    day = f"{context.scheduled_execution_time.date() - timedelta(days=1):%Y-%m-%d}"
-    return dg.RunRequest(run_key=f"website_metrics {day}", partition_key=day)
 
 
 website_metrics_automation_sensor = dg.AutomationConditionSensorDefinition(
