@@ -13,6 +13,7 @@ import dagster as dg
 import pytest
 import zstandard
 
+from ooni_pipeline.backup import export
 from ooni_pipeline.backup.assets import (
     BackupConfig,
     RestoreCheckConfig,
@@ -28,7 +29,9 @@ from ooni_pipeline.backup.plan import (
     needs_final,
     parse_tables,
 )
+from ooni_pipeline.backup.verify import verify_object
 from ooni_pipeline.clickhouse import ClickHouse
+from ooni_pipeline.clickhouse.arrow_stream import record_batches
 from ooni_pipeline.clickhouse.schema import ensure_tables
 from ooni_pipeline.object_store import ObjectStoreResource
 from ooni_pipeline_tests.rig import (
@@ -154,20 +157,34 @@ def test_months_back_up_then_skip_then_reupload_the_changed_one(
     assert check.metadata["objects_just_written"].value == 1
 
 
-def test_small_table_whole_and_restore_round_trip(clickhouse, ch, local_store_resource) -> None:
+def test_small_table_whole_and_restore_round_trip(clickhouse, ch, s3_store_resource) -> None:
+    """Names holding quotes, commas and line breaks (``\\n``, ``\\r\\n``) inside a field:
+    the object's lines, as the engine reads them back, are the ones the export
+    counted; parsed into the table's types, its rows are the ones fingerprinted."""
     ensure_tables(ch, "asnmeta")
     ch.command(
-        "INSERT INTO asnmeta SELECT number, concat('Org ', toString(number), ', \"Ltd\"'), 'IT', "
+        "INSERT INTO asnmeta SELECT number, concat('Org ', toString(number), ', \"Ltd\"', "
+        "if(number % 3 = 0, '\\nsecond line\\r\\n', '')), 'IT', "
         "toDate('2020-01-01') + number, '', 'RIPE' FROM numbers(1000)"
     )
-    result = _run(clickhouse, local_store_resource, [asnmeta_backup, asnmeta_restore_check])
+    result = _run(clickhouse, s3_store_resource, [asnmeta_backup, asnmeta_restore_check])
     assert result.success
-    store = local_store_resource.get_store()
-    assert store.list_keys("clickhouse_export/csv/") == ["clickhouse_export/csv/asnmeta.csv.zstd"]
+    store = s3_store_resource.get_store()
+    key = "clickhouse_export/csv/asnmeta.csv.zstd"
+    assert store.list_keys("clickhouse_export/csv/") == [key]
     (check,) = result.get_asset_check_evaluations()
     assert check.passed
     (entry,) = check.metadata["results"].value.values()
-    assert entry["rows"] == 1000 and entry["match"]
+    # the header, 1000 rows, and two more lines in each of the 334 names that break
+    assert entry["lines"] == 1 + 1000 + 2 * 334 and entry["match"]
+    assert entry["read_by"] == "engine (lines)"
+    recorded = load_manifest(store, "asnmeta")[key]
+    assert recorded["lines"] == entry["fingerprint"] == entry["expected"]
+    typed = verify_object(ch, store, "asnmeta", key, recorded, reading="typed")
+    assert typed["rows"] == 1000 and typed["match"] and typed["read_by"] == "engine (typed)"
+    assert typed["fingerprint"] == recorded["fingerprint"]
+    restored = _read_csv(store, key)
+    assert len(restored) == 1001 and restored[1 + 999][1] == 'Org 999, "Ltd"\nsecond line\r\n'
 
 
 def test_an_emptied_table_never_replaces_its_backup(clickhouse, ch, local_store_resource) -> None:
@@ -190,23 +207,45 @@ def test_an_emptied_table_never_replaces_its_backup(clickhouse, ch, local_store_
     assert forced.success and len(_read_csv(store, key)) == 1  # the header alone
 
 
-def test_restore_check_detects_a_damaged_object(clickhouse, ch, local_store_resource) -> None:
+def test_restore_check_detects_a_damaged_object(clickhouse, ch, s3_store_resource) -> None:
     _fill_fastpath(ch, {"2024-01": 100})
     instance = dg.DagsterInstance.ephemeral()
-    assert _run(clickhouse, local_store_resource, [fastpath_backup], instance=instance).success
-    store = local_store_resource.get_store()
+    assert _run(clickhouse, s3_store_resource, [fastpath_backup], instance=instance).success
+    store = s3_store_resource.get_store()
     key = "clickhouse_export/csv/fastpath_202401.csv.zstd"
-    rows = _read_csv(store, key)
-    out = io.StringIO()
-    csv.writer(out, lineterminator="\n").writerows(rows[:-1])  # one row lost
-    store.put_bytes(key, zstandard.ZstdCompressor().compress(out.getvalue().encode()))
+    text = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(store.read_bytes(key))).read()
+    lines = text.splitlines(keepends=True)
+    assert len(lines) == 101
     context = dg.build_asset_check_context(
-        resources={"clickhouse": clickhouse, "object_store": local_store_resource},
+        resources={"clickhouse": clickhouse, "object_store": s3_store_resource},
         instance=instance,
     )
-    result = fastpath_restore_check(context)
-    assert not result.passed
-    assert result.metadata["results"].value[key]["rows"] == 99
+    entry = load_manifest(store, "fastpath")[key]
+
+    def damaged(data: bytes) -> dict:
+        store.put_bytes(key, zstandard.ZstdCompressor().compress(data))
+        result = fastpath_restore_check(context)
+        assert not result.passed
+        return result.metadata["results"].value[key]
+
+    # one row lost: one line fewer, and parsed, one row fewer
+    lost = damaged(b"".join(lines[:-1]))
+    assert lost["lines"] == 100 and lost["read_by"] == "engine (lines)"
+    assert verify_object(ch, store, "fastpath", key, entry, reading="typed")["rows"] == 99
+    # one character changed inside a field: as many lines, not the same ones
+    changed = damaged(
+        b"".join(lines[:50]) + lines[50].replace(b"2024-01-", b"2024-01+", 1) + b"".join(lines[51:])
+    )
+    assert changed["lines"] == 101 and changed["fingerprint"] != changed["expected"]
+    # an entry recorded before lines were (no "lines"): read as typed rows
+    earlier = {k: v for k, v in entry.items() if k != "lines"}
+    assert verify_object(ch, store, "fastpath", key, earlier, reading="lines") == {
+        "rows": 100,
+        "fingerprint": verify_object(ch, store, "fastpath", key, earlier)["fingerprint"],
+        "expected": entry["fingerprint"],
+        "match": False,
+        "read_by": "engine (typed)",
+    }
 
 
 FASTPATH_LATE_ROW = (
@@ -291,6 +330,37 @@ def test_a_table_without_insertion_time_changing_during_export_is_retried_then_f
     assert _run(clickhouse, local_store_resource, [asnmeta_backup]).success
 
 
+def test_rows_lost_between_the_engine_and_the_object_fail_the_export(
+    clickhouse, ch, local_store_resource, monkeypatch
+) -> None:
+    """The export counts and hashes every row it sends: a block lost on the way (a
+    fault injected after the engine) is caught before the manifest records the
+    object, and the last good object stays where it was."""
+    _fill_fastpath(ch, {"2024-01": 150_000})
+    assert _run(clickhouse, local_store_resource, [fastpath_backup]).success
+    store = local_store_resource.get_store()
+    key = "clickhouse_export/csv/fastpath_202401.csv.zstd"
+    good, recorded = store.read_bytes(key), load_manifest(store, "fastpath")
+    _fill_fastpath(ch, {"2024-01": 150_001})  # a change: the month goes up again
+
+    def losing_the_second(chunks):
+        for number, batch in enumerate(record_batches(chunks)):
+            if number != 1:
+                yield batch
+
+    monkeypatch.setattr(export, "record_batches", losing_the_second)
+    result = _run(clickhouse, local_store_resource, [fastpath_backup])
+    assert not result.success
+    assert "fastpath 202401 changed while it was exported, or rows were lost on the way" in (
+        failure_text(result)
+    )
+    assert load_manifest(store, "fastpath") == recorded
+    assert store.read_bytes(key) != good  # the attempt's object went up, unrecorded...
+    monkeypatch.undo()
+    assert _run(clickhouse, local_store_resource, [fastpath_backup]).success  # ...and is redone
+    assert load_manifest(store, "fastpath")[key]["rows"] == 150_001
+
+
 def test_restore_check_stops_a_bomb_at_the_recorded_size(
     clickhouse, ch, s3_store_resource, s3_client, s3_bucket, tmp_path, monkeypatch
 ) -> None:
@@ -325,7 +395,10 @@ def test_restore_check_stops_a_bomb_at_the_recorded_size(
     assert not result.passed
     entry = result.metadata["results"].value[key]
     assert entry["match"] is False and "rows" not in entry
-    assert recorded > 0 and f"{key} unpacks to more than the 1000 rows recorded" in entry["error"]
+    assert recorded > 0 and f"{key} unpacks to more than the 1001 lines recorded" in entry["error"]
+    manifest_entry = load_manifest(store, "asnmeta")[key]
+    typed = verify_object(ch, store, "asnmeta", key, manifest_entry, reading="typed")
+    assert f"{key} unpacks to more than the 1000 rows recorded" in typed["error"]
     assert written.peak == 0
     assert list(staging.iterdir()) == []
     assert ch.count("asnmeta") == 1000
@@ -476,16 +549,16 @@ def test_restore_check_has_the_engine_read_each_object_without_scratch_table_or_
         result = _check_now(fastpath_restore_check, clickhouse, object_store_resource, instance)
     assert result.passed
     (entry,) = result.metadata["results"].value.values()
-    assert entry["rows"] == 150_000 and entry["match"]
+    assert entry["match"]
     if local and not ch.embedded:
-        assert entry["read_by"].startswith("scratch table")
+        assert entry["read_by"].startswith("scratch table") and entry["rows"] == 150_000
     else:
-        assert entry["read_by"] == "engine"
+        assert entry["read_by"] == "engine (lines)" and entry["lines"] == 150_001
     assert written.peak == 0 and list(staging.iterdir()) == []
 
 
 def test_restore_check_verifies_the_new_objects_and_a_rotating_sample_of_older_ones(
-    clickhouse, ch, local_store_resource
+    clickhouse, ch, s3_store_resource
 ) -> None:
     _fill_fastpath(ch, {"2024-01": 10, "2024-02": 10, "2024-03": 10, "2024-04": 10})
     instance = dg.DagsterInstance.ephemeral()
@@ -493,14 +566,19 @@ def test_restore_check_verifies_the_new_objects_and_a_rotating_sample_of_older_o
     for _ in range(4):
         result = _run(
             clickhouse,
-            local_store_resource,
+            s3_store_resource,
             [fastpath_backup, fastpath_restore_check],
             instance=instance,
         )
         (check,) = result.get_asset_check_evaluations()
         assert check.passed
-        checked.append(sorted(check.metadata["results"].value))
+        results = check.metadata["results"].value
+        checked.append(sorted(results))
         assert "2 older object(s) per run" in check.metadata["bound"].value
+        just_written = materialization_metadata(result)["written_keys"]
+        assert {k: r["read_by"] for k, r in results.items()} == {
+            k: "engine (lines)" if k in just_written else "engine (typed)" for k in results
+        }
     months = [f"clickhouse_export/csv/fastpath_2024{m}.csv.zstd" for m in ("01", "02", "03", "04")]
     assert checked == [months, months[:2], months[2:], months[:2]]
 

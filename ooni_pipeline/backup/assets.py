@@ -1,13 +1,14 @@
 """``backup/<table>`` assets: ClickHouse tables streamed to the object store as zstd CSV."""
 
 import time
-from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 import dagster as dg
 from pydantic import Field
 
+from ooni_pipeline.backup.export import export_chunk, progress_logger
 from ooni_pipeline.backup.manifest import load_manifest, record_objects
 from ooni_pipeline.backup.plan import (
     OBJECT_PREFIX,
@@ -21,11 +22,10 @@ from ooni_pipeline.backup.plan import (
     list_chunks,
     manifest_key,
     parts_state,
-    select_sql,
     table_source,
 )
 from ooni_pipeline.backup.verify import verify_object
-from ooni_pipeline.clickhouse import ClickHouse, ClickHouseResource, quote_identifier
+from ooni_pipeline.clickhouse import ClickHouse, ClickHouseResource
 from ooni_pipeline.clickhouse.schema import KNOWN_TABLES, ensure_tables
 from ooni_pipeline.common import (
     CLICKHOUSE_POOL,
@@ -34,7 +34,7 @@ from ooni_pipeline.common import (
     raise_refusals,
     shrink_refusal,
 )
-from ooni_pipeline.object_store import ObjectStoreResource, UploadResult, stream_upload
+from ooni_pipeline.object_store import ObjectStoreResource, UploadResult
 from ooni_pipeline.object_store.stores import ObjectStore
 
 MB = 1024 * 1024
@@ -68,37 +68,20 @@ class BackupConfig(dg.Config):
     )
 
 
-def csv_header(columns: list[str]) -> bytes:
-    """A CSVWithNames header line, quoted as ClickHouse writes it."""
-    return (",".join('"' + c.replace('"', '""') + '"' for c in columns) + "\n").encode()
-
-
-def _export(
-    ch: ClickHouse, store: ObjectStore, chunk: Chunk, source: Source, max_threads: int, log
-) -> UploadResult:
-    sql, params = select_sql(chunk, source, max_threads)
-    header = csv_header(ch.header(f"SELECT * FROM {quote_identifier(chunk.spec.table)}"))
-    last_log = [time.monotonic()]
-    start = time.monotonic()
-
-    def progress(raw: int, written: int) -> None:
-        now = time.monotonic()
-        if now - last_log[0] >= 10:
-            last_log[0] = now
-            log.info(
-                f"{chunk.label}: {raw / MB:.0f} MB read, {written / MB:.0f} MB written, {raw / MB / (now - start):.1f} MB/s"
-            )
-
-    def body() -> Iterator[bytes]:
-        yield header
-        yield from ch.stream(sql, params, fmt="CSV")
-
-    return stream_upload(store, chunk.key, body(), "zstd", progress=progress)
-
-
 class ChunkChangedError(RuntimeError):
-    """The chunk's rows changed while it was exported: the object is not what the
-    fingerprint describes."""
+    """The rows exported are not the rows fingerprinted (changed meanwhile, or lost
+    on the way): the object is not what the fingerprint describes."""
+
+
+@dataclass(frozen=True)
+class BackedUp:
+    """A chunk's object as written, and what the manifest records of it."""
+
+    upload: UploadResult
+    rows: int
+    fingerprint: str
+    lines: str  # the object's lines and their checksum (``export.ExportTally``)
+    parts: PartsState | None  # may stand for the content (see ``back_up_chunk``)
 
 
 def back_up_chunk(
@@ -109,18 +92,17 @@ def back_up_chunk(
     config: BackupConfig,
     log,
     known: tuple[Source, tuple[int, str], PartsState | None] | None = None,
-) -> tuple[UploadResult, int, str, PartsState | None]:
-    """Upload one chunk, retrying on its own; returns (upload, rows, fingerprint, parts).
+) -> BackedUp:
+    """Upload one chunk, retrying on its own.
 
     Each attempt reads the chunk as of one instant (``known``: the snapshot,
-    fingerprint and parts already taken, for the first) and then makes sure the
-    object holds exactly the fingerprinted rows: the chunk's parts unchanged since
-    before the fingerprint (parts are immutable) settle it at the cost of a look at
-    ``system.parts``; when they changed (an insert, a merge), the chunk is
-    fingerprinted again and must match (rows inserted meanwhile are after the
-    snapshot; a merge or an insert into a table without an insertion time changes
-    it, and the attempt is retried). ``parts`` is returned when it may stand for the
-    chunk's content in the manifest: unchanged, and every row inside the snapshot.
+    fingerprint and parts already taken, for the first). The export hashes every
+    row it sends in the same pass, so the object is proved to hold exactly the
+    fingerprinted rows without a second scan; rows changed meanwhile (a table
+    without an insertion time) fail the attempt, which is retried. ``parts`` is
+    returned when it may stand for the chunk's content in the manifest: the chunk's
+    parts unchanged across the export (parts are immutable), and every row inside
+    the snapshot.
     """
     for attempt in range(1, config.chunk_attempts + 1):
         try:
@@ -130,15 +112,18 @@ def back_up_chunk(
                 before = parts_state(ch, chunk)
                 snapshot = source.at_now(ch, config.snapshot_lag_s)
                 rows, fp = fingerprint(ch, chunk, snapshot)
-            upload = _export(ch, store, chunk, snapshot, config.max_threads, log)
+            upload, sent = export_chunk(
+                ch, store, chunk, snapshot, config.max_threads, progress_logger(chunk.label, log)
+            )
+            if sent.fingerprint != fp:
+                raise ChunkChangedError(
+                    f"{chunk.label} changed while it was exported, or rows were lost on the way "
+                    f"(fingerprint {fp} before, {sent.fingerprint} exported)"
+                )
             after = parts_state(ch, chunk)
             unchanged = before is not None and after == before
-            if not unchanged and fingerprint(ch, chunk, snapshot)[1] != fp:
-                raise ChunkChangedError(
-                    f"{chunk.label} changed while it was exported (fingerprint {fp} before)"
-                )
             settled = before if unchanged and inside_snapshot(ch, chunk, before, snapshot) else None
-            return upload, rows, fp, settled
+            return BackedUp(upload, rows, fp, sent.lines_fingerprint, settled)
         except Exception as exc:
             if attempt == config.chunk_attempts:
                 raise RuntimeError(
@@ -270,10 +255,9 @@ def build_backup_asset(spec: BackupTable) -> tuple[dg.AssetsDefinition, dg.Asset
                         context.log.info(f"other queries running: pausing {pause:.1f} s")
                         time.sleep(pause)
                 began = time.monotonic()
-                upload, rows, fp, settled = back_up_chunk(
-                    ch, store, chunk, source, config, context.log, known
-                )
+                done = back_up_chunk(ch, store, chunk, source, config, context.log, known)
                 last_export_s = time.monotonic() - began
+                upload, rows = done.upload, done.rows
                 entry = {
                     "table": spec.table,
                     "chunk": chunk.month or "all",
@@ -281,11 +265,12 @@ def build_backup_asset(spec: BackupTable) -> tuple[dg.AssetsDefinition, dg.Asset
                     "bytes": upload.bytes,
                     "uncompressed_bytes": upload.raw_bytes,
                     "sha256": upload.sha256,
-                    "fingerprint": fp,
+                    "fingerprint": done.fingerprint,
+                    "lines": done.lines,
                     "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 }
-                if settled:
-                    entry["parts"] = settled.signature
+                if done.parts:
+                    entry["parts"] = done.parts.signature
                 record_objects(store, spec.table, {chunk.key: entry})
                 written.append(chunk.key)
                 rows_total += rows
@@ -319,10 +304,12 @@ def build_backup_asset(spec: BackupTable) -> tuple[dg.AssetsDefinition, dg.Asset
         asset=key,
         name="restore_check",
         pool=CLICKHOUSE_POOL,
-        description="ClickHouse reads objects of the backup where they lie and returns their row count and "
-        "checksum, compared with the fingerprint recorded at backup time: the objects the last backup wrote, "
-        "plus a rotating sample of older ones (older_objects_per_run). No scratch table, no temporary file; "
-        "reading stops one row past the recorded count.",
+        description="ClickHouse reads objects of the backup where they lie and compares them with what the "
+        "backup recorded: the objects the last backup wrote as lines (count and checksum of the lines, "
+        "recorded by the export in the same pass: the object is the engine's own CSV of the fingerprinted "
+        "rows), plus a rotating sample of older ones (older_objects_per_run) parsed into the table's types "
+        "(row count and checksum against the fingerprint: they still restore into the table as it is). No "
+        "scratch table, no temporary file; reading stops one line or row past the recorded count.",
     )
     def _check(
         context: dg.AssetCheckExecutionContext,
@@ -343,9 +330,17 @@ def build_backup_asset(spec: BackupTable) -> tuple[dg.AssetsDefinition, dg.Asset
         sample = [older[(start + i) % len(older)] for i in range(count)]
         results = {}
         with clickhouse.connect() as ch:
-            for object_key in just_written + sample:
+            for object_key, reading in [(k, "lines") for k in just_written] + [
+                (k, "typed") for k in sample
+            ]:
                 results[object_key] = verify_object(
-                    ch, store, spec.table, object_key, entries[object_key], config.max_threads
+                    ch,
+                    store,
+                    spec.table,
+                    object_key,
+                    entries[object_key],
+                    config.max_threads,
+                    reading,
                 )
         failed = {k: r for k, r in results.items() if not r["match"]}
         return dg.AssetCheckResult(

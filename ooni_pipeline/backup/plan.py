@@ -9,8 +9,8 @@ A table that records when each row was inserted (a column defaulting to ``now()`
 or ``now64()``, like ``fastpath.update_time``) is read as of one instant: the
 export and its fingerprint filter on that column in ``PREWHERE``, which ClickHouse
 applies before ``FINAL`` folds versions, so rows inserted during the export are in
-neither. Whether the snapshot held is then checked by fingerprinting again after
-the export (see ``assets.back_up_chunk``).
+neither. Whether the snapshot held is proved by the export itself, which hashes
+every row it sends (see ``export``).
 """
 
 from __future__ import annotations
@@ -191,11 +191,6 @@ def list_chunks(ch: ClickHouse, spec: BackupTable) -> list[Chunk]:
         f"SELECT DISTINCT toString(toYYYYMM({column}, 'UTC')) AS m FROM {quote_identifier(spec.table)} ORDER BY m"
     )
     return [Chunk(spec, month) for (month,) in months]
-
-
-def select_sql(chunk: Chunk, source: Source, max_threads: int) -> tuple[str, dict[str, Any]]:
-    rows, params = source.rows(chunk)
-    return f"SELECT * FROM {rows} SETTINGS max_threads = {int(max_threads)}", params
 
 
 def fingerprint_sql(table_sql: str) -> str:
