@@ -16,39 +16,19 @@ import io
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
+from ooni_pipeline.decompression import ChunksReader
+
 if TYPE_CHECKING:
     import pyarrow as pa
 
 ARROW_UNCOMPRESSED = "output_format_arrow_compression_method = 'none'"
 
 
-class _ChunkReader(io.RawIOBase):
-    """A readable file over an iterator of byte chunks."""
-
-    def __init__(self, chunks: Iterable[bytes]):
-        self._chunks = iter(chunks)
-        self._pending = memoryview(b"")
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:  # type: ignore[override]
-        while not self._pending:
-            chunk = next(self._chunks, None)
-            if chunk is None:
-                return 0
-            self._pending = memoryview(chunk)
-        size = min(len(buffer), len(self._pending))
-        buffer[:size] = self._pending[:size]
-        self._pending = self._pending[size:]
-        return size
-
-
 def record_batches(chunks: Iterable[bytes]) -> Iterator[pa.RecordBatch]:
     """The batches of one or more concatenated Arrow IPC streams."""
     import pyarrow as pa
 
-    source = io.BufferedReader(_ChunkReader(chunks), 1 << 20)
+    source = io.BufferedReader(ChunksReader(chunks), 1 << 20)
     while source.peek(1):
         yield from pa.ipc.open_stream(source)
 
