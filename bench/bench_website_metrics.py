@@ -168,7 +168,7 @@ def run_breakdown(workdir: Path) -> None:
     import chdb
 
     from ooni_pipeline.clickhouse import ClickHouse
-    from ooni_pipeline.exports.engine_file import engine_file, file_digest, object_digest
+    from ooni_pipeline.exports.engine_file import engine_file, file_digest
     from ooni_pipeline.exports.website_metrics import (
         _staged_totals,
         day_window,
@@ -180,6 +180,7 @@ def run_breakdown(workdir: Path) -> None:
     )
     from ooni_pipeline.fastpath.versions import day_versions
     from ooni_pipeline.object_store import LocalObjectStore
+    from ooni_pipeline.object_store.stores import object_digest
 
     level = default_gzip_level()
     staged = (workdir / "breakdown.csv.gz").absolute()

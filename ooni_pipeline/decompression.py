@@ -66,7 +66,7 @@ class _Budget:
             raise DecompressionLimitExceeded(self.what, self.limit, self.hint)
 
 
-class ChunksReader(io.RawIOBase):
+class _ChunksReader(io.RawIOBase):
     """A readable view of an iterable of byte chunks (an HTTP body being streamed)."""
 
     def __init__(self, chunks: Iterable[bytes]):
@@ -126,7 +126,7 @@ def open_bounded(
     how to raise the cap. Corrupt input raises the codec's own errors
     (``gzip.BadGzipFile``, ``zlib.error``, ``EOFError`` when truncated, ``zstandard.ZstdError``).
     """
-    raw = source if hasattr(source, "read") else ChunksReader(source)
+    raw = source if hasattr(source, "read") else _ChunksReader(source)
     inner: BinaryIO
     if codec == "gzip":
         inner = gzip.GzipFile(fileobj=raw, mode="rb")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import tempfile
@@ -13,7 +14,6 @@ import dagster as dg
 import pytest
 import zstandard
 
-from ooni_pipeline.backup import export
 from ooni_pipeline.backup.assets import (
     BackupConfig,
     RestoreCheckConfig,
@@ -31,7 +31,6 @@ from ooni_pipeline.backup.plan import (
 )
 from ooni_pipeline.backup.verify import verify_object
 from ooni_pipeline.clickhouse import ClickHouse
-from ooni_pipeline.clickhouse.arrow_stream import record_batches
 from ooni_pipeline.clickhouse.schema import ensure_tables
 from ooni_pipeline.object_store import ObjectStoreResource
 from ooni_pipeline_tests.rig import (
@@ -179,10 +178,15 @@ def test_small_table_whole_and_restore_round_trip(clickhouse, ch, s3_store_resou
     assert entry["lines"] == 1 + 1000 + 2 * 334 and entry["match"]
     assert entry["read_by"] == "engine (lines)"
     recorded = load_manifest(store, "asnmeta")[key]
-    assert recorded["lines"] == entry["fingerprint"] == entry["expected"]
+    assert recorded["lines"] == entry["lines"]
+    assert (
+        entry["found"] == entry["expected"] == f"1669 lines, {recorded['uncompressed_bytes']} bytes"
+    )
     typed = verify_object(ch, store, "asnmeta", key, recorded, reading="typed")
     assert typed["rows"] == 1000 and typed["match"] and typed["read_by"] == "engine (typed)"
     assert typed["fingerprint"] == recorded["fingerprint"]
+    # zstd's content checksum is in the object: any reader verifies what it unpacks
+    assert zstandard.get_frame_parameters(store.read_bytes(key)).has_checksum
     restored = _read_csv(store, key)
     assert len(restored) == 1001 and restored[1 + 999][1] == 'Org 999, "Ltd"\nsecond line\r\n'
 
@@ -228,22 +232,33 @@ def test_restore_check_detects_a_damaged_object(clickhouse, ch, s3_store_resourc
         assert not result.passed
         return result.metadata["results"].value[key]
 
-    # one row lost: one line fewer, and parsed, one row fewer
+    # one row lost: not the object written; parsed, one row fewer
     lost = damaged(b"".join(lines[:-1]))
-    assert lost["lines"] == 100 and lost["read_by"] == "engine (lines)"
+    assert "is not the object the backup wrote" in lost["error"]
     assert verify_object(ch, store, "fastpath", key, entry, reading="typed")["rows"] == 99
-    # one character changed inside a field: as many lines, not the same ones
+    # one character changed inside a field: as many lines and bytes, not the same object
     changed = damaged(
         b"".join(lines[:50]) + lines[50].replace(b"2024-01-", b"2024-01+", 1) + b"".join(lines[51:])
     )
-    assert changed["lines"] == 101 and changed["fingerprint"] != changed["expected"]
+    assert "is not the object the backup wrote" in changed["error"]
+    typed = verify_object(ch, store, "fastpath", key, entry, reading="typed")
+    assert typed["rows"] == 100 and not typed["match"]
+    # the bytes stored go bad after the upload (a bit flips): the engine's zstd finds it
+    good = zstandard.ZstdCompressor(write_checksum=True).compress(text)
+    flipped = bytearray(good)
+    flipped[len(flipped) // 2] ^= 1
+    store.put_bytes(key, bytes(flipped))
+    as_stored = {**entry, "bytes": len(flipped), "sha256": hashlib.sha256(flipped).hexdigest()}
+    rotten = verify_object(ch, store, "fastpath", key, as_stored, reading="lines")
+    assert not rotten["match"] and "checksum" in rotten["error"], rotten
     # an entry recorded before lines were (no "lines"): read as typed rows
+    store.put_bytes(key, good)
     earlier = {k: v for k, v in entry.items() if k != "lines"}
     assert verify_object(ch, store, "fastpath", key, earlier, reading="lines") == {
         "rows": 100,
-        "fingerprint": verify_object(ch, store, "fastpath", key, earlier)["fingerprint"],
+        "fingerprint": entry["fingerprint"],
         "expected": entry["fingerprint"],
-        "match": False,
+        "match": True,
         "read_by": "engine (typed)",
     }
 
@@ -333,9 +348,9 @@ def test_a_table_without_insertion_time_changing_during_export_is_retried_then_f
 def test_rows_lost_between_the_engine_and_the_object_fail_the_export(
     clickhouse, ch, local_store_resource, monkeypatch
 ) -> None:
-    """The export counts and hashes every row it sends: a block lost on the way (a
-    fault injected after the engine) is caught before the manifest records the
-    object, and the last good object stays where it was."""
+    """The export counts the lines it sends against those the fingerprinted rows
+    make: a block lost on the way (a fault injected after the engine) is caught
+    before the manifest records the object."""
     _fill_fastpath(ch, {"2024-01": 150_000})
     assert _run(clickhouse, local_store_resource, [fastpath_backup]).success
     store = local_store_resource.get_store()
@@ -343,12 +358,14 @@ def test_rows_lost_between_the_engine_and_the_object_fail_the_export(
     good, recorded = store.read_bytes(key), load_manifest(store, "fastpath")
     _fill_fastpath(ch, {"2024-01": 150_001})  # a change: the month goes up again
 
-    def losing_the_second(chunks):
-        for number, batch in enumerate(record_batches(chunks)):
-            if number != 1:
-                yield batch
+    stream = ClickHouse.stream
 
-    monkeypatch.setattr(export, "record_batches", losing_the_second)
+    def losing_the_second(self, *args, **kwargs):
+        for number, block in enumerate(stream(self, *args, **kwargs)):
+            if number != 1:
+                yield block
+
+    monkeypatch.setattr(ClickHouse, "stream", losing_the_second)
     result = _run(clickhouse, local_store_resource, [fastpath_backup])
     assert not result.success
     assert "fastpath 202401 changed while it was exported, or rows were lost on the way" in (
@@ -395,7 +412,8 @@ def test_restore_check_stops_a_bomb_at_the_recorded_size(
     assert not result.passed
     entry = result.metadata["results"].value[key]
     assert entry["match"] is False and "rows" not in entry
-    assert recorded > 0 and f"{key} unpacks to more than the 1001 lines recorded" in entry["error"]
+    # just written, it is compared with the bytes uploaded before anything is unpacked
+    assert recorded > 0 and f"{key} is not the object the backup wrote" in entry["error"]
     manifest_entry = load_manifest(store, "asnmeta")[key]
     typed = verify_object(ch, store, "asnmeta", key, manifest_entry, reading="typed")
     assert f"{key} unpacks to more than the 1000 rows recorded" in typed["error"]

@@ -18,7 +18,6 @@ import pandas as pd
 import pytest
 
 from ooni_pipeline.clickhouse import ClickHouse, ClickHouseError, quote_identifier
-from ooni_pipeline.clickhouse.arrow_stream import ARROW_UNCOMPRESSED, binary_values, record_batches
 from ooni_pipeline.clickhouse.connection import STREAM_BLOCK, redact_url
 from ooni_pipeline.clickhouse.lock import LockTimeoutError, exclusive
 from ooni_pipeline.clickhouse.schema import KNOWN_TABLES, MissingTableError, ensure_tables
@@ -53,32 +52,6 @@ def test_stream_yields_the_whole_result_in_chunks(ch: ClickHouse) -> None:
     lines = b"".join(chunks).splitlines()
     assert len(lines) == 300_000
     assert lines[0] == b'0,"0"' and lines[-1] == b'299999,"299999"'
-
-
-def test_arrow_batches_arrive_whole_however_the_stream_is_cut(ch: ClickHouse) -> None:
-    """Embedded ClickHouse sends one Arrow stream per block, a server one stream in
-    HTTP blocks: either way, cut anywhere, the batches hold every row once, and a
-    batch's string values are one contiguous buffer."""
-    sql = (
-        "SELECT number AS n, concat(toString(number), '\\n') AS line FROM numbers({n:UInt64}) "
-        f"SETTINGS max_block_size = 1000, {ARROW_UNCOMPRESSED}"
-    )
-    chunks = list(ch.stream(sql, {"n": 5000}, fmt="ArrowStream"))
-    whole = b"".join(chunks)
-    for pieces in (chunks, [whole[i : i + 7] for i in range(0, len(whole), 7)]):
-        batches = list(record_batches(pieces))
-        assert sum(b.num_rows for b in batches) == 5000
-        numbers = [n for b in batches for n in b.column(0).to_pylist()]
-        assert sorted(numbers) == list(range(5000))
-        text = b"".join(bytes(binary_values(b.column(1))) for b in batches)
-        assert sorted(int(x) for x in text.split()) == list(range(5000))
-        sliced = batches[0].slice(10, 5)
-        values = sliced.column(1).to_pylist()
-        assert bytes(binary_values(sliced.column(1))) == b"".join(
-            v if isinstance(v, bytes) else v.encode() for v in values
-        )
-    if ch.embedded:
-        assert len(chunks) > 1  # one stream per block: each must be read
 
 
 def test_header_and_columns(ch: ClickHouse) -> None:

@@ -14,6 +14,7 @@ from ooni_pipeline.backup.plan import (
     OBJECT_PREFIX,
     BackupTable,
     Chunk,
+    Content,
     PartsState,
     Source,
     TableParts,
@@ -78,9 +79,7 @@ class BackedUp:
     """A chunk's object as written, and what the manifest records of it."""
 
     upload: UploadResult
-    rows: int
-    fingerprint: str
-    lines: str  # the object's lines and their checksum (``export.ExportTally``)
+    content: Content
     parts: PartsState | None  # may stand for the content (see ``back_up_chunk``)
 
 
@@ -91,39 +90,42 @@ def back_up_chunk(
     source: Source,
     config: BackupConfig,
     log,
-    known: tuple[Source, tuple[int, str], PartsState | None] | None = None,
+    known: tuple[Source, Content, PartsState | None] | None = None,
 ) -> BackedUp:
     """Upload one chunk, retrying on its own.
 
     Each attempt reads the chunk as of one instant (``known``: the snapshot,
-    fingerprint and parts already taken, for the first). The export hashes every
-    row it sends in the same pass, so the object is proved to hold exactly the
-    fingerprinted rows without a second scan; rows changed meanwhile (a table
-    without an insertion time) fail the attempt, which is retried. ``parts`` is
-    returned when it may stand for the chunk's content in the manifest: the chunk's
-    parts unchanged across the export (parts are immutable), and every row inside
-    the snapshot.
+    fingerprint and parts already taken, for the first) and then makes sure the
+    object holds exactly the fingerprinted rows: as many lines as they make
+    (``export``), and the chunk's parts unchanged since before the fingerprint
+    (parts are immutable), which settles it at the cost of a look at
+    ``system.parts``; when they changed (an insert, a merge), the chunk is
+    fingerprinted again and must match (rows inserted meanwhile are after the
+    snapshot; a merge or an insert into a table without an insertion time changes
+    it, and the attempt is retried). ``parts`` is returned when it may stand for the
+    chunk's content in the manifest: unchanged, and every row inside the snapshot.
     """
     for attempt in range(1, config.chunk_attempts + 1):
         try:
             if known and attempt == 1:
-                snapshot, (rows, fp), before = known
+                snapshot, content, before = known
             else:
                 before = parts_state(ch, chunk)
                 snapshot = source.at_now(ch, config.snapshot_lag_s)
-                rows, fp = fingerprint(ch, chunk, snapshot)
-            upload, sent = export_chunk(
+                content = fingerprint(ch, chunk, snapshot)
+            upload, lines = export_chunk(
                 ch, store, chunk, snapshot, config.max_threads, progress_logger(chunk.label, log)
             )
-            if sent.fingerprint != fp:
-                raise ChunkChangedError(
-                    f"{chunk.label} changed while it was exported, or rows were lost on the way "
-                    f"(fingerprint {fp} before, {sent.fingerprint} exported)"
-                )
             after = parts_state(ch, chunk)
             unchanged = before is not None and after == before
+            expected = content.lines + 1  # and the header
+            if lines != expected or (not unchanged and fingerprint(ch, chunk, snapshot) != content):
+                raise ChunkChangedError(
+                    f"{chunk.label} changed while it was exported, or rows were lost on the way "
+                    f"(fingerprint {content.fingerprint}; {expected} lines expected, {lines} exported)"
+                )
             settled = before if unchanged and inside_snapshot(ch, chunk, before, snapshot) else None
-            return BackedUp(upload, rows, fp, sent.lines_fingerprint, settled)
+            return BackedUp(upload, content, settled)
         except Exception as exc:
             if attempt == config.chunk_attempts:
                 raise RuntimeError(
@@ -228,9 +230,10 @@ def build_backup_asset(spec: BackupTable) -> tuple[dg.AssetsDefinition, dg.Asset
                         )
                         continue
                     snapshot = source.at_now(ch, config.snapshot_lag_s)
-                    rows, fp = fingerprint(ch, chunk, snapshot)
-                    known = (snapshot, (rows, fp), state)
-                    if previous.get("fingerprint") == fp and stored:
+                    content = fingerprint(ch, chunk, snapshot)
+                    known = (snapshot, content, state)
+                    rows = content.rows
+                    if previous.get("fingerprint") == content.fingerprint and stored:
                         skipped += 1
                         context.log.info(
                             f"[{number}/{len(chunks)}] {chunk.label}: unchanged ({rows} rows), skipped"
@@ -257,7 +260,7 @@ def build_backup_asset(spec: BackupTable) -> tuple[dg.AssetsDefinition, dg.Asset
                 began = time.monotonic()
                 done = back_up_chunk(ch, store, chunk, source, config, context.log, known)
                 last_export_s = time.monotonic() - began
-                upload, rows = done.upload, done.rows
+                upload, rows = done.upload, done.content.rows
                 entry = {
                     "table": spec.table,
                     "chunk": chunk.month or "all",
@@ -265,8 +268,8 @@ def build_backup_asset(spec: BackupTable) -> tuple[dg.AssetsDefinition, dg.Asset
                     "bytes": upload.bytes,
                     "uncompressed_bytes": upload.raw_bytes,
                     "sha256": upload.sha256,
-                    "fingerprint": done.fingerprint,
-                    "lines": done.lines,
+                    "fingerprint": done.content.fingerprint,
+                    "lines": done.content.lines + 1,
                     "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 }
                 if done.parts:

@@ -198,11 +198,47 @@ def fingerprint_sql(table_sql: str) -> str:
     return f"SELECT count(), sum(cityHash64(*)) FROM {table_sql}"
 
 
-def fingerprint(ch: ClickHouse, chunk: Chunk, source: Source) -> tuple[int, str]:
-    """(rows, fingerprint) of the chunk's deduplicated content, stable under merges."""
+# Types whose CSV field is the value itself, quoted: a line break in it stays one
+# (every other type is written escaped: arrays, maps, tuples, JSON...).
+_RAW_TEXT_TYPE = re.compile(
+    r"(LowCardinality\()?(Nullable\()?(String|FixedString\(\d+\)|Enum(8|16)?\(.*\))\)?\)?"
+)
+
+
+def line_breaks_sql(ch: ClickHouse, table: str) -> str:
+    """SQL counting the line breaks inside a row's CSV fields (0 if none can hold one)."""
+    columns = ch.query_rows(
+        "SELECT name, type FROM system.columns WHERE database = currentDatabase() "
+        "AND table = {t:String} AND default_kind NOT IN ('ALIAS', 'MATERIALIZED', 'EPHEMERAL') "
+        "ORDER BY position",
+        {"t": table},
+    )
+    counts = [
+        f"countSubstrings(toString({quote_identifier(str(name))}), '\\n')"
+        for name, kind in columns
+        if _RAW_TEXT_TYPE.fullmatch(str(kind))
+    ]
+    return " + ".join(counts) or "0"
+
+
+@dataclass(frozen=True)
+class Content:
+    """What a chunk holds: its rows, their fingerprint, and the lines their CSV makes
+    (a line per row, plus the line breaks inside its fields)."""
+
+    rows: int
+    fingerprint: str
+    lines: int
+
+
+def fingerprint(ch: ClickHouse, chunk: Chunk, source: Source) -> Content:
+    """The chunk's deduplicated content, stable under merges."""
     rows_sql, params = source.rows(chunk)
-    rows, checksum = ch.query_rows(fingerprint_sql(rows_sql), params)[0]
-    return int(rows), f"{int(rows)}:{int(checksum):016x}"
+    breaks = line_breaks_sql(ch, chunk.spec.table)
+    rows, checksum, inside = ch.query_rows(
+        f"SELECT count(), sum(cityHash64(*)), sum({breaks}) FROM {rows_sql}", params
+    )[0]
+    return Content(int(rows), f"{int(rows)}:{int(checksum):016x}", int(rows) + int(inside or 0))
 
 
 @dataclass(frozen=True)

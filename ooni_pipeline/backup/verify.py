@@ -5,11 +5,12 @@ the local object store, ``url()`` for a bucket): no scratch table, no temporary 
 and the object's bytes never pass through Python. Two readings, one cheap and one
 thorough:
 
-- ``lines``: the object read as lines (``LineAsString``), their count and checksum
-  compared with the ones the export recorded (``export.ExportTally``): the object
-  holds, line for line, the engine's CSV of the fingerprinted rows. Unpacking and
-  hashing lines costs about a tenth of parsing CSV into types; the check reads the
-  objects a backup just wrote this way.
+- ``lines``: the object is byte for byte the one uploaded (sha256 and size, as the
+  manifest records them), and the engine unpacks it, verifying zstd's content
+  checksum as it goes, to the lines and bytes the export counted (the export made
+  sure those were all the lines the fingerprinted rows make, see ``export``).
+  Unpacking and counting lines costs about a tenth of parsing CSV into types; the
+  check reads the objects a backup just wrote this way.
 - ``typed``: the object parsed with the table's ``SELECT *`` structure, as a restore
   would, its row count and checksum compared with the fingerprint
   (``plan.fingerprint_sql``): it proves an older object still restores into the
@@ -38,7 +39,12 @@ from typing import Any
 from ooni_pipeline.backup.plan import fingerprint_sql, table_structure
 from ooni_pipeline.clickhouse import ClickHouse, ClickHouseError, quote_identifier
 from ooni_pipeline.decompression import DecompressionLimitExceeded, iter_bounded
-from ooni_pipeline.object_store.stores import LocalObjectStore, ObjectStore, S3ObjectStore
+from ooni_pipeline.object_store.stores import (
+    LocalObjectStore,
+    ObjectStore,
+    S3ObjectStore,
+    object_digest,
+)
 
 MB = 1024 * 1024
 NO_RECORDED_SIZE = "the manifest records no rows and uncompressed_bytes to bound the check with"
@@ -101,12 +107,11 @@ def object_source(
     return None
 
 
-def _recorded(entry: dict[str, Any], field: str) -> tuple[str, int] | None:
-    """A recorded ``count:checksum`` and its count, if well formed."""
+def _count(entry: dict[str, Any], field: str) -> int | None:
     value = entry.get(field)
-    if not isinstance(value, str) or not re.fullmatch(r"\d{1,19}:[0-9a-f]{16}", value):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         return None
-    return value, int(value.split(":")[0])
+    return value
 
 
 def verify_object(
@@ -118,19 +123,95 @@ def verify_object(
     max_threads: int = 2,
     reading: str = "typed",
 ) -> dict[str, Any]:
-    """Compare the object's count and checksum, as the engine reads them, with the
-    manifest entry: of its lines (``reading="lines"``, when the entry records them)
-    or of its rows parsed into the table's types (``"typed"``)."""
-    if reading == "lines" and _recorded(entry, "lines"):
-        expected, count = _recorded(entry, "lines")
-        unit, fmt, structure, hashed = "lines", "LineAsString", LINES_STRUCTURE, "cityHash64(line)"
-    else:
-        reading, unit, fmt, hashed = "typed", "rows", "CSVWithNames", "cityHash64(*)"
-        expected = entry.get("fingerprint")
-        count = entry.get("rows")
-        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-            return {"match": False, "expected": expected, "error": NO_RECORDED_SIZE}
-        structure = table_structure(ch, table)
+    """Compare the object, as the engine reads it, with its manifest entry: as lines
+    (``reading="lines"``, when the entry records them) or as rows parsed into the
+    table's types (``"typed"``)."""
+    if reading == "lines" and None not in (
+        _count(entry, "lines"),
+        _count(entry, "uncompressed_bytes"),
+        _count(entry, "bytes"),
+    ):
+        return _verify_lines(ch, store, table, key, entry, max_threads)
+    expected = entry.get("fingerprint")
+    rows = _count(entry, "rows")
+    if rows is None:
+        return {"match": False, "expected": expected, "error": NO_RECORDED_SIZE}
+    sql = "SELECT count(), sum(h) FROM (SELECT cityHash64(*) AS h FROM {function} LIMIT {bound})"
+    found = _engine_read(ch, store, table, key, entry, "CSVWithNames", sql, rows, max_threads)
+    if "error" in found or "read_by" in found:
+        return found if "read_by" in found else {**found, "expected": expected}
+    count, checksum = found["result"]
+    if count > rows:
+        return {
+            "match": False,
+            "expected": expected,
+            "error": f"{key} unpacks to more than the {rows} rows recorded",
+        }
+    fingerprint = f"{count}:{checksum:016x}"
+    return {
+        "rows": count,
+        "fingerprint": fingerprint,
+        "expected": expected,
+        "match": fingerprint == expected,
+        "read_by": "engine (typed)",
+    }
+
+
+def _verify_lines(
+    ch: ClickHouse,
+    store: ObjectStore,
+    table: str,
+    key: str,
+    entry: dict[str, Any],
+    max_threads: int,
+) -> dict[str, Any]:
+    """The object is byte for byte the one uploaded (sha256 and size, a bounded read
+    of the compressed bytes), and the engine unpacks it (verifying zstd's content
+    checksum as it goes) to the lines and bytes the export counted."""
+    lines, raw = entry["lines"], entry["uncompressed_bytes"]
+    expected = f"{lines} lines, {raw} bytes"
+    if object_digest(store, key, entry["bytes"]) != (entry.get("sha256"), entry["bytes"]):
+        return {
+            "match": False,
+            "expected": expected,
+            "error": f"{key} is not the object the backup wrote (sha256 or size differ)",
+        }
+    sql = "SELECT count(), sum(length(line)) FROM (SELECT line FROM {function} LIMIT {bound})"
+    found = _engine_read(ch, store, table, key, entry, "LineAsString", sql, lines, max_threads)
+    if "error" in found or "read_by" in found:
+        return found if "read_by" in found else {**found, "expected": expected}
+    count, length = found["result"]
+    if count > lines:
+        return {
+            "match": False,
+            "expected": expected,
+            "error": f"{key} unpacks to more than the {lines} lines recorded",
+        }
+    found_text = f"{count} lines, {length + count} bytes"
+    return {
+        "lines": count,
+        "found": found_text,
+        "expected": expected,
+        "match": found_text == expected,
+        "read_by": "engine (lines)",
+    }
+
+
+def _engine_read(
+    ch: ClickHouse,
+    store: ObjectStore,
+    table: str,
+    key: str,
+    entry: dict[str, Any],
+    fmt: str,
+    sql: str,
+    bound: int,
+    max_threads: int,
+) -> dict[str, Any]:
+    """``sql`` (with ``{function}``, the object read in ``fmt``, and ``{bound}``, one
+    past ``bound`` rows) run by the engine: ``{"result": (a, b)}``, or an error, or,
+    when the engine cannot reach the object, the scratch-table fallback's result."""
+    structure = LINES_STRUCTURE if fmt == "LineAsString" else table_structure(ch, table)
     source = object_source(ch, store, key, fmt, structure)
     if source is None:
         return {**restore_and_compare(ch, store, table, key, entry), "read_by": "scratch table"}
@@ -138,31 +219,15 @@ def verify_object(
     settings = f"max_threads = {int(max_threads)}"
     if function.startswith("url("):
         settings += f", {_URL_SETTINGS}"
-    sql = (
-        f"SELECT count(), sum(h) FROM (SELECT {hashed} AS h FROM {function} "
-        f"LIMIT {{bound:UInt64}}) SETTINGS {settings}"
-    )
+    query = sql.format(function=function, bound="{bound:UInt64}") + f" SETTINGS {settings}"
     try:
-        found_count, checksum = ch.query_rows(sql, {**params, "bound": count + 1})[0]
+        a, b = ch.query_rows(query, {**params, "bound": bound + 1})[0]
     except ClickHouseError as exc:
         if not ch.embedded and any(code in str(exc) for code in _UNREACHABLE):
             result = restore_and_compare(ch, store, table, key, entry)
             return {**result, "read_by": "scratch table (the server cannot read the object)"}
-        return {"match": False, "expected": expected, "error": short_error(exc)}
-    if int(found_count) > count:
-        return {
-            "match": False,
-            "expected": expected,
-            "error": f"{key} unpacks to more than the {count} {unit} recorded",
-        }
-    found = f"{int(found_count)}:{int(checksum):016x}"
-    return {
-        unit: int(found_count),
-        "fingerprint": found,
-        "expected": expected,
-        "match": found == expected,
-        "read_by": f"engine ({reading})",
-    }
+        return {"match": False, "error": short_error(exc)}
+    return {"result": (int(a), int(b or 0))}
 
 
 def restore_and_compare(

@@ -74,16 +74,3 @@ def file_digest(path: Path) -> tuple[str, int]:
     with open(path, "rb") as handle:
         digest = hashlib.file_digest(handle, "sha256")
     return digest.hexdigest(), path.stat().st_size
-
-
-def object_digest(store: ObjectStore, key: str, max_bytes: int) -> tuple[str, int]:
-    """(sha256 hex, bytes) of a published object, read no further than one byte past
-    ``max_bytes`` (what was written): a check compares them with the recorded ones,
-    which proves the object is, byte for byte, what the export validated and wrote."""
-    digest = hashlib.sha256()
-    size = 0
-    with store.open_reader(key) as raw:
-        while size <= max_bytes and (block := raw.read(min(1 << 20, max_bytes + 1 - size))):
-            digest.update(block)
-            size += len(block)
-    return digest.hexdigest(), size

@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 
 from ooni_pipeline.clickhouse import ClickHouse
 from ooni_pipeline.common import checked_partitions, last_metadata, shrink_refusal
-from ooni_pipeline.exports.engine_file import engine_file, file_digest, object_digest
+from ooni_pipeline.exports.engine_file import engine_file, file_digest
 from ooni_pipeline.object_store import ObjectStoreResource, UploadResult, stream_upload
-from ooni_pipeline.object_store.stores import ObjectStore
+from ooni_pipeline.object_store.stores import ObjectStore, object_digest
 
 PARQUET_SETTINGS = "output_format_parquet_compression_method = 'zstd'"
 READ_BLOCK = 1 << 20

@@ -20,7 +20,7 @@ from ooni_pipeline.common import (
     raise_refusals,
     shrink_refusal,
 )
-from ooni_pipeline.exports.engine_file import engine_file, file_digest, object_digest
+from ooni_pipeline.exports.engine_file import engine_file, file_digest
 from ooni_pipeline.exports.manifest import record_exports, upload_entry
 from ooni_pipeline.exports.website_metrics_sql import (
     CATEGORIES,
@@ -32,7 +32,7 @@ from ooni_pipeline.exports.website_metrics_sql import (
 from ooni_pipeline.fastpath.assets import FASTPATH_KEY, MEASUREMENT_DAYS
 from ooni_pipeline.fastpath.versions import day_versions
 from ooni_pipeline.object_store import ObjectStoreResource, UploadResult
-from ooni_pipeline.object_store.stores import ObjectStore
+from ooni_pipeline.object_store.stores import ObjectStore, object_digest
 
 WEBSITE_METRICS_KEY = dg.AssetKey("website_metrics")
 PARTITIONS = MEASUREMENT_DAYS

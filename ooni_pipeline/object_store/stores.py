@@ -12,6 +12,7 @@ drops an HTTP query whose client stops reading for about 30 s.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
 import tempfile
@@ -300,3 +301,16 @@ class _MultipartWriter(ObjectWriter):
                 Bucket=self.bucket, Key=self.key, UploadId=self._upload_id
             )
             self._upload_id = None
+
+
+def object_digest(store: ObjectStore, key: str, max_bytes: int) -> tuple[str, int]:
+    """(sha256 hex, bytes) of a published object, read no further than one byte past
+    ``max_bytes`` (what was written): a check compares them with the recorded ones,
+    which proves the object is, byte for byte, what the export validated and wrote."""
+    digest = hashlib.sha256()
+    size = 0
+    with store.open_reader(key) as raw:
+        while size <= max_bytes and (block := raw.read(min(1 << 20, max_bytes + 1 - size))):
+            digest.update(block)
+            size += len(block)
+    return digest.hexdigest(), size
