@@ -6,6 +6,8 @@ Loading this module touches neither the network nor the database.
 
 from __future__ import annotations
 
+import gc
+
 import dagster as dg
 
 from ooni_pipeline.asn_metadata import definitions as asn_metadata
@@ -54,3 +56,8 @@ def build_definitions() -> dg.Definitions:
 
 
 defs = build_definitions()
+
+# What exists now (modules, classes, the definitions) lives as long as the process:
+# the collector need not scan it again in every full collection and at exit. That
+# scanning was ~0.7 s of CPU in each run of the CLI (bench_website_metrics.py, empty day).
+gc.freeze()
