@@ -20,16 +20,16 @@ from ooni_pipeline.common import (
     one_run_at_a_time,
 )
 from ooni_pipeline.detector import sql
-from ooni_pipeline.detector.cusum import CusumParams
 from ooni_pipeline.fastpath.assets import FASTPATH_KEY
 from ooni_pipeline.object_store import ObjectStoreResource
 from ooni_pipeline.test_lists.assets import CITIZENLAB_KEY
 
-# The detector's engine (pandas) is imported when it runs: every run of any job loads
-# this module, and pandas alone costs it a fifth of a second.
+# The detector's engine (numpy, pandas) is imported when it runs: every run of any job
+# loads this module, and pandas alone costs it a fifth of a second.
 if TYPE_CHECKING:
     import pandas as pd
 
+    from ooni_pipeline.detector.cusum import CusumParams
     from ooni_pipeline.detector.events import EventParams
     from ooni_pipeline.detector.status import StatusRun
 
@@ -76,7 +76,9 @@ class BlockingDetectorConfig(dg.Config):
     coverage_share: float = Field(default=0.5, ge=0, le=1)
     announce_within_hours: int = Field(default=48, ge=0)
 
-    def cusum(self) -> CusumParams:
+    def cusum(self) -> "CusumParams":
+        from ooni_pipeline.detector.cusum import CusumParams
+
         return CusumParams(
             mu0=self.mu0,
             mu1=self.mu1,
@@ -199,7 +201,9 @@ def _count(events: "pd.DataFrame", status: str) -> int:
     return int((events["status"] == status).sum()) if len(events) else 0
 
 
-def status_metadata(status: "StatusRun", domains: list[str], params: CusumParams) -> dict[str, Any]:
+def status_metadata(
+    status: "StatusRun", domains: list[str], params: "CusumParams"
+) -> dict[str, Any]:
     from ooni_pipeline.detector.status import hour_text
 
     return {
