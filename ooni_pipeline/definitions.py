@@ -1,7 +1,8 @@
 """The code location: every domain's definitions merged, plus the shared resources,
 source-code references, freshness policies and the failure alert.
 
-Loading this module touches neither the network nor the database.
+Loading this module touches neither the network nor the database, and imports no
+library only some steps use (pandas, requests: see test_definitions).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from collections.abc import Generator, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-if TYPE_CHECKING:  # for annotations only: loading the definitions must not import pandas
+if TYPE_CHECKING:  # annotations only: the code location loads without pandas and pyarrow
     import pandas as pd
     import pyarrow as pa
 
