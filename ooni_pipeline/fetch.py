@@ -14,13 +14,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-
-import requests
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
+from typing import TYPE_CHECKING
 
 from ooni_pipeline.decompression import GiB, limit_chunks
 from ooni_pipeline.untrusted import excerpt
+
+# requests is imported where a fetch happens: the code location loads without it (a
+# tenth of a second of every run's start).
+if TYPE_CHECKING:
+    import requests
 
 USER_AGENT = "ooni-pipeline/0.1 (+https://github.com/ooni)"
 CONNECT_TIMEOUT_S = 15
@@ -63,6 +65,10 @@ class Validators:
 
 
 def http_session(retries: int = 4, backoff_s: float = 1.0) -> requests.Session:
+    import requests
+    from requests.adapters import HTTPAdapter
+    from urllib3.util.retry import Retry
+
     session = requests.Session()
     retry = Retry(
         total=retries,
@@ -99,6 +105,8 @@ class Fetched:
         """The decoded body in chunks of at most ``chunk_size`` (urllib3 >= 2.7 inflates
         a ``Content-Encoding`` in bounded steps); ``DecompressionLimitExceeded`` once
         more than ``max_bytes`` have come."""
+        import requests
+
         assert self.response is not None
         try:
             yield from limit_chunks(
@@ -127,6 +135,8 @@ def fetch(
     validators of another URL are not sent. Reading more than ``max_bytes`` of
     decoded body raises ``DecompressionLimitExceeded``.
     """
+    import requests
+
     session = session or http_session()
     if previous is not None and previous.url != url:
         previous = None

@@ -21,11 +21,12 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Generator, Iterable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-import pandas as pd
-import pyarrow as pa
+if TYPE_CHECKING:  # annotations only: the code location loads without pandas and pyarrow
+    import pandas as pd
+    import pyarrow as pa
 
 # Server results are read in blocks this large, and asked for zstd-compressed
 # (clickhouse-connect inflates queries' responses, urllib3 a raw stream's).

@@ -6,10 +6,9 @@ or a hole demands it: see ``detector.status``).
 """
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
-import pandas as pd
 from pydantic import Field
 
 from ooni_pipeline.clickhouse import ClickHouse, ClickHouseResource
@@ -21,13 +20,18 @@ from ooni_pipeline.common import (
     one_run_at_a_time,
 )
 from ooni_pipeline.detector import sql
-from ooni_pipeline.detector.cusum import CusumParams
-from ooni_pipeline.detector.events import EventParams
-from ooni_pipeline.detector.pipeline import detect
-from ooni_pipeline.detector.status import StatusRun, hour_number, hour_text
 from ooni_pipeline.fastpath.assets import FASTPATH_KEY
 from ooni_pipeline.object_store import ObjectStoreResource
 from ooni_pipeline.test_lists.assets import CITIZENLAB_KEY
+
+# The detector's engine (numpy, pandas) is imported when it runs: every run of any job
+# loads this module, and pandas alone costs it a fifth of a second.
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from ooni_pipeline.detector.cusum import CusumParams
+    from ooni_pipeline.detector.events import EventParams
+    from ooni_pipeline.detector.status import StatusRun
 
 BLOCKING_STATUS_KEY = dg.AssetKey("blocking_status")
 BLOCKING_EVENTS_KEY = dg.AssetKey("blocking_events")
@@ -72,7 +76,9 @@ class BlockingDetectorConfig(dg.Config):
     coverage_share: float = Field(default=0.5, ge=0, le=1)
     announce_within_hours: int = Field(default=48, ge=0)
 
-    def cusum(self) -> CusumParams:
+    def cusum(self) -> "CusumParams":
+        from ooni_pipeline.detector.cusum import CusumParams
+
         return CusumParams(
             mu0=self.mu0,
             mu1=self.mu1,
@@ -81,7 +87,9 @@ class BlockingDetectorConfig(dg.Config):
             forget_after_hours=self.forget_after_hours,
         )
 
-    def events(self) -> EventParams:
+    def events(self) -> "EventParams":
+        from ooni_pipeline.detector.events import EventParams
+
         return EventParams(
             baseline_hours=self.shutdown_baseline_hours,
             min_hourly=self.shutdown_min_hourly,
@@ -144,6 +152,9 @@ def blocking_detector(
     object_store: ObjectStoreResource,
 ):
     """OONI's blocking detector over the run's hours (see ``ooni_pipeline.detector``)."""
+    from ooni_pipeline.detector.pipeline import detect
+    from ooni_pipeline.detector.status import hour_number
+
     window = context.partition_time_window
     first = hour_number(window.start)
     last = hour_number(window.end) - 1
@@ -186,11 +197,15 @@ def blocking_detector(
     )
 
 
-def _count(events: pd.DataFrame, status: str) -> int:
+def _count(events: "pd.DataFrame", status: str) -> int:
     return int((events["status"] == status).sum()) if len(events) else 0
 
 
-def status_metadata(status: StatusRun, domains: list[str], params: CusumParams) -> dict[str, Any]:
+def status_metadata(
+    status: "StatusRun", domains: list[str], params: "CusumParams"
+) -> dict[str, Any]:
+    from ooni_pipeline.detector.status import hour_text
+
     return {
         "dagster/row_count": status.rows,
         "hours_detected_from": hour_text(status.first_hour),

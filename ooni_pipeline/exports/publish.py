@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
-import pyarrow.parquet as pq
 
 from ooni_pipeline.clickhouse import ClickHouse
 from ooni_pipeline.common import checked_partitions, last_metadata, shrink_refusal
@@ -118,6 +117,8 @@ def write_parquet(
 ) -> Written:
     """A Parquet object written by the engine (``engine_file``); its footer gives
     the rows. An empty result is a file with the schema and no row group."""
+    import pyarrow.parquet as pq  # here: the code location loads without pyarrow
+
     start = time.monotonic()
     with engine_file(ch, store, key, sql, params, fmt="Parquet", settings=PARQUET_SETTINGS) as path:
         rows = pq.read_metadata(path).num_rows

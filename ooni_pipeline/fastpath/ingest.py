@@ -22,8 +22,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow as pa
-
 from ooni_pipeline.clickhouse import ClickHouse, quote_identifier
 from ooni_pipeline.clickhouse.schema import FASTPATH_COLUMNS
 from ooni_pipeline.decompression import DecompressionLimitExceeded, GiB, open_bounded
@@ -136,6 +134,8 @@ def _load_members(
     4 MB postcan of 300 members, quadratic in the postcan's size. Python's tarfile
     streams each postcan once, gunzipped with a cap on its unpacked size.
     """
+    import pyarrow as pa  # here: the code location loads without it
+
     batch: dict[str, list[Any]] = {"member_key": [], "member_name": [], "raw": []}
     batch_bytes = 0
 

@@ -12,11 +12,13 @@ import io
 import re
 from collections import Counter
 from dataclasses import dataclass
-
-import pyarrow as pa
+from typing import TYPE_CHECKING
 
 from ooni_pipeline.clickhouse.schema import PATTERN_TYPES
 from ooni_pipeline.untrusted import excerpt
+
+if TYPE_CHECKING:  # imported where a file is parsed: the code location loads without it
+    import pyarrow as pa
 
 HEADER = (
     "name",
@@ -55,6 +57,8 @@ def _looks_like(text: str) -> str | None:
 
 def parse_fingerprints(body: bytes, source: str, scopes: tuple[str, ...]) -> ParsedFingerprints:
     """Parse and validate a fingerprint CSV; raise ``FingerprintError`` on the first bad row."""
+    import pyarrow as pa
+
     try:
         text = body.decode("utf-8").lstrip("\ufeff")
     except UnicodeDecodeError as exc:

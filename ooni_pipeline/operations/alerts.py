@@ -9,7 +9,6 @@ Runs that Dagster will retry are not reported: only the last failure is.
 from __future__ import annotations
 
 import dagster as dg
-import requests
 
 from ooni_pipeline import settings
 from ooni_pipeline.fetch import USER_AGENT
@@ -50,6 +49,8 @@ def alert_text(context: dg.RunFailureSensorContext, base_url: str) -> str:
 
 def post_alert(webhook_url: str, text: str, timeout_s: float = 10.0) -> None:
     """POST ``{"text": text}``; raise without naming the URL on failure."""
+    import requests  # here, not at module level: the code location loads without it
+
     try:
         response = requests.post(
             webhook_url, json={"text": text}, timeout=timeout_s, headers={"User-Agent": USER_AGENT}

@@ -3,9 +3,9 @@
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
-import pyarrow as pa
 from pydantic import Field
 
 from ooni_pipeline import settings
@@ -24,6 +24,9 @@ from ooni_pipeline.common import (
 from ooni_pipeline.test_lists.git import shallow_clone
 from ooni_pipeline.test_lists.parse import ParsedLists, read_lists
 
+if TYPE_CHECKING:  # imported where the table is built: the code location loads without it
+    import pyarrow as pa
+
 CITIZENLAB_KEY = dg.AssetKey("citizenlab")
 
 
@@ -37,7 +40,9 @@ class CitizenlabConfig(TableUpdateConfig):
     )
 
 
-def _arrow(parsed: ParsedLists) -> pa.Table:
+def _arrow(parsed: ParsedLists) -> "pa.Table":
+    import pyarrow as pa
+
     rows = parsed.rows
     return pa.table(
         {
