@@ -70,7 +70,9 @@ _LOADED = """
 import gc, json, sys
 import ooni_pipeline.definitions
 print(json.dumps({
-    "imported": sorted(m for m in ("pandas", "requests", "urllib3") if m in sys.modules),
+    "imported": sorted(
+        m for m in ("pandas", "requests", "urllib3", "numpy", "pyarrow") if m in sys.modules
+    ),
     "frozen": gc.get_freeze_count(),
 }))
 """
