@@ -308,11 +308,12 @@ def build_backup_asset(spec: BackupTable) -> tuple[dg.AssetsDefinition, dg.Asset
         name="restore_check",
         pool=CLICKHOUSE_POOL,
         description="ClickHouse reads objects of the backup where they lie and compares them with what the "
-        "backup recorded: the objects the last backup wrote as lines (count and checksum of the lines, "
-        "recorded by the export in the same pass: the object is the engine's own CSV of the fingerprinted "
-        "rows), plus a rotating sample of older ones (older_objects_per_run) parsed into the table's types "
-        "(row count and checksum against the fingerprint: they still restore into the table as it is). No "
-        "scratch table, no temporary file; reading stops one line or row past the recorded count.",
+        "backup recorded: the objects the last backup wrote as lines (sha256 and size as uploaded, then "
+        "unpacked by the engine, zstd's content checksum verified, to the lines and bytes the export "
+        "counted against the fingerprinted rows), plus a rotating sample of older ones "
+        "(older_objects_per_run) parsed into the table's types (row count and checksum against the "
+        "fingerprint: they still restore into the table as it is). No scratch table, no temporary file; "
+        "reading stops one line or row past the recorded count.",
     )
     def _check(
         context: dg.AssetCheckExecutionContext,
