@@ -187,6 +187,7 @@ def test_small_table_whole_and_restore_round_trip(clickhouse, ch, s3_store_resou
     assert typed["fingerprint"] == recorded["fingerprint"]
     # zstd's content checksum is in the object: any reader verifies what it unpacks
     assert zstandard.get_frame_parameters(store.read_bytes(key)).has_checksum
+    assert recorded["etag"] == store.etag(key)  # S3's tag, checked without a download
     restored = _read_csv(store, key)
     assert len(restored) == 1001 and restored[1 + 999][1] == 'Org 999, "Ltd"\nsecond line\r\n'
 
@@ -248,7 +249,13 @@ def test_restore_check_detects_a_damaged_object(clickhouse, ch, s3_store_resourc
     flipped = bytearray(good)
     flipped[len(flipped) // 2] ^= 1
     store.put_bytes(key, bytes(flipped))
-    as_stored = {**entry, "bytes": len(flipped), "sha256": hashlib.sha256(flipped).hexdigest()}
+    # (as S3 would still tag it: ETags are computed when the object is uploaded)
+    as_stored = {
+        **entry,
+        "bytes": len(flipped),
+        "sha256": hashlib.sha256(flipped).hexdigest(),
+        "etag": store.etag(key),
+    }
     rotten = verify_object(ch, store, "fastpath", key, as_stored, reading="lines")
     assert not rotten["match"] and "checksum" in rotten["error"], rotten
     # an entry recorded before lines were (no "lines"): read as typed rows

@@ -272,6 +272,8 @@ def build_backup_asset(spec: BackupTable) -> tuple[dg.AssetsDefinition, dg.Asset
                     "lines": done.content.lines + 1,
                     "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 }
+                if upload.etag:
+                    entry["etag"] = upload.etag
                 if done.parts:
                     entry["parts"] = done.parts.signature
                 record_objects(store, spec.table, {chunk.key: entry})

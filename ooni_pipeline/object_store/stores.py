@@ -28,6 +28,9 @@ FILE_BLOCK = 8 * 1024 * 1024
 
 
 class ObjectWriter(ABC):
+    # The store's tag of the object once complete (S3's ETag), where it has one.
+    etag: str | None = None
+
     @abstractmethod
     def write(self, data: bytes) -> None: ...
 
@@ -47,6 +50,11 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def list_keys(self, prefix: str) -> list[str]: ...
+
+    def etag(self, key: str) -> str | None:
+        """The store's tag of the object's content (S3's ETag), without reading it;
+        None where the store keeps none."""
+        return None
 
     @abstractmethod
     def address(self, key: str) -> str:
@@ -202,6 +210,9 @@ class S3ObjectStore(ObjectStore):
     def address(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
 
+    def etag(self, key: str) -> str | None:
+        return self.client.head_object(Bucket=self.bucket, Key=_check_key(key))["ETag"]
+
 
 _DONE = object()
 
@@ -278,19 +289,23 @@ class _MultipartWriter(ObjectWriter):
     def complete(self) -> None:
         if self._thread is None:
             # Small object: one PUT is just as atomic.
-            self.client.put_object(Bucket=self.bucket, Key=self.key, Body=bytes(self._buffer))
+            response = self.client.put_object(
+                Bucket=self.bucket, Key=self.key, Body=bytes(self._buffer)
+            )
+            self.etag = response.get("ETag")
             return
         if self._buffer:
             self._send(bytes(self._buffer))
             self._buffer.clear()
         self._join()
         self._raise_if_failed()
-        self.client.complete_multipart_upload(
+        response = self.client.complete_multipart_upload(
             Bucket=self.bucket,
             Key=self.key,
             UploadId=self._upload_id,
             MultipartUpload={"Parts": self._parts},
         )
+        self.etag = response.get("ETag")
 
     def abort(self) -> None:
         if self._thread is not None:

@@ -29,6 +29,7 @@ class UploadResult:
     bytes: int
     sha256: str
     duration_s: float
+    etag: str | None = None  # the store's tag of the object (S3's ETag), if it keeps one
 
 
 class _Identity:
@@ -93,4 +94,5 @@ def stream_upload(
         bytes=written,
         sha256=digest.hexdigest(),
         duration_s=time.monotonic() - start,
+        etag=writer.etag,
     )
