@@ -137,16 +137,12 @@ def verify_object(
     if rows is None:
         return {"match": False, "expected": expected, "error": NO_RECORDED_SIZE}
     sql = "SELECT count(), sum(h) FROM (SELECT cityHash64(*) AS h FROM {function} LIMIT {bound})"
-    found = _engine_read(ch, store, table, key, entry, "CSVWithNames", sql, rows, max_threads)
-    if "error" in found or "read_by" in found:
-        return found if "read_by" in found else {**found, "expected": expected}
-    count, checksum = found["result"]
-    if count > rows:
-        return {
-            "match": False,
-            "expected": expected,
-            "error": f"{key} unpacks to more than the {rows} rows recorded",
-        }
+    found = _engine_read(
+        ch, store, table, key, entry, "CSVWithNames", sql, (rows, "rows"), max_threads
+    )
+    if isinstance(found, dict):
+        return {**found, "expected": expected} if "read_by" not in found else found
+    count, checksum = found
     fingerprint = f"{count}:{checksum:016x}"
     return {
         "rows": count,
@@ -186,16 +182,12 @@ def _verify_lines(
             "error": f"{key} is not the object the backup wrote (ETag, or sha256 and size, differ)",
         }
     sql = "SELECT count(), sum(length(line)) FROM (SELECT line FROM {function} LIMIT {bound})"
-    found = _engine_read(ch, store, table, key, entry, "LineAsString", sql, lines, max_threads)
-    if "error" in found or "read_by" in found:
-        return found if "read_by" in found else {**found, "expected": expected}
-    count, length = found["result"]
-    if count > lines:
-        return {
-            "match": False,
-            "expected": expected,
-            "error": f"{key} unpacks to more than the {lines} lines recorded",
-        }
+    found = _engine_read(
+        ch, store, table, key, entry, "LineAsString", sql, (lines, "lines"), max_threads
+    )
+    if isinstance(found, dict):
+        return {**found, "expected": expected} if "read_by" not in found else found
+    count, length = found
     found_text = f"{count} lines, {length + count} bytes"
     return {
         "lines": count,
@@ -214,12 +206,14 @@ def _engine_read(
     entry: dict[str, Any],
     fmt: str,
     sql: str,
-    bound: int,
+    recorded: tuple[int, str],
     max_threads: int,
-) -> dict[str, Any]:
+) -> tuple[int, int] | dict[str, Any]:
     """``sql`` (with ``{function}``, the object read in ``fmt``, and ``{bound}``, one
-    past ``bound`` rows) run by the engine: ``{"result": (a, b)}``, or an error, or,
-    when the engine cannot reach the object, the scratch-table fallback's result."""
+    past the ``recorded`` count of rows or lines) run by the engine: its two numbers,
+    or a failed result (an error, more than recorded), or, when the engine cannot
+    reach the object, the scratch-table fallback's result."""
+    bound, unit = recorded
     structure = LINES_STRUCTURE if fmt == "LineAsString" else table_structure(ch, table)
     source = object_source(ch, store, key, fmt, structure)
     if source is None:
@@ -236,7 +230,9 @@ def _engine_read(
             result = restore_and_compare(ch, store, table, key, entry)
             return {**result, "read_by": "scratch table (the server cannot read the object)"}
         return {"match": False, "error": short_error(exc)}
-    return {"result": (int(a), int(b or 0))}
+    if int(a) > bound:
+        return {"match": False, "error": f"{key} unpacks to more than the {bound} {unit} recorded"}
+    return int(a), int(b or 0)
 
 
 def restore_and_compare(
