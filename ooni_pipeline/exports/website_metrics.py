@@ -1,6 +1,5 @@
 """The ``website_metrics`` asset: one pivoted gzip CSV per UTC day, for newsrooms and researchers."""
 
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -205,9 +204,6 @@ def export_day(
     (read here if not given): a change landing later moves the version past this
     record, which triggers one more export, never one too few."""
     start = time.monotonic()
-    # The read-back's Arrow modules load while the engine writes (it runs without the
-    # GIL): about 0.3 s of the step otherwise, since the code location no longer loads them.
-    threading.Thread(target=_import_arrow, name="import pyarrow", daemon=True).start()
     params = day_window(day)
     if source_version is None:
         source_version = day_versions(ch, [day])[day]
@@ -241,11 +237,6 @@ def export_day(
     return DayExport(
         day, figures.figures(), upload, figures.preview(), time.monotonic() - start, source_version
     )
-
-
-def _import_arrow() -> None:
-    import pyarrow.compute  # noqa: F401
-    import pyarrow.csv  # noqa: F401
 
 
 def _staged_totals(path: Path, key: str) -> CsvTotals:
