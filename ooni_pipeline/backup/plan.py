@@ -9,8 +9,9 @@ A table that records when each row was inserted (a column defaulting to ``now()`
 or ``now64()``, like ``fastpath.update_time``) is read as of one instant: the
 export and its fingerprint filter on that column in ``PREWHERE``, which ClickHouse
 applies before ``FINAL`` folds versions, so rows inserted during the export are in
-neither. Whether the snapshot held is proved by the export itself, which hashes
-every row it sends (see ``export``).
+neither. Whether the snapshot held is checked after the export: the lines it sent
+against those the fingerprinted rows make, and the chunk's parts unchanged, or else
+a second fingerprint (see ``assets.back_up_chunk``).
 """
 
 from __future__ import annotations
