@@ -104,15 +104,15 @@ class LocalObjectStore(ObjectStore):
         return self.root / _check_key(key)
 
     @contextmanager
-    def open_writer(self, key: str) -> Iterator[ObjectWriter]:
+    def _staged(self, key: str) -> Iterator[Path]:
+        """A hidden ``.partial`` file beside the object, renamed into place when the
+        block ends without error and removed otherwise (the caller makes it durable)."""
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        os.close(fd)
         try:
-            with os.fdopen(fd, "wb") as handle:
-                yield _FileWriter(handle)
-                handle.flush()
-                os.fsync(handle.fileno())
+            yield Path(tmp)
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -120,21 +120,19 @@ class LocalObjectStore(ObjectStore):
             raise
 
     @contextmanager
+    def open_writer(self, key: str) -> Iterator[ObjectWriter]:
+        with self._staged(key) as tmp, open(tmp, "wb") as handle:
+            yield _FileWriter(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    @contextmanager
     def open_file_writer(self, key: str) -> Iterator[Path]:
         """Staged beside the object (hidden, ``.partial``), renamed into place: no copy."""
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-        os.close(fd)
-        try:
-            yield Path(tmp)
+        with self._staged(key) as tmp:
+            yield tmp
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
 
     def open_reader(self, key: str) -> IO[bytes]:
         return open(self._path(key), "rb")
