@@ -118,7 +118,7 @@ def back_up_chunk(
             )
             after = parts_state(ch, chunk)
             unchanged = before is not None and after == before
-            expected = content.lines + 1  # and the header
+            expected = content.object_lines
             if lines != expected or (not unchanged and fingerprint(ch, chunk, snapshot) != content):
                 raise ChunkChangedError(
                     f"{chunk.label} changed while it was exported, or rows were lost on the way "
@@ -269,7 +269,7 @@ def build_backup_asset(spec: BackupTable) -> tuple[dg.AssetsDefinition, dg.Asset
                     "uncompressed_bytes": upload.raw_bytes,
                     "sha256": upload.sha256,
                     "fingerprint": done.content.fingerprint,
-                    "lines": done.content.lines + 1,
+                    "lines": done.content.object_lines,
                     "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 }
                 if upload.etag:

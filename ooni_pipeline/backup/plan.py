@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime, timezone
 from typing import Any
 
@@ -155,6 +155,7 @@ class Source:
     final: str = ""
     snapshot_column: str | None = None
     snapshot_time: str | None = None  # 'YYYY-MM-DD hh:mm:ss.fff', the engine's clock
+    line_breaks: str = "0"  # SQL: the line breaks inside a row's CSV fields (line_breaks_sql)
 
     def at_now(self, ch: ClickHouse, lag_s: float = 0.0) -> Source:
         """This source as of the engine's clock ``lag_s`` ago (if it has an insertion
@@ -166,7 +167,7 @@ class Source:
             "SELECT toString(now64(3, 'UTC') - toIntervalMillisecond({lag_ms:UInt64}))",
             {"lag_ms": int(lag_s * 1000)},
         )
-        return Source(self.table, self.final, self.snapshot_column, str(now))
+        return replace(self, snapshot_time=str(now))
 
     def rows(self, chunk: Chunk) -> tuple[str, dict[str, Any]]:
         """``table [FINAL] [PREWHERE snapshot] WHERE chunk`` and its parameters."""
@@ -180,7 +181,12 @@ class Source:
 
 
 def table_source(ch: ClickHouse, table: str) -> Source:
-    return Source(table, final_clause(ch, table), insertion_time_column(ch, table))
+    return Source(
+        table,
+        final_clause(ch, table),
+        insertion_time_column(ch, table),
+        line_breaks=line_breaks_sql(ch, table),
+    )
 
 
 def list_chunks(ch: ClickHouse, spec: BackupTable) -> list[Chunk]:
@@ -194,9 +200,15 @@ def list_chunks(ch: ClickHouse, spec: BackupTable) -> list[Chunk]:
     return [Chunk(spec, month) for (month,) in months]
 
 
-def fingerprint_sql(table_sql: str) -> str:
-    """Row count and an order-independent checksum of every column of a row set."""
-    return f"SELECT count(), sum(cityHash64(*)) FROM {table_sql}"
+def fingerprint_sql(table_sql: str, extra: str = "") -> str:
+    """Row count and an order-independent checksum of every column of a row set
+    (then ``extra``, more aggregates over the same rows)."""
+    return f"SELECT count(), sum(cityHash64(*)){extra} FROM {table_sql}"
+
+
+def fingerprint_text(rows: int, checksum: int) -> str:
+    """A fingerprint as the manifest records it: ``rows:checksum``."""
+    return f"{int(rows)}:{int(checksum):016x}"
 
 
 # Types whose CSV field is the value itself, quoted: a line break in it stays one
@@ -231,15 +243,19 @@ class Content:
     fingerprint: str
     lines: int
 
+    @property
+    def object_lines(self) -> int:
+        """The lines of its object: the rows' and the header."""
+        return self.lines + 1
+
 
 def fingerprint(ch: ClickHouse, chunk: Chunk, source: Source) -> Content:
     """The chunk's deduplicated content, stable under merges."""
     rows_sql, params = source.rows(chunk)
-    breaks = line_breaks_sql(ch, chunk.spec.table)
     rows, checksum, inside = ch.query_rows(
-        f"SELECT count(), sum(cityHash64(*)), sum({breaks}) FROM {rows_sql}", params
+        fingerprint_sql(rows_sql, f", sum({source.line_breaks})"), params
     )[0]
-    return Content(int(rows), f"{int(rows)}:{int(checksum):016x}", int(rows) + int(inside or 0))
+    return Content(int(rows), fingerprint_text(rows, checksum), int(rows) + int(inside or 0))
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ooni_pipeline.backup.plan import fingerprint_sql, table_structure
+from ooni_pipeline.backup.plan import fingerprint_sql, fingerprint_text, table_structure
 from ooni_pipeline.clickhouse import ClickHouse, ClickHouseError, quote_identifier
 from ooni_pipeline.decompression import DecompressionLimitExceeded, iter_bounded
 from ooni_pipeline.object_store.stores import (
@@ -48,13 +48,12 @@ from ooni_pipeline.object_store.stores import (
 
 MB = 1024 * 1024
 NO_RECORDED_SIZE = "the manifest records no rows and uncompressed_bytes to bound the check with"
-# Characters s3() would read as a glob or a URL part rather than as the key.
+# Characters file() or url() would read as a glob rather than as the key.
 _NOT_LITERAL = set("*?{}[]")
 # A check names an unreachable bucket after a few tries, not the engine's default.
 _URL_SETTINGS = "http_max_tries = 3, http_connection_timeout = 10"
 # Error codes that mean the engine could not reach the object, not that it is bad.
 _UNREACHABLE = (
-    "(S3_ERROR)",
     "(NETWORK_ERROR)",
     "(POCO_EXCEPTION)",
     "(ALL_CONNECTION_TRIES_FAILED)",
@@ -143,7 +142,7 @@ def verify_object(
     if isinstance(found, dict):
         return {**found, "expected": expected} if "read_by" not in found else found
     count, checksum = found
-    fingerprint = f"{count}:{checksum:016x}"
+    fingerprint = fingerprint_text(count, checksum)
     return {
         "rows": count,
         "fingerprint": fingerprint,
@@ -244,8 +243,8 @@ def restore_and_compare(
     that unpacks to more is not the backup (it may be a decompression bomb) and fails
     the comparison without being restored.
     """
-    limit = entry.get("uncompressed_bytes")
-    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+    limit = _count(entry, "uncompressed_bytes")
+    if limit is None:
         return {"match": False, "expected": entry.get("fingerprint"), "error": NO_RECORDED_SIZE}
     scratch = quote_identifier(f"_restore_check_{table}")
     ch.command(f"DROP TABLE IF EXISTS {scratch}")
@@ -266,7 +265,7 @@ def restore_and_compare(
         return {"match": False, "expected": entry.get("fingerprint"), "error": short_error(exc)}
     finally:
         ch.command(f"DROP TABLE IF EXISTS {scratch}")
-    restored = f"{int(rows)}:{int(checksum):016x}"
+    restored = fingerprint_text(rows, checksum)
     return {
         "rows": int(rows),
         "fingerprint": restored,

@@ -107,7 +107,7 @@ WHERE hour > toDateTime({hour:String}, 'UTC')
 HAVING count() > 0
 """
 
-# The staging table a pass writes into; its months replace the live ones at the end.
+# The staging table a pass writes into; its days replace the live ones at the end (REPLACE PARTITION).
 STATUS_STAGING = "blocking_status_tmp"
 
 # Partitions of the live table a pass over [start, end] replaces: those holding rows

@@ -258,9 +258,8 @@ def _partition_ids(ch: ClickHouse, query: str, params: dict[str, Any]) -> set[st
     return ids
 
 
-def replace_partitions(ch: ClickHouse, start: int, end: int) -> int:
-    """Swap the staged hours [start, end] into ``blocking_status``, atomically;
-    the number of partitions (days) replaced.
+def replace_partitions(ch: ClickHouse, start: int, end: int) -> None:
+    """Swap the staged hours [start, end] into ``blocking_status``, atomically.
 
     Every partition the range touches is completed in staging with its live rows
     outside the range, then all of them are replaced in one ALTER (one with no row
@@ -279,7 +278,6 @@ def replace_partitions(ch: ClickHouse, start: int, end: int) -> int:
     if commands:
         ch.command(f"ALTER TABLE blocking_status {', '.join(commands)}")
     ch.command(f"TRUNCATE TABLE {sql.STATUS_STAGING}")
-    return len(commands)
 
 
 class _RowWriter:

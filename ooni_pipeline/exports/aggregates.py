@@ -24,11 +24,11 @@ from ooni_pipeline.exports.publish import (
     write_csv,
     write_parquet,
 )
-from ooni_pipeline.exports.stage import staged
+from ooni_pipeline.exports.stage import ordered, staged
 from ooni_pipeline.exports.website_metrics import REEXPORT_WHEN_SOURCE_CHANGED
 from ooni_pipeline.exports.website_metrics_sql import CATEGORIES, PIVOT_SQL
 from ooni_pipeline.fastpath.assets import FASTPATH_KEY
-from ooni_pipeline.fastpath.versions import day_versions
+from ooni_pipeline.fastpath.versions import day_versions, measurements
 from ooni_pipeline.object_store import ObjectStoreResource
 
 DAILY_KEY = dg.AssetKey("website_metrics_daily")
@@ -69,11 +69,6 @@ GROUP BY {MONTHLY_ORDER}
 """
 
 
-def ordered(table: str, columns: tuple[str, ...], order: str) -> str:
-    """The rows of a stage table in the export's column order and row order."""
-    return f"SELECT {', '.join(f'`{c}`' for c in columns)} FROM {table} ORDER BY {order}"
-
-
 def daily_key(day: str) -> str:
     return f"exports/website_metrics_daily/{day}.csv.gz"
 
@@ -109,7 +104,7 @@ def month_days(month: str) -> list[str]:
 
 def month_version(versions: dict[str, str]) -> str:
     """One version for a month: its measurements, and a digest of its days' versions."""
-    total = sum(int(v.split("@")[0]) for v in versions.values())
+    total = sum(measurements(v) for v in versions.values())
     digest = hashlib.sha256(";".join(f"{d}={versions[d]}" for d in sorted(versions)).encode())
     return f"{total}@{digest.hexdigest()[:16]}"
 

@@ -29,7 +29,7 @@ from ooni_pipeline.exports.publish import (
     write_csv,
     write_parquet,
 )
-from ooni_pipeline.exports.stage import staged
+from ooni_pipeline.exports.stage import ordered, staged
 from ooni_pipeline.exports.website_metrics import (
     PARTITIONS,
     REEXPORT_WHEN_SOURCE_CHANGED,
@@ -80,7 +80,7 @@ def _daily_aggregate(
     ch: ClickHouse, store: ObjectStore, stage: str, day: str, level: int
 ) -> list[Written]:
     with staged(ch, aggregates.daily_sql(stage), {}) as table:
-        sql = aggregates.ordered(table, DAILY_COLUMNS, DAILY_ORDER)
+        sql = ordered(table, DAILY_COLUMNS, DAILY_ORDER)
         rows = int(ch.scalar(f"SELECT count() FROM {table}"))
         key = aggregates.daily_key(day)
         return [

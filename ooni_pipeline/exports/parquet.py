@@ -9,6 +9,7 @@ pandas or Spark, with ``day`` as a column. Materialized by the
 
 import dagster as dg
 
+from ooni_pipeline.exports.stage import ordered
 from ooni_pipeline.exports.website_metrics_sql import CSV_COLUMNS
 
 WEBSITE_METRICS_PARQUET_KEY = dg.AssetKey("website_metrics_parquet")
@@ -22,4 +23,4 @@ def parquet_key(day: str) -> str:
 
 def parquet_sql(table: str) -> str:
     """The day's rows from the stage table, in the CSV's columns and order."""
-    return f"SELECT {', '.join(f'`{c}`' for c in CSV_COLUMNS)} FROM {table} ORDER BY {ROW_ORDER}"
+    return ordered(table, CSV_COLUMNS, ROW_ORDER)

@@ -16,6 +16,7 @@ import dagster as dg
 from ooni_pipeline.clickhouse import ClickHouse
 from ooni_pipeline.common import checked_partitions, last_metadata, shrink_refusal
 from ooni_pipeline.exports.engine_file import engine_file, file_digest
+from ooni_pipeline.fastpath.versions import measurements
 from ooni_pipeline.object_store import ObjectStoreResource, UploadResult, stream_upload
 from ooni_pipeline.object_store.stores import ObjectStore, object_digest
 
@@ -152,12 +153,6 @@ def objects_metadata(written: Sequence[Written], source_version: str) -> dict[st
     }
 
 
-def version_rows(version: str) -> int:
-    """Distinct measurements in a recorded source version (``<n>@<time>``, or
-    ``;``-joined for a month)."""
-    return sum(int(part.split("@")[0]) for part in version.split(";") if part)
-
-
 def refusals_to_shrink(
     context: dg.AssetExecutionContext,
     store: ObjectStore,
@@ -172,14 +167,14 @@ def refusals_to_shrink(
     is its main object, protected from an empty source even without a record."""
     refusals = []
     for partition, version in partitions.items():
-        new = version_rows(version)
+        new = measurements(version)
         recorded = last_metadata(context, asset_key, partition).get("fastpath_data_version")
         what = f"{asset_key.to_user_string()} {partition}"
         if recorded is None:
             if new == 0 and store.exists(main_key(partition)):
                 refusals.append(f"{what}: an empty source would replace the published object")
             continue
-        refusal = shrink_refusal(what, version_rows(recorded), new, unit="measurements")
+        refusal = shrink_refusal(what, measurements(recorded), new, unit="measurements")
         if refusal:
             refusals.append(refusal)
     return refusals

@@ -34,3 +34,8 @@ def staged(ch: ClickHouse, sql: str, params: dict[str, Any]) -> Iterator[str]:
         yield table
     finally:
         ch.command(f"DROP TABLE IF EXISTS {table} SYNC")
+
+
+def ordered(table: str, columns: tuple[str, ...], order: str) -> str:
+    """The rows of a stage table in the export's column order and row order."""
+    return f"SELECT {', '.join(f'`{c}`' for c in columns)} FROM {table} ORDER BY {order}"

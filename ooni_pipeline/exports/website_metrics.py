@@ -30,7 +30,7 @@ from ooni_pipeline.exports.website_metrics_sql import (
     PIVOT_SQL,
 )
 from ooni_pipeline.fastpath.assets import FASTPATH_KEY, MEASUREMENT_DAYS
-from ooni_pipeline.fastpath.versions import day_versions
+from ooni_pipeline.fastpath.versions import day_versions, measurements
 from ooni_pipeline.object_store import ObjectStoreResource, UploadResult
 from ooni_pipeline.object_store.stores import ObjectStore, object_digest
 
@@ -220,7 +220,7 @@ def export_day(
     ) as path:
         figures = _staged_totals(path, key)
         problems = figures.problems()
-        expected = int(source_version.split("@")[0])
+        expected = measurements(source_version)
         if figures.totals["rows"] < expected:
             problems.append(f"{figures.totals['rows']} rows, the day has {expected} measurements")
         if problems:
@@ -272,7 +272,7 @@ def refusals_to_shrink(
     last published; an object with no record is only protected from an empty export."""
     refusals = []
     for day in days:
-        new = int(versions[day].split("@")[0])
+        new = measurements(versions[day])
         published = last_metadata(context, WEBSITE_METRICS_KEY, day).get("dagster/row_count")
         if published is None and new == 0 and store.exists(object_key(day)):
             refusals.append(f"{day}: an empty export would replace the published object")

@@ -31,7 +31,7 @@ from ooni_pipeline.fastpath.public_bucket import (
     parse_countries,
     parse_test_names,
 )
-from ooni_pipeline.fastpath.versions import day_versions
+from ooni_pipeline.fastpath.versions import day_versions, measurements
 
 FASTPATH_KEY = dg.AssetKey("fastpath")
 PUBLIC_FASTPATH_KEY = dg.AssetKey("public_fastpath")
@@ -101,14 +101,14 @@ def record_day_versions(
         if previous == version or (previous is None and version == "0"):
             continue
         changed[day] = version
-        measurements = int(version.split("@")[0])
+        measured = measurements(version)
         context.log_event(
             dg.AssetObservation(
                 asset_key=FASTPATH_KEY,
                 partition=day,
                 tags={DATA_VERSION_TAG: version},
                 metadata={
-                    "web_connectivity_measurements": measurements,
+                    "web_connectivity_measurements": measured,
                     "previous_version": previous or "",
                 },
             )

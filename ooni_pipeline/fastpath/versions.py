@@ -32,3 +32,8 @@ def day_versions(ch: ClickHouse, days: list[str]) -> dict[str, str]:
     for day, measurements, last_update in rows:
         versions[str(day)] = f"{int(measurements)}@{last_update}"
     return versions
+
+
+def measurements(version: str) -> int:
+    """The distinct measurements a data version records (``<n>@...``, or ``0``)."""
+    return int(version.split("@")[0])
