@@ -31,9 +31,13 @@ the server's own concurrency limits and memory accounting.
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
+import os
 import re
 import secrets
+import select
+import shutil
 import tempfile
 import threading
 import time
@@ -55,6 +59,7 @@ from ooni_pipeline_tests.clickhouse_wire import (
     Body,
     Chunked,
     Decoded,
+    Output,
     RequestLog,
     Statement,
     choose_compression,
@@ -117,6 +122,7 @@ class ClickHouseHTTP:
         self._keeper: Any = None
         self._busy = threading.Condition()
         self._requests = 0  # being served: each holds an engine connection
+        self._fifos = tempfile.mkdtemp(prefix="chdb-http-")  # engine-compressed results
         conn = chdb.connect(self.path)
         try:
             version, self.timezone, self.http_compression = (
@@ -209,6 +215,7 @@ class ClickHouseHTTP:
         self.httpd.shutdown()
         self.httpd.server_close()
         self.release_engine()
+        shutil.rmtree(self._fifos, ignore_errors=True)
 
     # -- errors -------------------------------------------------------------------
     def error(self, name: str, message: str) -> ServerError:
@@ -458,22 +465,35 @@ class ClickHouseHTTP:
                 raise self.error("SYNTAX_ERROR", "Empty query")
             fmt = statement.output_format or params.get("default_format") or "TabSeparated"
             headers = dict(base)
-            if statement.keyword in RESULT_STATEMENTS:
-                headers["X-ClickHouse-Format"] = fmt
-                headers["Content-Type"] = CONTENT_TYPES.get(fmt, "application/octet-stream")
-                chunks = self._result(conn, head, fmt, bound)
-            else:
-                data = self._run(conn, head, fmt, bound).bytes()
-                chunks = iter([data] if data else [])
-            wait = params.get("wait_end_of_query") == "1"
-            hold = float("inf") if wait else int(params.get("buffer_size", BLOCK))
             accept = h.headers.get("Accept-Encoding", "")
             method = (
                 choose_compression(accept)
                 if settings.get("enable_http_compression", self.http_compression) in ("1", "true")
                 else None
             )
-            self._send_result(h, entry, chunks, hold, headers, method, tag)
+            zlib_level, readonly = 3, "0"
+            if method in ("gzip", "deflate"):
+                zlib_level, readonly = self._zlib_settings(conn)
+            out = Output(method, zlib_level)
+            if statement.keyword in RESULT_STATEMENTS:
+                headers["X-ClickHouse-Format"] = fmt
+                headers["Content-Type"] = CONTENT_TYPES.get(fmt, "application/octet-stream")
+                if method == "gzip" and statement.keyword in ("SELECT", "WITH") and readonly == "0":
+                    restore.update(
+                        self._apply_settings(
+                            conn, session, {"output_format_compression_level": str(zlib_level)}
+                        )
+                    )
+                    chunks = self._engine_gzip(conn, head[: statement.output_format_at], fmt, bound)
+                    out.precompressed = True
+                else:
+                    chunks = self._result(conn, head, fmt, bound)
+            else:
+                data = self._run(conn, head, fmt, bound).bytes()
+                chunks = iter([data] if data else [])
+            wait = params.get("wait_end_of_query") == "1"
+            hold = float("inf") if wait else int(params.get("buffer_size", BLOCK))
+            self._send_result(h, entry, chunks, hold, headers, out, tag)
         finally:
             self._restore_settings(conn, restore)
 
@@ -501,9 +521,76 @@ class ClickHouseHTTP:
 
         return chunks()
 
+    def _zlib_settings(self, conn: Any) -> tuple[int, str]:
+        """The request's gzip level and readonly, as the engine has them now (request
+        settings, the session's, or the defaults)."""
+        level, readonly = (
+            self._run(conn, "SELECT getSetting('http_zlib_compression_level'), "
+                      "getSetting('readonly')", "TSV").bytes().decode().split()
+        )  # fmt: skip
+        return int(level), readonly
+
+    def _engine_gzip(
+        self, conn: Any, sql: bytes, fmt: str, bound: dict[str, str]
+    ) -> Iterator[bytes]:
+        """A SELECT's result gzip-compressed by the engine, as a server compresses its
+        HTTP response (in the engine, zlib-ng), not by Python's zlib.
+
+        The engine writes the result into a FIFO (``INSERT INTO FUNCTION file(…,
+        'gzip')``) from a thread; the handler reads it as it comes. The FIFO is opened
+        for reading first, without blocking, so that a query failing before the engine
+        opens it can still end the read: the thread then opens and closes it itself."""
+        fifo = os.path.join(self._fifos, f"{uuid.uuid4().hex}.gz")
+        os.mkfifo(fifo, 0o600)
+        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        insert = (
+            f"INSERT INTO FUNCTION file({sql_literal(fifo)}, {sql_literal(fmt)}, 'auto', 'gzip') "
+        ).encode() + sql
+        failure: list[Exception] = []
+
+        def write() -> None:
+            try:
+                conn.query(insert, "TSV", params=bound)
+            except Exception as exc:
+                failure.append(exc)
+            finally:  # the reader holds the FIFO open, so this never blocks
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+        writer = threading.Thread(target=write, daemon=True)
+        writer.start()
+
+        def chunks() -> Iterator[bytes]:
+            pipe = None
+            try:
+                # Until a writer comes, a read would say end of file: wait for it.
+                poller = select.poll()
+                poller.register(fd, select.POLLIN)
+                while not poller.poll(1000):
+                    pass
+                os.set_blocking(fd, True)
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, BLOCK)  # the engine's writes, whole
+                pipe = open(fd, "rb", buffering=BLOCK, closefd=False)
+                while data := pipe.read(BLOCK):
+                    yield data
+                writer.join()
+                if failure:
+                    raise self.engine_error(failure[0]) from None
+            finally:
+                if writer.is_alive():  # the client went away: let the engine finish
+                    os.set_blocking(fd, True)
+                    while os.read(fd, BLOCK):
+                        pass
+                writer.join()
+                if pipe is not None:
+                    pipe.close()
+                os.close(fd)
+                os.unlink(fifo)
+
+        return chunks()
+
     def _send_result(
         self, h: Any, entry: RequestLog, chunks: Iterator[bytes], hold: float,
-        headers: dict[str, str], method: str | None, tag: str,
+        headers: dict[str, str], output: Output, tag: str,
     ) -> None:  # fmt: skip
         """Hold the first ``hold`` bytes (an error there gets its status), then stream."""
         held = tempfile.SpooledTemporaryFile(max_size=16 << 20)
@@ -517,7 +604,7 @@ class ClickHouseHTTP:
             else:
                 rest = iter(())
             entry.held_bytes = size
-            entry.status, entry.chunked, entry.content_encoding = 200, True, method
+            entry.status, entry.chunked, entry.content_encoding = 200, True, output.method
             h.send_response(200)
             for name, value in headers.items():
                 h.send_header(name, value)
@@ -529,10 +616,10 @@ class ClickHouseHTTP:
             }
             h.send_header("X-ClickHouse-Summary", json.dumps(summary))
             h.send_header("Transfer-Encoding", "chunked")
-            if method:
-                h.send_header("Content-Encoding", method)
+            if output.method:
+                h.send_header("Content-Encoding", output.method)
             h.end_headers()
-            out = Chunked(h.wfile, entry, method)
+            out = Chunked(h.wfile, entry, output)
             held.seek(0)
             while data := held.read(BLOCK):
                 out.write(data)
@@ -543,7 +630,7 @@ class ClickHouseHTTP:
             except ServerError as exc:
                 # After the headers: the server's tagged exception block, then a cut stream.
                 text, mark = exc.text.encode(), tag.encode()
-                out.write(
+                out.write_apart(
                     b"__exception__\r\n%s\r\n%s\n%d %s\r\n__exception__\r\n"
                     % (mark, text, len(text) + 1, mark)
                 )

@@ -71,12 +71,13 @@ class Statement:
     insert_format: str | None = None
     data_start: int = 0
     output_format: str | None = None
+    output_format_at: int | None = None  # where the trailing ``FORMAT`` starts
 
 
 def parse_statement(head: bytes) -> Statement:
     """Find the statement kind, an insert's inline data, a trailing FORMAT: the lexical
     work the server's parser does before any data is read (quotes and comments respected)."""
-    keyword, previous, output = "", "", None
+    keyword, previous, output, output_at = "", "", None, None
     depth = format_at = 0
     for match in _TOKEN.finditer(head):
         kind = match.lastgroup
@@ -101,11 +102,11 @@ def parse_statement(head: bytes) -> Statement:
             if previous == "FORMAT":
                 return Statement(keyword, head[:format_at], text, _data_start(head, match.end()))
         elif previous == "FORMAT":
-            output = text
+            output, output_at = text, format_at
         if word == "FORMAT":
             format_at = match.start()
         previous = word
-    return Statement(keyword, output_format=output)
+    return Statement(keyword, output_format=output, output_format_at=output_at)
 
 
 def _data_start(head: bytes, at: int) -> int:
@@ -205,19 +206,23 @@ class _Inflate:
                 return out
 
 
-class Chunked:
-    """A chunked response body, compressed with ``method`` if given."""
+@dataclass
+class Output:
+    """How a response body is compressed: ``method`` (none if ``None``), gzip and
+    deflate at the server's ``http_zlib_compression_level``; ``precompressed`` when the
+    engine compressed the result itself."""
 
-    def __init__(self, wfile: Any, entry: RequestLog, method: str | None):
-        self.wfile, self.entry = wfile, entry
-        if method == "zstd":
-            self.compressor: Any = zstandard.ZstdCompressor().compressobj()
-        elif method == "lz4":
-            self.compressor = _Lz4()
-        elif method in ("gzip", "deflate"):
-            self.compressor = zlib.compressobj(6, zlib.DEFLATED, 31 if method == "gzip" else 15)
-        else:
-            self.compressor = None
+    method: str | None
+    zlib_level: int = 3
+    precompressed: bool = False
+
+
+class Chunked:
+    """A chunked response body, compressed as ``output`` says."""
+
+    def __init__(self, wfile: Any, entry: RequestLog, output: Output):
+        self.wfile, self.entry, self.output = wfile, entry, output
+        self.compressor = None if output.precompressed else _compressor(output)
 
     def _frame(self, data: bytes) -> None:
         if data:
@@ -228,6 +233,16 @@ class Chunked:
     def write(self, data: bytes) -> None:
         self._frame(self.compressor.compress(data) if self.compressor else data)
 
+    def write_apart(self, data: bytes) -> None:
+        """``data`` after what the engine compressed, as a stream of its own (a gzip
+        member, which a gzip reader joins to the engine's), as the server's exception
+        block goes into the response's compressed stream."""
+        if self.compressor is None and self.output.method:
+            compressor = _compressor(self.output)
+            self._frame(compressor.compress(data) + compressor.flush())
+        else:
+            self.write(data)
+
     def end(self, complete: bool = True) -> None:
         """Close the compressed stream; ``complete=False`` leaves the chunked stream
         unterminated, which the client sees as a broken response."""
@@ -236,6 +251,17 @@ class Chunked:
         if complete:
             self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
+
+
+def _compressor(output: Output) -> Any:
+    if output.method == "zstd":
+        return zstandard.ZstdCompressor().compressobj()
+    if output.method == "lz4":
+        return _Lz4()
+    if output.method in ("gzip", "deflate"):
+        bits = 31 if output.method == "gzip" else 15
+        return zlib.compressobj(output.zlib_level, zlib.DEFLATED, bits)
+    return None
 
 
 class _Lz4:

@@ -329,6 +329,75 @@ def test_server_streams_a_large_result_whole_in_large_compressed_blocks(
     assert peak[0] - base < size / 3, f"peak RSS grew by {(peak[0] - base) / 1e6:.0f} MB"
 
 
+GZIP_SQL = "SELECT number, toString(number * 7), 'constant text' FROM numbers(2000000)"
+
+
+def _gzip_expected() -> bytes:
+    return b"".join(b'%d,"%d","constant text"\n' % (n, n * 7) for n in range(2_000_000))
+
+
+@pytest.mark.clickhouse_backends("server")
+def test_a_server_gzips_a_result_itself_at_the_requested_level(
+    ch: ClickHouse, clickhouse_server: ClickHouseHTTP
+) -> None:
+    """``stream_gzip`` gets the result as the server compressed it, at the level asked
+    for (``http_zlib_compression_level``), streamed in blocks; the rig's FIFO is gone
+    after."""
+    sizes = {}
+    for level in (1, 9):
+        chunks = list(ch.stream_gzip(GZIP_SQL, fmt="CSV", level=level))
+        assert len(chunks) > 1 and max(map(len, chunks)) <= STREAM_BLOCK
+        data = b"".join(chunks)
+        assert gzip.decompress(data) == _gzip_expected()
+        sizes[level] = len(data)
+        served = clickhouse_server.log[-1]
+        assert served.status == 200 and served.content_encoding == "gzip"
+    assert sizes[9] < sizes[1] * 0.9, sizes
+    assert os.listdir(clickhouse_server._fifos) == []
+
+
+@pytest.mark.clickhouse_backends("server")
+@pytest.mark.parametrize(
+    "sql, error",
+    [
+        ("SELECT * FROM no_such_table", "UNKNOWN_TABLE"),
+        (
+            "SELECT number, throwIf(number = 1500000) FROM numbers(2000000)",
+            "FUNCTION_THROW_IF_VALUE_IS_NON_ZERO",
+        ),
+    ],
+)
+def test_a_gzip_result_failing_before_or_after_its_first_bytes_raises(
+    ch: ClickHouse, clickhouse_server: ClickHouseHTTP, sql: str, error: str
+) -> None:
+    """Before any byte (an unknown table) the server answers with the error's status and
+    words; after megabytes, the response is cut and the exception block follows what the
+    engine compressed. Either way the consumer raises and the endpoint is usable after."""
+    with pytest.raises(ClickHouseError) as raised:
+        list(ch.stream_gzip(sql, fmt="CSV", level=1))
+    served = clickhouse_server.log[-1]
+    if "no_such_table" in sql:
+        assert error in str(raised.value) and served.status == 404
+    else:
+        assert served.broken and served.status == 200
+    assert ch.scalar("SELECT 1") == 1
+    assert os.listdir(clickhouse_server._fifos) == []
+
+
+@pytest.mark.clickhouse_backends("server")
+def test_a_gzip_consumer_may_stop_early(ch: ClickHouse, clickhouse_server: ClickHouseHTTP) -> None:
+    """A consumer that stops after its first block lets the server go on: the engine's
+    write runs to its end, and the next request is served."""
+    stream = ch.stream_gzip(GZIP_SQL, fmt="CSV", level=1)
+    assert next(stream)[:2] == b"\x1f\x8b"
+    stream.close()
+    assert ch.scalar("SELECT 1") == 1
+    deadline = time.monotonic() + 30
+    while os.listdir(clickhouse_server._fifos) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert os.listdir(clickhouse_server._fifos) == []
+
+
 @pytest.mark.clickhouse_backends("server")
 def test_server_binds_hostile_parameters_in_the_url_and_in_a_form(ch: ClickHouse) -> None:
     """Values that would break SQL or the URL travel as bound parameters: short ones in
