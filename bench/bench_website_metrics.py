@@ -169,10 +169,7 @@ def run_breakdown(workdir: Path) -> None:
 
     from ooni_pipeline.clickhouse import ClickHouse
     from ooni_pipeline.exports.engine_file import engine_file, file_digest
-    from ooni_pipeline.exports.website_metrics import (
-        _staged_totals,
-        day_window,
-    )
+    from ooni_pipeline.exports.website_metrics import _gzip_csv_totals, day_window
     from ooni_pipeline.exports.website_metrics_sql import (
         CSV_FORMAT,
         CSV_FORMAT_SETTINGS,
@@ -208,7 +205,7 @@ def run_breakdown(workdir: Path) -> None:
         timed("day_versions", lambda: day_versions(ch, [DAY]))
         store = LocalObjectStore(workdir)
 
-        def write_staged() -> None:
+        def write_staged(read: bool) -> None:
             with engine_file(
                 ch,
                 store,
@@ -218,11 +215,18 @@ def run_breakdown(workdir: Path) -> None:
                 fmt=CSV_FORMAT,
                 settings=CSV_FORMAT_SETTINGS,
                 gzip_level=level,
+                reader=(lambda written: _gzip_csv_totals(written, "staged")) if read else None,
             ):
                 pass
 
-        timed("engine_file", write_staged)
-    timed("arrow_read_back", lambda: _staged_totals(staged, "staged"))
+        timed("engine_file", lambda: write_staged(False))
+        timed("engine_file_read_while_written", lambda: write_staged(True))
+
+    def read_back() -> None:
+        with open(staged, "rb") as handle:
+            _gzip_csv_totals(handle, "staged")
+
+    timed("read_back_after", read_back)
     timed("sha256", lambda: file_digest(staged))
     timed(
         "check_digest",

@@ -6,15 +6,17 @@ import contextlib
 import csv
 import gzip
 import io
+import threading
 from datetime import datetime
 
 import dagster as dg
 import pandas as pd
 import pytest
 
-from ooni_pipeline.clickhouse import ClickHouse
+from ooni_pipeline.clickhouse import ClickHouse, ClickHouseError
 from ooni_pipeline.clickhouse.schema import ensure_tables
 from ooni_pipeline.exports.definitions import website_metrics_schedule
+from ooni_pipeline.exports.engine_file import engine_file
 from ooni_pipeline.exports.website_metrics import (
     CSV_COLUMNS,
     object_key,
@@ -382,6 +384,66 @@ def test_a_file_becomes_the_object_only_when_complete(object_store_resource, fai
     assert store.read_bytes(key) == (b"published" if fail else b"new object")
     assert not staged.exists()
     assert store.list_keys("exports/") == [key]
+
+
+FOLLOWED_SQL = "SELECT number, toString(number * 7) FROM numbers(3000000)"
+FOLLOWED_CSV = b"".join(b'%d,"%d"\n' % (n, n * 7) for n in range(3_000_000))
+
+
+def _engine_file_running() -> bool:
+    return any(t.name.startswith("engine_file ") for t in threading.enumerate())
+
+
+def test_a_reader_reads_the_file_while_the_engine_writes_it(ch, local_store_resource) -> None:
+    """The reader starts on the first bytes, long before the engine has written the
+    last, and still reads the whole file: what becomes the object."""
+    store = local_store_resource.get_store()
+    seen: dict[str, bool] = {}
+
+    def reader(source) -> bytes:
+        with gzip.GzipFile(fileobj=source) as unpacked:
+            first = unpacked.read(1 << 16)
+            seen["writer_running_at_first_bytes"] = _engine_file_running()
+            return first + unpacked.read()
+
+    key = "exports/followed.csv.gz"
+    with engine_file(
+        ch, store, key, FOLLOWED_SQL, {}, fmt="CSV", gzip_level=1, reader=reader
+    ) as staged:
+        assert staged.read == FOLLOWED_CSV
+    assert gzip.decompress(store.read_bytes(key)) == FOLLOWED_CSV
+    assert seen == {"writer_running_at_first_bytes": True}
+    assert not _engine_file_running()
+
+
+@pytest.mark.parametrize("failing", ["engine", "reader"])
+def test_a_failure_while_the_file_is_read_keeps_the_published_object(
+    ch, local_store_resource, failing
+) -> None:
+    """The engine failing midway raises its own error, not the reader's (whose cut
+    file is a consequence); a reader failing waits for the engine to finish. Either way
+    the published object stays as it was and nothing is left staged."""
+    store = local_store_resource.get_store()
+    key = "exports/followed.csv.gz"
+    store.put_bytes(key, b"published")
+    sql = FOLLOWED_SQL
+    if failing == "engine":
+        sql = "SELECT number, throwIf(number = 2000000) FROM numbers(3000000)"
+
+    def reader(source) -> bytes:
+        with gzip.GzipFile(fileobj=source) as unpacked:
+            data = unpacked.read()  # a cut stream raises EOFError
+        if failing == "reader" or data != FOLLOWED_CSV:
+            raise ValueError("not the expected CSV")
+        return data
+
+    expected = ClickHouseError if failing == "engine" else ValueError
+    with pytest.raises(expected):
+        with engine_file(ch, store, key, sql, {}, fmt="CSV", gzip_level=1, reader=reader):
+            pytest.fail("a failed file is never handed on")
+    assert store.read_bytes(key) == b"published"
+    assert store.list_keys("exports/") == [key]
+    assert not _engine_file_running()
 
 
 @pytest.mark.clickhouse_backends("server")

@@ -121,9 +121,11 @@ def write_parquet(
     import pyarrow.parquet as pq  # here: the code location loads without pyarrow
 
     start = time.monotonic()
-    with engine_file(ch, store, key, sql, params, fmt="Parquet", settings=PARQUET_SETTINGS) as path:
-        rows = pq.read_metadata(path).num_rows
-        digest, size = file_digest(path)
+    with engine_file(
+        ch, store, key, sql, params, fmt="Parquet", settings=PARQUET_SETTINGS
+    ) as staged:
+        rows = pq.read_metadata(staged.path).num_rows
+        digest, size = file_digest(staged.path)
     upload = UploadResult(
         key=key,
         address=store.address(key),

