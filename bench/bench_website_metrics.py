@@ -302,6 +302,7 @@ class Endpoint:
             "from ooni_pipeline_tests.clickhouse_http import ClickHouseHTTP\n"
             f"s = ClickHouseHTTP({str((workdir / 'clickhouse').absolute())!r}, "
             f"{{{SERVER_USER!r}: {SERVER_PASSWORD!r}}})\n"
+            "s.keep_engine()\n"  # as a running server: Memory tables (locks) live on
             "print(s.port, flush=True)\n"
             "sys.stdin.read()\n"
             "s.close()\n"
