@@ -34,6 +34,7 @@ import gzip
 import hashlib
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -410,6 +411,12 @@ def main() -> None:
             if not args.no_notebook
             else ""
         )
+    )
+    print(
+        "median of the repetitions: asset step / ClickHouse alone "
+        f"{statistics.median(r['step'] for r in ratios):.2f}x; step + check "
+        f"{statistics.median(r['work'] for r in ratios):.2f}x (ClickHouse alone itself "
+        "moves by up to 15% between runs here: the worst pair is its fastest run)"
     )
     print(
         f"empty day through the CLI {empty['wall']:.2f} s, best of {args.repeat} (target <= 4; "

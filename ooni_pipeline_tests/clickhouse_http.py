@@ -15,7 +15,10 @@ as on the server); GET is ``readonly=2``; inserts stream their data into the eng
 chunks as the engine produces them, after the first ``buffer_size`` bytes (1 MiB),
 or whole with ``wait_end_of_query=1``; request bodies in gzip, deflate, zstd or lz4;
 responses compressed (zstd, lz4, gzip, deflate, the server's order of preference)
-when ``enable_http_compression=1`` and the client accepts it; errors as the server
+when ``enable_http_compression=1`` and the client accepts it, gzip and deflate at
+``http_zlib_compression_level`` (3 by default, as on the server), a SELECT's gzip by
+the engine itself (``file()`` into a FIFO, streamed whatever the format, as the
+server compresses in the engine); errors as the server
 sends them (status by exception code, ``X-ClickHouse-Exception-Code``, ``Code: N.
 DB::Exception: ...`` body), and after the headers as a tagged block followed by a
 broken chunked stream; named sessions (``session_id``) with their own settings,
