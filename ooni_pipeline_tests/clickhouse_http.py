@@ -45,7 +45,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -275,13 +275,20 @@ class ClickHouseHTTP:
                 params.update(self._form(h, body, content_type))
                 body = Body(h.rfile, 0, False)
             session, conn = self._connection(user, params)
+            released: list[bool] = []
+
+            def release() -> None:  # once; called when the query is over
+                if session is not None and not released:
+                    released.append(True)
+                    self._release(session, params)
+
             try:
-                self._execute(h, entry, conn, session, params, body, base, tag)
+                self._execute(h, entry, conn, session, params, body, base, tag, release)
             finally:
                 if session is None:
                     conn.close()
                 else:
-                    self._release(session, params)
+                    release()
         except ServerError as exc:
             try:  # as the server does: read the rest of the body, so the client sees the error
                 body.drain()
@@ -428,6 +435,7 @@ class ClickHouseHTTP:
     def _execute(
         self, h: Any, entry: RequestLog, conn: Any, session: _Session | None,
         params: dict[str, str], body: Body, base: dict[str, str], tag: str,
+        release: Callable[[], None],
     ) -> None:  # fmt: skip
         settings = {
             k: v
@@ -440,6 +448,17 @@ class ClickHouseHTTP:
         if params.get("database"):
             self._run(conn, f"USE {sql_identifier(params['database'])}")
         restore = self._apply_settings(conn, session, settings)
+        finished: list[bool] = []
+
+        def finish() -> None:
+            """The query is over: the session's own settings back, then the session
+            free, before the response's end reaches the client (which may send its next
+            request in the session at once, as it may to a server)."""
+            if not finished:
+                finished.append(True)
+                self._restore_settings(conn, restore)
+                release()
+
         try:
             max_query_size = int(settings.get("max_query_size", 262144))
             encoding = h.headers.get("Content-Encoding", "")
@@ -474,6 +493,8 @@ class ClickHouseHTTP:
                 if settings.get("enable_http_compression", self.http_compression) in ("1", "true")
                 else None
             )
+            wait = params.get("wait_end_of_query") == "1"
+            hold = float("inf") if wait else int(params.get("buffer_size", BLOCK))
             zlib_level, readonly = 3, "0"
             if method in ("gzip", "deflate"):
                 zlib_level, readonly = self._zlib_settings(conn)
@@ -481,12 +502,20 @@ class ClickHouseHTTP:
             if statement.keyword in RESULT_STATEMENTS:
                 headers["X-ClickHouse-Format"] = fmt
                 headers["Content-Type"] = CONTENT_TYPES.get(fmt, "application/octet-stream")
-                if method == "gzip" and statement.keyword in ("SELECT", "WITH") and readonly == "0":
-                    restore.update(
-                        self._apply_settings(
-                            conn, session, {"output_format_compression_level": str(zlib_level)}
-                        )
-                    )
+                # After the format name, only an end: SETTINGS may follow FORMAT, and
+                # file()'s INSERT would not take them there.
+                tail = head[statement.output_format_end :] if statement.output_format_end else b""
+                if (
+                    method == "gzip"
+                    and statement.keyword in ("SELECT", "WITH")
+                    and readonly == "0"
+                    and not tail.strip().strip(b";").strip()
+                ):
+                    level = {"output_format_compression_level": str(zlib_level)}
+                    for name, saved in self._apply_settings(conn, session, level).items():
+                        restore.setdefault(
+                            name, saved
+                        )  # a request's own value is not the session's
                     chunks = self._engine_gzip(conn, head[: statement.output_format_at], fmt, bound)
                     out.precompressed = True
                 else:
@@ -494,11 +523,9 @@ class ClickHouseHTTP:
             else:
                 data = self._run(conn, head, fmt, bound).bytes()
                 chunks = iter([data] if data else [])
-            wait = params.get("wait_end_of_query") == "1"
-            hold = float("inf") if wait else int(params.get("buffer_size", BLOCK))
-            self._send_result(h, entry, chunks, hold, headers, out, tag)
+            self._send_result(h, entry, chunks, hold, headers, out, tag, finish)
         finally:
-            self._restore_settings(conn, restore)
+            finish()
 
     def _result(self, conn: Any, sql: bytes, fmt: str, bound: dict[str, str]) -> Iterator[bytes]:
         try:
@@ -540,9 +567,10 @@ class ClickHouseHTTP:
         HTTP response (in the engine, zlib-ng), not by Python's zlib.
 
         The engine writes the result into a FIFO (``INSERT INTO FUNCTION file(…,
-        'gzip')``) from a thread; the handler reads it as it comes. The FIFO is opened
-        for reading first, without blocking, so that a query failing before the engine
-        opens it can still end the read: the thread then opens and closes it itself."""
+        'gzip')``) from a thread; the handler reads it as it comes. Nothing starts
+        before the first chunk is asked for. The FIFO is opened for reading first,
+        without blocking, so that a query failing before the engine opens it can still
+        end the read: the thread then opens and closes it itself."""
         fifo = os.path.join(self._fifos, f"{uuid.uuid4().hex}.gz")
         os.mkfifo(fifo, 0o600)
         fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
@@ -560,42 +588,39 @@ class ClickHouseHTTP:
                 os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
 
         writer = threading.Thread(target=write, daemon=True)
-        writer.start()
-
-        def chunks() -> Iterator[bytes]:
-            pipe = None
-            try:
-                # Until a writer comes, a read would say end of file: wait for it.
-                poller = select.poll()
-                poller.register(fd, select.POLLIN)
-                while not poller.poll(1000):
-                    pass
+        pipe = None
+        try:
+            writer.start()
+            # Until a writer comes, a read would say end of file: wait for it.
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            while not poller.poll(1000):
+                pass
+            os.set_blocking(fd, True)
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, BLOCK)  # the engine's writes, whole
+            pipe = open(fd, "rb", buffering=BLOCK, closefd=False)
+            while data := pipe.read(BLOCK):
+                yield data
+            writer.join()
+            if failure:
+                raise self.engine_error(failure[0]) from None
+        finally:
+            if writer.is_alive():  # the client went away: let the engine finish
                 os.set_blocking(fd, True)
-                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, BLOCK)  # the engine's writes, whole
-                pipe = open(fd, "rb", buffering=BLOCK, closefd=False)
-                while data := pipe.read(BLOCK):
-                    yield data
+                while os.read(fd, BLOCK):
+                    pass
                 writer.join()
-                if failure:
-                    raise self.engine_error(failure[0]) from None
-            finally:
-                if writer.is_alive():  # the client went away: let the engine finish
-                    os.set_blocking(fd, True)
-                    while os.read(fd, BLOCK):
-                        pass
-                writer.join()
-                if pipe is not None:
-                    pipe.close()
-                os.close(fd)
-                os.unlink(fifo)
-
-        return chunks()
+            if pipe is not None:
+                pipe.close()
+            os.close(fd)
+            os.unlink(fifo)
 
     def _send_result(
         self, h: Any, entry: RequestLog, chunks: Iterator[bytes], hold: float,
-        headers: dict[str, str], output: Output, tag: str,
+        headers: dict[str, str], output: Output, tag: str, finish: Callable[[], None],
     ) -> None:  # fmt: skip
-        """Hold the first ``hold`` bytes (an error there gets its status), then stream."""
+        """Hold the first ``hold`` bytes (an error there gets its status), then stream;
+        ``finish()`` once the engine is done, before the response's end."""
         held = tempfile.SpooledTemporaryFile(max_size=16 << 20)
         try:
             size, rest = 0, chunks
@@ -627,6 +652,7 @@ class ClickHouseHTTP:
             while data := held.read(BLOCK):
                 out.write(data)
             held.close()
+            close = getattr(chunks, "close", None)
             try:
                 for data in rest:
                     out.write(data)
@@ -637,9 +663,15 @@ class ClickHouseHTTP:
                     b"__exception__\r\n%s\r\n%s\n%d %s\r\n__exception__\r\n"
                     % (mark, text, len(text) + 1, mark)
                 )
+                if close:
+                    close()
+                finish()
                 out.end(complete=False)
                 entry.broken = h.close_connection = True
                 return
+            if close:
+                close()
+            finish()
             out.end()
         finally:
             held.close()

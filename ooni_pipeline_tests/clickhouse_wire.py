@@ -72,12 +72,13 @@ class Statement:
     data_start: int = 0
     output_format: str | None = None
     output_format_at: int | None = None  # where the trailing ``FORMAT`` starts
+    output_format_end: int | None = None  # where its format name ends
 
 
 def parse_statement(head: bytes) -> Statement:
     """Find the statement kind, an insert's inline data, a trailing FORMAT: the lexical
     work the server's parser does before any data is read (quotes and comments respected)."""
-    keyword, previous, output, output_at = "", "", None, None
+    keyword, previous, output, output_at, output_end = "", "", None, None, None
     depth = format_at = 0
     for match in _TOKEN.finditer(head):
         kind = match.lastgroup
@@ -102,11 +103,13 @@ def parse_statement(head: bytes) -> Statement:
             if previous == "FORMAT":
                 return Statement(keyword, head[:format_at], text, _data_start(head, match.end()))
         elif previous == "FORMAT":
-            output, output_at = text, format_at
+            output, output_at, output_end = text, format_at, match.end()
         if word == "FORMAT":
             format_at = match.start()
         previous = word
-    return Statement(keyword, output_format=output, output_format_at=output_at)
+    return Statement(
+        keyword, output_format=output, output_format_at=output_at, output_format_end=output_end
+    )
 
 
 def _data_start(head: bytes, at: int) -> int:

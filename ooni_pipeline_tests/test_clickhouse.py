@@ -3,6 +3,7 @@ interface (the endpoint of conftest.py), every test that uses ``ch`` on both."""
 
 from __future__ import annotations
 
+import base64
 import gzip
 import json
 import os
@@ -11,6 +12,9 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 import zlib
 from pathlib import Path
 
@@ -382,6 +386,75 @@ def test_a_gzip_result_failing_before_or_after_its_first_bytes_raises(
         assert served.broken and served.status == 200
     assert ch.scalar("SELECT 1") == 1
     assert os.listdir(clickhouse_server._fifos) == []
+
+
+def _gzip_request(
+    server: ClickHouseHTTP, query: str, accept: str = "gzip", **params: str
+) -> tuple[int, bytes]:
+    """One POST straight to the endpoint, asking for a gzip answer: (status, body)."""
+    fields = {"enable_http_compression": "1", **params}
+    credentials = base64.b64encode(f"{SERVER_USER}:{SERVER_PASSWORD}".encode()).decode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{server.port}/?{urllib.parse.urlencode(fields)}",
+        data=query.encode(),
+        headers={"Accept-Encoding": accept, "Authorization": f"Basic {credentials}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            body = response.read()
+            if response.headers.get("Content-Encoding") == "gzip":
+                body = gzip.decompress(body)
+            return response.status, body
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+@pytest.mark.clickhouse_backends("server")
+def test_a_gzip_result_keeps_settings_written_after_its_format(
+    ch: ClickHouse, clickhouse_server: ClickHouseHTTP
+) -> None:
+    """``FORMAT TSV SETTINGS ...``: the settings after the format still apply when the
+    answer is gzip (the engine's own compression cannot take them; Python's does)."""
+    sql = "SELECT getSetting('max_threads') FORMAT TSV SETTINGS max_threads = 1"
+    assert _gzip_request(clickhouse_server, sql) == (200, b"1\n")
+
+
+@pytest.mark.clickhouse_backends("server")
+def test_a_gzip_request_the_endpoint_cannot_read_starts_no_engine_write(
+    ch: ClickHouse, clickhouse_server: ClickHouseHTTP
+) -> None:
+    """A ``buffer_size`` that is not a number fails the request before the engine
+    starts writing: nothing is left waiting on a FIFO nobody reads."""
+    with pytest.raises((urllib.error.URLError, ConnectionError)):
+        _gzip_request(clickhouse_server, GZIP_SQL, buffer_size="1MiB")
+    deadline = time.monotonic() + 10
+    while clickhouse_server._requests and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert clickhouse_server._requests == 0
+    assert os.listdir(clickhouse_server._fifos) == []
+
+
+@pytest.mark.clickhouse_backends("server")
+def test_a_gzip_request_in_a_session_leaves_the_sessions_settings_as_they_were(
+    ch: ClickHouse, clickhouse_server: ClickHouseHTTP
+) -> None:
+    """The level the engine compresses at is set for the request only: a session
+    keeps its own value, even when the request named the setting too."""
+    read = "SELECT getSetting('output_format_compression_level') FORMAT TSV"
+    status, default = _gzip_request(clickhouse_server, read, "identity", session_id="s-level")
+    assert status == 200
+    status, _ = _gzip_request(
+        clickhouse_server,
+        "SELECT number FROM numbers(10)",
+        session_id="s-level",
+        output_format_compression_level="7",
+    )
+    assert status == 200
+    assert _gzip_request(clickhouse_server, read, "identity", session_id="s-level") == (
+        200,
+        default,
+    )
+    clickhouse_server.end_sessions()
 
 
 @pytest.mark.clickhouse_backends("server")
