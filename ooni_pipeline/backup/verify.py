@@ -137,10 +137,10 @@ def verify_object(
         return {"match": False, "expected": expected, "error": NO_RECORDED_SIZE}
     sql = "SELECT count(), sum(h) FROM (SELECT cityHash64(*) AS h FROM {function} LIMIT {bound})"
     found = _engine_read(
-        ch, store, table, key, entry, "CSVWithNames", sql, (rows, "rows"), max_threads
+        ch, store, table, key, entry, "CSVWithNames", sql, (rows, "rows"), max_threads, expected
     )
     if isinstance(found, dict):
-        return {**found, "expected": expected} if "read_by" not in found else found
+        return found
     count, checksum = found
     fingerprint = fingerprint_text(count, checksum)
     return {
@@ -182,10 +182,10 @@ def _verify_lines(
         }
     sql = "SELECT count(), sum(length(line)) FROM (SELECT line FROM {function} LIMIT {bound})"
     found = _engine_read(
-        ch, store, table, key, entry, "LineAsString", sql, (lines, "lines"), max_threads
+        ch, store, table, key, entry, "LineAsString", sql, (lines, "lines"), max_threads, expected
     )
     if isinstance(found, dict):
-        return {**found, "expected": expected} if "read_by" not in found else found
+        return found
     count, length = found
     found_text = f"{count} lines, {length + count} bytes"
     return {
@@ -207,11 +207,12 @@ def _engine_read(
     sql: str,
     recorded: tuple[int, str],
     max_threads: int,
+    expected: Any,
 ) -> tuple[int, int] | dict[str, Any]:
     """``sql`` (with ``{function}``, the object read in ``fmt``, and ``{bound}``, one
     past the ``recorded`` count of rows or lines) run by the engine: its two numbers,
-    or a failed result (an error, more than recorded), or, when the engine cannot
-    reach the object, the scratch-table fallback's result."""
+    or a failed result naming what was ``expected`` (an error, more than recorded),
+    or, when the engine cannot reach the object, the scratch-table fallback's result."""
     bound, unit = recorded
     structure = LINES_STRUCTURE if fmt == "LineAsString" else table_structure(ch, table)
     source = object_source(ch, store, key, fmt, structure)
@@ -228,9 +229,10 @@ def _engine_read(
         if not ch.embedded and any(code in str(exc) for code in _UNREACHABLE):
             result = restore_and_compare(ch, store, table, key, entry)
             return {**result, "read_by": "scratch table (the server cannot read the object)"}
-        return {"match": False, "error": short_error(exc)}
+        return {"match": False, "expected": expected, "error": short_error(exc)}
     if int(a) > bound:
-        return {"match": False, "error": f"{key} unpacks to more than the {bound} {unit} recorded"}
+        error = f"{key} unpacks to more than the {bound} {unit} recorded"
+        return {"match": False, "expected": expected, "error": error}
     return int(a), int(b or 0)
 
 
