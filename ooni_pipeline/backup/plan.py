@@ -156,6 +156,7 @@ class Source:
     snapshot_column: str | None = None
     snapshot_time: str | None = None  # 'YYYY-MM-DD hh:mm:ss.fff', the engine's clock
     line_breaks: str = "0"  # SQL: the line breaks inside a row's CSV fields (line_breaks_sql)
+    columns: tuple[str, ...] = ()  # SELECT *'s column names: the objects' CSV header
 
     def at_now(self, ch: ClickHouse, lag_s: float = 0.0) -> Source:
         """This source as of the engine's clock ``lag_s`` ago (if it has an insertion
@@ -181,11 +182,13 @@ class Source:
 
 
 def table_source(ch: ClickHouse, table: str) -> Source:
+    columns = select_star_columns(ch, table)
     return Source(
         table,
         final_clause(ch, table),
         insertion_time_column(ch, table),
-        line_breaks=line_breaks_sql(ch, table),
+        line_breaks=line_breaks_sql(columns),
+        columns=tuple(name for name, _ in columns),
     )
 
 
@@ -218,18 +221,13 @@ _RAW_TEXT_TYPE = re.compile(
 )
 
 
-def line_breaks_sql(ch: ClickHouse, table: str) -> str:
-    """SQL counting the line breaks inside a row's CSV fields (0 if none can hold one)."""
-    columns = ch.query_rows(
-        "SELECT name, type FROM system.columns WHERE database = currentDatabase() "
-        "AND table = {t:String} AND default_kind NOT IN ('ALIAS', 'MATERIALIZED', 'EPHEMERAL') "
-        "ORDER BY position",
-        {"t": table},
-    )
+def line_breaks_sql(columns: list[tuple[str, str]]) -> str:
+    """SQL counting the line breaks inside a row's CSV fields (0 if none can hold one),
+    for ``SELECT *``'s ``columns`` (name, type)."""
     counts = [
-        f"countSubstrings(toString({quote_identifier(str(name))}), '\\n')"
+        f"countSubstrings(toString({quote_identifier(name)}), '\\n')"
         for name, kind in columns
-        if _RAW_TEXT_TYPE.fullmatch(str(kind))
+        if _RAW_TEXT_TYPE.fullmatch(kind)
     ]
     return " + ".join(counts) or "0"
 
@@ -380,7 +378,12 @@ def parts_state(ch: ClickHouse, chunk: Chunk) -> PartsState | None:
     return TableParts(ch, chunk.spec).state(chunk)
 
 
+def select_star_columns(ch: ClickHouse, table: str) -> list[tuple[str, str]]:
+    """``SELECT *``'s columns, (name, type) in order: what a backup object holds."""
+    rows = ch.query_rows(f"DESCRIBE TABLE (SELECT * FROM {quote_identifier(table)})")
+    return [(str(row[0]), str(row[1])) for row in rows]
+
+
 def table_structure(ch: ClickHouse, table: str) -> str:
     """``SELECT *``'s columns as a table-function structure (``name Type, ...``)."""
-    rows = ch.query_rows(f"DESCRIBE TABLE (SELECT * FROM {quote_identifier(table)})")
-    return ", ".join(f"{quote_identifier(str(r[0]))} {r[1]}" for r in rows)
+    return ", ".join(f"{quote_identifier(n)} {t}" for n, t in select_star_columns(ch, table))
