@@ -108,6 +108,25 @@ class _Session:
     expires: float = 0.0
 
 
+def _once(action: Callable[[], Any]) -> Callable[[], None]:
+    """``action``, run at the first call only."""
+    done: list[bool] = []
+
+    def run() -> None:
+        if not done:
+            done.append(True)
+            action()
+
+    return run
+
+
+def _close(chunks: Iterator[bytes]) -> None:
+    """Close a result's generator (its engine query ends); twice is harmless."""
+    close = getattr(chunks, "close", None)
+    if close:
+        close()
+
+
 class ClickHouseHTTP:
     """The endpoint on 127.0.0.1, serving the chdb data directory ``path``.
 
@@ -275,20 +294,15 @@ class ClickHouseHTTP:
                 params.update(self._form(h, body, content_type))
                 body = Body(h.rfile, 0, False)
             session, conn = self._connection(user, params)
-            released: list[bool] = []
-
-            def release() -> None:  # once; called when the query is over
-                if session is not None and not released:
-                    released.append(True)
-                    self._release(session, params)
-
+            release = (  # when the query is over (see _execute), or here at the latest
+                _once(lambda: self._release(session, params)) if session else lambda: None
+            )
             try:
                 self._execute(h, entry, conn, session, params, body, base, tag, release)
             finally:
                 if session is None:
                     conn.close()
-                else:
-                    release()
+                release()
         except ServerError as exc:
             try:  # as the server does: read the rest of the body, so the client sees the error
                 body.drain()
@@ -448,16 +462,14 @@ class ClickHouseHTTP:
         if params.get("database"):
             self._run(conn, f"USE {sql_identifier(params['database'])}")
         restore = self._apply_settings(conn, session, settings)
-        finished: list[bool] = []
 
+        @_once
         def finish() -> None:
             """The query is over: the session's own settings back, then the session
             free, before the response's end reaches the client (which may send its next
             request in the session at once, as it may to a server)."""
-            if not finished:
-                finished.append(True)
-                self._restore_settings(conn, restore)
-                release()
+            self._restore_settings(conn, restore)
+            release()
 
         try:
             max_query_size = int(settings.get("max_query_size", 262144))
@@ -652,7 +664,7 @@ class ClickHouseHTTP:
             while data := held.read(BLOCK):
                 out.write(data)
             held.close()
-            close = getattr(chunks, "close", None)
+            complete = True
             try:
                 for data in rest:
                     out.write(data)
@@ -663,21 +675,15 @@ class ClickHouseHTTP:
                     b"__exception__\r\n%s\r\n%s\n%d %s\r\n__exception__\r\n"
                     % (mark, text, len(text) + 1, mark)
                 )
-                if close:
-                    close()
-                finish()
-                out.end(complete=False)
-                entry.broken = h.close_connection = True
-                return
-            if close:
-                close()
+                complete = False
+            _close(chunks)
             finish()
-            out.end()
+            out.end(complete=complete)
+            if not complete:
+                entry.broken = h.close_connection = True
         finally:
             held.close()
-            close = getattr(chunks, "close", None)
-            if close:
-                close()
+            _close(chunks)
 
     def _insert(
         self, h: Any, entry: RequestLog, conn: Any, statement: Statement, head: bytes,
