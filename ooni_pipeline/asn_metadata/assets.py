@@ -6,10 +6,7 @@ import dagster as dg
 from pydantic import Field
 
 from ooni_pipeline import settings
-from ooni_pipeline.asn_metadata.load import DEFAULT_BATCH_ROWS, load_asnmeta
-from ooni_pipeline.asn_metadata.parse import (
-    ParseStats,
-)
+from ooni_pipeline.asn_metadata import DEFAULT_BATCH_ROWS
 from ooni_pipeline.clickhouse import ClickHouseResource
 from ooni_pipeline.clickhouse.schema import ensure_tables
 from ooni_pipeline.clickhouse.swap import replace_table
@@ -53,6 +50,10 @@ def asnmeta(
     (ASN, five fields, dates), bounded (an empty ``{}`` fails), filled into
     ``asnmeta_tmp`` and swapped in atomically. An unchanged source skips the rewrite.
     """
+    # The parser (numpy, pyarrow) loads with the run, not with the code location.
+    from ooni_pipeline.asn_metadata.load import load_asnmeta
+    from ooni_pipeline.asn_metadata.parse import ParseStats
+
     url = settings.env("OONI_ASNMETA_URL", settings.DEFAULT_ASNMETA_URL)
     start = time.monotonic()
     stats = ParseStats()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from ooni_pipeline.asn_metadata import DEFAULT_BATCH_ROWS
 from ooni_pipeline.asn_metadata.parse import (
     ParseStats,
     arrow_batches,
@@ -13,9 +14,6 @@ from ooni_pipeline.asn_metadata.parse import (
 from ooni_pipeline.clickhouse import ClickHouse
 from ooni_pipeline.fetch import Fetched
 
-# Measured (bench/bench_asnmeta.py): smaller batches make more parts for chdb to
-# merge, larger ones hold more entries in Python; 20k is the low point of peak RSS.
-DEFAULT_BATCH_ROWS = 20_000
 # HTTP reads: 256 KB peaked 30 MB lower than 1 MB, as fast; 64 KB was slower.
 READ_BYTES = 1 << 18
 

@@ -20,13 +20,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
 from itertools import chain
-from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from ooni_pipeline.untrusted import EXCERPT_CHARS, excerpt
-
-if TYPE_CHECKING:  # numpy and pyarrow load with the parse, not with the code location
-    import numpy as np
-    import pyarrow as pa
 
 MAX_ASN = 2**32 - 1
 ENTRY_FIELDS = ("org_name", "cc", "changed", "aut_name", "source")
@@ -227,8 +226,6 @@ class ParseStats:
 
 def _asns(keys: list[str]) -> np.ndarray:
     """The ASN of each key; ASCII digits within 0..2^32-1, else an error naming it."""
-    import numpy as np
-
     if all(map(str.isascii, keys)) and all(map(str.isdigit, keys)):
         values = np.array(list(map(int, keys)), dtype=np.int64) if keys else np.zeros(0, np.int64)
         if not len(values) or values.max() <= MAX_ASN:
@@ -267,8 +264,6 @@ class _Batch:
         ] = []  # (keys, entries per key), to name a bad one
 
     def add_run(self, run: list[tuple[str, object]], stats: ParseStats) -> None:
-        import numpy as np
-
         keys = [key for key, _ in run]
         histories = [history for _, history in run]
         asns = _asns(keys)
@@ -296,8 +291,6 @@ class _Batch:
     def _columns(self) -> list[pa.Array]:
         """The five string columns; entries are checked in C (``map``, Arrow's
         converter), and walked in Python only to name a bad one."""
-        import pyarrow as pa
-
         entries = self.entries
         if not (set(map(type, entries)) <= {list} and set(map(len, entries)) <= {5}):
             self._raise_first_bad_entry()
@@ -327,10 +320,6 @@ class _Batch:
         raise AsnMetaError("an entry could not be converted")  # Arrow refused what Python accepts
 
     def table(self, stats: ParseStats) -> pa.Table:
-        import numpy as np
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
         columns = self._columns()
         changed = self._dates(columns[2])
         table = pa.table(
@@ -350,9 +339,6 @@ class _Batch:
         return table
 
     def _dates(self, text: pa.Array) -> pa.Array:
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
         try:
             parsed = pc.strptime(text, format="%Y%m%d", unit="s", error_is_null=False)
             # strptime rolls impossible days over (20230230 -> 2023-03-02) and takes
