@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from ooni_pipeline.backup.plan import Chunk, Source
-from ooni_pipeline.clickhouse import ClickHouse
+from ooni_pipeline.clickhouse import ClickHouse, quote_identifier
 from ooni_pipeline.object_store import UploadResult, stream_upload
 from ooni_pipeline.object_store.stores import ObjectStore
 
@@ -40,7 +40,9 @@ def export_chunk(
     returns the upload and the lines it holds, header included."""
     rows, params = source.rows(chunk)
     sql = f"SELECT * FROM {rows} SETTINGS max_threads = {int(max_threads)}"
-    header = csv_header(list(source.columns))
+    # Asked with each chunk, not kept from the run's start: a column added meanwhile
+    # is in SELECT *'s rows, so it must be in their header too.
+    header = csv_header(ch.header(f"SELECT * FROM {quote_identifier(chunk.spec.table)}"))
     lines = 0
 
     def body() -> Iterator[bytes]:

@@ -156,7 +156,6 @@ class Source:
     snapshot_column: str | None = None
     snapshot_time: str | None = None  # 'YYYY-MM-DD hh:mm:ss.fff', the engine's clock
     line_breaks: str = "0"  # SQL: the line breaks inside a row's CSV fields (line_breaks_sql)
-    columns: tuple[str, ...] = ()  # SELECT *'s column names: the objects' CSV header
 
     def at_now(self, ch: ClickHouse, lag_s: float = 0.0) -> Source:
         """This source as of the engine's clock ``lag_s`` ago (if it has an insertion
@@ -182,13 +181,11 @@ class Source:
 
 
 def table_source(ch: ClickHouse, table: str) -> Source:
-    columns = select_star_columns(ch, table)
     return Source(
         table,
         final_clause(ch, table),
         insertion_time_column(ch, table),
-        line_breaks=line_breaks_sql(columns),
-        columns=tuple(name for name, _ in columns),
+        line_breaks=line_breaks_sql(select_star_columns(ch, table)),
     )
 
 
