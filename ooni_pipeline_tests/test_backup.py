@@ -353,14 +353,15 @@ def test_a_table_without_insertion_time_changing_during_export_is_retried_then_f
 
 
 def test_rows_lost_between_the_engine_and_the_object_fail_the_export(
-    clickhouse, ch, local_store_resource, monkeypatch
+    clickhouse, ch, object_store_resource, monkeypatch
 ) -> None:
     """The export counts the lines it sends against those the fingerprinted rows
     make: a block lost on the way (a fault injected after the engine) is caught
-    before the manifest records the object."""
+    before the upload completes, so the last good backup stays under its key, byte
+    for byte, and the manifest still describes it, on every attempt."""
     _fill_fastpath(ch, {"2024-01": 150_000})
-    assert _run(clickhouse, local_store_resource, [fastpath_backup]).success
-    store = local_store_resource.get_store()
+    assert _run(clickhouse, object_store_resource, [fastpath_backup]).success
+    store = object_store_resource.get_store()
     key = "clickhouse_export/csv/fastpath_202401.csv.zstd"
     good, recorded = store.read_bytes(key), load_manifest(store, "fastpath")
     _fill_fastpath(ch, {"2024-01": 150_001})  # a change: the month goes up again
@@ -373,16 +374,22 @@ def test_rows_lost_between_the_engine_and_the_object_fail_the_export(
                 yield block
 
     monkeypatch.setattr(ClickHouse, "stream", losing_the_second)
-    result = _run(clickhouse, local_store_resource, [fastpath_backup])
+    config = {**FAST, "chunk_attempts": 2}  # the retry waits 2 s
+    result = _run(clickhouse, object_store_resource, [fastpath_backup], config)
     assert not result.success
-    assert "fastpath 202401 changed while it was exported, or rows were lost on the way" in (
-        failure_text(result)
-    )
+    text = failure_text(result)
+    assert "failed after 2 attempts" in text
+    assert "fastpath 202401 changed while it was exported, or rows were lost on the way" in text
+    assert store.read_bytes(key) == good  # no attempt replaced the good backup
     assert load_manifest(store, "fastpath") == recorded
-    assert store.read_bytes(key) != good  # the attempt's object went up, unrecorded...
+    assert hashlib.sha256(good).hexdigest() == recorded[key]["sha256"]
+    assert store.list_keys("clickhouse_export/csv/") == [key]  # nothing left beside it
     monkeypatch.undo()
-    assert _run(clickhouse, local_store_resource, [fastpath_backup]).success  # ...and is redone
+    assert _run(clickhouse, object_store_resource, [fastpath_backup]).success  # then redone
     assert load_manifest(store, "fastpath")[key]["rows"] == 150_001
+    assert hashlib.sha256(store.read_bytes(key)).hexdigest() == (
+        load_manifest(store, "fastpath")[key]["sha256"]
+    )
 
 
 def test_restore_check_stops_a_bomb_at_the_recorded_size(

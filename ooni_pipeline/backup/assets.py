@@ -83,6 +83,33 @@ class BackedUp:
     parts: PartsState | None  # may stand for the content (see ``back_up_chunk``)
 
 
+@dataclass
+class _ExportCheck:
+    """What an attempt's object must be, decided before its upload completes: a
+    failure aborts the upload, and the last good object stays under the key."""
+
+    ch: ClickHouse
+    chunk: Chunk
+    snapshot: Source
+    content: Content
+    before: PartsState | None
+    unchanged: bool = False
+
+    def verify(self, lines: int) -> None:
+        """``lines``: those the export sent. The chunk's parts unchanged since before
+        the fingerprint settle it; otherwise it is fingerprinted again."""
+        self.unchanged = self.before is not None and parts_state(self.ch, self.chunk) == self.before
+        expected = self.content.object_lines
+        if lines != expected or (
+            not self.unchanged and fingerprint(self.ch, self.chunk, self.snapshot) != self.content
+        ):
+            raise ChunkChangedError(
+                f"{self.chunk.label} changed while it was exported, or rows were lost on the way "
+                f"(fingerprint {self.content.fingerprint}; {expected} lines expected, {lines} "
+                "exported); not uploaded, the previous object is kept"
+            )
+
+
 def back_up_chunk(
     ch: ClickHouse,
     store: ObjectStore,
@@ -95,7 +122,8 @@ def back_up_chunk(
     """Upload one chunk, retrying on its own.
 
     Each attempt reads the chunk as of one instant (``known``: the snapshot,
-    fingerprint and parts already taken, for the first) and then makes sure the
+    fingerprint and parts already taken, for the first) and, before the upload
+    completes (a failed attempt never replaces the previous object), makes sure the
     object holds exactly the fingerprinted rows: as many lines as they make
     (``export``), and the chunk's parts unchanged since before the fingerprint
     (parts are immutable), which settles it at the cost of a look at
@@ -113,17 +141,17 @@ def back_up_chunk(
                 before = parts_state(ch, chunk)
                 snapshot = source.at_now(ch, config.snapshot_lag_s)
                 content = fingerprint(ch, chunk, snapshot)
-            upload, lines = export_chunk(
-                ch, store, chunk, snapshot, config.max_threads, progress_logger(chunk.label, log)
+            checked = _ExportCheck(ch, chunk, snapshot, content, before)
+            upload = export_chunk(
+                ch,
+                store,
+                chunk,
+                snapshot,
+                config.max_threads,
+                checked.verify,
+                progress_logger(chunk.label, log),
             )
-            after = parts_state(ch, chunk)
-            unchanged = before is not None and after == before
-            expected = content.object_lines
-            if lines != expected or (not unchanged and fingerprint(ch, chunk, snapshot) != content):
-                raise ChunkChangedError(
-                    f"{chunk.label} changed while it was exported, or rows were lost on the way "
-                    f"(fingerprint {content.fingerprint}; {expected} lines expected, {lines} exported)"
-                )
+            unchanged = checked.unchanged
             settled = before if unchanged and inside_snapshot(ch, chunk, before, snapshot) else None
             return BackedUp(upload, content, settled)
         except Exception as exc:

@@ -5,7 +5,8 @@ compresses on the other core. The lines that pass are counted (``bytes.count``,
 about 1% of the export) and must be as many as the fingerprint said the rows make
 (``plan.fingerprint``: a line per row plus the line breaks inside fields): a block
 lost or repeated on the way from the engine fails the export before the manifest
-records the object. zstd writes its content checksum into the object, which every
+records the object, and before the upload completes: the previous object stays as
+it was. zstd writes its content checksum into the object, which every
 reader (ClickHouse, ``zstd -d``) verifies as it unpacks; the restore check then has
 the engine count the object's lines and bytes.
 """
@@ -34,10 +35,14 @@ def export_chunk(
     chunk: Chunk,
     source: Source,
     max_threads: int,
+    verify: Callable[[int], None],
     progress: Callable[[int, int], None] | None = None,
-) -> tuple[UploadResult, int]:
-    """Write the chunk's object (CSVWithNames, zstd with its content checksum);
-    returns the upload and the lines it holds, header included."""
+) -> UploadResult:
+    """Write the chunk's object (CSVWithNames, zstd with its content checksum).
+
+    ``verify(lines)`` gets the lines sent, header included, once all are written and
+    before the object replaces the previous one: raising there aborts the upload, so a
+    chunk that fails its checks never replaces the last good backup."""
     rows, params = source.rows(chunk)
     sql = f"SELECT * FROM {rows} SETTINGS max_threads = {int(max_threads)}"
     # Asked with each chunk, not kept from the run's start: a column added meanwhile
@@ -53,8 +58,14 @@ def export_chunk(
             lines += block.count(b"\n")
             yield block
 
-    upload = stream_upload(store, chunk.key, body(), "zstd", progress=progress)
-    return upload, lines
+    return stream_upload(
+        store,
+        chunk.key,
+        body(),
+        "zstd",
+        progress=progress,
+        before_commit=lambda: verify(lines),
+    )
 
 
 def progress_logger(label: str, log) -> Callable[[int, int], None]:

@@ -63,11 +63,16 @@ def stream_upload(
     compression: Compression,
     progress: Callable[[int, int], None] | None = None,
     level: int | None = None,
+    before_commit: Callable[[], None] | None = None,
 ) -> UploadResult:
     """Compress ``chunks`` into the object ``key``; nothing appears there on failure.
 
     ``progress(raw_bytes, compressed_bytes)`` is called after each chunk; ``level``
     overrides the codec's default compression level (gzip 6, zstd 3).
+    ``before_commit()`` runs once every byte is written but before the object
+    replaces what is under ``key`` (the multipart upload completed, the file renamed):
+    the checks that can be made from the stream (lines counted against the source)
+    raise there, and the upload is aborted, leaving the previous object as it was.
     """
     start = time.monotonic()
     compressor = _compressor(compression, level)
@@ -87,6 +92,8 @@ def stream_upload(
         digest.update(out)
         written += len(out)
         writer.write(out)
+        if before_commit is not None:
+            before_commit()
     return UploadResult(
         key=key,
         address=store.address(key),
