@@ -565,3 +565,101 @@ def test_every_header_fingerprint_matches_as_oonis_fastpath(
     bucket.put(UPLOAD_DAY, "IT", members)
     assert ingest(clickhouse, UPLOAD_DAY).success
     assert matched_fingerprints(ch) == expected
+
+
+def _load_fingerprints(ch, without: str | None = None) -> None:
+    """The DNS fingerprints of the test data, ``without`` one of them if named."""
+    ch.command("TRUNCATE TABLE fingerprints_dns")
+    table = parse_fingerprints(
+        (DATA / "fingerprints_dns.csv").read_bytes(), "fingerprints_dns", DNS_SCOPES
+    ).table
+    if without:
+        import pyarrow.compute as pc
+
+        table = table.filter(pc.not_equal(table["name"], without))
+    ch.insert_arrow("fingerprints_dns", table)
+
+
+def _latest(ch) -> tuple[str, str]:
+    return ch.query_rows(
+        "SELECT argMax(confirmed, update_time), argMax(blocking_type, update_time) FROM fastpath"
+    )[0]
+
+
+def test_reingest_puts_back_a_scoring_rolled_back_to_an_earlier_one(
+    clickhouse, ch, fingerprints, bucket
+) -> None:
+    """A fingerprint added (the measurement confirmed), then withdrawn upstream: the
+    re-ingest compares with the latest version only, so the earlier scoring comes
+    back as the newest version; then nothing more is written."""
+    fingerprint = "ooni.ir_10dot10_ipv4_1"
+    bucket.put(UPLOAD_DAY, "IR", [member(real(2))])
+    instance = dg.DagsterInstance.ephemeral()
+    _load_fingerprints(ch, without=fingerprint)
+    assert ingest(clickhouse, UPLOAD_DAY, instance).success
+    assert _latest(ch) == ("f", "dns")
+    _load_fingerprints(ch)  # the fingerprint added
+    assert ingest(clickhouse, UPLOAD_DAY, instance).success
+    assert _latest(ch) == ("t", "dns")
+    _load_fingerprints(ch, without=fingerprint)  # ...and rolled back
+    rolled_back = ingest(clickhouse, UPLOAD_DAY, instance)
+    assert rolled_back.success
+    metadata = rolled_back.get_asset_materialization_events()[0].materialization.metadata
+    assert metadata["dagster/row_count"].value == 1
+    assert _latest(ch) == ("f", "dns")
+    assert ch.scalar("SELECT count() FROM fastpath") == 3
+    again = ingest(clickhouse, UPLOAD_DAY, instance)
+    metadata = again.get_asset_materialization_events()[0].materialization.metadata
+    assert metadata["dagster/row_count"].value == 0
+    assert ch.scalar("SELECT count() FROM fastpath") == 3
+
+
+def test_other_test_names_are_read_but_not_scored_with_web_connectivitys_rules(
+    clickhouse, ch, fingerprints, bucket, monkeypatch
+) -> None:
+    """A telegram measurement whose DNS answer is a confirmed fingerprint's address is
+    stored as OONI's fastpath stores a test name it has no scoring for (every
+    locality 0.0, accuracy 0.0: msm_failure), not as confirmed blocking; the same
+    measurement as web_connectivity still is."""
+    monkeypatch.setenv("OONI_PUBLIC_TEST_NAMES", "web_connectivity,telegram")
+    telegram = copy.deepcopy(real(2))
+    telegram["test_name"] = "telegram"
+    telegram["report_id"] = "20240101T000000Z_telegram_IR_197207_n1_t"
+    name, data = member(telegram)
+    name = name.replace("webconnectivity", "telegram")
+    compact = UPLOAD_DAY.replace("-", "")
+    bucket.put_raw(
+        f"raw/{compact}/10/IR/telegram/{compact}10_IR_telegram.n1.0.tar.gz",
+        postcan([(name, data)]),
+    )
+    bucket.put(UPLOAD_DAY, "IR", [member(real(2))])
+    result = ingest(clickhouse, UPLOAD_DAY)
+    assert result.success
+    found = rows(ch)
+    assert len(found) == 2
+    by_test = {
+        test: row
+        for test, row in zip(
+            ch.query_rows("SELECT test_name FROM fastpath FINAL ORDER BY measurement_uid"),
+            found.itertuples(),
+            strict=True,
+        )
+    }
+    other = by_test[("telegram",)]
+    assert (other.anomaly, other.confirmed, other.msm_failure, other.blocking_type) == (
+        "f",
+        "f",
+        "t",
+        "",
+    )
+    assert json.loads(other.scores) == {
+        "blocking_general": 0.0,
+        "blocking_global": 0.0,
+        "blocking_country": 0.0,
+        "blocking_isp": 0.0,
+        "blocking_local": 0.0,
+        "accuracy": 0.0,
+    }
+    web = by_test[("web_connectivity",)]
+    assert (web.anomaly, web.confirmed, web.msm_failure, web.blocking_type) == EXPECTED[2][:4]
+    assert json.loads(web.scores) == EXPECTED[2][4]

@@ -6,7 +6,7 @@ staging table, and only then, if the day is sound, copies the new rows into
 ``fastpath`` with one INSERT ... SELECT. A corrupt or truncated postcan fails the
 staging query, naming its key, and ``fastpath`` is left as it was.
 
-Re-ingesting a day copies only rows that differ from their live version, so an
+Re-ingesting a day copies only rows that differ from their latest version, so an
 unchanged day writes nothing and the data version of the days it holds stays put;
 ``fastpath`` is a ReplacingMergeTree(update_time), so a changed measurement
 supersedes its old version and the exports keep the latest (argMax by update_time).
@@ -224,6 +224,10 @@ def _insert_changed(ch: ClickHouse, staging: str, changed: str) -> tuple[int, li
     """Copy the staged rows that are new or differ from their live version into
     ``fastpath``; return how many, and the measurement days they belong to.
 
+    The live version is the latest one (``argMax`` by ``update_time``, as the readers
+    take it), not any stored one: a scoring rolled back to an earlier one (a
+    fingerprint added, then removed) differs from the latest and is written again.
+
     The comparison with the live rows (uid and a hash of every column) runs once, into
     ``changed``; the copy into ``fastpath`` is then one plain INSERT ... SELECT.
     """
@@ -240,9 +244,10 @@ def _insert_changed(ch: ClickHouse, staging: str, changed: str) -> tuple[int, li
         SELECT {columns} FROM {staging}
         WHERE skip_reason = ''
           AND (measurement_uid, cityHash64({columns})) NOT IN (
-              SELECT measurement_uid, cityHash64({columns}) FROM fastpath
+              SELECT measurement_uid, argMax(cityHash64({columns}), update_time) FROM fastpath
               WHERE measurement_start_time BETWEEN {{lo:DateTime('UTC')}} AND {{hi:DateTime('UTC')}}
-                AND measurement_uid IN (SELECT measurement_uid FROM {staging} WHERE skip_reason = ''))
+                AND measurement_uid IN (SELECT measurement_uid FROM {staging} WHERE skip_reason = '')
+              GROUP BY measurement_uid)
         LIMIT 1 BY measurement_uid""",
         {"lo": lo, "hi": hi},
     )

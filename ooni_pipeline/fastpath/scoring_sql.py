@@ -5,6 +5,10 @@ last change to that file) or ``db.py``, which this query follows. The engine par
 each member's JSON (simdjson) and matches the fingerprint tables with its
 Hyperscan (literal patterns): no measurement is parsed in Python.
 
+Other test names (``OONI_PUBLIC_TEST_NAMES``) are read but not scored: they get what
+``score_measurement`` gives a test name it has no rule for (every locality 0.0 and
+``accuracy`` 0.0, so ``msm_failure = 't'``), never web_connectivity's rules.
+
 Every member yields one staging row: either a fastpath row, or a ``skip_reason``
 (``not_json``, ``yaml``, ``no_report_id``...), so skips are counted and shown.
 """
@@ -137,6 +141,7 @@ SELECT
     if(blocking_type != '', 1., bg_confirmed) AS bg_base,
     NOT empty(matches) AS has_matches,
     multiIf(
+        NOT scored_test, 0.,                                            -- score_measurement: unsupported test name
         test_keys_raw = 'null', 0.,                                     -- test_keys None
         base64_error, 0.,                                               -- score_web_connectivity_full: binascii.Error
         NOT title_match_ok, 0.,                                         -- title_match not in (True, False, None)
@@ -150,7 +155,7 @@ FROM (
 SELECT
     *,
     -- a base64 body that does not decode drops every match (score_web_connectivity_full)
-    if(base64_error OR test_keys_raw = 'null', [], arrayConcat(dns_matches, http_matches)) AS matches
+    if(base64_error OR test_keys_raw = 'null' OR NOT scored_test, [], arrayConcat(dns_matches, http_matches)) AS matches
 FROM (
 SELECT
     *,
@@ -161,8 +166,8 @@ SELECT
     title_match_raw IN ('', 'null', 'true', 'false') AS title_match_ok,
     if(JSONType(blocking_raw) = 'String' AND has(blocking_types, JSONExtractString(blocking_raw)),
        JSONExtractString(blocking_raw), '') AS probe_blocking_type,
-    if(title_match_ok AND test_keys_raw != 'null', probe_blocking_type, '') AS blocking_type,
-    blocking_raw NOT IN ('', 'null', 'false') AND probe_blocking_type = '' AS unsupported_blocking,
+    if(title_match_ok AND test_keys_raw != 'null' AND scored_test, probe_blocking_type, '') AS blocking_type,
+    scored_test AND blocking_raw NOT IN ('', 'null', 'false') AND probe_blocking_type = '' AS unsupported_blocking,
     arrayExists(kv -> endsWith(kv.1, '_failure') AND JSONType(kv.2) = 'String'
                       AND startsWith(JSONExtractString(kv.2), 'unknown_failure'), tk) AS unknown_failure,
     -- DNS: each answer's ipv4, else hostname, else ipv6, equal to a pattern
@@ -226,6 +231,10 @@ SELECT
     probe_cc_upper,
     ifNull(probe_asn, 0) AS probe_asn,
     test_name,
+    -- score_measurement: only web_connectivity is scored here; any other test name
+    -- gets what core.py gives a test name it has no scoring for (init_scores and
+    -- accuracy 0.0: msm_failure), never web_connectivity's fingerprint rules
+    test_name = 'web_connectivity' AS scored_test,
     ifNull(test_start_time, toDateTime(0, 'UTC')) AS test_start_time,
     ifNull(measurement_start_time, toDateTime(0, 'UTC')) AS measurement_start_time,
     member_key AS filename,
