@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 from typing import TYPE_CHECKING, Any
 
 import dagster as dg
@@ -37,6 +39,36 @@ def one_run_at_a_time(context: dg.AssetExecutionContext, ch: ClickHouse, name: s
         return None if run is None else not run.is_finished
 
     return exclusive(ch, name, context.run.run_id, owner_alive=run_alive, log=context.log)
+
+
+def publishing(
+    context: dg.AssetExecutionContext, ch: ClickHouse, asset_key: dg.AssetKey, partition: str
+):
+    """A context manager: this run alone publishes ``asset_key``'s objects of
+    ``partition`` and records them (Dagster, manifest) for the block. Two runs of
+    one partition (a backfill beside the automation) take turns, so the manifest
+    and Dagster's record always describe the object under the key, never the other
+    run's; runs of other partitions do not wait."""
+    name = re.sub(r"[^0-9A-Za-z_]", "_", f"publish_{asset_key.to_user_string()}_{partition}")
+    if len(name) > 100:  # a lock table's name stays a valid identifier
+        name = f"publish_{hashlib.sha256(name.encode()).hexdigest()[:32]}"
+    return one_run_at_a_time(context, ch, name)
+
+
+def record_partition(
+    context: dg.AssetExecutionContext,
+    asset_key: dg.AssetKey,
+    partition: str,
+    metadata: dict[str, Any],
+) -> None:
+    """Dagster's record of one partition whose objects were just published, logged
+    at once: a run that fails (or is killed) on a later partition has recorded every
+    object it published. The step's own materialization at its end repeats the same
+    figures (``add_asset_metadata``), so both records agree."""
+    context.log_event(
+        dg.AssetMaterialization(asset_key=asset_key, partition=partition, metadata=metadata)
+    )
+    context.add_asset_metadata(metadata, asset_key=asset_key, partition_key=partition)
 
 
 class ShrinkRefusedError(RuntimeError):
@@ -95,11 +127,33 @@ def last_metadata(
     }
 
 
-def checked_partitions(context: dg.AssetCheckExecutionContext, key: dg.AssetKey) -> list[str]:
+def checked_partitions(
+    context: dg.AssetCheckExecutionContext,
+    key: dg.AssetKey,
+    partitions_def: dg.PartitionsDefinition,
+) -> list[str]:
     """The partitions a check verifies: those of its run (a materialization with its
-    checks), else the one its asset last materialized (a check run on its own)."""
-    if context.has_partition_key_range or context.has_partition_key:
-        return list(context.partition_keys)
+    checks, or the check run on its own for one partition or a range, as the UI's
+    *Execute check* and the CLI do), else the one its asset last materialized.
+
+    A check run on its own is not a partitioned step even when its run names
+    partitions (its context's ``partition_keys`` raises), so the run's tags are read."""
+    from dagster._core.errors import DagsterInvalidPropertyError
+    from dagster._core.storage.tags import (
+        ASSET_PARTITION_RANGE_END_TAG,
+        ASSET_PARTITION_RANGE_START_TAG,
+        PARTITION_NAME_TAG,
+    )
+
+    try:
+        tags = context.run.tags
+    except DagsterInvalidPropertyError:  # invoked directly, without a run
+        tags = {}
+    start, end = tags.get(ASSET_PARTITION_RANGE_START_TAG), tags.get(ASSET_PARTITION_RANGE_END_TAG)
+    if start and end:
+        return list(partitions_def.get_partition_keys_in_range(dg.PartitionKeyRange(start, end)))
+    if tags.get(PARTITION_NAME_TAG):
+        return [tags[PARTITION_NAME_TAG]]
     event = context.instance.get_latest_materialization_event(key)
     return [event.dagster_event.partition] if event and event.dagster_event else []
 

@@ -387,8 +387,9 @@ def test_rows_lost_between_the_engine_and_the_object_fail_the_export(
     monkeypatch.undo()
     assert _run(clickhouse, object_store_resource, [fastpath_backup]).success  # then redone
     assert load_manifest(store, "fastpath")[key]["rows"] == 150_001
-    assert hashlib.sha256(store.read_bytes(key)).hexdigest() == (
-        load_manifest(store, "fastpath")[key]["sha256"]
+    assert (
+        hashlib.sha256(store.read_bytes(key)).hexdigest()
+        == (load_manifest(store, "fastpath")[key]["sha256"])
     )
 
 

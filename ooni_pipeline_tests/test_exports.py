@@ -210,8 +210,13 @@ def test_exact_csv_in_both_stores(clickhouse, object_store_resource, day_rows) -
         == 'https://ex.org/a,b?q="quoted"&x=ü'
     )
 
-    (event,) = result.get_asset_materialization_events()
+    # Recorded as it was published, then again by the step's end: the same figures.
+    published, event = result.get_asset_materialization_events()
     meta = {k: getattr(v, "value", v) for k, v in event.materialization.metadata.items()}
+    assert published.partition == event.partition == DAY
+    assert {
+        k: getattr(v, "value", v) for k, v in published.materialization.metadata.items()
+    }.items() <= meta.items()
     assert meta["dagster/row_count"] == len(CASES)
     assert (
         meta["total_accessible"] == 4 and meta["total_anomaly"] == 2 and meta["total_failure"] == 1
@@ -459,3 +464,113 @@ def test_a_server_compresses_the_export_itself(
     assert export.content_encoding == "gzip"
     assert export.params["http_zlib_compression_level"] == "2"
     assert _read(local_store_resource.get_store(), object_key(DAY)) == _expected()
+
+
+NEXT = "2024-03-11"
+RANGE = {"dagster/asset_partition_range_start": DAY, "dagster/asset_partition_range_end": NEXT}
+
+
+def _recorded(instance, day: str) -> dict:
+    """Dagster's latest record of ``day``."""
+    record = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=website_metrics.key, asset_partitions=[day]), limit=1
+    ).records[0]
+    return {k: getattr(v, "value", v) for k, v in record.asset_materialization.metadata.items()}
+
+
+def _check_alone(instance, resources, tags: dict[str, str]) -> dg.AssetCheckEvaluation:
+    """The object check run on its own, as the UI's *Execute check* and the CLI run
+    it: a job of the check only, its run naming a partition or a range."""
+    job = dg.define_asset_job(
+        "check_only", selection=dg.AssetSelection.checks(website_metrics_object_check)
+    )
+    defs = dg.Definitions(
+        assets=[website_metrics],
+        asset_checks=[website_metrics_object_check],
+        jobs=[job],
+        resources=resources,
+    )
+    result = defs.resolve_job_def("check_only").execute_in_process(
+        instance=instance, tags=tags, raise_on_error=False
+    )
+    assert result.success, result.all_events
+    (evaluation,) = result.get_asset_check_evaluations()
+    return evaluation
+
+
+def test_a_run_failing_on_its_second_day_has_recorded_its_first(
+    clickhouse, ch, moto_endpoint, s3_bucket, day_rows
+) -> None:
+    """A 2-day run whose second day cannot be written (the store refuses its
+    object): the first day's new object, Dagster's latest record of it and its
+    manifest entry agree, and the object check, run on its own for that day or for
+    both, passes; the second day keeps its previous object and record."""
+    from ooni_pipeline.exports.manifest import MANIFEST_KEY
+    from ooni_pipeline.object_store import ObjectStoreResource
+    from ooni_pipeline_tests.rig import FaultyProxy
+
+    _insert(ch, [_msm("n1", f"{NEXT} 01:00:00"), _msm("n2", f"{NEXT} 02:00:00")])
+    instance = dg.DagsterInstance.ephemeral()
+    failing = {"on": False}
+    proxy = FaultyProxy(
+        moto_endpoint,
+        lambda method, path: failing["on"] and method in ("PUT", "POST") and f"{NEXT}.csv" in path,
+    )
+    try:
+        resource = ObjectStoreResource(
+            bucket=s3_bucket, endpoint_url=proxy.url, region_name="us-east-1"
+        )
+        store = resource.get_store()
+        assert _materialize(clickhouse, resource, None, instance, tags=RANGE).success
+        second_before, second_recorded = (
+            store.read_bytes(object_key(NEXT)),
+            _recorded(instance, NEXT),
+        )
+        _insert(ch, [_msm("late", f"{DAY} 23:00:00"), _msm("n3", f"{NEXT} 03:00:00")])
+        failing["on"] = True
+        result = _materialize(clickhouse, resource, None, instance, tags=RANGE)
+    finally:
+        proxy.close()
+    assert not result.success and proxy.failed
+    import hashlib
+    import json
+
+    store = s3_store_for(moto_endpoint, s3_bucket).get_store()
+    first = store.read_bytes(object_key(DAY))
+    recorded = _recorded(instance, DAY)
+    manifest = json.loads(store.read_bytes(MANIFEST_KEY))["objects"]
+    assert (
+        hashlib.sha256(first).hexdigest()
+        == recorded["sha256"]
+        == manifest[object_key(DAY)]["sha256"]
+    )
+    assert recorded["dagster/row_count"] == len(CASES) + 1 == len(_read(store, object_key(DAY)))
+    assert store.read_bytes(object_key(NEXT)) == second_before
+    assert _recorded(instance, NEXT) == second_recorded
+    assert hashlib.sha256(second_before).hexdigest() == manifest[object_key(NEXT)]["sha256"]
+
+    resources = {"clickhouse": clickhouse, "object_store": s3_store_for(moto_endpoint, s3_bucket)}
+    one = _check_alone(instance, resources, {"dagster/partition": DAY})
+    assert one.passed, one.metadata
+    assert one.metadata["days_checked"].value == 1
+    both = _check_alone(instance, resources, RANGE)
+    assert both.passed and both.metadata["days_checked"].value == 2
+
+
+def s3_store_for(endpoint: str, bucket: str):
+    from ooni_pipeline.object_store import ObjectStoreResource
+
+    return ObjectStoreResource(bucket=bucket, endpoint_url=endpoint, region_name="us-east-1")
+
+
+def test_a_check_run_on_its_own_fails_on_a_replaced_object(
+    clickhouse, local_store_resource, day_rows
+) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    assert _materialize(clickhouse, local_store_resource, DAY, instance).success
+    store = local_store_resource.get_store()
+    store.put_bytes(object_key(DAY), gzip.compress(b"not the export\n"))
+    resources = {"clickhouse": clickhouse, "object_store": local_store_resource}
+    evaluation = _check_alone(instance, resources, {"dagster/partition": DAY})
+    assert not evaluation.passed
+    assert "is not the object its export wrote" in evaluation.metadata["problems"].value

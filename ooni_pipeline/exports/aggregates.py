@@ -129,7 +129,7 @@ class AggregateExportConfig(dg.Config):
     # re-materializes the month through the automation condition.
     deps=[dg.AssetDep(FASTPATH_KEY, partition_mapping=dg.TimeWindowPartitionMapping())],
     automation_condition=REEXPORT_WHEN_SOURCE_CHANGED,
-    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1),
+    backfill_policy=dg.BackfillPolicy.single_run(),
 )
 def website_metrics_monthly(
     context: dg.AssetExecutionContext,
@@ -151,20 +151,18 @@ def website_metrics_monthly(
         if not config.force:
             raise_refusals(refusals_to_shrink(context, store, MONTHLY_KEY, versions, monthly_key))
 
-        def produce(month: str) -> list[Written]:
+        def produce(month: str, written: list[Written]) -> None:
             # The month's deduplication, once for both files.
             with staged(ch, MONTHLY_SQL, month_window(month)) as table:
                 sql = ordered(table, MONTHLY_COLUMNS, MONTHLY_ORDER)
                 rows = int(ch.scalar(f"SELECT count() FROM {table}"))
                 body = ch.stream(sql, fmt="CSV")
                 key, level = monthly_key(month), config.gzip_level
-                return [
-                    write_csv(store, key, MONTHLY_COLUMNS, body, level, rows=rows),
-                    write_parquet(ch, store, monthly_parquet_key(month), sql, {}),
-                ]
+                written.append(write_csv(store, key, MONTHLY_COLUMNS, body, level, rows=rows))
+                written.append(write_parquet(ch, store, monthly_parquet_key(month), sql, {}, rows))
 
         publish_partitions(context, ch, store, MONTHLY_KEY, versions, produce)
     return dg.MaterializeResult(metadata={"partitions_in_run": len(months)})
 
 
-website_metrics_monthly_check = build_objects_check(MONTHLY_KEY)
+website_metrics_monthly_check = build_objects_check(MONTHLY_KEY, MONTHS)

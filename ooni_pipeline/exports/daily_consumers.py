@@ -24,7 +24,7 @@ from ooni_pipeline.exports.parquet import WEBSITE_METRICS_PARQUET_KEY
 from ooni_pipeline.exports.publish import (
     Written,
     build_objects_check,
-    record_partitions,
+    publishing_partition,
     refusals_to_shrink,
     write_csv,
     write_parquet,
@@ -77,16 +77,14 @@ def _main_keys(consumers: dict[str, tuple[str, ...]]) -> dict[dg.AssetKey, Calla
 
 
 def _daily_aggregate(
-    ch: ClickHouse, store: ObjectStore, stage: str, day: str, level: int
-) -> list[Written]:
+    ch: ClickHouse, store: ObjectStore, stage: str, day: str, level: int, written: list[Written]
+) -> None:
     with staged(ch, aggregates.daily_sql(stage), {}) as table:
         sql = ordered(table, DAILY_COLUMNS, DAILY_ORDER)
         rows = int(ch.scalar(f"SELECT count() FROM {table}"))
         key = aggregates.daily_key(day)
-        return [
-            write_csv(store, key, DAILY_COLUMNS, ch.stream(sql), level, rows=rows),
-            write_parquet(ch, store, aggregates.daily_parquet_key(day), sql, {}),
-        ]
+        written.append(write_csv(store, key, DAILY_COLUMNS, ch.stream(sql), level, rows=rows))
+        written.append(write_parquet(ch, store, aggregates.daily_parquet_key(day), sql, {}, rows))
 
 
 def _watchlists(
@@ -97,22 +95,32 @@ def _watchlists(
     level: int,
     lists: dict[str, tuple[str, ...]],
     consumers: list[str],
-) -> dict[str, Written]:
-    """Every selected consumer's object of the day, from one query on the stage; a
-    consumer without rows gets a header-only object."""
-    written: dict[str, Written] = {}
-    body = ch.stream(
-        watchlists.watchlist_sql(stage), watchlists.pair_params(lists, consumers), fmt="CSV"
-    )
-    for index, records in watchlists.by_consumer(body):
-        consumer = consumers[index]
-        key = watchlists.object_key(consumer, day)
-        written[consumer] = write_csv(store, key, CSV_COLUMNS, records, level)
-    for consumer in consumers:
-        if consumer not in written:
+    written: dict[dg.AssetKey, list[Written]],
+) -> None:
+    """Every selected consumer's object of the day, from one query on the stage
+    (staged, so each consumer's rows are counted apart from its stream); a consumer
+    without rows gets a header-only object."""
+    params = watchlists.pair_params(lists, consumers)
+    with staged(ch, watchlists.watchlist_sql(stage), params) as matched:
+        counts = {
+            int(index): int(n)
+            for index, n in ch.query_rows(
+                f"SELECT consumer, count() FROM {matched} GROUP BY consumer"
+            )
+        }
+        body = ch.stream(f"SELECT * FROM {matched} ORDER BY {watchlists.ROW_ORDER}", fmt="CSV")
+        done: set[str] = set()
+        for index, records in watchlists.by_consumer(body):
+            consumer = consumers[index]
             key = watchlists.object_key(consumer, day)
-            written[consumer] = write_csv(store, key, CSV_COLUMNS, [], level)
-    return written
+            one = write_csv(store, key, CSV_COLUMNS, records, level, counts.get(index, 0))
+            written[watchlists.asset_key(consumer)].append(one)
+            done.add(consumer)
+        for index, consumer in enumerate(consumers):
+            if consumer not in done:
+                key = watchlists.object_key(consumer, day)
+                one = write_csv(store, key, CSV_COLUMNS, [], level, counts.get(index, 0))
+                written[watchlists.asset_key(consumer)].append(one)
 
 
 def build_daily_consumer_exports(
@@ -156,8 +164,9 @@ def build_daily_consumer_exports(
         specs=specs,
         can_subset=True,
         pool=CLICKHOUSE_POOL,
-        # A backfill of years becomes runs of a month each; the pool serialises them.
-        backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=31),
+        # One run over a backfill's days (the UI, or --partition-range in a shell),
+        # each day recorded as it is published.
+        backfill_policy=dg.BackfillPolicy.single_run(),
     )
     def consumer_exports_daily(
         context: dg.AssetExecutionContext,
@@ -186,26 +195,26 @@ def build_daily_consumer_exports(
                 )
             for day in days:
                 version, level = versions[day], config.gzip_level
-                written: dict[dg.AssetKey, list[Written]] = {}
-                with staged(ch, PIVOT_SQL, day_window(day)) as stage:
+                with (
+                    publishing_partition(context, ch, store, day, version, selected) as written,
+                    staged(ch, PIVOT_SQL, day_window(day)) as stage,
+                ):
                     if DAILY_KEY in selected:
-                        written[DAILY_KEY] = _daily_aggregate(ch, store, stage, day, level)
+                        _daily_aggregate(ch, store, stage, day, level, written[DAILY_KEY])
                     if WEBSITE_METRICS_PARQUET_KEY in selected:
                         key, sql = parquet.parquet_key(day), parquet.parquet_sql(stage)
-                        written[WEBSITE_METRICS_PARQUET_KEY] = [
-                            write_parquet(ch, store, key, sql, {})
-                        ]
+                        rows = int(ch.scalar(f"SELECT count() FROM {stage}"))
+                        written[WEBSITE_METRICS_PARQUET_KEY].append(
+                            write_parquet(ch, store, key, sql, {}, rows)
+                        )
                     if consumers:
-                        objects = _watchlists(ch, store, stage, day, level, lists, consumers)
-                        for consumer, one in objects.items():
-                            written[watchlists.asset_key(consumer)] = [one]
-                record_partitions(context, ch, store, day, version, written)
+                        _watchlists(ch, store, stage, day, level, lists, consumers, written)
         for key in selected:
             yield dg.MaterializeResult(asset_key=key, metadata={"partitions_in_run": len(days)})
 
     checks = [
-        build_objects_check(DAILY_KEY),
-        build_objects_check(WEBSITE_METRICS_PARQUET_KEY),
-        *(build_objects_check(watchlists.asset_key(c)) for c in lists),
+        build_objects_check(DAILY_KEY, PARTITIONS),
+        build_objects_check(WEBSITE_METRICS_PARQUET_KEY, PARTITIONS),
+        *(build_objects_check(watchlists.asset_key(c), PARTITIONS) for c in lists),
     ]
     return consumer_exports_daily, checks

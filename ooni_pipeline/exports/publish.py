@@ -8,13 +8,20 @@ partition's metadata and in ``exports/manifest.json``.
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
 
 from ooni_pipeline.clickhouse import ClickHouse
-from ooni_pipeline.common import checked_partitions, last_metadata, shrink_refusal
+from ooni_pipeline.common import (
+    checked_partitions,
+    last_metadata,
+    publishing,
+    record_partition,
+    shrink_refusal,
+)
 from ooni_pipeline.exports.engine_file import engine_file, file_digest
 from ooni_pipeline.fastpath.versions import measurements
 from ooni_pipeline.object_store import ObjectStoreResource, UploadResult, stream_upload
@@ -91,40 +98,69 @@ def header_line(columns: Sequence[str]) -> bytes:
     return (",".join(columns) + "\n").encode()
 
 
+class IncompleteExportError(RuntimeError):
+    """An object's stream did not hold the rows the engine counted apart: not published."""
+
+
 def write_csv(
     store: ObjectStore,
     key: str,
     columns: Sequence[str],
     body: Iterable[bytes],
     gzip_level: int,
-    rows: int | None = None,
+    rows: int,
 ) -> Written:
     """A gzip CSV object: the header, then ``body`` (CSV records without header:
     chdb repeats a ``CSVWithNames`` header in every streamed chunk). An empty
-    body gives a header-only object. Its records are counted on the way unless
-    ``rows`` says how many the engine sends (the check counts them again)."""
+    body gives a header-only object.
+
+    ``rows`` is how many records the engine counted apart (a ``count()``): the
+    records streamed are counted on the way and must be as many before the object
+    replaces the previous one. A server before 25.11 ends a query failing mid-answer
+    with status 200 and its message as body text (ClickHouse#9579, #68800): such a
+    stream is short, or one line longer, and is never published."""
     records = CsvRecords()
 
     def chunks() -> Iterator[bytes]:
         yield header_line(columns)
-        yield from body if rows is not None else records.count(body)
+        yield from records.count(body)
 
-    upload = stream_upload(store, key, chunks(), "gzip", level=gzip_level)
-    return Written(key, "csv.gz", records.rows if rows is None else rows, upload)
+    def verify() -> None:
+        if records.rows != rows:
+            raise IncompleteExportError(
+                f"{key}: {records.rows} CSV records arrived, the engine counted {rows}; "
+                "not published, the previous object is kept"
+            )
+
+    upload = stream_upload(store, key, chunks(), "gzip", level=gzip_level, before_commit=verify)
+    return Written(key, "csv.gz", rows, upload)
 
 
 def write_parquet(
-    ch: ClickHouse, store: ObjectStore, key: str, sql: str, params: dict[str, Any]
+    ch: ClickHouse, store: ObjectStore, key: str, sql: str, params: dict[str, Any], rows: int
 ) -> Written:
-    """A Parquet object written by the engine (``engine_file``); its footer gives
-    the rows. An empty result is a file with the schema and no row group."""
-    import pyarrow.parquet as pq  # here: the code location loads without pyarrow
+    """A Parquet object written by the engine (``engine_file``); its footer must
+    give the ``rows`` counted apart before it replaces the previous object (a cut
+    server stream has no footer, or the wrong one). An empty result is a file with
+    the schema and no row group."""
+    import pyarrow as pa  # here: the code location loads without pyarrow
+    import pyarrow.parquet as pq
 
     start = time.monotonic()
     with engine_file(
         ch, store, key, sql, params, fmt="Parquet", settings=PARQUET_SETTINGS
     ) as staged:
-        rows = pq.read_metadata(staged.path).num_rows
+        try:
+            found = pq.read_metadata(staged.path).num_rows
+        except (pa.ArrowException, OSError) as exc:
+            raise IncompleteExportError(
+                f"{key}: not a whole Parquet file ({type(exc).__name__}); not published"
+            ) from None
+        if found != rows:
+            raise IncompleteExportError(
+                f"{key}: {found} rows in the Parquet file, the engine counted {rows}; "
+                "not published, the previous object is kept"
+            )
         digest, size = file_digest(staged.path)
     upload = UploadResult(
         key=key,
@@ -201,16 +237,26 @@ def record_partitions(
     partition: str,
     version: str,
     written: dict[dg.AssetKey, list[Written]],
+    partial: bool = False,
 ) -> None:
-    """Record each asset's objects of a partition in its metadata and in the
-    manifest (after each partition, so a run failing half-way still records what it
-    published)."""
+    """Record each asset's objects of a partition in Dagster (at once, see
+    ``common.record_partition``) and in the manifest.
+
+    ``partial``: the partition failed after publishing these objects; each asset's
+    record lists them with the entries recorded before for its objects not written
+    again (still the previous ones), so record, manifest and objects agree."""
     from ooni_pipeline.exports.manifest import manifest_entry, record_exports
 
     for asset_key, objects in written.items():
-        context.add_asset_metadata(
-            objects_metadata(objects, version), asset_key=asset_key, partition_key=partition
-        )
+        if not objects:
+            continue
+        metadata = objects_metadata(objects, version)
+        if partial:
+            keys = {w.key for w in objects}
+            before = last_metadata(context, asset_key, partition).get("objects") or []
+            kept = [e for e in before if e.get("key") not in keys]
+            metadata["objects"] = dg.MetadataValue.json([w.entry() for w in objects] + kept)
+        record_partition(context, asset_key, partition, metadata)
         context.log.info(
             f"{asset_key.to_user_string()} {partition}: "
             + ", ".join(f"{w.key} ({w.rows} rows, {w.upload.bytes} bytes)" for w in objects)
@@ -226,20 +272,48 @@ def record_partitions(
     )
 
 
+@contextmanager
+def publishing_partition(
+    context: dg.AssetExecutionContext,
+    ch: ClickHouse,
+    store: ObjectStore,
+    partition: str,
+    version: str,
+    asset_keys: Sequence[dg.AssetKey],
+) -> Iterator[dict[dg.AssetKey, list[Written]]]:
+    """The objects of ``asset_keys`` for one partition, published by this run alone
+    (``common.publishing``, one lock per asset, taken in order) and recorded when
+    the block ends: all of them, or, if it fails, those published before the
+    failure (then the error is raised)."""
+    written: dict[dg.AssetKey, list[Written]] = {key: [] for key in asset_keys}
+    with ExitStack() as locks:
+        for key in sorted(set(asset_keys), key=lambda k: k.to_user_string()):
+            locks.enter_context(publishing(context, ch, key, partition))
+        try:
+            yield written
+        except BaseException:
+            if any(written.values()):
+                record_partitions(context, ch, store, partition, version, written, partial=True)
+            raise
+        record_partitions(context, ch, store, partition, version, written)
+
+
 def publish_partitions(
     context: dg.AssetExecutionContext,
     ch: ClickHouse,
     store: ObjectStore,
     asset_key: dg.AssetKey,
     versions: dict[str, str],
-    produce: Callable[[str], list[Written]],
+    produce: Callable[[str, list[Written]], None],
 ) -> None:
-    """Write each partition's objects with ``produce(partition)`` and record them."""
+    """Write each partition's objects with ``produce(partition, written)`` (which
+    appends each object to ``written`` as it is published) and record them."""
     for partition, version in versions.items():
-        record_partitions(context, ch, store, partition, version, {asset_key: produce(partition)})
+        with publishing_partition(context, ch, store, partition, version, [asset_key]) as out:
+            produce(partition, out[asset_key])
 
 
-def build_objects_check(asset_key: dg.AssetKey):
+def build_objects_check(asset_key: dg.AssetKey, partitions_def: dg.PartitionsDefinition):
     """The check of an export asset: each materialized partition's objects are
     there, byte for byte as written (sha256 and size)."""
 
@@ -253,7 +327,7 @@ def build_objects_check(asset_key: dg.AssetKey):
         context: dg.AssetCheckExecutionContext, object_store: ObjectStoreResource
     ) -> dg.AssetCheckResult:
         store = object_store.get_store()
-        partitions = checked_partitions(context, asset_key)
+        partitions = checked_partitions(context, asset_key, partitions_def)
         problems: list[str] = []
         checked = 0
         for partition in partitions:

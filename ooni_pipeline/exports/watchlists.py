@@ -20,6 +20,8 @@ from ooni_pipeline.exports.website_metrics_sql import CSV_COLUMNS
 
 WATCHLISTS_ENV = "OONI_WATCHLISTS"
 KEY_PREFIX = "watchlists"
+# Each consumer's rows together, in the website_metrics CSV's order.
+ROW_ORDER = "consumer, measurement_start_time, explorer_url"
 
 
 def watchlist_sql(table: str) -> str:
@@ -47,7 +49,7 @@ INNER JOIN (
     FROM (SELECT arrayJoin(arrayZip(splitByChar(',', {{consumers:String}}),
                                     splitByChar(',', {{domains:String}}))) AS pair)
 ) AS w ON r.suffix = w.watched
-ORDER BY consumer, measurement_start_time, explorer_url
+ORDER BY {ROW_ORDER}
 LIMIT 1 BY consumer, explorer_url
 """
 

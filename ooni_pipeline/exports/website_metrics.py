@@ -16,7 +16,9 @@ from ooni_pipeline.common import (
     OWNER,
     checked_partitions,
     last_metadata,
+    publishing,
     raise_refusals,
+    record_partition,
     shrink_refusal,
 )
 from ooni_pipeline.exports.engine_file import engine_file, file_digest
@@ -293,9 +295,11 @@ def refusals_to_shrink(
     partitions_def=PARTITIONS,
     deps=[FASTPATH_KEY],
     automation_condition=REEXPORT_WHEN_SOURCE_CHANGED,
-    # A backfill of years becomes runs of a month each, not thousands of runs;
-    # the pool keeps them from running side by side against ClickHouse.
-    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=31),
+    # A backfill (from the UI, or `dagster asset materialize --partition-range` in a
+    # shell, which needs this policy) is one run over its days; each day is recorded
+    # as it is published, so a failure part-way loses none, and the pool keeps runs
+    # from going side by side against ClickHouse.
+    backfill_policy=dg.BackfillPolicy.single_run(),
 )
 def website_metrics(
     context: dg.AssetExecutionContext,
@@ -321,18 +325,24 @@ def website_metrics(
         if not config.force:
             raise_refusals(refusals_to_shrink(context, store, days, versions))
         for number, day in enumerate(days, start=1):
-            export = export_day(ch, store, day, config.gzip_level, versions[day])
-            exports.append(export)
-            context.add_asset_metadata(_day_metadata(export), partition_key=day)
-            entry = upload_entry(
-                export.upload,
-                export.totals["rows"],
-                "csv.gz",
-                WEBSITE_METRICS_KEY,
-                day,
-                export.source_version,
-            )
-            record_exports(context, ch, store, {WEBSITE_METRICS_KEY: {export.upload.key: entry}})
+            # The day's object, Dagster's record of it and its manifest entry, by one
+            # run at a time and recorded the moment it is published (a later day
+            # failing leaves every published day recorded).
+            with publishing(context, ch, WEBSITE_METRICS_KEY, day):
+                export = export_day(ch, store, day, config.gzip_level, versions[day])
+                exports.append(export)
+                record_partition(context, WEBSITE_METRICS_KEY, day, _day_metadata(export))
+                entry = upload_entry(
+                    export.upload,
+                    export.totals["rows"],
+                    "csv.gz",
+                    WEBSITE_METRICS_KEY,
+                    day,
+                    export.source_version,
+                )
+                record_exports(
+                    context, ch, store, {WEBSITE_METRICS_KEY: {export.upload.key: entry}}
+                )
             context.log.info(
                 f"[{number}/{len(days)}] {day}: {export.totals['rows']} rows, "
                 f"{export.upload.bytes / 1e6:.1f} MB gzip in {export.duration_s:.1f} s -> {export.upload.address}"
@@ -388,7 +398,7 @@ def website_metrics_object_check(
     object_store: ObjectStoreResource,
 ) -> dg.AssetCheckResult:
     store = object_store.get_store()
-    days = checked_partitions(context, WEBSITE_METRICS_KEY)
+    days = checked_partitions(context, WEBSITE_METRICS_KEY, PARTITIONS)
     problems: list[str] = []
     recorded = {day: last_metadata(context, WEBSITE_METRICS_KEY, day) for day in days}
     for day in days:
