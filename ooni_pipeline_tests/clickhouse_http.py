@@ -21,7 +21,9 @@ the engine itself (``file()`` into a FIFO, streamed whatever the format, as the
 server compresses in the engine); errors as the server
 sends them (status by exception code, ``X-ClickHouse-Exception-Code``, ``Code: N.
 DB::Exception: ...`` body), and after the headers as a tagged block followed by a
-broken chunked stream; named sessions (``session_id``) with their own settings,
+broken chunked stream (or, in ``old_server()`` mode, as servers before 25.11: no
+tag, the exception's text as data and a complete stream); faults injected into a
+chosen result after some bytes (``failing_results``); named sessions (``session_id``) with their own settings,
 locked while a request runs in them (``SESSION_IS_LOCKED``, 373); users with
 passwords by Basic auth, ``X-ClickHouse-User``/``Key`` or URL parameters (516 when
 wrong).
@@ -46,6 +48,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -145,6 +148,11 @@ class ClickHouseHTTP:
         self._busy = threading.Condition()
         self._requests = 0  # being served: each holds an engine connection
         self._fifos = tempfile.mkdtemp(prefix="chdb-http-")  # engine-compressed results
+        # False: a server before 25.11, which sends no exception tag and ends a result
+        # failing after its headers with the exception's text as data, status 200
+        # and a complete stream (ClickHouse#9579, #68800); see ``old_server()``.
+        self.exception_tag = True
+        self._result_faults: list[tuple[bytes, int]] = []
         conn = chdb.connect(self.path)
         try:
             version, self.timezone, self.http_compression = (
@@ -233,6 +241,49 @@ class ClickHouseHTTP:
                     session.conn.close()
                     del self._sessions[key]
 
+    @contextmanager
+    def old_server(self) -> Iterator[None]:
+        """Answer as a server before 25.11 for the block (see ``exception_tag``)."""
+        self.exception_tag = False
+        try:
+            yield
+        finally:
+            self.exception_tag = True
+
+    @contextmanager
+    def failing_results(self, pattern: str, after_bytes: int) -> Iterator[None]:
+        """For the block, a result whose query contains ``pattern`` fails in the engine
+        (MEMORY_LIMIT_EXCEEDED, as a server's memory limit strikes mid-query) once
+        ``after_bytes`` of it are out, at a block boundary, or at its end if shorter:
+        the fault a real failure brings, at the engine's side of the wire."""
+        fault = (pattern.encode(), after_bytes)
+        self._result_faults.append(fault)
+        try:
+            yield
+        finally:
+            self._result_faults.remove(fault)
+
+    def _with_faults(self, sql: bytes, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        for pattern, after in list(self._result_faults):
+            if pattern in sql:
+                return self._failing_after(chunks, after)
+        return chunks
+
+    def _failing_after(self, chunks: Iterator[bytes], after: int) -> Iterator[bytes]:
+        sent = 0
+        try:
+            for data in chunks:
+                if sent >= after:
+                    break
+                sent += len(data)
+                yield data
+            raise self.error(
+                "MEMORY_LIMIT_EXCEEDED",
+                "Memory limit (for query) exceeded: injected by the test endpoint",
+            )
+        finally:
+            _close(chunks)
+
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
@@ -278,8 +329,9 @@ class ClickHouseHTTP:
             "X-ClickHouse-Server-Display-Name": "chdb-http",
             "X-ClickHouse-Query-Id": query_id,
             "X-ClickHouse-Timezone": params.get("session_timezone") or self.timezone,
-            "X-ClickHouse-Exception-Tag": tag,
         }
+        if self.exception_tag:
+            base["X-ClickHouse-Exception-Tag"] = tag
         session: _Session | None = None
         try:
             if url.path.rstrip("/") == "/ping":
@@ -532,6 +584,7 @@ class ClickHouseHTTP:
                     out.precompressed = True
                 else:
                     chunks = self._result(conn, head, fmt, bound)
+                chunks = self._with_faults(head, chunks)
             else:
                 data = self._run(conn, head, fmt, bound).bytes()
                 chunks = iter([data] if data else [])
@@ -669,13 +722,16 @@ class ClickHouseHTTP:
                 for data in rest:
                     out.write(data)
             except ServerError as exc:
-                # After the headers: the server's tagged exception block, then a cut stream.
                 text, mark = exc.text.encode(), tag.encode()
-                out.write_apart(
-                    b"__exception__\r\n%s\r\n%s\n%d %s\r\n__exception__\r\n"
-                    % (mark, text, len(text) + 1, mark)
-                )
-                complete = False
+                if self.exception_tag:
+                    # After the headers: the server's tagged exception block, then a cut stream.
+                    out.write_apart(
+                        b"__exception__\r\n%s\r\n%s\n%d %s\r\n__exception__\r\n"
+                        % (mark, text, len(text) + 1, mark)
+                    )
+                    complete = False
+                else:  # before 25.11: the text as data, and the stream ends as if whole
+                    out.write_apart(text + b"\n")
             _close(chunks)
             finish()
             out.end(complete=complete)

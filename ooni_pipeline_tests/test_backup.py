@@ -738,3 +738,26 @@ def test_parts_holding_rows_newer_than_the_snapshot_are_never_taken_for_unchange
     assert meta["objects_skipped"] == 2 and meta["objects_skipped_by_parts"] == 1
     meta = run(FAST)  # no lag: the late row is in, January goes up again
     assert meta["written_keys"] == [january] and meta["dagster/row_count"] == 101
+
+
+@pytest.mark.clickhouse_backends("server")
+def test_an_old_servers_stream_failing_midway_never_replaces_a_backup(
+    clickhouse, clickhouse_server, ch, s3_store_resource
+) -> None:
+    """A server before 25.11 ends a failing result with status 200 and its message
+    as data: the export's line count (against the fingerprint) fails the attempt
+    before its upload completes, and the last good backup stays."""
+    _fill_fastpath(ch, {"2024-01": 100_000})
+    assert _run(clickhouse, s3_store_resource, [fastpath_backup]).success
+    store = s3_store_resource.get_store()
+    key = "clickhouse_export/csv/fastpath_202401.csv.zstd"
+    good, recorded = store.read_bytes(key), load_manifest(store, "fastpath")
+    _fill_fastpath(ch, {"2024-01": 100_001})
+    with (
+        clickhouse_server.old_server(),
+        clickhouse_server.failing_results("SETTINGS max_threads = 2", 2 << 20),
+    ):
+        result = _run(clickhouse, s3_store_resource, [fastpath_backup])
+    assert not result.success
+    assert "rows were lost on the way" in failure_text(result)
+    assert store.read_bytes(key) == good and load_manifest(store, "fastpath") == recorded

@@ -287,6 +287,34 @@ def test_a_failure_after_the_first_rows_reaches_the_consumer_with_the_servers_wo
     assert not any(b"__exception__" in chunk for chunk in chunks)
 
 
+@pytest.mark.clickhouse_backends("server")
+def test_an_old_server_ends_a_failing_result_as_if_it_were_whole(
+    ch: ClickHouse, clickhouse_server: ClickHouseHTTP
+) -> None:
+    """The rig answers as a server before 25.11 when asked: no exception tag, the
+    failure's text after the rows as data, status 200 and a complete stream, so the
+    client cannot tell; only a count made apart can (what every export checks)."""
+    sql = "SELECT number FROM numbers(3000000) ORDER BY number"
+    # past the first buffer_size (1 MiB), which the server holds to answer an early
+    # failure with its status
+    with (
+        clickhouse_server.old_server(),
+        clickhouse_server.failing_results("ORDER BY number", 4 << 20),
+    ):
+        body = b"".join(ch.stream(sql, prefetch=0))
+    served = clickhouse_server.log[-1]
+    assert served.status == 200 and not served.broken
+    lines = body.decode().splitlines()
+    assert lines[-1].startswith("Code: 241. DB::Exception: Memory limit")
+    assert "MEMORY_LIMIT_EXCEEDED" in lines[-1]
+    assert lines[:-1] == [str(n) for n in range(len(lines) - 1)]
+    assert 4 << 20 <= len(body) < len("\n".join(str(n) for n in range(3000000)))
+    with clickhouse_server.failing_results("ORDER BY number", 4 << 20):  # today's server
+        with pytest.raises(ClickHouseError, match="MEMORY_LIMIT_EXCEEDED"):
+            b"".join(ch.stream(sql, prefetch=0))
+    assert ch.scalar("SELECT 1") == 1
+
+
 def _rss() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

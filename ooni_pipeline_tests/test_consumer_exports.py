@@ -652,3 +652,77 @@ def test_the_stage_table_never_outlives_its_step(
     assert not failed.success
     assert "NoSuchBucket" in failure_text(failed)
     assert stages() == []
+
+
+def _fill_day(ch, day: str, rows: int, salt: str) -> None:
+    """``rows`` measurements of ``day``, each its own input: megabytes of exports."""
+    ch.command(
+        """
+        INSERT INTO fastpath (measurement_uid, report_id, input, domain, probe_cc, probe_asn,
+            test_name, measurement_start_time, anomaly, confirmed, msm_failure, blocking_type, scores)
+        SELECT concat({salt:String}, toString(number)), 'r',
+            concat('https://w', toString(number % 50), '.bbc.com/', hex(cityHash64(number, {salt:String}))),
+            concat('w', toString(number % 50), '.bbc.com'), 'IT', 3269 + number % 7, 'web_connectivity',
+            toDateTime({day:String}, 'UTC') + toIntervalSecond(number % 86400),
+            if(number % 3 = 0, 't', 'f'), 'f', 'f', if(number % 3 = 0, 'dns', ''), '{}'
+        FROM numbers({rows:UInt64})
+        """,
+        {"day": f"{day} 00:00:00", "rows": rows, "salt": salt},
+    )
+
+
+# The query of each object a server streams, as its ORDER BY names it, and its asset.
+SERVER_STREAMS = {
+    "daily aggregate (CSV and Parquet)": ("ORDER BY probe_cc, probe_asn, domain, input", DAILY),
+    "website_metrics_parquet": ("ORDER BY measurement_start_time, explorer_url", PARQUET),
+    "watchlist": (f"ORDER BY {watchlists.ROW_ORDER}", watchlists.asset_key("bbc")),
+    "website_metrics": ("ORDER BY start_time, explorer_url", website_metrics.key),
+}
+
+
+@pytest.mark.clickhouse_backends("server")
+def test_an_old_servers_stream_failing_midway_is_never_published(
+    clickhouse, clickhouse_server, ch, local_store_resource
+) -> None:
+    """A server before 25.11 ends a result failing mid-way with status 200 and its
+    message as data (ClickHouse#9579): every object streamed from it is checked
+    against a count made apart before it replaces the published one, so each
+    export fails and every object, its record and the manifest stay as they were."""
+    ensure = ch.command
+    ensure("TRUNCATE TABLE IF EXISTS fastpath")
+    from ooni_pipeline.clickhouse.schema import ensure_tables
+
+    ensure_tables(ch, "fastpath")
+    _fill_day(ch, DAY, 60_000, "a")
+    lists = {"bbc": ("bbc.com",)}
+    keys = [DAILY, PARQUET, watchlists.asset_key("bbc")]
+    instance = dg.DagsterInstance.ephemeral()
+    resources = {"clickhouse": clickhouse, "object_store": local_store_resource}
+    assert dg.materialize(
+        [website_metrics], resources=resources, partition_key=DAY, instance=instance
+    ).success
+    assert _run(keys, clickhouse, local_store_resource, DAY, instance, lists=lists).success
+    store = local_store_resource.get_store()
+    published = {k: store.read_bytes(k) for k in store.list_keys("exports/")}
+    assert len(published) == 10  # 5 objects, the manifest and its 4 parts
+    _fill_day(ch, DAY, 1_000, "b")  # the day changed: every object would change
+
+    for what, (pattern, key) in SERVER_STREAMS.items():
+        with clickhouse_server.old_server(), clickhouse_server.failing_results(pattern, 2 << 20):
+            if key == website_metrics.key:
+                result = dg.materialize(
+                    [website_metrics], resources=resources, partition_key=DAY,
+                    instance=instance, raise_on_error=False,
+                )  # fmt: skip
+            else:
+                result = _run([key], clickhouse, local_store_resource, DAY, instance, lists=lists)
+        assert not result.success, what
+        assert (
+            "not published" in failure_text(result)
+            or "is not the object" in failure_text(result)
+            or "not a CSV" in failure_text(result)
+        ), (what, failure_text(result))
+        assert {k: store.read_bytes(k) for k in store.list_keys("exports/")} == published, what
+    # The same server, healthy again: everything is written.
+    assert _run(keys, clickhouse, local_store_resource, DAY, instance, lists=lists).success
+    assert store.read_bytes(aggregates.daily_key(DAY)) != published[aggregates.daily_key(DAY)]

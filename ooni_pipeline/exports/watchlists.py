@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import dagster as dg
 
 from ooni_pipeline import settings
-from ooni_pipeline.exports.publish import CsvRecords
+from ooni_pipeline.exports.publish import CsvRecords, IncompleteExportError
 from ooni_pipeline.exports.watchlist_file import load_watchlists
 from ooni_pipeline.exports.website_metrics_sql import CSV_COLUMNS
 
@@ -63,11 +63,23 @@ def object_key(consumer: str, day: str) -> str:
 
 
 def by_consumer(chunks: Iterator[bytes]) -> Iterator[tuple[int, Iterator[bytes]]]:
-    """(consumer index, its CSV records without the index column), in order."""
-    records = CsvRecords.split(chunks)
-    split = ((int(r[: r.index(b",")]), r[r.index(b",") + 1 :]) for r in records)
-    for index, group in itertools.groupby(split, key=lambda pair: pair[0]):
+    """(consumer index, its CSV records without the index column), in order. A
+    record without an index (an old server's error text, see ``publish.write_csv``)
+    fails the consumer's object before it is published."""
+    for index, group in itertools.groupby(
+        map(_split_index, CsvRecords.split(chunks)), key=lambda pair: pair[0]
+    ):
         yield index, (record for _, record in group)
+
+
+def _split_index(record: bytes) -> tuple[int, bytes]:
+    index, comma, rest = record.partition(b",")
+    if not comma or not index.isdigit():
+        raise IncompleteExportError(
+            "a record of the watchlist stream has no consumer index (the server's error "
+            "text?): not published, the previous objects are kept"
+        )
+    return int(index), rest
 
 
 def pair_params(watchlists: dict[str, tuple[str, ...]], consumers: list[str]) -> dict[str, str]:
