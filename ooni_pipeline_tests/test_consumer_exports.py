@@ -496,9 +496,43 @@ def test_manifest_lists_every_object_with_its_source_version(
     assert manifest["objects"][parquet.parquet_key(AGG_DAY)]["asset"] == "website_metrics_parquet"
 
 
-def test_concurrent_writers_lose_no_manifest_entry(clickhouse, s3_store_resource, agg_rows) -> None:
-    """Two exports finishing together (separate Dagster instances, as two hosts):
-    both objects end up in exports/manifest.json."""
+@pytest.mark.clickhouse_backends("server")
+def test_concurrent_writers_lose_no_manifest_entry(
+    clickhouse, s3_store_resource, agg_rows, monkeypatch
+) -> None:
+    """Two exports finishing together (separate Dagster instances, as two hosts, one
+    server): the first to record reads the parts before the second has written its
+    own, and would write exports/manifest.json last, losing the second's entries,
+    but for the lock on the manifest (``exports_manifest``): both objects end up in it.
+
+    The interleaving is forced: the second writer waits until the first has read the
+    parts, the first until the second has written the manifest (each wait gives up
+    after a few seconds, which is what happens under the lock)."""
+    import ooni_pipeline.exports.manifest as manifest
+
+    first: list[int] = []
+    first_read, second_wrote = threading.Event(), threading.Event()
+    write, load = manifest.write_manifest, manifest.load_exports_manifest
+
+    def choreographed_write(store, key, objects, **fields):
+        if not first:
+            first.append(threading.get_ident())
+        me_first = first[0] == threading.get_ident()
+        if key != MANIFEST_KEY and not me_first:
+            first_read.wait(5)  # its part only once the first has read the parts
+        write(store, key, objects, **fields)
+        if key == MANIFEST_KEY and not me_first:
+            second_wrote.set()
+
+    def choreographed_load(store):
+        objects = load(store)
+        if first and first[0] == threading.get_ident():
+            first_read.set()
+            second_wrote.wait(5)  # then write the manifest last
+        return objects
+
+    monkeypatch.setattr(manifest, "write_manifest", choreographed_write)
+    monkeypatch.setattr(manifest, "load_exports_manifest", choreographed_load)
     results = {}
 
     def run(key) -> None:

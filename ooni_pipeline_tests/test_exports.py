@@ -7,6 +7,7 @@ import csv
 import gzip
 import io
 import threading
+import time
 from datetime import datetime
 
 import dagster as dg
@@ -574,3 +575,57 @@ def test_a_check_run_on_its_own_fails_on_a_replaced_object(
     evaluation = _check_alone(instance, resources, {"dagster/partition": DAY})
     assert not evaluation.passed
     assert "is not the object its export wrote" in evaluation.metadata["problems"].value
+
+
+@pytest.mark.clickhouse_backends("server")
+def test_two_runs_of_one_day_leave_a_manifest_describing_the_object(
+    clickhouse, ch, local_store_resource, day_rows, monkeypatch
+) -> None:
+    """Two runs of the same day at once (a backfill beside the automation, two
+    hosts: two Dagster instances, one server). Both would publish before either
+    records: a barrier before the manifest write lets the run whose object was
+    replaced write last. The publishing lock keeps them in turn, so the manifest
+    and each run's record describe the object under the key."""
+    import hashlib
+    import json
+
+    import ooni_pipeline.exports.website_metrics as module
+    from ooni_pipeline.exports.manifest import MANIFEST_KEY
+
+    store = local_store_resource.get_store()
+    barrier = threading.Barrier(2, timeout=5)
+    record = module.record_exports
+
+    def meeting_first(context, ch, store, entries):
+        ((entry,),) = (objects.values() for objects in entries.values())
+        with contextlib.suppress(threading.BrokenBarrierError):
+            barrier.wait()  # both objects published, neither recorded (without the lock)
+            live = hashlib.sha256(store.read_bytes(object_key(DAY))).hexdigest()
+            if live != entry["sha256"]:
+                time.sleep(1)  # the replaced one records last
+        record(context, ch, store, entries)
+
+    monkeypatch.setattr(module, "record_exports", meeting_first)
+    instances = [dg.DagsterInstance.ephemeral() for _ in range(2)]
+    results = {}
+
+    def run(level: int) -> None:
+        results[level] = _materialize(
+            clickhouse,
+            local_store_resource,
+            DAY,
+            instances[level - 1],
+            config={"gzip_level": level},
+        )
+
+    threads = [threading.Thread(target=run, args=(level,)) for level in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(r.success for r in results.values())
+    live = hashlib.sha256(store.read_bytes(object_key(DAY))).hexdigest()
+    manifest = json.loads(store.read_bytes(MANIFEST_KEY))["objects"]
+    assert manifest[object_key(DAY)]["sha256"] == live
+    # the run that published last has the object it recorded
+    assert live in {_recorded(instance, DAY)["sha256"] for instance in instances}
