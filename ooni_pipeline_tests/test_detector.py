@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ooni_pipeline.clickhouse import ClickHouse
+from ooni_pipeline.clickhouse import ClickHouse, ClickHouseError
 from ooni_pipeline.clickhouse.schema import ensure_tables
 from ooni_pipeline.detector.assets import blocking_detector
 from ooni_pipeline.detector.cusum import BLOCKED, OK, UNKNOWN, CusumParams, SeriesState, step
@@ -487,3 +487,47 @@ def test_a_failed_redetection_leaves_the_status_table_as_it_was(
     assert [row[0] for row in after] == [row[0] for row in before]  # one row per hour
     assert all(new[-1] > old[-1] for new, old in zip(after[16:], before[16:], strict=True))
     assert summary(ch)[0][5] == 721
+
+
+def test_a_swap_failing_on_its_second_day_leaves_a_prefix_the_next_pass_completes(
+    ch, clickhouse, local_store_resource, watchlist, webhook, monkeypatch
+) -> None:
+    """The late upload of the test above re-detects hours 716..760 (three days). The
+    engine refusing the swap of the second day (a Keeper timeout on a replicated
+    table does that to one statement) leaves a prefix: the hours before the range as
+    they were, the first day's new hours, nothing after; never new hours beside old
+    ones. The next pass computes the rest, and the result is the uninterrupted one."""
+    insert_timeline(
+        ch, "IR", 7, "x.com", hours(700, 723, OK_LEVEL) | hours(724, 760, BLOCKED_LEVEL)
+    )
+    insert_timeline(ch, "IR", 8, "filler.example", hours(700, 760, 0))
+    instance = dg.DagsterInstance.ephemeral()
+    assert detect(clickhouse, local_store_resource, 700, 760, instance).success
+    before = _status_rows(ch)
+    insert_timeline(ch, "IR", 7, "x.com", hours(716, 723, BLOCKED_LEVEL))
+
+    command = ClickHouse.command
+    swaps: list[str] = []
+
+    def refusing_the_second_swap(self, sql, *args, **kwargs):
+        if "REPLACE PARTITION" in sql:
+            swaps.append(sql)
+            if len(swaps) == 2:
+                raise ClickHouseError("Code: 999. DB::Exception: Keeper timeout (injected)")
+        return command(self, sql, *args, **kwargs)
+
+    monkeypatch.setattr(ClickHouse, "command", refusing_the_second_swap)
+    failed = detect(clickhouse, local_store_resource, 716, 723, instance)
+    monkeypatch.undo()
+    assert not failed.success and "Keeper timeout (injected)" in failure_text(failed)
+    prefix = _status_rows(ch)
+    first_day_end = 719  # hour 720 is 2024-03-31 00:00
+    assert at(first_day_end + 1).hour == 0
+    assert [row[0] for row in prefix] == [at(h) for h in range(700, first_day_end + 1)]
+    assert prefix[:16] == before[:16]  # before the range: the very same rows
+    assert all(new[-1] > old[-1] for new, old in zip(prefix[16:], before[16:20], strict=True))
+
+    assert detect(clickhouse, local_store_resource, 761, 761, instance).success  # the next hour
+    after = _status_rows(ch)
+    assert [row[0] for row in after] == [at(h) for h in range(700, 762)]
+    assert summary(ch)[0][5] == 721  # as the uninterrupted re-detection (test above)

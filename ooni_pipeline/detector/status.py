@@ -18,10 +18,12 @@ handled the same way:
 
 A pass writes into a staging table and nothing reaches ``blocking_status`` until
 every hour is computed: the partitions (days) the pass touched are then completed in staging
-(their live rows outside the range copied over) and replace the live ones in one
-``ALTER TABLE … REPLACE PARTITION`` statement, a metadata-only swap of parts. A pass
-that fails leaves the live table as it was, never a mix of new and old hours; and a
-series that left the watchlist leaves no stale rows behind in the re-detected hours.
+(their live rows outside the range copied over) and replace the live ones by
+``ALTER TABLE … REPLACE PARTITION``, a metadata-only swap of parts, atomic for one
+day. A pass that fails while computing leaves the live table as it was; one that
+fails while swapping days in leaves a prefix (``replace_partitions``), never new
+hours after old ones; and a series that left the watchlist leaves no stale rows
+behind in the re-detected hours.
 """
 
 from __future__ import annotations
@@ -259,24 +261,31 @@ def _partition_ids(ch: ClickHouse, query: str, params: dict[str, Any]) -> set[st
 
 
 def replace_partitions(ch: ClickHouse, start: int, end: int) -> None:
-    """Swap the staged hours [start, end] into ``blocking_status``, atomically.
+    """Swap the staged hours [start, end] into ``blocking_status``, one day at a time,
+    in an order whose every intermediate state is a prefix of a whole computation.
 
-    Every partition the range touches is completed in staging with its live rows
-    outside the range, then all of them are replaced in one ALTER (one with no row
-    left is dropped in the same statement). Staging is emptied afterwards. Daily
-    partitions keep the copy of an hourly pass to the rest of its day."""
+    Every partition (day) the range touches is completed in staging with its live
+    rows outside the range. ClickHouse swaps one partition atomically, never several
+    (an ALTER with several commands applies them one after another), so the days
+    after the first leave the live table first, latest first, and then each day is
+    swapped in, earliest first: a failure at any statement leaves the old hours up
+    to some day, or the new hours up to some day, and nothing after; the next pass
+    computes from the hour after the last one stored (``plan_hours``), as for any
+    hole. Staging is emptied afterwards. Daily partitions keep the copy of an hourly
+    pass to the rest of its day."""
     bounds = {"start": hour_text(start), "end": hour_text(end)}
-    touched = _partition_ids(ch, sql.TOUCHED_PARTITIONS_SQL, bounds)
-    ch.command(sql.KEEP_OUTSIDE_SQL, {**bounds, "partitions": sorted(touched)})
+    touched = sorted(_partition_ids(ch, sql.TOUCHED_PARTITIONS_SQL, bounds))
+    ch.command(sql.KEEP_OUTSIDE_SQL, {**bounds, "partitions": touched})
     staged = _partition_ids(ch, sql.STAGED_PARTITIONS_SQL, {})
-    commands = [
-        f"REPLACE PARTITION ID '{pid}' FROM {sql.STATUS_STAGING}"
-        if pid in staged
-        else f"DROP PARTITION ID '{pid}'"
-        for pid in sorted(touched)
-    ]
-    if commands:
-        ch.command(f"ALTER TABLE blocking_status {', '.join(commands)}")
+    for pid in reversed(touched[1:]):
+        ch.command(f"ALTER TABLE blocking_status DROP PARTITION ID '{pid}'")
+    for number, pid in enumerate(touched):
+        if pid in staged:
+            ch.command(
+                f"ALTER TABLE blocking_status REPLACE PARTITION ID '{pid}' FROM {sql.STATUS_STAGING}"
+            )
+        elif number == 0:
+            ch.command(f"ALTER TABLE blocking_status DROP PARTITION ID '{pid}'")
     ch.command(f"TRUNCATE TABLE {sql.STATUS_STAGING}")
 
 
