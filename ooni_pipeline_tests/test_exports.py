@@ -6,6 +6,7 @@ import contextlib
 import csv
 import gzip
 import io
+import os
 import threading
 import time
 from datetime import datetime
@@ -629,3 +630,50 @@ def test_two_runs_of_one_day_leave_a_manifest_describing_the_object(
     assert manifest[object_key(DAY)]["sha256"] == live
     # the run that published last has the object it recorded
     assert live in {_recorded(instance, DAY)["sha256"] for instance in instances}
+
+
+@pytest.mark.clickhouse_backends("server")
+def test_a_range_of_days_from_a_shell(clickhouse_server, ch, day_rows, tmp_path) -> None:
+    """README's command for a range: ``dagster asset materialize --partition-range``
+    with the project's dagster.yaml, in a process of its own, against the server:
+    one run, one object per day, each day's record and its passed check."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ooni_pipeline_tests.conftest import SERVER_DATABASE, SERVER_PASSWORD, SERVER_USER
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(Path(__file__).parents[1] / "dagster.yaml", home / "dagster.yaml")
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "OONI_DATA_DIR": str(tmp_path / "ooni"),
+        "OONI_CLICKHOUSE_URL": clickhouse_server.url(SERVER_USER, SERVER_PASSWORD, SERVER_DATABASE),
+        "OONI_SCHEDULES_DEFAULT": "stopped",
+    }
+    for name in ("OONI_S3_BUCKET", "OONI_S3_ENDPOINT_URL", "OONI_WATCHLISTS"):
+        env.pop(name, None)
+    days = ("2024-03-09", DAY, NEXT)
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("dagster")), "asset", "materialize",
+            "-m", "ooni_pipeline.definitions", "--select", "website_metrics",
+            "--partition-range", f"{days[0]}...{days[-1]}",
+        ],
+        env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    objects = tmp_path / "ooni" / "objects"
+    assert sorted(p.name for p in (objects / "exports" / "website_metrics").iterdir()) == [
+        f"{d}.csv.gz" for d in days
+    ]
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert {_recorded(instance, d)["fastpath_data_version"] for d in days}
+        assert len(instance.get_runs()) == 1
+        record = instance.event_log_storage.get_asset_check_execution_history(
+            dg.AssetCheckKey(website_metrics.key, "website_metrics_object_check"), limit=1
+        )[0]
+        assert record.evaluation.passed and record.evaluation.metadata["days_checked"].value == 3
