@@ -531,3 +531,44 @@ def test_a_swap_failing_on_its_second_day_leaves_a_prefix_the_next_pass_complete
     after = _status_rows(ch)
     assert [row[0] for row in after] == [at(h) for h in range(700, 762)]
     assert summary(ch)[0][5] == 721  # as the uninterrupted re-detection (test above)
+
+
+def test_a_long_redetection_failing_mid_swap_is_computed_again_by_the_next_pass(
+    ch, clickhouse, local_store_resource, watchlist, webhook, monkeypatch
+) -> None:
+    """A late upload re-detects 16 days (716..1100), more than the detector looks back
+    for unprocessed hours (forget_after_hours, 240): the swap failing on its second
+    day leaves a prefix ending on the first day, and the range in
+    blocking_status_redo, so the next hourly pass computes every missing hour again
+    and clears it. (Found by review: without the record, 382 hours stayed missing.)"""
+    last = 1100
+    insert_timeline(ch, "IR", 7, "x.com", hours(700, last, OK_LEVEL))
+    instance = dg.DagsterInstance.ephemeral()
+    assert detect(clickhouse, local_store_resource, 700, last, instance).success
+
+    def stored() -> list[datetime]:
+        return [
+            r[0] for r in ch.query_rows("SELECT DISTINCT hour FROM blocking_status ORDER BY hour")
+        ]
+
+    assert stored() == [at(h) for h in range(700, last + 1)]
+    insert_timeline(ch, "IR", 7, "x.com", hours(716, 723, BLOCKED_LEVEL), tag="late")
+
+    command = ClickHouse.command
+    swaps: list[str] = []
+
+    def refusing_the_second_swap(self, sql, *args, **kwargs):
+        if "REPLACE PARTITION" in sql:
+            swaps.append(sql)
+            if len(swaps) == 2:
+                raise ClickHouseError("Code: 999. DB::Exception: Keeper timeout (injected)")
+        return command(self, sql, *args, **kwargs)
+
+    monkeypatch.setattr(ClickHouse, "command", refusing_the_second_swap)
+    assert not detect(clickhouse, local_store_resource, 716, 723, instance).success
+    monkeypatch.undo()
+    assert stored()[-1] == at(719)
+    assert ch.scalar("SELECT count() FROM blocking_status_redo") == 1
+    assert detect(clickhouse, local_store_resource, last + 1, last + 1, instance).success
+    assert stored() == [at(h) for h in range(700, last + 2)]
+    assert ch.scalar("SELECT count() FROM blocking_status_redo") == 0

@@ -140,11 +140,17 @@ _TABLES: dict[str, tuple[str, str]] = {
         BLOCKING_EVENTS_COLUMNS,
         "ENGINE = ReplacingMergeTree(version) ORDER BY event_id",
     ),
+    # The hours of a detector pass whose swap into blocking_status began and did not
+    # end (see detector.status.replace_partitions): the next pass computes them again.
+    "blocking_status_redo": (
+        "first_hour DateTime('UTC'), last_hour DateTime('UTC'), since DateTime64(3, 'UTC')",
+        "ENGINE = MergeTree ORDER BY first_hour",
+    ),
 }
 
 # The project's own derived tables: created by the asset that writes them, on a server
 # too (nothing else writes them, and they start empty by design).
-DERIVED_TABLES = frozenset({"blocking_status", "blocking_events"})
+DERIVED_TABLES = frozenset({"blocking_status", "blocking_events", "blocking_status_redo"})
 
 # staging table -> its live table
 STAGING_OF = {

@@ -107,6 +107,11 @@ WHERE hour > toDateTime({hour:String}, 'UTC')
 HAVING count() > 0
 """
 
+# The hours an interrupted swap left to compute again (none: NULLs).
+REDO_SQL = """
+SELECT min(first_hour), max(last_hour) FROM blocking_status_redo HAVING count() > 0
+"""
+
 # The staging table a pass writes into; its days replace the live ones at the end (REPLACE PARTITION).
 STATUS_STAGING = "blocking_status_tmp"
 

@@ -87,8 +87,14 @@ def _scalar_hour(ch: ClickHouse, query: str, params: dict[str, str]) -> int | No
 
 
 def plan_hours(ch: ClickHouse, first: int, last: int, params: CusumParams) -> tuple[int, int]:
-    """(first, last) hours to compute for a request of [first, last]: extended back
-    over unprocessed hours and forward over processed ones."""
+    """(first, last) hours to compute for a request of [first, last]: extended over
+    the hours of a swap that was interrupted (``replace_partitions``), then back over
+    unprocessed hours and forward over processed ones."""
+    ensure_tables(ch, "blocking_status_redo")
+    redo = ch.query_rows(sql.REDO_SQL)
+    if redo:
+        first = min(first, hour_number(redo[0][0]))
+        last = max(last, hour_number(redo[0][1]))
     before = _scalar_hour(
         ch,
         sql.LAST_HOUR_BEFORE_SQL,
@@ -269,14 +275,20 @@ def replace_partitions(ch: ClickHouse, start: int, end: int) -> None:
     (an ALTER with several commands applies them one after another), so the days
     after the first leave the live table first, latest first, and then each day is
     swapped in, earliest first: a failure at any statement leaves the old hours up
-    to some day, or the new hours up to some day, and nothing after; the next pass
-    computes from the hour after the last one stored (``plan_hours``), as for any
-    hole. Staging is emptied afterwards. Daily partitions keep the copy of an hourly
+    to some day, or the new hours up to some day, and nothing after. The range is
+    written to ``blocking_status_redo`` before the first statement and removed after
+    the last, so the next pass computes it again (``plan_hours``), however far back
+    it starts. Staging is emptied afterwards. Daily partitions keep the copy of an hourly
     pass to the rest of its day."""
     bounds = {"start": hour_text(start), "end": hour_text(end)}
     touched = sorted(_partition_ids(ch, sql.TOUCHED_PARTITIONS_SQL, bounds))
     ch.command(sql.KEEP_OUTSIDE_SQL, {**bounds, "partitions": touched})
     staged = _partition_ids(ch, sql.STAGED_PARTITIONS_SQL, {})
+    ch.command(
+        "INSERT INTO blocking_status_redo SELECT toDateTime({start:String}, 'UTC'), "
+        "toDateTime({end:String}, 'UTC'), now64(3)",
+        bounds,
+    )
     for pid in reversed(touched[1:]):
         ch.command(f"ALTER TABLE blocking_status DROP PARTITION ID '{pid}'")
     for number, pid in enumerate(touched):
@@ -286,6 +298,7 @@ def replace_partitions(ch: ClickHouse, start: int, end: int) -> None:
             )
         elif number == 0:
             ch.command(f"ALTER TABLE blocking_status DROP PARTITION ID '{pid}'")
+    ch.command("TRUNCATE TABLE blocking_status_redo")
     ch.command(f"TRUNCATE TABLE {sql.STATUS_STAGING}")
 
 

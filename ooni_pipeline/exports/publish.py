@@ -293,7 +293,13 @@ def publishing_partition(
             yield written
         except BaseException:
             if any(written.values()):
-                record_partitions(context, ch, store, partition, version, written, partial=True)
+                try:
+                    record_partitions(context, ch, store, partition, version, written, True)
+                except Exception as exc:  # the partition's own failure is the one to raise
+                    context.log.error(
+                        f"{partition}: the objects published before the failure could not "
+                        f"be recorded ({type(exc).__name__}: {exc})"
+                    )
             raise
         record_partitions(context, ch, store, partition, version, written)
 
