@@ -760,3 +760,59 @@ def test_an_old_servers_stream_failing_midway_is_never_published(
     # The same server, healthy again: everything is written.
     assert _run(keys, clickhouse, local_store_resource, DAY, instance, lists=lists).success
     assert store.read_bytes(aggregates.daily_key(DAY)) != published[aggregates.daily_key(DAY)]
+
+
+def test_a_day_failing_after_some_of_its_objects_records_them_and_fails_its_check(
+    clickhouse, ch, moto_endpoint, s3_bucket, agg_rows
+) -> None:
+    """The daily aggregate's CSV goes up and the store refuses its Parquet file: the
+    CSV, its Dagster record and its manifest entry agree, the Parquet file, its
+    record and entry stay the previous ones, and the record is marked incomplete, so
+    the check fails until a run writes both."""
+    from ooni_pipeline.object_store.stores import object_digest
+    from ooni_pipeline_tests.rig import FaultyProxy
+
+    direct = ObjectStoreResource(
+        bucket=s3_bucket, endpoint_url=moto_endpoint, region_name="us-east-1"
+    )
+    store = direct.get_store()
+    instance = dg.DagsterInstance.ephemeral()
+    assert _run([DAILY], clickhouse, direct, AGG_DAY, instance).success
+    parquet_before = store.read_bytes(aggregates.daily_parquet_key(AGG_DAY))
+    _insert(ch, [_msm("late", f"{AGG_DAY} 23:00:00", domain="x.org", input="https://x.org/late")])
+    parquet_name = aggregates.daily_parquet_key(AGG_DAY).rsplit("/", 1)[1]
+    proxy = FaultyProxy(
+        moto_endpoint, lambda method, path: method in ("PUT", "POST") and parquet_name in path
+    )
+    try:
+        failing = ObjectStoreResource(
+            bucket=s3_bucket, endpoint_url=proxy.url, region_name="us-east-1"
+        )
+        result = _run([DAILY], clickhouse, failing, AGG_DAY, instance)
+    finally:
+        proxy.close()
+    assert not result.success and proxy.failed
+    record = (
+        instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=DAILY, asset_partitions=[AGG_DAY]), limit=1
+        )
+        .records[0]
+        .asset_materialization.metadata
+    )
+    assert record["incomplete"].value is True
+    by_key = {e["key"]: e for e in record["objects"].value}
+    manifest = load_exports_manifest(store)
+    for key in (aggregates.daily_key(AGG_DAY), aggregates.daily_parquet_key(AGG_DAY)):
+        size = by_key[key]["bytes"]
+        assert object_digest(store, key, size) == (by_key[key]["sha256"], size)
+        assert manifest[key]["sha256"] == by_key[key]["sha256"]
+    assert store.read_bytes(aggregates.daily_parquet_key(AGG_DAY)) == parquet_before
+    assert "https://x.org/late" in {r["input"] for r in _csv(store, aggregates.daily_key(AGG_DAY))}
+
+    check = build_daily_consumer_exports({})[1][0]
+    context = dg.build_asset_check_context(resources={"object_store": direct}, instance=instance)
+    checked = check(context)
+    assert not checked.passed
+    assert "failed after publishing only some of its objects" in checked.metadata["problems"].value
+    assert _run([DAILY], clickhouse, direct, AGG_DAY, instance).success
+    assert check(context).passed

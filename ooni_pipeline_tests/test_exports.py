@@ -677,3 +677,32 @@ def test_a_range_of_days_from_a_shell(clickhouse_server, ch, day_rows, tmp_path)
             dg.AssetCheckKey(website_metrics.key, "website_metrics_object_check"), limit=1
         )[0]
         assert record.evaluation.passed and record.evaluation.metadata["days_checked"].value == 3
+
+
+def test_a_manifest_write_failing_after_the_object_fails_the_check(
+    clickhouse, ch, moto_endpoint, s3_bucket, day_rows
+) -> None:
+    """The store refuses the manifest after the day's object went up (found by
+    review): the run fails, Dagster records the object as published, and the object
+    check, which compares the manifest too, fails until a run writes it."""
+    from ooni_pipeline_tests.rig import FaultyProxy
+
+    instance = dg.DagsterInstance.ephemeral()
+    direct = s3_store_for(moto_endpoint, s3_bucket)
+    assert _materialize(clickhouse, direct, DAY, instance).success
+    _insert(ch, [_msm("late", f"{DAY} 23:00:00")])
+    proxy = FaultyProxy(
+        moto_endpoint, lambda method, path: method == "PUT" and "exports/manifests/" in path
+    )
+    try:
+        resource = s3_store_for(proxy.url, s3_bucket)
+        failed = _materialize(clickhouse, resource, DAY, instance)
+    finally:
+        proxy.close()
+    assert not failed.success and proxy.failed
+    resources = {"clickhouse": clickhouse, "object_store": direct}
+    check = _check_alone(instance, resources, {"dagster/partition": DAY})
+    assert not check.passed
+    assert "the manifest has sha256" in check.metadata["problems"].value
+    assert _materialize(clickhouse, direct, DAY, instance).success
+    assert _check_alone(instance, resources, {"dagster/partition": DAY}).passed

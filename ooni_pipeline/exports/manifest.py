@@ -42,6 +42,26 @@ def load_exports_manifest(store: ObjectStore) -> dict[str, dict[str, Any]]:
     return objects
 
 
+def manifest_disagreements(
+    store: ObjectStore, asset_key: dg.AssetKey, recorded: dict[str, str]
+) -> list[str]:
+    """Where the asset's manifest entries differ from Dagster's record (object key ->
+    sha256 recorded): a sync client trusts the manifest, so a stale entry (its write
+    failed after the object was published) is a failure of the asset's check."""
+    if not recorded:
+        return []
+    entries = read_manifest(store, part_key(asset_key), WHAT)
+    problems = []
+    for key, sha256 in recorded.items():
+        listed = entries.get(key, {}).get("sha256")
+        if listed != sha256:
+            found = f"sha256 {listed[:12]}…" if isinstance(listed, str) else "no entry"
+            problems.append(
+                f"{key}: the manifest has {found}, Dagster recorded sha256 {sha256[:12]}…"
+            )
+    return problems
+
+
 def manifest_entry(
     written: Any, asset_key: dg.AssetKey, partition: str, source_version: str
 ) -> dict[str, Any]:

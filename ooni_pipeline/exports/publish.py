@@ -244,7 +244,8 @@ def record_partitions(
 
     ``partial``: the partition failed after publishing these objects; each asset's
     record lists them with the entries recorded before for its objects not written
-    again (still the previous ones), so record, manifest and objects agree."""
+    again (still the previous ones), so record, manifest and objects agree, and is
+    marked ``incomplete``, which fails the asset's check until a run completes it."""
     from ooni_pipeline.exports.manifest import manifest_entry, record_exports
 
     for asset_key, objects in written.items():
@@ -256,6 +257,9 @@ def record_partitions(
             before = last_metadata(context, asset_key, partition).get("objects") or []
             kept = [e for e in before if e.get("key") not in keys]
             metadata["objects"] = dg.MetadataValue.json([w.entry() for w in objects] + kept)
+            # Some objects are of the new version and some of the previous one: the
+            # check fails on this record until the partition is materialized again.
+            metadata["incomplete"] = True
         record_partition(context, asset_key, partition, metadata)
         context.log.info(
             f"{asset_key.to_user_string()} {partition}: "
@@ -327,22 +331,35 @@ def build_objects_check(asset_key: dg.AssetKey, partitions_def: dg.PartitionsDef
         asset=asset_key,
         name="objects_check",
         description="Each materialized partition's objects exist and are, byte for byte, "
-        "the ones written (the sha256 and size recorded then; read no further than that size).",
+        "the ones written (the sha256 and size recorded then; read no further than that size), "
+        "exports/manifest.json lists them so, and the partition's last run published all of "
+        "them (a run failing part-way records what it published, marked incomplete).",
     )
     def objects_check(
         context: dg.AssetCheckExecutionContext, object_store: ObjectStoreResource
     ) -> dg.AssetCheckResult:
+        from ooni_pipeline.exports.manifest import manifest_disagreements
+
         store = object_store.get_store()
         partitions = checked_partitions(context, asset_key, partitions_def)
         problems: list[str] = []
         checked = 0
+        recorded: dict[str, str] = {}
         for partition in partitions:
-            entries = last_metadata(context, asset_key, partition).get("objects") or []
+            metadata = last_metadata(context, asset_key, partition)
+            entries = metadata.get("objects") or []
             if not entries:
                 problems.append(f"{partition}: no recorded objects")
+            if metadata.get("incomplete"):
+                problems.append(
+                    f"{partition}: its last run failed after publishing only some of its "
+                    "objects (recorded as they are); materialize it again"
+                )
             for entry in entries:
                 checked += 1
                 problems += verify_object(store, entry)
+                recorded[entry["key"]] = entry["sha256"]
+        problems += manifest_disagreements(store, asset_key, recorded)
         return dg.AssetCheckResult(
             passed=bool(partitions) and not problems,
             metadata={

@@ -22,7 +22,7 @@ from ooni_pipeline.common import (
     shrink_refusal,
 )
 from ooni_pipeline.exports.engine_file import engine_file, file_digest
-from ooni_pipeline.exports.manifest import record_exports, upload_entry
+from ooni_pipeline.exports.manifest import manifest_disagreements, record_exports, upload_entry
 from ooni_pipeline.exports.website_metrics_sql import (
     CATEGORIES,
     CSV_COLUMNS,
@@ -386,7 +386,8 @@ def _day_metadata(export: DayExport) -> dict[str, Any]:
     asset=website_metrics,
     pool=CLICKHOUSE_POOL,
     description="Each materialized day's object is, byte for byte, the one its export wrote "
-    "(sha256 and size as recorded): the export validated that file before publishing it "
+    "(sha256 and size as recorded), and exports/manifest.json lists it so: the export "
+    "validated that file before publishing it "
     "(the contract's header, one category per row, every measurement of the day), so the "
     "object still being it is the whole proof; it is read no further than its recorded size. "
     "That fastpath moved on since (a late upload) is reported, not failed: the automation "
@@ -417,6 +418,15 @@ def website_metrics_object_check(
                 f"{day}: {key} is not the object its export wrote ({found_size}{longer} bytes, "
                 f"sha256 {found[:12]}…; recorded {size} bytes, sha256 {sha256[:12]}…)"
             )
+    problems += manifest_disagreements(
+        store,
+        WEBSITE_METRICS_KEY,
+        {
+            object_key(d): r["sha256"]
+            for d, r in recorded.items()
+            if isinstance(r.get("sha256"), str)
+        },
+    )
     with clickhouse.connect() as ch:
         ensure_tables(ch, "fastpath")
         current = day_versions(ch, days)
