@@ -602,3 +602,49 @@ def test_a_rejected_insert_reports_the_engines_error(ch: ClickHouse) -> None:
 
     with pytest.raises(ClickHouseError, match="CANNOT_PARSE|Cannot parse"):
         ch.raw_insert("strict", rows(), fmt="CSV")
+
+
+@pytest.mark.parametrize(
+    "stream, ends_with_error",
+    [
+        (b'"IT",3269,"x.org",4\n', False),
+        (
+            b'"IT",3269,"x.org",4\nCode: 241. DB::Exception: Memory limit (for query) exceeded. (MEMORY_LIMIT_EXCEEDED) (version 24.8.4.13 (official build))\n',
+            True,
+        ),
+        # a row cut mid-way, the text right after it: the count can come out right
+        (
+            b'"IT",3269,"x.org",4\n"IR",12,"y.oCode: 241. DB::Exception: Memory limit. (MEMORY_LIMIT_EXCEEDED) (version 24.8.4.13)',
+            True,
+        ),
+        # a probe's text in the last field is in quotes: never taken for the server's
+        (b'"IT",3269,"Code: 1. DB::Exception: x (version 1)"\n', False),
+        (b'"a","b (version 2)"\r\n', False),
+    ],
+)
+def test_an_old_servers_error_text_is_told_from_a_last_row(
+    stream: bytes, ends_with_error: bool
+) -> None:
+    from ooni_pipeline.clickhouse.connection import StreamTail
+
+    whole, split = StreamTail(), StreamTail()
+    whole.add(stream)
+    for i in range(0, len(stream), 7):  # however the stream arrives
+        split.add(stream[i : i + 7])
+    assert whole.ends_with_server_error() is split.ends_with_server_error() is ends_with_error
+
+
+def test_a_csv_with_the_right_count_ending_with_an_error_text_is_not_published(
+    local_store_resource,
+) -> None:
+    from ooni_pipeline.exports.publish import IncompleteExportError, write_csv
+
+    store = local_store_resource.get_store()
+    store.put_bytes("exports/x.csv.gz", b"previous")
+    body = [
+        b'"IT",1\n',
+        b'"IR",2\n"CN",Code: 241. DB::Exception: x. (MEMORY_LIMIT_EXCEEDED) (version 24.8)\n',
+    ]
+    with pytest.raises(IncompleteExportError, match="the last one an error text"):
+        write_csv(store, "exports/x.csv.gz", ("cc", "n"), body, 6, rows=3)
+    assert store.read_bytes("exports/x.csv.gz") == b"previous"

@@ -17,7 +17,8 @@ import time
 from collections.abc import Callable, Iterator
 
 from ooni_pipeline.backup.plan import Chunk, Source
-from ooni_pipeline.clickhouse import ClickHouse, quote_identifier
+from ooni_pipeline.clickhouse import ClickHouse, ClickHouseError, quote_identifier
+from ooni_pipeline.clickhouse.connection import StreamTail
 from ooni_pipeline.object_store import UploadResult, stream_upload
 from ooni_pipeline.object_store.stores import ObjectStore
 
@@ -48,7 +49,7 @@ def export_chunk(
     # Asked with each chunk, not kept from the run's start: a column added meanwhile
     # is in SELECT *'s rows, so it must be in their header too.
     header = csv_header(ch.header(f"SELECT * FROM {quote_identifier(chunk.spec.table)}"))
-    lines = 0
+    lines, tail = 0, StreamTail()
 
     def body() -> Iterator[bytes]:
         nonlocal lines
@@ -56,15 +57,19 @@ def export_chunk(
         yield header
         for block in ch.stream(sql, params, fmt="CSV"):
             lines += block.count(b"\n")
+            tail.add(block)
             yield block
 
+    def before_commit() -> None:
+        if tail.ends_with_server_error():
+            raise ClickHouseError(
+                f"{chunk.label}: the server's answer ended with an error text (a server "
+                "before 25.11 failing mid-query); not uploaded, the previous object is kept"
+            )
+        verify(lines)
+
     return stream_upload(
-        store,
-        chunk.key,
-        body(),
-        "zstd",
-        progress=progress,
-        before_commit=lambda: verify(lines),
+        store, chunk.key, body(), "zstd", progress=progress, before_commit=before_commit
     )
 
 

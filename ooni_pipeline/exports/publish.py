@@ -15,6 +15,7 @@ from typing import Any
 import dagster as dg
 
 from ooni_pipeline.clickhouse import ClickHouse
+from ooni_pipeline.clickhouse.connection import StreamTail
 from ooni_pipeline.common import (
     checked_partitions,
     last_metadata,
@@ -118,17 +119,22 @@ def write_csv(
     records streamed are counted on the way and must be as many before the object
     replaces the previous one. A server before 25.11 ends a query failing mid-answer
     with status 200 and its message as body text (ClickHouse#9579, #68800): such a
-    stream is short, or one line longer, and is never published."""
-    records = CsvRecords()
+    stream is short, or one line longer, or ends with that text, and is never
+    published."""
+    records, tail = CsvRecords(), StreamTail()
 
     def chunks() -> Iterator[bytes]:
         yield header_line(columns)
-        yield from records.count(body)
+        for chunk in records.count(body):
+            tail.add(chunk)
+            yield chunk
 
     def verify() -> None:
-        if records.rows != rows:
+        error_text = tail.ends_with_server_error()
+        if records.rows != rows or error_text:
             raise IncompleteExportError(
-                f"{key}: {records.rows} CSV records arrived, the engine counted {rows}; "
+                f"{key}: {records.rows} CSV records arrived, the engine counted {rows}"
+                f"{', the last one an error text' if error_text else ''}; "
                 "not published, the previous object is kept"
             )
 
