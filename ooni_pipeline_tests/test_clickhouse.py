@@ -617,6 +617,15 @@ def test_a_rejected_insert_reports_the_engines_error(ch: ClickHouse) -> None:
             b'"IT",3269,"x.org",4\n"IR",12,"y.oCode: 241. DB::Exception: Memory limit. (MEMORY_LIMIT_EXCEEDED) (version 24.8.4.13)',
             True,
         ),
+        # other exception classes, and servers before 21.x (review)
+        (
+            b'"IT",1\nCode: 210. DB::NetException: Connection reset by peer, while reading from socket (10.0.0.2:9000). (NETWORK_ERROR) (version 23.8.1)\n',
+            True,
+        ),
+        (
+            b'"IT",1\nCode: 241, e.displayText() = DB::Exception: Memory limit (for query) exceeded (version 20.8.3.18)\n',
+            True,
+        ),
         # a probe's text in the last field is in quotes: never taken for the server's
         (b'"IT",3269,"Code: 1. DB::Exception: x (version 1)"\n', False),
         (b'"a","b (version 2)"\r\n', False),

@@ -816,3 +816,43 @@ def test_a_day_failing_after_some_of_its_objects_records_them_and_fails_its_chec
     assert "failed after publishing only some of its objects" in checked.metadata["problems"].value
     assert _run([DAILY], clickhouse, direct, AGG_DAY, instance).success
     assert check(context).passed
+
+
+def test_an_asset_finished_before_another_failed_is_recorded_whole(
+    clickhouse, ch, moto_endpoint, s3_bucket, agg_rows
+) -> None:
+    """The daily aggregate finished, then website_metrics_parquet's object is refused
+    in the same step (found by review): the aggregate is recorded complete, its check
+    passes; the Parquet export published nothing and keeps its previous record."""
+    from ooni_pipeline_tests.rig import FaultyProxy
+
+    direct = ObjectStoreResource(
+        bucket=s3_bucket, endpoint_url=moto_endpoint, region_name="us-east-1"
+    )
+    instance = dg.DagsterInstance.ephemeral()
+    assert _run([DAILY, PARQUET], clickhouse, direct, AGG_DAY, instance).success
+    _insert(ch, [_msm("late", f"{AGG_DAY} 23:00:00", domain="x.org", input="https://x.org/late")])
+    name = parquet.parquet_key(AGG_DAY).rsplit("/", 1)[1]
+    proxy = FaultyProxy(
+        moto_endpoint, lambda method, path: method in ("PUT", "POST") and name in path
+    )
+    try:
+        failing = ObjectStoreResource(
+            bucket=s3_bucket, endpoint_url=proxy.url, region_name="us-east-1"
+        )
+        result = _run([DAILY, PARQUET], clickhouse, failing, AGG_DAY, instance)
+    finally:
+        proxy.close()
+    assert not result.success and proxy.failed
+
+    def latest(key) -> dict:
+        record = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=key, asset_partitions=[AGG_DAY]), limit=1
+        ).records[0]
+        return {"run": record.run_id, **record.asset_materialization.metadata}
+
+    assert latest(DAILY)["run"] == result.run_id and "incomplete" not in latest(DAILY)
+    assert latest(PARQUET)["run"] != result.run_id
+    checks = build_daily_consumer_exports({})[1]
+    context = dg.build_asset_check_context(resources={"object_store": direct}, instance=instance)
+    assert all(check(context).passed for check in checks[:2])

@@ -22,6 +22,7 @@ from ooni_pipeline.exports import aggregates, parquet, watchlists
 from ooni_pipeline.exports.aggregates import DAILY_COLUMNS, DAILY_KEY, DAILY_ORDER
 from ooni_pipeline.exports.parquet import WEBSITE_METRICS_PARQUET_KEY
 from ooni_pipeline.exports.publish import (
+    PartitionObjects,
     Written,
     build_objects_check,
     publishing_partition,
@@ -95,7 +96,7 @@ def _watchlists(
     level: int,
     lists: dict[str, tuple[str, ...]],
     consumers: list[str],
-    written: dict[dg.AssetKey, list[Written]],
+    written: PartitionObjects,
 ) -> None:
     """Every selected consumer's object of the day, from one query on the stage
     (staged, so each consumer's rows are counted apart from its stream); a consumer
@@ -115,12 +116,14 @@ def _watchlists(
             key = watchlists.object_key(consumer, day)
             one = write_csv(store, key, CSV_COLUMNS, records, level, counts.get(index, 0))
             written[watchlists.asset_key(consumer)].append(one)
+            written.finish(watchlists.asset_key(consumer))
             done.add(consumer)
         for index, consumer in enumerate(consumers):
             if consumer not in done:
                 key = watchlists.object_key(consumer, day)
                 one = write_csv(store, key, CSV_COLUMNS, [], level, counts.get(index, 0))
                 written[watchlists.asset_key(consumer)].append(one)
+                written.finish(watchlists.asset_key(consumer))
 
 
 def build_daily_consumer_exports(
@@ -201,12 +204,14 @@ def build_daily_consumer_exports(
                 ):
                     if DAILY_KEY in selected:
                         _daily_aggregate(ch, store, stage, day, level, written[DAILY_KEY])
+                        written.finish(DAILY_KEY)
                     if WEBSITE_METRICS_PARQUET_KEY in selected:
                         key, sql = parquet.parquet_key(day), parquet.parquet_sql(stage)
                         rows = int(ch.scalar(f"SELECT count() FROM {stage}"))
                         written[WEBSITE_METRICS_PARQUET_KEY].append(
                             write_parquet(ch, store, key, sql, {}, rows)
                         )
+                        written.finish(WEBSITE_METRICS_PARQUET_KEY)
                     if consumers:
                         _watchlists(ch, store, stage, day, level, lists, consumers, written)
         for key in selected:

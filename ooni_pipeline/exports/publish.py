@@ -9,7 +9,7 @@ partition's metadata and in ``exports/manifest.json``.
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import dagster as dg
@@ -236,6 +236,21 @@ def verify_object(store: ObjectStore, entry: dict[str, Any]) -> list[str]:
     return []
 
 
+@dataclass
+class PartitionObjects:
+    """One partition's objects as they are published, by asset (``objects[key]``);
+    an asset whose objects are all written is ``finish``ed."""
+
+    objects: dict[dg.AssetKey, list[Written]]
+    done: set[dg.AssetKey] = field(default_factory=set)
+
+    def __getitem__(self, key: dg.AssetKey) -> list[Written]:
+        return self.objects[key]
+
+    def finish(self, key: dg.AssetKey) -> None:
+        self.done.add(key)
+
+
 def record_partitions(
     context: dg.AssetExecutionContext,
     ch: ClickHouse,
@@ -243,22 +258,23 @@ def record_partitions(
     partition: str,
     version: str,
     written: dict[dg.AssetKey, list[Written]],
-    partial: bool = False,
+    cut_off: frozenset[dg.AssetKey] = frozenset(),
 ) -> None:
     """Record each asset's objects of a partition in Dagster (at once, see
     ``common.record_partition``) and in the manifest.
 
-    ``partial``: the partition failed after publishing these objects; each asset's
-    record lists them with the entries recorded before for its objects not written
-    again (still the previous ones), so record, manifest and objects agree, and is
-    marked ``incomplete``, which fails the asset's check until a run completes it."""
+    ``cut_off``: assets whose production failed after publishing some of their
+    objects; each one's record lists those with the entries recorded before for its
+    objects not written again (still the previous ones), so record, manifest and
+    objects agree, and is marked ``incomplete``, which fails the asset's check until
+    a run completes it."""
     from ooni_pipeline.exports.manifest import manifest_entry, record_exports
 
     for asset_key, objects in written.items():
         if not objects:
             continue
         metadata = objects_metadata(objects, version)
-        if partial:
+        if asset_key in cut_off:
             keys = {w.key for w in objects}
             before = last_metadata(context, asset_key, partition).get("objects") or []
             kept = [e for e in before if e.get("key") not in keys]
@@ -290,28 +306,31 @@ def publishing_partition(
     partition: str,
     version: str,
     asset_keys: Sequence[dg.AssetKey],
-) -> Iterator[dict[dg.AssetKey, list[Written]]]:
+) -> Iterator[PartitionObjects]:
     """The objects of ``asset_keys`` for one partition, published by this run alone
     (``common.publishing``, one lock per asset, taken in order) and recorded when
     the block ends: all of them, or, if it fails, those published before the
-    failure (then the error is raised)."""
-    written: dict[dg.AssetKey, list[Written]] = {key: [] for key in asset_keys}
+    failure (then the error is raised); the producer ``finish``es each asset."""
+    written = PartitionObjects({key: [] for key in asset_keys})
     with ExitStack() as locks:
         for key in sorted(set(asset_keys), key=lambda k: k.to_user_string()):
             locks.enter_context(publishing(context, ch, key, partition))
         try:
             yield written
         except BaseException:
-            if any(written.values()):
+            if any(written.objects.values()):
+                cut_off = frozenset(k for k in written.objects if k not in written.done)
                 try:
-                    record_partitions(context, ch, store, partition, version, written, True)
+                    record_partitions(
+                        context, ch, store, partition, version, written.objects, cut_off
+                    )
                 except Exception as exc:  # the partition's own failure is the one to raise
                     context.log.error(
                         f"{partition}: the objects published before the failure could not "
                         f"be recorded ({type(exc).__name__}: {exc})"
                     )
             raise
-        record_partitions(context, ch, store, partition, version, written)
+        record_partitions(context, ch, store, partition, version, written.objects)
 
 
 def publish_partitions(
@@ -327,6 +346,7 @@ def publish_partitions(
     for partition, version in versions.items():
         with publishing_partition(context, ch, store, partition, version, [asset_key]) as out:
             produce(partition, out[asset_key])
+            out.finish(asset_key)
 
 
 def build_objects_check(asset_key: dg.AssetKey, partitions_def: dg.PartitionsDefinition):
