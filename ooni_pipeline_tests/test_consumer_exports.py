@@ -762,6 +762,26 @@ def test_an_old_servers_stream_failing_midway_is_never_published(
     assert store.read_bytes(aggregates.daily_key(DAY)) != published[aggregates.daily_key(DAY)]
 
 
+def _run_refusing(key, keys, clickhouse, moto_endpoint, s3_bucket, instance):
+    """A run of ``keys`` of AGG_DAY whose store (S3 through a proxy) refuses the upload
+    of the object ``key``; it must fail."""
+    from ooni_pipeline_tests.rig import FaultyProxy
+
+    name = key.rsplit("/", 1)[1]
+    proxy = FaultyProxy(
+        moto_endpoint, lambda method, path: method in ("PUT", "POST") and name in path
+    )
+    try:
+        failing = ObjectStoreResource(
+            bucket=s3_bucket, endpoint_url=proxy.url, region_name="us-east-1"
+        )
+        result = _run(keys, clickhouse, failing, AGG_DAY, instance)
+    finally:
+        proxy.close()
+    assert not result.success and proxy.failed
+    return result
+
+
 def test_a_day_failing_after_some_of_its_objects_records_them_and_fails_its_check(
     clickhouse, ch, moto_endpoint, s3_bucket, agg_rows
 ) -> None:
@@ -770,7 +790,6 @@ def test_a_day_failing_after_some_of_its_objects_records_them_and_fails_its_chec
     record and entry stay the previous ones, and the record is marked incomplete, so
     the check fails until a run writes both."""
     from ooni_pipeline.object_store.stores import object_digest
-    from ooni_pipeline_tests.rig import FaultyProxy
 
     direct = ObjectStoreResource(
         bucket=s3_bucket, endpoint_url=moto_endpoint, region_name="us-east-1"
@@ -780,18 +799,14 @@ def test_a_day_failing_after_some_of_its_objects_records_them_and_fails_its_chec
     assert _run([DAILY], clickhouse, direct, AGG_DAY, instance).success
     parquet_before = store.read_bytes(aggregates.daily_parquet_key(AGG_DAY))
     _insert(ch, [_msm("late", f"{AGG_DAY} 23:00:00", domain="x.org", input="https://x.org/late")])
-    parquet_name = aggregates.daily_parquet_key(AGG_DAY).rsplit("/", 1)[1]
-    proxy = FaultyProxy(
-        moto_endpoint, lambda method, path: method in ("PUT", "POST") and parquet_name in path
+    _run_refusing(
+        aggregates.daily_parquet_key(AGG_DAY),
+        [DAILY],
+        clickhouse,
+        moto_endpoint,
+        s3_bucket,
+        instance,
     )
-    try:
-        failing = ObjectStoreResource(
-            bucket=s3_bucket, endpoint_url=proxy.url, region_name="us-east-1"
-        )
-        result = _run([DAILY], clickhouse, failing, AGG_DAY, instance)
-    finally:
-        proxy.close()
-    assert not result.success and proxy.failed
     record = (
         instance.fetch_materializations(
             dg.AssetRecordsFilter(asset_key=DAILY, asset_partitions=[AGG_DAY]), limit=1
@@ -824,7 +839,6 @@ def test_an_asset_finished_before_another_failed_is_recorded_whole(
     """The daily aggregate finished, then website_metrics_parquet's object is refused
     in the same step (found by review): the aggregate is recorded complete, its check
     passes; the Parquet export published nothing and keeps its previous record."""
-    from ooni_pipeline_tests.rig import FaultyProxy
 
     direct = ObjectStoreResource(
         bucket=s3_bucket, endpoint_url=moto_endpoint, region_name="us-east-1"
@@ -832,18 +846,14 @@ def test_an_asset_finished_before_another_failed_is_recorded_whole(
     instance = dg.DagsterInstance.ephemeral()
     assert _run([DAILY, PARQUET], clickhouse, direct, AGG_DAY, instance).success
     _insert(ch, [_msm("late", f"{AGG_DAY} 23:00:00", domain="x.org", input="https://x.org/late")])
-    name = parquet.parquet_key(AGG_DAY).rsplit("/", 1)[1]
-    proxy = FaultyProxy(
-        moto_endpoint, lambda method, path: method in ("PUT", "POST") and name in path
+    result = _run_refusing(
+        parquet.parquet_key(AGG_DAY),
+        [DAILY, PARQUET],
+        clickhouse,
+        moto_endpoint,
+        s3_bucket,
+        instance,
     )
-    try:
-        failing = ObjectStoreResource(
-            bucket=s3_bucket, endpoint_url=proxy.url, region_name="us-east-1"
-        )
-        result = _run([DAILY, PARQUET], clickhouse, failing, AGG_DAY, instance)
-    finally:
-        proxy.close()
-    assert not result.success and proxy.failed
 
     def latest(key) -> dict:
         record = instance.fetch_materializations(

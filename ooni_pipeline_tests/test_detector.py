@@ -489,6 +489,22 @@ def test_a_failed_redetection_leaves_the_status_table_as_it_was(
     assert summary(ch)[0][5] == 721
 
 
+def _refuse_the_second_swap(monkeypatch) -> None:
+    """The engine refuses a pass's second REPLACE PARTITION statement (a Keeper
+    timeout on a replicated table fails one statement like that), until undone."""
+    command = ClickHouse.command
+    swaps: list[str] = []
+
+    def refusing_the_second_swap(self, sql, *args, **kwargs):
+        if "REPLACE PARTITION" in sql:
+            swaps.append(sql)
+            if len(swaps) == 2:
+                raise ClickHouseError("Code: 999. DB::Exception: Keeper timeout (injected)")
+        return command(self, sql, *args, **kwargs)
+
+    monkeypatch.setattr(ClickHouse, "command", refusing_the_second_swap)
+
+
 def test_a_swap_failing_on_its_second_day_leaves_a_prefix_the_next_pass_completes(
     ch, clickhouse, local_store_resource, watchlist, webhook, monkeypatch
 ) -> None:
@@ -506,17 +522,7 @@ def test_a_swap_failing_on_its_second_day_leaves_a_prefix_the_next_pass_complete
     before = _status_rows(ch)
     insert_timeline(ch, "IR", 7, "x.com", hours(716, 723, BLOCKED_LEVEL))
 
-    command = ClickHouse.command
-    swaps: list[str] = []
-
-    def refusing_the_second_swap(self, sql, *args, **kwargs):
-        if "REPLACE PARTITION" in sql:
-            swaps.append(sql)
-            if len(swaps) == 2:
-                raise ClickHouseError("Code: 999. DB::Exception: Keeper timeout (injected)")
-        return command(self, sql, *args, **kwargs)
-
-    monkeypatch.setattr(ClickHouse, "command", refusing_the_second_swap)
+    _refuse_the_second_swap(monkeypatch)
     failed = detect(clickhouse, local_store_resource, 716, 723, instance)
     monkeypatch.undo()
     assert not failed.success and "Keeper timeout (injected)" in failure_text(failed)
@@ -554,17 +560,7 @@ def test_a_long_redetection_failing_mid_swap_is_computed_again_by_the_next_pass(
     assert stored() == [at(h) for h in range(700, last + 1)]
     insert_timeline(ch, "IR", 7, "x.com", hours(716, 723, BLOCKED_LEVEL), tag="late")
 
-    command = ClickHouse.command
-    swaps: list[str] = []
-
-    def refusing_the_second_swap(self, sql, *args, **kwargs):
-        if "REPLACE PARTITION" in sql:
-            swaps.append(sql)
-            if len(swaps) == 2:
-                raise ClickHouseError("Code: 999. DB::Exception: Keeper timeout (injected)")
-        return command(self, sql, *args, **kwargs)
-
-    monkeypatch.setattr(ClickHouse, "command", refusing_the_second_swap)
+    _refuse_the_second_swap(monkeypatch)
     assert not detect(clickhouse, local_store_resource, 716, 723, instance).success
     monkeypatch.undo()
     assert stored()[-1] == at(719)
