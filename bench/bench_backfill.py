@@ -26,13 +26,20 @@ import gzip
 import hashlib
 import os
 import shutil
-import subprocess
 import sys
 import time
 from datetime import date, timedelta
 from pathlib import Path
 
-from harness import ROOT, dagster_home, materialize_argv, open_chdb, report_peak, run_measured
+from harness import (
+    ROOT,
+    dagster_home,
+    materialize_argv,
+    open_chdb,
+    report_peak,
+    run_measured,
+    timed_cli,
+)
 
 FIRST = date(2024, 3, 1)
 
@@ -68,23 +75,15 @@ def setup(workdir: Path, count: int, rows: int) -> None:
 def run_clickhouse(workdir: Path, count: int) -> None:
     """ClickHouse alone: each day's query and CSV, gzip at the asset's default level."""
     import chdb
+    from bench_website_metrics import export_alone
 
-    from ooni_pipeline.exports.website_metrics import WebsiteMetricsConfig, day_window
-    from ooni_pipeline.exports.website_metrics_sql import CSV_FORMAT, CSV_FORMAT_SETTINGS, PIVOT_SQL
-
-    level = WebsiteMetricsConfig.model_fields["gzip_level"].default
     out = (workdir / "alone").absolute()
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
     conn = chdb.connect(str((workdir / "clickhouse").absolute()))
     start = time.monotonic()
     for day in days(count):
-        conn.query(
-            f"{PIVOT_SQL} INTO OUTFILE '{out / day}.csv.gz' COMPRESSION 'gzip' LEVEL {level} "
-            f"FORMAT {CSV_FORMAT} SETTINGS {CSV_FORMAT_SETTINGS}",
-            "CSV",
-            params=day_window(day),
-        )
+        export_alone(conn, out / f"{day}.csv.gz", day)
     query_s = time.monotonic() - start
     conn.close()
     print(f"query_s={query_s:.3f}")
@@ -95,26 +94,11 @@ def run_cli(workdir: Path, count: int) -> dict:
     import dagster as dg
 
     home = dagster_home()
-    env = {
-        **os.environ,
-        "DAGSTER_HOME": str(home),
-        "OONI_DATA_DIR": str(workdir.absolute()),
-        "OONI_SCHEDULES_DEFAULT": "stopped",
-        "PYTHONPATH": str(ROOT),
-    }
-    for name in ("OONI_S3_BUCKET", "OONI_CLICKHOUSE_URL", "OONI_WATCHLISTS"):
-        env.pop(name, None)
     span = days(count)
-    argv = [
-        "/usr/bin/time", "-f", "maxrss_kb=%M",
-        *materialize_argv("website_metrics"), "--partition-range", f"{span[0]}...{span[-1]}",
-    ]  # fmt: skip
-    start = time.monotonic()
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=ROOT)
-    wall = time.monotonic() - start
-    if proc.returncode != 0 or "RUN_SUCCESS" not in proc.stderr:
+    argv = [*materialize_argv("website_metrics"), "--partition-range", f"{span[0]}...{span[-1]}"]
+    wall, peak_mb, proc = timed_cli(argv, home, workdir)
+    if "RUN_SUCCESS" not in proc.stderr:
         raise SystemExit(f"the CLI failed:\n{proc.stderr[-3000:]}")
-    peak_kb = int(proc.stderr.strip().splitlines()[-1].split("=")[1])
     with dg.DagsterInstance.from_config(str(home)) as instance:
         runs = instance.get_runs()
         steps = {
@@ -140,7 +124,7 @@ def run_cli(workdir: Path, count: int) -> dict:
     step = steps.pop("website_metrics")
     return {
         "wall": wall,
-        "rss": peak_kb / 1024,
+        "rss": peak_mb,
         "step": step,
         "check": sum(steps.values()),
         "runs": len(runs),

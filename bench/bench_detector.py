@@ -23,14 +23,18 @@ Target: an incremental hour <= 10 s.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import subprocess
-import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from harness import ROOT, dagster_home, materialize_argv, open_chdb, report_peak, run_measured
+from harness import (
+    dagster_home,
+    materialize_argv,
+    open_chdb,
+    report_peak,
+    run_measured,
+    timed_cli,
+)
 
 START = "2024-03-01 00:00:00"
 DOMAINS = ("facebook.com", "twitter.com", "t.me", "youtube.com")
@@ -133,25 +137,11 @@ def run_cli(workdir: Path, hour: int) -> tuple[float, float, str]:
     """(wall s, peak RSS MB of the process tree, result line) of the CLI for one hour."""
     partition = (datetime.fromisoformat(START) + timedelta(hours=hour)).strftime("%Y-%m-%d-%H:%M")
     home = dagster_home()
-    env = {
-        **os.environ,
-        "DAGSTER_HOME": str(home),
-        "OONI_DATA_DIR": str(workdir.absolute()),
-        "OONI_SCHEDULES_DEFAULT": "stopped",
-    }
-    argv = [
-        "/usr/bin/time", "-f", "maxrss_kb=%M",
-        *materialize_argv("blocking_status,blocking_events", partition),
-    ]  # fmt: skip
-    start = time.monotonic()
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=ROOT)
-    wall = time.monotonic() - start
+    argv = materialize_argv("blocking_status,blocking_events", partition)
+    wall, peak_mb, proc = timed_cli(argv, home, workdir)
     shutil.rmtree(home, ignore_errors=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"the CLI failed:\n{proc.stderr[-3000:]}")
-    peak_kb = int(proc.stderr.strip().splitlines()[-1].split("=")[1])
     ok = "RUN_SUCCESS" in proc.stderr
-    return wall, peak_kb / 1024, f"partition={partition} run_success={ok}"
+    return wall, peak_mb, f"partition={partition} run_success={ok}"
 
 
 def main() -> None:

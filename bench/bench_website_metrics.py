@@ -93,23 +93,29 @@ def default_gzip_level() -> int:
     return WebsiteMetricsConfig.model_fields["gzip_level"].default
 
 
+def export_alone(conn, out: Path, day: str) -> None:
+    """ClickHouse alone writing ``day``'s object to ``out``: the asset's query and CSV,
+    gzip at the asset's default level."""
+    from ooni_pipeline.exports.website_metrics import day_window
+    from ooni_pipeline.exports.website_metrics_sql import CSV_FORMAT, CSV_FORMAT_SETTINGS, PIVOT_SQL
+
+    conn.query(
+        f"{PIVOT_SQL} INTO OUTFILE '{out}' COMPRESSION 'gzip' LEVEL {default_gzip_level()} "
+        f"FORMAT {CSV_FORMAT} SETTINGS {CSV_FORMAT_SETTINGS}",
+        "CSV",
+        params=day_window(day),
+    )
+
+
 def run_clickhouse(workdir: Path) -> None:
     """ClickHouse alone: the asset's query and CSV, gzip at the asset's default level."""
     import chdb
-
-    from ooni_pipeline.exports.website_metrics import day_window
-    from ooni_pipeline.exports.website_metrics_sql import CSV_FORMAT, CSV_FORMAT_SETTINGS, PIVOT_SQL
 
     out = (workdir / "clickhouse_alone.csv.gz").absolute()
     out.unlink(missing_ok=True)
     conn = chdb.connect(str((workdir / "clickhouse").absolute()))
     start = time.monotonic()
-    conn.query(
-        f"{PIVOT_SQL} INTO OUTFILE '{out}' COMPRESSION 'gzip' LEVEL {default_gzip_level()} "
-        f"FORMAT {CSV_FORMAT} SETTINGS {CSV_FORMAT_SETTINGS}",
-        "CSV",
-        params=day_window(DAY),
-    )
+    export_alone(conn, out, DAY)
     query_s = time.monotonic() - start
     conn.close()
     print(f"query_s={query_s:.3f} bytes={out.stat().st_size}")

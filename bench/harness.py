@@ -67,3 +67,30 @@ def materialize_argv(select: str, partition: str | None = None) -> list[str]:
         "-m", "ooni_pipeline.definitions", "--select", select,
     ]  # fmt: skip
     return [*argv, "--partition", partition] if partition else argv
+
+
+def timed_cli(
+    argv: list[str], home: Path, workdir: Path
+) -> tuple[float, float, subprocess.CompletedProcess]:
+    """(wall s, peak RSS MB, the process) of a ``dagster`` command ``argv`` as users run
+    it: DAGSTER_HOME ``home``, OONI_DATA_DIR ``workdir`` (embedded chdb, local objects),
+    schedules stopped. Fails with the CLI's last output if it fails."""
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "OONI_DATA_DIR": str(workdir.absolute()),
+        "OONI_SCHEDULES_DEFAULT": "stopped",
+        "PYTHONPATH": str(ROOT),
+    }
+    for name in ("OONI_S3_BUCKET", "OONI_CLICKHOUSE_URL", "OONI_WATCHLISTS"):
+        env.pop(name, None)
+    start = time.monotonic()
+    proc = subprocess.run(
+        ["/usr/bin/time", "-f", "maxrss_kb=%M", *argv],
+        env=env, capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    wall = time.monotonic() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"the CLI failed:\n{proc.stderr[-3000:]}")
+    peak_kb = int(proc.stderr.strip().splitlines()[-1].split("=")[1])
+    return wall, peak_kb / 1024, proc
