@@ -9,7 +9,7 @@ stage. In the UI each is its own asset with its own partitions; a backfill of on
 (a newly added consumer, say) runs only it and writes only its objects.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import dagster as dg
@@ -110,20 +110,22 @@ def _watchlists(
             )
         }
         body = ch.stream(f"SELECT * FROM {matched} ORDER BY {watchlists.ROW_ORDER}", fmt="CSV")
-        done: set[str] = set()
+
+        def publish(index: int, records: Iterable[bytes]) -> None:
+            consumer = watchlists.asset_key(consumers[index])
+            key = watchlists.object_key(consumers[index], day)
+            written[consumer].append(
+                write_csv(store, key, CSV_COLUMNS, records, level, counts.get(index, 0))
+            )
+            written.finish(consumer)
+
+        streamed = set()
         for index, records in watchlists.by_consumer(body):
-            consumer = consumers[index]
-            key = watchlists.object_key(consumer, day)
-            one = write_csv(store, key, CSV_COLUMNS, records, level, counts.get(index, 0))
-            written[watchlists.asset_key(consumer)].append(one)
-            written.finish(watchlists.asset_key(consumer))
-            done.add(consumer)
-        for index, consumer in enumerate(consumers):
-            if consumer not in done:
-                key = watchlists.object_key(consumer, day)
-                one = write_csv(store, key, CSV_COLUMNS, [], level, counts.get(index, 0))
-                written[watchlists.asset_key(consumer)].append(one)
-                written.finish(watchlists.asset_key(consumer))
+            publish(index, records)
+            streamed.add(index)
+        for index in range(len(consumers)):
+            if index not in streamed:  # no rows: a header-only object (its count must be 0)
+                publish(index, [])
 
 
 def build_daily_consumer_exports(
