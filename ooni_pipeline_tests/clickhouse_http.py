@@ -30,7 +30,9 @@ wrong).
 
 Not served (see README.md): TLS, the native protocol, clusters, quotas, roles and
 grants, progress headers, external data, ``client_protocol_version`` block info,
-the server's own concurrency limits and memory accounting.
+the server's own concurrency limits and memory accounting; a streamed insert
+violating a table's CONSTRAINT (chdb's ``send_insert`` drops the block and reports
+it written, where a server answers VIOLATED_CONSTRAINT, 469).
 """
 
 from __future__ import annotations

@@ -25,7 +25,6 @@ import boto3
 import pytest
 
 from ooni_pipeline.clickhouse import ClickHouse, ClickHouseResource, quote_identifier
-from ooni_pipeline.clickhouse.schema import OONI_TABLES, create_table_sql
 from ooni_pipeline.object_store import ObjectStoreResource
 from ooni_pipeline_tests.clickhouse_http import ClickHouseHTTP
 from ooni_pipeline_tests.rig import GitRepo, UpstreamServer
@@ -109,11 +108,45 @@ def clickhouse(
         ):
             ch.command(f"DROP TABLE IF EXISTS {quote_identifier(table)} SYNC")
         if clickhouse_backend == "server":
-            # A deployed server has OONI's tables (created by the operator, README
-            # "Configuration"): the project never creates them there.
-            for table in OONI_TABLES:
-                ch.command(create_table_sql(table))
+            # A deployed server has OONI's tables, created by OONI with its own DDL and
+            # the operator's additions (README "Configuration").
+            create_operator_tables(ch)
     return resource
+
+
+OONI_DDL = Path(__file__).parent / "data" / "ooni_ddl.sql"
+
+
+def operator_ddl() -> dict[str, str]:
+    """table -> the CREATE TABLE statement OONI (and its operator) used for it."""
+    statements = {}
+    for statement in OONI_DDL.read_text().split(";"):
+        body = "\n".join(
+            line for line in statement.splitlines() if not line.lstrip().startswith("--")
+        ).strip()
+        if body:
+            statements[body.split()[2]] = body
+    return statements
+
+
+@pytest.fixture
+def operator_tables(ch: ClickHouse, clickhouse_backend: str):
+    """The operator's tables exist before the first run, on both back ends; returns a
+    function giving each named table's ``SHOW CREATE TABLE``."""
+    if clickhouse_backend == "embedded":
+        create_operator_tables(ch)
+
+    def definitions(*names: str) -> dict[str, str]:
+        return {n: ch.scalar(f"SHOW CREATE TABLE {quote_identifier(n)}") for n in names}
+
+    return definitions
+
+
+def create_operator_tables(ch: ClickHouse, *names: str) -> None:
+    """Create OONI's tables (all, or ``names``) as OONI's operator did."""
+    ddl = operator_ddl()
+    for name in names or tuple(ddl):
+        ch.command(ddl[name])
 
 
 @pytest.fixture

@@ -256,3 +256,14 @@ def test_strings_that_look_like_member_boundaries_parse_exactly() -> None:
             for r in table.to_pylist()
         ]
         assert rows == expected
+
+
+def test_the_operators_table_keeps_its_definition(clickhouse, ch, source, operator_tables) -> None:
+    before = operator_tables("asnmeta")
+    instance = dg.DagsterInstance.ephemeral()
+    forced = {"ops": {"asnmeta": {"config": {**SMALL["ops"]["asnmeta"]["config"], "force": True}}}}
+    for run_config in (SMALL, forced, forced):
+        assert _run(clickhouse, instance, run_config).success
+        assert operator_tables("asnmeta") == before
+        assert ch.count("asnmeta") == 1500 + 500 + 1
+    assert ch.scalar("SELECT countIf(loaded_at > '2020-01-01') FROM asnmeta") == 2001

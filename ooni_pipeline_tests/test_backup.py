@@ -761,3 +761,27 @@ def test_an_old_servers_stream_failing_midway_never_replaces_a_backup(
     assert not result.success
     assert "the server's answer ended with an error text" in failure_text(result)
     assert store.read_bytes(key) == good and load_manifest(store, "fastpath") == recorded
+
+
+def test_a_change_in_a_row_holding_a_null_is_backed_up(
+    clickhouse, ch, object_store_resource, operator_tables
+) -> None:
+    """OONI's fastpath has ``ooni_run_link_id Nullable(UInt64)``, NULL in most rows: a
+    change to such a row must change the month's fingerprint (a hash of a row with a
+    NULL is NULL, and a sum skips it)."""
+    _fill_fastpath(ch, {"2024-01": 100})
+    assert ch.scalar("SELECT countIf(ooni_run_link_id IS NULL) FROM fastpath") == 100
+    instance = dg.DagsterInstance.ephemeral()
+    first = _run(clickhouse, object_store_resource, [fastpath_backup], instance=instance)
+    assert first.success and materialization_metadata(first)["objects_written"] == 1
+    key = "clickhouse_export/csv/fastpath_202401.csv.zstd"
+    recorded = load_manifest(object_store_resource.get_store(), "fastpath")[key]["fingerprint"]
+    assert recorded.startswith("100:")
+    ch.command(
+        "ALTER TABLE fastpath UPDATE probe_cc = 'DE' "
+        "WHERE measurement_uid = '2024-01-7' SETTINGS mutations_sync = 2"
+    )
+    second = _run(clickhouse, object_store_resource, [fastpath_backup], instance=instance)
+    assert second.success and materialization_metadata(second)["objects_written"] == 1
+    rows = _read_csv(object_store_resource.get_store(), key)
+    assert ["DE"] == [r[rows[0].index("probe_cc")] for r in rows[1:] if r[0] == "2024-01-7"]

@@ -21,7 +21,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ooni_pipeline.clickhouse import ClickHouse, ClickHouseError, quote_identifier
+from ooni_pipeline.clickhouse import (
+    ClickHouse,
+    ClickHouseError,
+    ClickHouseResource,
+    quote_identifier,
+)
 from ooni_pipeline.clickhouse.connection import STREAM_BLOCK, redact_url
 from ooni_pipeline.clickhouse.lock import LockTimeoutError, exclusive
 from ooni_pipeline.clickhouse.schema import KNOWN_TABLES, MissingTableError, ensure_tables
@@ -129,8 +134,8 @@ def test_replace_table_swaps_atomically(ch: ClickHouse) -> None:
     )
     assert (result.rows, result.previous_rows) == (2, 1)
     assert ch.query_rows("SELECT asn FROM asnmeta ORDER BY asn") == [(2,), (3,)]
-    # The staging table now holds the previous content, for diffs.
-    assert ch.query_rows("SELECT asn FROM asnmeta_tmp") == [(1,)]
+    # The live table got the staging table's parts (REPLACE PARTITION copies them).
+    assert ch.query_rows("SELECT asn FROM asnmeta_tmp ORDER BY asn") == [(2,), (3,)]
 
 
 @pytest.mark.parametrize("failure", ["fill", "bounds", "validate"])
@@ -226,6 +231,55 @@ def test_a_lock_left_by_a_crashed_process_is_taken_over_at_once(
     assert waited < 20
 
 
+def test_two_waiters_taking_over_one_dead_lock_never_hold_it_together(
+    clickhouse: ClickHouseResource, ch: ClickHouse
+) -> None:
+    """Both waiters judge the same dead owner gone; the second renames only after the
+    first has taken over and is inside (forced through ``owner_alive``): exactly one
+    holds the lock at a time, the other waits for it."""
+    dead = exclusive(ch, "race", "dead-run", owner_alive=lambda other: None)
+    dead.__enter__()  # never released: its run has ended
+    b_judging, a_inside = threading.Event(), threading.Event()
+    inside: list[tuple[str, str]] = []
+    errors: list[BaseException] = []
+
+    def alive_for(owner: str):
+        def alive(other: str) -> bool:
+            if other != "dead-run":
+                return True  # the other waiter is a live run
+            if owner == "run-a":  # judges after run-b has read the dead owner too
+                assert b_judging.wait(30)
+            else:  # run-b acts on its judgement once run-a holds the lock
+                b_judging.set()
+                a_inside.wait(10)
+            return False
+
+        return alive
+
+    def waiter(owner: str) -> None:
+        try:
+            with clickhouse.connect() as own:
+                with exclusive(
+                    own, "race", owner, owner_alive=alive_for(owner), poll_s=0.05, wait_s=60
+                ):
+                    inside.append(("in", owner))
+                    a_inside.set()
+                    time.sleep(0.5)
+                    inside.append(("out", owner))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=waiter, args=(o,)) for o in ("run-a", "run-b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors, errors
+    assert [event for event, _ in inside] == ["in", "out", "in", "out"], inside
+    assert inside[0] == ("in", "run-a") and inside[1] == ("out", "run-a")
+    assert inside[2:] == [("in", "run-b"), ("out", "run-b")]
+
+
 def test_stream_error_reaches_the_consumer(ch: ClickHouse) -> None:
     with pytest.raises(ClickHouseError, match="no_such_table"):
         list(ch.stream("SELECT * FROM no_such_table"))
@@ -257,7 +311,13 @@ def test_a_lock_held_by_a_live_owner_times_out_and_an_unknown_old_one_is_taken_o
         ch.command("ALTER TABLE _lock_swap_x UPDATE since = since - INTERVAL 7 HOUR WHERE 1")
         with exclusive(ch, "swap_x", "run-3", owner_alive=lambda other: None, poll_s=0.1):
             assert ch.scalar("SELECT owner FROM _lock_swap_x") == "run-3"
-    assert ch.scalar("SELECT count() FROM system.tables WHERE name LIKE '%lock%swap_x%'") == 0
+    names = [
+        r[0]
+        for r in ch.query_rows(
+            "SELECT name FROM system.tables WHERE database = currentDatabase() AND name LIKE '%lock%swap_x%'"
+        )
+    ]
+    assert len(names) == 1 and names[0].startswith("_lock_dead_swap_x_"), names  # the tombstone
 
 
 def test_a_query_runs_while_a_stream_is_open(ch: ClickHouse) -> None:

@@ -269,3 +269,20 @@ def test_a_pattern_re2_refuses_is_quoted_short(clickhouse, ch, sources) -> None:
 def test_schedule() -> None:
     assert fingerprints_schedule.name == "fingerprints_schedule"
     assert fingerprints_schedule.cron_schedule == "5 * * * *"
+
+
+def test_the_operators_tables_keep_their_definition(
+    clickhouse, ch, sources, operator_tables
+) -> None:
+    """EmbeddedRocksDB with an operator's column and comment: exchanged with an exact
+    copy of itself, the live name keeps its definition, whatever the number of runs."""
+    names = ("fingerprints_dns", "fingerprints_http")
+    before = operator_tables(*names)
+    assets = [fingerprints_dns, fingerprints_http, fingerprints_dns_check, fingerprints_http_check]
+    instance = dg.DagsterInstance.ephemeral()
+    forced = {"ops": {n: {"config": {"force": True}} for n in names}}
+    for run_config in (None, forced, forced):
+        assert _run(clickhouse, instance, assets, run_config).success
+        assert operator_tables(*names) == before
+        assert ch.count("fingerprints_dns") == 150 and ch.count("fingerprints_http") == 120
+    assert ch.query_rows("SELECT DISTINCT reviewed FROM fingerprints_dns") == [(0,)]

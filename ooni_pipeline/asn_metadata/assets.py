@@ -8,7 +8,7 @@ from pydantic import Field
 from ooni_pipeline import settings
 from ooni_pipeline.asn_metadata import DEFAULT_BATCH_ROWS
 from ooni_pipeline.clickhouse import ClickHouseResource
-from ooni_pipeline.clickhouse.schema import ensure_tables
+from ooni_pipeline.clickhouse.schema import ensure_tables, ensure_updater_table
 from ooni_pipeline.clickhouse.swap import replace_table
 from ooni_pipeline.common import (
     CLICKHOUSE_POOL,
@@ -58,7 +58,7 @@ def asnmeta(
     start = time.monotonic()
     stats = ParseStats()
     with clickhouse.connect() as ch, one_run_at_a_time(context, ch, "asnmeta"):
-        ensure_tables(ch, "asnmeta", "asnmeta_tmp")
+        ensure_updater_table(ch, "asnmeta")
         live_rows = ch.count("asnmeta")
         previous = (
             None if config.force or not live_rows else previous_validators(context, ASNMETA_KEY)

@@ -36,7 +36,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ooni_pipeline.backup.plan import fingerprint_sql, fingerprint_text, table_structure
+from ooni_pipeline.backup.plan import ROW_HASH, fingerprint_sql, fingerprint_text, table_structure
 from ooni_pipeline.clickhouse import ClickHouse, ClickHouseError, quote_identifier
 from ooni_pipeline.decompression import DecompressionLimitExceeded, iter_bounded
 from ooni_pipeline.object_store.stores import (
@@ -135,7 +135,7 @@ def verify_object(
     rows = _count(entry, "rows")
     if rows is None:
         return {"match": False, "expected": expected, "error": NO_RECORDED_SIZE}
-    sql = "SELECT count(), sum(h) FROM (SELECT cityHash64(*) AS h FROM {function} LIMIT {bound})"
+    sql = f"SELECT count(), sum(h) FROM (SELECT {ROW_HASH} AS h FROM {{function}} LIMIT {{bound}})"
     found = _engine_read(
         ch, store, table, key, entry, "CSVWithNames", sql, (rows, "rows"), max_threads, expected
     )

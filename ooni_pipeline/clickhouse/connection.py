@@ -78,7 +78,14 @@ class ClickHouse:
     ``url`` is either ``chdb:///abs/path`` or an ``http(s)://`` server URL.
     """
 
-    def __init__(self, url: str, *, lock_timeout_s: float = 600.0, lock_poll_s: float = 0.5):
+    def __init__(
+        self,
+        url: str,
+        *,
+        lock_timeout_s: float = 600.0,
+        lock_poll_s: float = 0.5,
+        cluster: str | None = None,
+    ):
         self.url = url
         self.display_url = redact_url(url)
         parts = urlsplit(url)
@@ -88,6 +95,11 @@ class ClickHouse:
         self._lock_poll_s = lock_poll_s
         self._chdb_conn: Any = None
         self.path = parts.path if self.embedded else None
+        # The ClickHouse cluster (``OONI_CLICKHOUSE_CLUSTER``) the tables the project owns
+        # are created on; ``None``: one server. Embedded is always one server.
+        self.cluster = None if self.embedded or not cluster else cluster
+        if self.cluster is not None:
+            quote_identifier(self.cluster)
         if self.embedded and not (self.path and self.path.startswith("/")):
             raise ClickHouseError(f"chdb URL needs an absolute path: {url!r}")
         self._client = self._open()

@@ -7,14 +7,28 @@ same staging table. The lock lives where the tables are, so it holds whichever
 hosts the runs execute on.
 
 ``CREATE TABLE`` without ``IF NOT EXISTS`` succeeds for exactly one caller, so the
-lock is a small table named after what it guards, holding its owner's id. A lock
-whose owner is gone (its run ended without releasing, the server restarted) is
-taken over by renaming it away, which, too, succeeds for exactly one caller.
+lock is a small table named after what it guards. Its comment, written by the very
+statement that creates it, names its owner and a token unique to this holding; a
+Memory row repeats the owner (it dies with an embedded process, which tells a crashed
+embedded run's lock at once).
+
+A lock whose owner is gone (its run ended without releasing, its worker was killed
+and run monitoring marked it failed) is taken over in one atomic step: the lock is
+renamed to a tombstone named after the token that was judged dead. A second waiter
+that judged the same holding dead renames to the same name and fails, because the
+tombstone exists (tombstones are kept a day), so it can never rename away the lock
+the first waiter has taken meanwhile.
+
+The lock is a table of the database ``OONI_CLICKHOUSE_URL`` names, on the node it
+names: every run of a deployment uses the same URL, so every run sees it. On a
+cluster that URL must name one node, not a load balancer across replicas (a Memory
+table is local to its node).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -34,6 +48,10 @@ EMBEDDED_OWNERLESS_GRACE_S = 2.0
 # An owner nobody here knows (another Dagster instance) is presumed working for this
 # long: longer than an updater's run with all its retries (about 2.5 hours).
 UNKNOWN_OWNER_STALE_S = 6 * 3600.0
+# Tombstones of taken-over locks are dropped once older than this: far longer than a
+# waiter takes between reading a lock's owner and renaming it.
+TOMBSTONE_KEEP_S = 24 * 3600.0
+_OWNER = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 
 class LockTimeoutError(RuntimeError):
@@ -44,20 +62,47 @@ def _lock_table(name: str) -> str:
     return f"_lock_{name}"
 
 
-def _owner(ch: ClickHouse, table: str) -> tuple[str | None, float] | None:
-    """(owner, seconds since it took the lock) or ``None`` if nobody holds it; the
-    owner is ``None`` while its row is not written yet."""
+def _tombstone(name: str, token: str) -> str:
+    return f"_lock_dead_{name}_{token}"
+
+
+def _holding(ch: ClickHouse, table: str) -> tuple[str | None, str, float] | None:
+    """(owner, token, seconds held) of the lock, or ``None`` if nobody holds it. The
+    owner is ``None`` while (embedded) its Memory row is missing: written a moment
+    after the table, and gone with the process that wrote it."""
+    rows = ch.query_rows(
+        "SELECT comment FROM system.tables WHERE database = currentDatabase() AND name = {t:String}",
+        {"t": table},
+    )
+    if not rows:
+        return None
+    owner, token, taken = (str(rows[0][0]).split(" ") + ["", "", "0"])[:3]
     try:
-        rows = ch.query_rows(
+        held = ch.query_rows(
             f"SELECT owner, dateDiff('millisecond', since, now64(3)) / 1000 FROM {quote_identifier(table)}"
         )
     except ClickHouseError as exc:
         if "UNKNOWN_TABLE" in str(exc) or "does not exist" in str(exc):
             return None  # released meanwhile
         raise
-    if not rows:
-        return None, 0.0
-    return str(rows[0][0]), max(0.0, float(rows[0][1]))
+    if held:
+        return str(held[0][0]), token, max(0.0, float(held[0][1]))
+    age = max(0.0, time.time() - float(taken or 0))
+    # Embedded, a missing row is a dead process's; on a server, a restart's (the
+    # comment still names the owner).
+    return (None if ch.embedded else owner or None), token, age
+
+
+def _drop_old_tombstones(ch: ClickHouse, name: str) -> None:
+    rows = ch.query_rows(
+        "SELECT name, comment FROM system.tables WHERE database = currentDatabase() "
+        "AND startsWith(name, {prefix:String})",
+        {"prefix": f"_lock_dead_{name}_"},
+    )
+    for tombstone, comment in rows:
+        taken = (str(comment).split(" ") + ["", "", "0"])[2]
+        if time.time() - float(taken or 0) > TOMBSTONE_KEEP_S:
+            ch.command(f"DROP TABLE IF EXISTS {quote_identifier(str(tombstone))} SYNC")
 
 
 @contextmanager
@@ -79,22 +124,29 @@ def exclusive(
     than ``UNKNOWN_OWNER_STALE_S``.
     """
     log = log or logging.getLogger(__name__)
+    if not _OWNER.fullmatch(owner):
+        raise ValueError("a lock owner is a run id: letters, digits, '_', '.', ':', '-'")
     table = quote_identifier(_lock_table(name))
+    token = uuid.uuid4().hex[:16]
     deadline = time.monotonic() + wait_s
     announced: str | None = ""  # nothing announced yet
     ownerless_since: float | None = None
+    held: tuple[str | None, str, float] | None = None
     while True:
         try:
-            ch.command(f"CREATE TABLE {table} (owner String, since DateTime64(3)) ENGINE = Memory")
+            ch.command(
+                f"CREATE TABLE {table} (owner String, since DateTime64(3)) ENGINE = Memory "
+                f"COMMENT '{owner} {token} {time.time():.3f}'"
+            )
         except ClickHouseError as exc:
             if "already exists" not in str(exc).lower() and "TABLE_ALREADY_EXISTS" not in str(exc):
                 raise
         else:
             ch.command(f"INSERT INTO {table} SELECT {{o:String}}, now64(3)", {"o": owner})
             break
-        held = _owner(ch, _lock_table(name))
+        held = _holding(ch, _lock_table(name))
         if held is not None:
-            holder, age = held
+            holder, held_token, age = held
             if holder is None:
                 ownerless_since = ownerless_since or time.monotonic()
                 grace = EMBEDDED_OWNERLESS_GRACE_S if ch.embedded else OWNERLESS_GRACE_S
@@ -105,12 +157,16 @@ def exclusive(
                 stale = alive is False or (alive is None and age > UNKNOWN_OWNER_STALE_S)
             if stale:
                 log.warning(f"lock {name}: its owner {holder or '(none)'} is gone; taking it over")
-                aside = quote_identifier(f"_lock_stale_{uuid.uuid4().hex[:12]}")
                 try:
-                    ch.command(f"RENAME TABLE {table} TO {aside}")
-                    ch.command(f"DROP TABLE IF EXISTS {aside} SYNC")
+                    # Fails if another waiter renamed this very holding first (the
+                    # tombstone exists) or the lock is gone: either way, start again.
+                    ch.command(
+                        f"RENAME TABLE {table} TO {quote_identifier(_tombstone(name, held_token))}"
+                    )
                 except ClickHouseError:
-                    pass  # another waiter took it over first
+                    pass
+                else:
+                    _drop_old_tombstones(ch, name)
                 continue
             if holder != announced:
                 log.info(
@@ -126,9 +182,12 @@ def exclusive(
     try:
         yield
     finally:
-        # Only the owner's own lock is dropped (it may have been taken over meanwhile).
+        # Only this holding's own lock is dropped (it may have been taken over meanwhile).
         try:
-            if ch.scalar(f"SELECT any(owner) FROM {table}") == owner:
+            current = _holding(ch, _lock_table(name))
+            if current is not None and current[1] == token:
                 ch.command(f"DROP TABLE IF EXISTS {table} SYNC")
+            else:
+                log.warning(f"lock {name} was taken over before its release")
         except ClickHouseError:
             log.warning(f"lock {name} was gone before its release")

@@ -28,6 +28,12 @@ class ClickHouseResource(dg.ConfigurableResource):
         description="How long to wait for another process to release embedded ClickHouse",
     )
 
+    cluster: str | None = Field(
+        default=None,
+        description="ClickHouse cluster name for ON CLUSTER DDL (unset: OONI_CLICKHOUSE_CLUSTER, "
+        "unset there too: one server)",
+    )
+
     def resolved_url(self) -> str:
         url = self.url or settings.env("OONI_CLICKHOUSE_URL")
         if url:
@@ -41,5 +47,9 @@ class ClickHouseResource(dg.ConfigurableResource):
         Embedded, the data directory is locked only inside the block, so steps of
         other runs can take their turn as soon as this one is done.
         """
-        with ClickHouse(self.resolved_url(), lock_timeout_s=self.lock_timeout_s) as ch:
+        with ClickHouse(
+            self.resolved_url(),
+            lock_timeout_s=self.lock_timeout_s,
+            cluster=self.cluster or settings.env("OONI_CLICKHOUSE_CLUSTER"),
+        ) as ch:
             yield ch

@@ -1,10 +1,15 @@
 """OONI's table definitions, created on first use (``CREATE TABLE IF NOT EXISTS``).
 
-Column lists follow ``docs/Database.md`` of ooni/backend (see CONTRACT.md). A
-staging table (``_tmp``, ``_flip``) has exactly the DDL of its live table.
+Column lists, engines and settings follow ``docs/Database.md`` of ooni/backend and
+ooni/devops ``scripts/cluster-migration/schema.sql`` (see CONTRACT.md). A table
+that exists is never redefined: it may be the operator's, with columns, settings
+or a ``Replicated*`` engine of its own. A staging table (``_tmp``, ``_flip``) is
+built from its live table's definition (``staging_twin``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from ooni_pipeline.clickhouse.connection import ClickHouse, quote_identifier
 
@@ -108,51 +113,87 @@ BLOCKING_EVENTS_COLUMNS = """
     version DateTime64(3, 'UTC')
 """
 
-# name -> (columns, engine clause)
-_TABLES: dict[str, tuple[str, str]] = {
-    "fastpath": (
-        FASTPATH_COLUMNS,
-        "ENGINE = ReplacingMergeTree(update_time) "
-        "ORDER BY (measurement_start_time, report_id, input, measurement_uid)",
+
+@dataclass(frozen=True)
+class TableDef:
+    """A table's DDL in parts, so one definition serves one server and a cluster."""
+
+    columns: str
+    engine: str  # a MergeTree-family name, or another engine (EmbeddedRocksDB)
+    args: str = ""  # the engine's own arguments
+    rest: str = ""  # PARTITION BY / ORDER BY / PRIMARY KEY / SETTINGS
+
+    @property
+    def replicable(self) -> bool:
+        return self.engine.endswith("MergeTree")
+
+
+# OONI's own DDL (ooni/backend docs/Database.md; ooni/devops
+# scripts/cluster-migration/schema.sql for the cluster's engines and paths).
+_TABLES: dict[str, TableDef] = {
+    "fastpath": TableDef(
+        FASTPATH_COLUMNS
+        + """,
+    INDEX fastpath_rid_idx report_id TYPE minmax GRANULARITY 1,
+    INDEX measurement_uid_idx measurement_uid TYPE minmax GRANULARITY 8
+""",
+        "ReplacingMergeTree",
+        "update_time",
+        "ORDER BY (measurement_start_time, report_id, input, measurement_uid) "
+        "SETTINGS index_granularity = 8192",
     ),
-    "citizenlab": (
+    "citizenlab": TableDef(
         "domain String, url String, cc FixedString(32), category_code String",
-        "ENGINE = ReplacingMergeTree ORDER BY (domain, url, cc, category_code)",
+        "ReplacingMergeTree",
+        "",
+        "ORDER BY (domain, url, cc, category_code) SETTINGS index_granularity = 4",
     ),
-    "fingerprints_dns": (
+    "fingerprints_dns": TableDef(
         _FINGERPRINT_COLUMNS.format(scopes=_enum(DNS_SCOPES)),
-        "ENGINE = EmbeddedRocksDB PRIMARY KEY name",
+        "EmbeddedRocksDB",
+        "",
+        "PRIMARY KEY name",
     ),
-    "fingerprints_http": (
+    "fingerprints_http": TableDef(
         _FINGERPRINT_COLUMNS.format(scopes=_enum(HTTP_SCOPES)),
-        "ENGINE = EmbeddedRocksDB PRIMARY KEY name",
+        "EmbeddedRocksDB",
+        "",
+        "PRIMARY KEY name",
     ),
-    "asnmeta": (
+    "asnmeta": TableDef(
         "asn UInt32, org_name String, cc String, changed Date, aut_name String, source String",
-        "ENGINE = MergeTree ORDER BY (asn, changed)",
+        "MergeTree",
+        "",
+        "ORDER BY (asn, changed) SETTINGS index_granularity = 8192",
     ),
-    "blocking_status": (
+    "blocking_status": TableDef(
         BLOCKING_STATUS_COLUMNS,
-        "ENGINE = ReplacingMergeTree(update_time) PARTITION BY toDate(hour) "
-        "ORDER BY (hour, probe_cc, domain, probe_asn)",
+        "ReplacingMergeTree",
+        "update_time",
+        "PARTITION BY toDate(hour) ORDER BY (hour, probe_cc, domain, probe_asn)",
     ),
-    "blocking_events": (
-        BLOCKING_EVENTS_COLUMNS,
-        "ENGINE = ReplacingMergeTree(version) ORDER BY event_id",
+    "blocking_events": TableDef(
+        BLOCKING_EVENTS_COLUMNS, "ReplacingMergeTree", "version", "ORDER BY event_id"
     ),
     # The hours of a detector pass whose swap into blocking_status began and did not
     # end (see detector.status.replace_partitions): the next pass computes them again.
-    "blocking_status_redo": (
+    "blocking_status_redo": TableDef(
         "first_hour DateTime('UTC'), last_hour DateTime('UTC'), since DateTime64(3, 'UTC')",
-        "ENGINE = MergeTree ORDER BY first_hour",
+        "MergeTree",
+        "",
+        "ORDER BY first_hour",
     ),
 }
 
 # The project's own derived tables: created by the asset that writes them, on a server
-# too (nothing else writes them, and they start empty by design).
+# too (nothing else writes them, and they start empty by design); on a cluster
+# ``ON CLUSTER`` with a ``Replicated*`` engine.
 DERIVED_TABLES = frozenset({"blocking_status", "blocking_events", "blocking_status_redo"})
+# Tables an updater fills: created by that updater where missing, with OONI's DDL.
+UPDATER_TABLES = frozenset({"citizenlab", "fingerprints_dns", "fingerprints_http", "asnmeta"})
 
-# staging table -> its live table
+# staging table -> its live table; a staging table is built from its live table's
+# definition (``staging_twin``), never from the DDL above.
 STAGING_OF = {
     "citizenlab_flip": "citizenlab",
     "fingerprints_dns_tmp": "fingerprints_dns",
@@ -165,15 +206,45 @@ KNOWN_TABLES = (*_TABLES, *STAGING_OF)
 # OONI's own tables: never created implicitly on a server (see ensure_tables).
 OONI_TABLES = tuple(name for name in _TABLES if name not in DERIVED_TABLES)
 
+# Where a table the project creates on a cluster keeps its replicas' state in Keeper:
+# OONI's layout (ooni/devops scripts/cluster-migration/schema.sql), one path per table.
+KEEPER_PATH = "/clickhouse/{{cluster}}/tables/{{database}}/{table}/{{shard}}"
 
-def create_table_sql(name: str) -> str:
-    """The ``CREATE TABLE IF NOT EXISTS`` statement of a known OONI table."""
-    columns, engine = _TABLES[STAGING_OF.get(name, name)]
-    return f"CREATE TABLE IF NOT EXISTS {quote_identifier(name)} ({columns}) {engine}"
+
+def create_table_sql(name: str, cluster: str | None = None) -> str:
+    """The ``CREATE TABLE IF NOT EXISTS`` statement of a table the project knows.
+
+    With ``cluster``, the statement runs ``ON CLUSTER`` and a MergeTree-family engine
+    becomes its ``Replicated*`` form with a Keeper path of the table's own."""
+    table = _TABLES[name]
+    quoted = quote_identifier(name)
+    engine, args = table.engine, table.args
+    on_cluster = ""
+    if cluster is not None:
+        on_cluster = f" ON CLUSTER {quote_identifier(cluster)}"
+        if table.replicable:
+            engine = f"Replicated{engine}"
+            keeper = ["'" + KEEPER_PATH.format(table=name) + "'", "'{replica}'"]
+            args = ", ".join([*keeper, *([args] if args else [])])
+    engine_clause = f"ENGINE = {engine}" + (f"({args})" if args else "")
+    return (
+        f"CREATE TABLE IF NOT EXISTS {quoted}{on_cluster} ({table.columns}) "
+        f"{engine_clause} {table.rest}"
+    )
 
 
 class MissingTableError(RuntimeError):
     """An OONI table is missing on a ClickHouse server (never created implicitly)."""
+
+
+def _exists(ch: ClickHouse, name: str) -> bool:
+    return bool(
+        ch.scalar(
+            "SELECT count() FROM system.tables WHERE database = currentDatabase() "
+            "AND name = {t:String}",
+            {"t": name},
+        )
+    )
 
 
 def ensure_tables(ch: ClickHouse, *names: str) -> None:
@@ -182,30 +253,200 @@ def ensure_tables(ch: ClickHouse, *names: str) -> None:
     On a ClickHouse server, OONI's own tables are never created implicitly: a missing
     one means a wrong ``OONI_CLICKHOUSE_URL`` (database, server) far more often than a
     new deployment, and an empty table created there would be exported, backed up
-    and served as if it were OONI's data. Staging tables, and the project's derived
-    tables (``DERIVED_TABLES``, written only by their asset), are created as needed.
+    and served as if it were OONI's data. The updaters create theirs
+    (``ensure_updater_table``), since they fill them at once. Staging tables are
+    built from their live table (``staging_twin``), and the project's derived tables
+    (``DERIVED_TABLES``, written only by their asset) are created as needed, on the
+    cluster when there is one.
     """
     for name in names:
         if name not in KNOWN_TABLES:
             raise ValueError(f"unknown table {name!r}; known: {', '.join(KNOWN_TABLES)}")
-        if not ch.embedded and name in OONI_TABLES:
-            exists = ch.scalar(
-                "SELECT count() FROM system.tables WHERE database = currentDatabase() "
-                "AND name = {t:String}",
-                {"t": name},
-            )
-            if not exists:
+        if name in STAGING_OF:
+            staging_twin(ch, STAGING_OF[name], name)
+        elif not ch.embedded and name in OONI_TABLES:
+            if not _exists(ch, name):
                 raise MissingTableError(
                     f"table {name} does not exist on {ch.display_url}; against a server OONI's "
                     f"tables are never created implicitly: check OONI_CLICKHOUSE_URL, or create "
                     f"it with the DDL printed by `python -m ooni_pipeline.clickhouse.schema {name}`"
                 )
-            continue
-        ch.command(create_table_sql(name))
+        elif not _exists(ch, name):
+            ch.command(create_table_sql(name, ch.cluster))
+
+
+def ensure_updater_table(ch: ClickHouse, name: str) -> None:
+    """Create an updater's live table with OONI's DDL if it is missing (on a server and
+    a cluster too: the updater fills it at once); an existing one is never touched."""
+    if name not in UPDATER_TABLES:
+        raise ValueError(f"{name!r} is not an updater's table")
+    if not _exists(ch, name):
+        ch.command(create_table_sql(name, ch.cluster))
+
+
+# -- staging twins ----------------------------------------------------------------
+
+
+class StagingMismatchError(RuntimeError):
+    """A staging table cannot be made to match its live table."""
+
+
+@dataclass(frozen=True)
+class TableShape:
+    """What ``REPLACE PARTITION`` (and an exchange) needs two tables to share."""
+
+    engine: str  # without ``Replicated``
+    columns: tuple[tuple[str, ...], ...]
+    indices: tuple[tuple[str, ...], ...]
+    keys: tuple[str, ...]  # partition, sorting, primary, sampling keys, storage policy
+    clauses: tuple[str, ...]  # CONSTRAINT and PROJECTION lines of SHOW CREATE
+
+    @property
+    def merge_tree(self) -> bool:
+        return self.engine.endswith("MergeTree")
+
+
+def table_shape(ch: ClickHouse, name: str) -> tuple[TableShape, str]:
+    """The shape of an existing table, and its ``engine_full``."""
+    rows = ch.query_rows(
+        "SELECT engine, engine_full, partition_key, sorting_key, "
+        "primary_key, sampling_key, storage_policy FROM system.tables "
+        "WHERE database = currentDatabase() AND name = {t:String}",
+        {"t": name},
+    )
+    if not rows:
+        raise MissingTableError(f"table {name} does not exist on {ch.display_url}")
+    engine, engine_full, *keys = (str(v) for v in rows[0])
+    # Constraints and projections travel with ``AS live``; the server writes each on a
+    # line of its own in SHOW CREATE (formatted), after the columns.
+    clauses = tuple(
+        line.strip().rstrip(",")
+        for line in ch.scalar(f"SHOW CREATE TABLE {quote_identifier(name)}").splitlines()
+        if line.strip().startswith(("CONSTRAINT ", "PROJECTION "))
+    )
+    columns = ch.query_rows(
+        "SELECT name, type, default_kind, default_expression, compression_codec "
+        "FROM system.columns WHERE database = currentDatabase() AND table = {t:String} "
+        "ORDER BY position",
+        {"t": name},
+    )
+    indices = ch.query_rows(
+        "SELECT name, type_full, expr, granularity FROM system.data_skipping_indices "
+        "WHERE database = currentDatabase() AND table = {t:String} ORDER BY name",
+        {"t": name},
+    )
+    shape = TableShape(
+        engine=engine.removeprefix("Replicated"),
+        columns=tuple(tuple(str(v) for v in c) for c in columns),
+        indices=tuple(tuple(str(v) for v in i) for i in indices),
+        keys=tuple(keys),
+        clauses=clauses,
+    )
+    return shape, engine_full
+
+
+def _split_engine(engine_full: str) -> tuple[str, list[str], str]:
+    """``Name(arg, ...) rest`` -> (name, [arg, ...], rest), arguments split at their
+    top-level commas, string literals kept whole."""
+    name_end = 0
+    while name_end < len(engine_full) and (
+        engine_full[name_end].isalnum() or engine_full[name_end] == "_"
+    ):
+        name_end += 1
+    name, tail = engine_full[:name_end], engine_full[name_end:]
+    if not tail.startswith("("):
+        return name, [], tail.strip()
+    args, depth, quote, current, i = [], 0, False, "", 0
+    while i < len(tail):
+        c = tail[i]
+        if quote:
+            current += c
+            if c == "\\" and i + 1 < len(tail):
+                current += tail[i + 1]
+                i += 1
+            elif c == "'":
+                quote = False
+        elif c == "'":
+            quote, current = True, current + c
+        elif c == "(":
+            depth += 1
+            if depth > 1:
+                current += c
+        elif c == ")":
+            depth -= 1
+            if depth == 0:
+                break
+            current += c
+        elif c == "," and depth == 1:
+            args.append(current.strip())
+            current = ""
+        else:
+            current += c
+        i += 1
+    if depth != 0:
+        raise StagingMismatchError(f"cannot read the engine clause of {name}")
+    if current.strip():
+        args.append(current.strip())
+    return name, args, tail[i + 1 :].strip()
+
+
+def plain_engine(engine_full: str) -> str:
+    """The engine clause of a MergeTree-family table without replication: a staging
+    twin of a ``Replicated*`` table is local and must not share its Keeper path.
+
+    ``ReplicatedX('/path', '{replica}', a) ORDER BY …`` -> ``X(a) ORDER BY …``; the two
+    Keeper arguments are there only when both are string literals (they may be left
+    to the server's defaults)."""
+    name, args, rest = _split_engine(engine_full)
+    if name.startswith("Replicated"):
+        name = name.removeprefix("Replicated")
+        if len(args) >= 2 and all(a.startswith("'") for a in args[:2]):
+            args = args[2:]
+    return f"{name}({', '.join(args)}) {rest}".strip()
+
+
+def staging_twin(ch: ClickHouse, live: str, staging: str) -> TableShape:
+    """Make ``staging`` a local table of exactly ``live``'s shape, and return it.
+
+    A MergeTree-family live table gets a twin ``AS live`` with its engine clause
+    made local (``plain_engine``): ``REPLACE PARTITION`` then copies the twin's parts
+    into the live table, whose definition stays the operator's. Any other engine
+    (``EmbeddedRocksDB``) gets an exact copy ``AS live``, exchanged whole. A staging
+    table left with another shape (an older definition, another version of the
+    project) is dropped and rebuilt, never trusted.
+    """
+    quote_identifier(staging)
+    live_shape, engine_full = table_shape(ch, live)
+    if _exists(ch, staging):
+        staging_shape, staging_full = table_shape(ch, staging)
+        same = staging_shape == live_shape and (
+            live_shape.merge_tree or staging_full == engine_full
+        )
+        if same:
+            return live_shape
+        ch.command(f"DROP TABLE {quote_identifier(staging)} SYNC")
+    if live_shape.merge_tree:
+        ch.command(
+            f"CREATE TABLE {quote_identifier(staging)} AS {quote_identifier(live)} "
+            f"ENGINE = {plain_engine(engine_full)}"
+        )
+    elif engine_full.startswith("Replicated"):
+        raise StagingMismatchError(f"{live}: a replicated {live_shape.engine} has no local twin")
+    else:
+        ch.command(f"CREATE TABLE {quote_identifier(staging)} AS {quote_identifier(live)}")
+    staging_shape, staging_full = table_shape(ch, staging)
+    if staging_shape != live_shape or (not live_shape.merge_tree and staging_full != engine_full):
+        raise StagingMismatchError(
+            f"{staging} was rebuilt from {live} and still differs from it; nothing was changed"
+        )
+    return live_shape
 
 
 if __name__ == "__main__":
     import sys
 
+    from ooni_pipeline import settings
+
+    cluster = settings.env("OONI_CLICKHOUSE_CLUSTER")
     for table in sys.argv[1:] or list(_TABLES):
-        print(create_table_sql(table) + ";")
+        print(create_table_sql(table, cluster) + ";")

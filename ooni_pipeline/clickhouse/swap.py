@@ -1,19 +1,36 @@
-"""Atomic table replacement, the one mechanism every updater uses.
+"""Atomic replacement of a table's data, the one mechanism every updater uses.
 
-Fill a staging table, check it, then ``EXCHANGE TABLES`` it with the live table in
-one atomic rename. Any failure before the exchange leaves the live table exactly as
-it was; after the exchange the staging table holds the previous content, which
-callers may diff against.
+Fill a staging twin of the live table (``schema.staging_twin``), check it, then make
+its rows the live table's in one atomic step. The live table's definition is never
+touched: it may be the operator's (another ORDER BY, settings, columns the project
+does not know, a ``Replicated*`` engine on a cluster).
+
+- MergeTree family: ``ALTER TABLE live REPLACE PARTITION … FROM staging``. ClickHouse
+  copies the staging parts by hard links and swaps them in atomically per partition
+  (ClickHouse docs, "Manipulating Partitions"); on a ``Replicated*`` live table the
+  ALTER goes through the replication log, so every replica gets the new data. An
+  unpartitioned table (all of OONI's) is one partition: one atomic step. A
+  partitioned one is replaced partition by partition, each atomically.
+- Any other engine (``EmbeddedRocksDB``, which is never replicated): the twin is an
+  exact copy of the live definition, so ``EXCHANGE TABLES`` swaps data, and the
+  definition the live name ends up with is the one it had.
+
+Any failure before that step leaves the live table exactly as it was. A caller that
+wants to compare old and new does so in ``before_swap`` (live is old, staging new).
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from ooni_pipeline.clickhouse.connection import ClickHouse, quote_identifier
-from ooni_pipeline.clickhouse.schema import ensure_tables
+from ooni_pipeline.clickhouse.schema import (
+    ensure_updater_table,
+    staging_twin,
+)
 
 
 class TableUpdateError(RuntimeError):
@@ -51,15 +68,18 @@ def replace_table(
     fill: Callable[[ClickHouse, str], None],
     bounds: RowBounds | None = None,
     validate: Callable[[ClickHouse, str], None] | None = None,
+    before_swap: Callable[[ClickHouse, str], None] | None = None,
 ) -> ReplaceResult:
-    """Fill ``staging`` through ``fill(ch, staging)``, check it, swap it with ``live``.
+    """Fill ``staging`` through ``fill(ch, staging)``, check it, make it ``live``'s data.
 
     ``validate`` may raise to refuse the new content. Errors raised by ``fill`` and
-    ``validate`` propagate as ``TableUpdateError`` naming the step.
+    ``validate`` propagate as ``TableUpdateError`` naming the step. ``before_swap``
+    runs last before the swap (e.g. to compare old and new).
     """
     quote_identifier(live)
     quote_identifier(staging)
-    ensure_tables(ch, live, staging)
+    ensure_updater_table(ch, live)
+    shape = staging_twin(ch, live, staging)
     previous_rows = ch.count(live)
     start = time.monotonic()
     ch.command(f"TRUNCATE TABLE {quote_identifier(staging)}")
@@ -77,9 +97,40 @@ def replace_table(
             raise TableUpdateError(
                 f"validating {staging} failed, {live} left unchanged: {exc}"
             ) from exc
+    if before_swap is not None:
+        before_swap(ch, staging)
     fill_s = time.monotonic() - start
     start = time.monotonic()
-    ch.command(f"EXCHANGE TABLES {quote_identifier(staging)} AND {quote_identifier(live)}")
+    if shape.merge_tree:
+        _replace_partitions(ch, live, staging)
+    else:
+        ch.command(f"EXCHANGE TABLES {quote_identifier(staging)} AND {quote_identifier(live)}")
     return ReplaceResult(
         rows=rows, previous_rows=previous_rows, fill_s=fill_s, swap_s=time.monotonic() - start
     )
+
+
+_PARTS_SQL = (
+    "SELECT table, partition_id FROM system.parts WHERE database = currentDatabase() "
+    "AND table IN ({live:String}, {staging:String}) AND active GROUP BY table, partition_id"
+)
+# What a partition id looks like (a hash, a number, a date, ``all``); anything else
+# is refused rather than written into a statement.
+_PARTITION_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
+
+
+def _replace_partitions(ch: ClickHouse, live: str, staging: str) -> None:
+    """Every partition of ``live`` gets ``staging``'s parts of it; one staging has no
+    part of is dropped (newer servers refuse to replace from an empty source)."""
+    parts = ch.query_rows(_PARTS_SQL, {"live": live, "staging": staging})
+    staged = {str(pid) for table, pid in parts if table == staging}
+    for pid in sorted({str(pid) for _, pid in parts}):
+        if not _PARTITION_ID.fullmatch(pid):
+            raise TableUpdateError(f"unexpected partition id in {live} or {staging}")
+        if pid in staged:
+            ch.command(
+                f"ALTER TABLE {quote_identifier(live)} REPLACE PARTITION ID '{pid}' "
+                f"FROM {quote_identifier(staging)}"
+            )
+        else:
+            ch.command(f"ALTER TABLE {quote_identifier(live)} DROP PARTITION ID '{pid}'")

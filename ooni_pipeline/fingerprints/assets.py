@@ -12,7 +12,12 @@ from ooni_pipeline.clickhouse import (
     ClickHouseResource,
     quote_identifier,
 )
-from ooni_pipeline.clickhouse.schema import DNS_SCOPES, HTTP_SCOPES, ensure_tables
+from ooni_pipeline.clickhouse.schema import (
+    DNS_SCOPES,
+    HTTP_SCOPES,
+    ensure_tables,
+    ensure_updater_table,
+)
 from ooni_pipeline.clickhouse.swap import replace_table
 from ooni_pipeline.common import (
     CLICKHOUSE_POOL,
@@ -86,7 +91,7 @@ def build_fingerprints_asset(
         previous = None if config.force else previous_validators(context, key)
         start = time.monotonic()
         with clickhouse.connect() as ch, one_run_at_a_time(context, ch, table):
-            ensure_tables(ch, table, f"{table}_tmp")
+            ensure_updater_table(ch, table)
             live_rows = ch.count(table)
             body, validators = fetch_bytes(url, previous=previous if live_rows else None)
             fetch_s = time.monotonic() - start

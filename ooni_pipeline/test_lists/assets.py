@@ -10,7 +10,7 @@ from pydantic import Field
 
 from ooni_pipeline import settings
 from ooni_pipeline.clickhouse import ClickHouse, ClickHouseResource
-from ooni_pipeline.clickhouse.schema import ensure_tables
+from ooni_pipeline.clickhouse.schema import ensure_tables, ensure_updater_table
 from ooni_pipeline.clickhouse.swap import replace_table
 from ooni_pipeline.common import (
     CLICKHOUSE_POOL,
@@ -55,14 +55,14 @@ def _arrow(parsed: ParsedLists) -> "pa.Table":
 
 
 def _changes(ch: ClickHouse) -> tuple[int, int]:
-    """(added, removed) (url, cc) pairs, after the swap: live is new, flip is old."""
+    """(added, removed) (url, cc) pairs, before the swap: flip is new, live is old."""
     added = ch.scalar(
-        "SELECT count() FROM (SELECT DISTINCT url, cc FROM citizenlab) "
-        "WHERE (url, cc) NOT IN (SELECT url, cc FROM citizenlab_flip)"
-    )
-    removed = ch.scalar(
         "SELECT count() FROM (SELECT DISTINCT url, cc FROM citizenlab_flip) "
         "WHERE (url, cc) NOT IN (SELECT url, cc FROM citizenlab)"
+    )
+    removed = ch.scalar(
+        "SELECT count() FROM (SELECT DISTINCT url, cc FROM citizenlab) "
+        "WHERE (url, cc) NOT IN (SELECT url, cc FROM citizenlab_flip)"
     )
     return int(added), int(removed)
 
@@ -96,7 +96,7 @@ def citizenlab(
         context.log.info(f"cloned test lists at commit {commit} in {fetch_s:.1f} s")
 
         with clickhouse.connect() as ch, one_run_at_a_time(context, ch, "citizenlab"):
-            ensure_tables(ch, "citizenlab", "citizenlab_flip")
+            ensure_updater_table(ch, "citizenlab")
             live_rows = ch.count("citizenlab")
             if commit == previous_commit and live_rows > 0 and not config.force:
                 return unchanged_result(
@@ -116,14 +116,16 @@ def citizenlab(
                 f"{sum(parsed.rejected.values())} rejected {dict(parsed.rejected)}; {parsed.duplicates} duplicates"
             )
             table = _arrow(parsed)
+            changes: list[tuple[int, int]] = []
             result = replace_table(
                 ch,
                 live="citizenlab",
                 staging="citizenlab_flip",
                 fill=lambda ch, staging: ch.insert_arrow(staging, table),
                 bounds=config.bounds(),
+                before_swap=lambda ch, staging: changes.append(_changes(ch)),
             )
-            added, removed = _changes(ch)
+            added, removed = changes[0]
             per_country = ch.query_rows(
                 "SELECT trimRight(toString(cc)) AS cc, count() AS n FROM citizenlab GROUP BY cc ORDER BY n DESC LIMIT 25"
             )
