@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import dagster as dg
@@ -28,17 +29,48 @@ NETWORK_RETRY_POLICY = dg.RetryPolicy(
 )
 
 
-def one_run_at_a_time(context: dg.AssetExecutionContext, ch: ClickHouse, name: str):
-    """A context manager: this run holds the ClickHouse lock ``name`` (one updater,
-    one staging table) for the block; another run of the same updater waits for it,
-    and a lock left by a run that has ended is taken over."""
-    from ooni_pipeline.clickhouse.lock import exclusive
+# How long a run waits for another live run holding the same lock before it fails
+# (and its retry, off the pool, tries again later): one updater's run takes minutes,
+# and a waiting step holds a slot of the ``clickhouse`` pool.
+LOCK_WAIT_S = 20 * 60
 
-    def run_alive(run_id: str) -> bool | None:
+
+def run_liveness(context: dg.AssetExecutionContext) -> Callable[[str], bool | None]:
+    """``alive(run_id)``: whether that run of this instance may still be working
+    (its status is not final); ``None`` for a run this instance does not know."""
+
+    def alive(run_id: str) -> bool | None:
         run = context.instance.get_run_by_id(run_id)
         return None if run is None else not run.is_finished
 
-    return exclusive(ch, name, context.run.run_id, owner_alive=run_alive, log=context.log)
+    return alive
+
+
+def one_run_at_a_time(context: dg.AssetExecutionContext, ch: ClickHouse, name: str):
+    """A context manager: this run holds the ClickHouse lock ``name`` (one updater,
+    one staging table) for the block; another run of the same updater waits for it,
+    and a lock left by a run that has ended, or whose worker process is gone, is
+    taken over (that run is then marked failed: its worker cannot do it)."""
+    from ooni_pipeline.clickhouse.lock import exclusive
+
+    run_alive = run_liveness(context)
+
+    def mark_failed(run_id: str) -> None:
+        run = context.instance.get_run_by_id(run_id)
+        if run is not None and not run.is_finished:
+            context.instance.report_run_failed(
+                run, f"its worker process is gone (found by run {context.run.run_id})"
+            )
+
+    return exclusive(
+        ch,
+        name,
+        context.run.run_id,
+        owner_alive=run_alive,
+        on_dead_worker=mark_failed,
+        wait_s=LOCK_WAIT_S,
+        log=context.log,
+    )
 
 
 def publishing(

@@ -28,7 +28,8 @@ locked while a request runs in them (``SESSION_IS_LOCKED``, 373); users with
 passwords by Basic auth, ``X-ClickHouse-User``/``Key`` or URL parameters (516 when
 wrong).
 
-Not served (see README.md): TLS, the native protocol, clusters, quotas, roles and
+Clusters are stood in for (``cluster()``): statements are recorded as sent and run
+on the one node. Not served (see README.md): TLS, the native protocol, quotas, roles and
 grants, progress headers, external data, ``client_protocol_version`` block info,
 the server's own concurrency limits and memory accounting; a streamed insert
 violating a table's CONSTRAINT (chdb's ``send_insert`` drops the block and reports
@@ -154,6 +155,8 @@ class ClickHouseHTTP:
         # failing after its headers with the exception's text as data, status 200
         # and a complete stream (ClickHouse#9579, #68800); see ``old_server()``.
         self.exception_tag = True
+        self._cluster_name: str | None = None  # see cluster()
+        self.statements: list[str] = []
         self._result_faults: list[tuple[bytes, int]] = []
         conn = chdb.connect(self.path)
         try:
@@ -251,6 +254,23 @@ class ClickHouseHTTP:
             yield
         finally:
             self.exception_tag = True
+
+    @contextmanager
+    def cluster(self, name: str) -> Iterator[list[str]]:
+        """For the block, stand in for one node of cluster ``name``: every statement is
+        recorded as sent (the list yielded), then run on this one node with its
+        ``ON CLUSTER`` clause and its engines' replication removed (no Keeper runs
+        here): ``ReplicatedX('<path>', '<replica>'[, args])`` becomes ``X([args])``."""
+        self._cluster_name, self.statements = name, []
+        try:
+            yield self.statements
+        finally:
+            self._cluster_name = None
+
+    def _on_one_node(self, head: bytes) -> bytes:
+        self.statements.append(head.decode("utf-8", "replace")[:20000])
+        head = re.sub(rb"\s+ON\s+CLUSTER\s+(`[^`]+`|\w+)", b"", head, count=1)
+        return re.sub(rb"Replicated(\w*MergeTree)\(\s*'[^']*'\s*,\s*'[^']*'\s*,?\s*", rb"\1(", head)
 
     @contextmanager
     def failing_results(self, pattern: str, after_bytes: int) -> Iterator[None]:
@@ -538,6 +558,8 @@ class ClickHouseHTTP:
                 if not data:
                     break
                 head += data
+            if self._cluster_name is not None:
+                head = self._on_one_node(head)
             statement = parse_statement(head)
             # VALUES with bound parameters: the engine substitutes them in the statement
             values_with_params = statement.insert_format == "Values" and bound

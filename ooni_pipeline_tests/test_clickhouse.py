@@ -7,6 +7,7 @@ import base64
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -29,7 +30,12 @@ from ooni_pipeline.clickhouse import (
 )
 from ooni_pipeline.clickhouse.connection import STREAM_BLOCK, redact_url
 from ooni_pipeline.clickhouse.lock import LockTimeoutError, exclusive
-from ooni_pipeline.clickhouse.schema import KNOWN_TABLES, MissingTableError, ensure_tables
+from ooni_pipeline.clickhouse.schema import (
+    KNOWN_TABLES,
+    MissingTableError,
+    ensure_tables,
+    plain_engine,
+)
 from ooni_pipeline.clickhouse.swap import RowBounds, TableUpdateError, replace_table
 from ooni_pipeline_tests.clickhouse_http import ClickHouseHTTP
 from ooni_pipeline_tests.conftest import SERVER_DATABASE, SERVER_PASSWORD, SERVER_USER
@@ -643,9 +649,19 @@ def test_a_server_never_gets_ooni_tables_implicitly(ch: ClickHouse) -> None:
     assert f"table fastpath does not exist on http://{SERVER_USER}:***@127.0.0.1:" in message
     assert SERVER_PASSWORD not in message
     assert "python -m ooni_pipeline.clickhouse.schema fastpath" in message
-    assert ch.scalar("SELECT count() FROM system.tables WHERE name = 'fastpath'") == 0
+    assert (
+        ch.scalar(
+            "SELECT count() FROM system.tables WHERE database = currentDatabase() AND name = 'fastpath'"
+        )
+        == 0
+    )
     ensure_tables(ch, "asnmeta_tmp")
-    assert ch.scalar("SELECT count() FROM system.tables WHERE name = 'asnmeta_tmp'") == 1
+    assert (
+        ch.scalar(
+            "SELECT count() FROM system.tables WHERE database = currentDatabase() AND name = 'asnmeta_tmp'"
+        )
+        == 1
+    )
 
 
 @pytest.mark.clickhouse_backends("server")
@@ -717,3 +733,92 @@ def test_a_csv_with_the_right_count_ending_with_an_error_text_is_not_published(
     with pytest.raises(IncompleteExportError, match="the last one an error text"):
         write_csv(store, "exports/x.csv.gz", ("cc", "n"), body, 6, rows=3)
     assert store.read_bytes("exports/x.csv.gz") == b"previous"
+
+
+_DDL = re.compile(r"\s*(CREATE|ALTER|DROP|RENAME|EXCHANGE|TRUNCATE)\b", re.IGNORECASE)
+_CREATED = re.compile(r"CREATE TABLE (?:IF NOT EXISTS )?`?(\w+)`?")
+
+
+@pytest.mark.clickhouse_backends("server")
+def test_a_cluster_receives_owned_tables_on_cluster_and_keeps_scratch_local(
+    clickhouse: ClickHouseResource, ch: ClickHouse, clickhouse_server: ClickHouseHTTP
+) -> None:
+    """With ``OONI_CLICKHOUSE_CLUSTER`` set: what a node of OONI's cluster would be
+    sent, recorded by the endpoint and parsed by ClickHouse's own parser."""
+    for table in ("asnmeta", "asnmeta_tmp", "fingerprints_dns", "fingerprints_dns_tmp"):
+        ch.command(f"DROP TABLE IF EXISTS {table} SYNC")
+    on_cluster = ClickHouseResource(url=clickhouse.url, cluster="oonidata_cluster")
+    with clickhouse_server.cluster("oonidata_cluster") as sent, on_cluster.connect() as node:
+        for rows in ([(1, "old")], [(2, "new"), (3, "new")]):
+            replace_table(node, live="asnmeta", staging="asnmeta_tmp", fill=_fill_asnmeta(rows))
+        replace_table(
+            node,
+            live="fingerprints_dns",
+            staging="fingerprints_dns_tmp",
+            fill=lambda c, t: c.command(
+                f"INSERT INTO {t} (name, scope, pattern_type, pattern) VALUES ('a', 'nat', 'full', 'x')"
+            ),
+        )
+        ensure_tables(node, "blocking_status", "blocking_events", "blocking_status_redo")
+        ensure_tables(node, "blocking_status_tmp")
+        with exclusive(node, "cluster_probe", "run-1", owner_alive=lambda other: None):
+            pass
+    assert ch.query_rows("SELECT asn FROM asnmeta ORDER BY asn") == [(2,), (3,)]
+    ddl = [statement for statement in sent if _DDL.match(statement)]
+    for statement in ddl:  # ClickHouse's own parser accepts every one
+        assert ch.scalar("SELECT formatQuery({q:String})", {"q": statement})
+    created = {_CREATED.search(s).group(1): s for s in ddl if _CREATED.search(s)}
+    owned = (
+        "asnmeta",
+        "fingerprints_dns",
+        "blocking_status",
+        "blocking_events",
+        "blocking_status_redo",
+    )
+    for table in owned:
+        assert "ON CLUSTER `oonidata_cluster`" in created[table], created[table]
+    for table in ("asnmeta", "blocking_status", "blocking_events", "blocking_status_redo"):
+        assert "ENGINE = Replicated" in created[table]
+    assert "ENGINE = EmbeddedRocksDB" in created["fingerprints_dns"]  # never replicated
+    paths = re.findall(r"'(/clickhouse/[^']+)'", " ".join(created.values()))
+    assert len(paths) == 4 and len(set(paths)) == 4, paths  # no Keeper path shared
+    local = ("asnmeta_tmp", "fingerprints_dns_tmp", "blocking_status_tmp", "_lock_cluster_probe")
+    for table in local:
+        assert "ON CLUSTER" not in created[table] and "Replicated" not in created[table]
+    exchanges = [s for s in ddl if s.lstrip().upper().startswith("EXCHANGE")]
+    assert exchanges and all("fingerprints_dns" in s for s in exchanges)  # never a MergeTree
+    assert any("REPLACE PARTITION" in s and "`asnmeta`" in s for s in ddl)
+
+
+@pytest.mark.parametrize(
+    ("engine_full", "expected"),
+    [
+        (  # OONI's citizenlab on its cluster (ooni/devops cluster-migration/schema.sql)
+            "ReplicatedReplacingMergeTree('/clickhouse/{cluster}/tables/ooni/citizenlab/{shard}', "
+            "'{replica}') ORDER BY (domain, url, cc, category_code) SETTINGS index_granularity = 4",
+            "ReplacingMergeTree() ORDER BY (domain, url, cc, category_code) SETTINGS index_granularity = 4",
+        ),
+        (  # OONI's fastpath: the version column after the Keeper arguments
+            "ReplicatedReplacingMergeTree('/clickhouse/{cluster}/tables/ooni/fastpath/{shard}', "
+            "'{replica}', update_time) ORDER BY (measurement_start_time, report_id) "
+            "SETTINGS index_granularity = 8192",
+            "ReplacingMergeTree(update_time) ORDER BY (measurement_start_time, report_id) "
+            "SETTINGS index_granularity = 8192",
+        ),
+        (  # Keeper arguments left to the server's defaults; a quote and a comma in a path
+            "ReplicatedReplacingMergeTree(ver) PARTITION BY toDate(t) ORDER BY k",
+            "ReplacingMergeTree(ver) PARTITION BY toDate(t) ORDER BY k",
+        ),
+        (
+            "ReplicatedMergeTree('/p/it\\'s, (odd)/{shard}', '{replica}') ORDER BY (a, b)",
+            "MergeTree() ORDER BY (a, b)",
+        ),
+        ("MergeTree ORDER BY (asn, changed)", "MergeTree() ORDER BY (asn, changed)"),
+    ],
+)
+def test_a_replicated_engine_has_a_local_twin_without_its_keeper_path(
+    ch: ClickHouse, engine_full: str, expected: str
+) -> None:
+    assert plain_engine(engine_full) == expected
+    ddl = f"CREATE TABLE t (a Int8, b Int8, k Int8, ver Int8, t Date) ENGINE = {plain_engine(engine_full)}"
+    assert "Replicated" not in ch.scalar("SELECT formatQuery({q:String})", {"q": ddl})

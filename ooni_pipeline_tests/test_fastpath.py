@@ -663,3 +663,82 @@ def test_other_test_names_are_read_but_not_scored_with_web_connectivitys_rules(
     web = by_test[("web_connectivity",)]
     assert (web.anomaly, web.confirmed, web.msm_failure, web.blocking_type) == EXPECTED[2][:4]
     assert json.loads(web.scores) == EXPECTED[2][4]
+
+
+def _fill_years(ch, first: str, days: int, per_day: int) -> None:
+    """``days`` measurement days of ``per_day`` live rows each from ``first``."""
+    ch.command(
+        """INSERT INTO fastpath (measurement_uid, report_id, input, probe_cc, probe_asn, test_name,
+            measurement_start_time, anomaly, confirmed, msm_failure, scores)
+        SELECT concat('filler-', toString(number)), 'r', 'https://filler.example/', 'IT', 1,
+            'web_connectivity',
+            toDateTime({first:String}, 'UTC') + toIntervalSecond(intDiv(number, {per:UInt32}) * 86400
+                + number % {per:UInt32}),
+            'f', 'f', 'f', '{}'
+        FROM numbers({n:UInt64})""",
+        {"first": f"{first} 00:00:00", "per": per_day, "n": days * per_day},
+    )
+
+
+def test_a_measurement_dated_years_back_reads_its_day_not_the_years_between(
+    clickhouse, ch, fingerprints, bucket
+) -> None:
+    """OONI's fastpath meets probes with bad clocks: one measurement of the upload day
+    dated two years back must not make the comparison with live rows read two years."""
+    _fill_years(ch, "2022-01-01", days=730, per_day=2000)  # 1.46 M live rows
+    base = real(7)
+    members = [member(_variant(base, f"now{n}")) for n in range(3)]
+    old_clock = _variant(
+        base,
+        "badclock",
+        measurement_start_time="2022-03-04 05:06:07",
+        test_start_time="2022-03-04 05:06:00",
+    )
+    members.append(member(old_clock, received=datetime(2024, 1, 2, 10)))
+    bucket.put(UPLOAD_DAY, "IT", members)
+    result = ingest(clickhouse, UPLOAD_DAY)
+    assert result.success, failure_text(result)
+    metadata = result.get_asset_materialization_events()[0].materialization.metadata
+    assert metadata["dagster/row_count"].value == 4
+    assert sorted(metadata["measurement_days_changed"].value) == ["2022-03-04", "2024-01-01"]
+    # Read: the granules of two measurement days, not the 1.46 M rows between them.
+    assert metadata["live_rows_read_estimate"].value < 30_000
+    from ooni_pipeline.fastpath.ingest import estimated_rows
+
+    between = estimated_rows(
+        ch,
+        "fastpath",
+        "measurement_start_time BETWEEN '2022-03-04 05:06:07' AND '2024-01-01 10:00:00'",
+        {},
+    )
+    assert between > 1_000_000  # what the comparison used to read
+
+
+def test_scratch_tables_are_per_run_and_a_dead_runs_are_dropped(
+    clickhouse, ch, fingerprints, bucket
+) -> None:
+    bucket.put(UPLOAD_DAY, "IT", [member(_variant(real(7), "r1"))])
+    instance = dg.DagsterInstance.ephemeral()
+    first = ingest(clickhouse, UPLOAD_DAY, instance)
+    assert first.success
+    ended = first.run_id.replace("-", "")
+    unknown = "f" * 32
+    # What a killed run leaves, and what an earlier version (named by day only) left.
+    leftovers = [
+        f"fastpath_ingest_20240102_{ended}_members",
+        f"fastpath_ingest_20240102_{unknown}_members",
+        "fastpath_ingest_20240102_members",
+    ]
+    for name in leftovers:
+        ch.command(f"CREATE TABLE {name} (x UInt8) ENGINE = Log")
+    second = ingest(clickhouse, UPLOAD_DAY, instance)
+    assert second.success
+    left = [
+        r[0]
+        for r in ch.query_rows(
+            "SELECT name FROM system.tables WHERE database = currentDatabase() "
+            "AND startsWith(name, 'fastpath_ingest_') ORDER BY name"
+        )
+    ]
+    assert left == [f"fastpath_ingest_20240102_{unknown}_members"]  # a run nobody here knows
+    assert ch.scalar("SELECT count() FROM fastpath") == 1

@@ -28,11 +28,14 @@ table is local to its node).
 from __future__ import annotations
 
 import logging
+import os
 import re
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from ooni_pipeline.clickhouse.connection import ClickHouse, ClickHouseError, quote_identifier
 
@@ -62,21 +65,58 @@ def _lock_table(name: str) -> str:
     return f"_lock_{name}"
 
 
+def this_worker() -> str:
+    """Where this process runs, as ``host:pid-namespace:pid``: a lock taken by a
+    process that no longer exists here is dead, whatever Dagster's record says (a
+    worker killed by the OOM killer or SIGKILL leaves its run STARTED, and the default
+    run launcher cannot tell run monitoring it died)."""
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64] or "host"
+    try:
+        namespace = re.sub(r"\D", "", os.readlink("/proc/self/ns/pid")) or "0"
+    except OSError:
+        namespace = "0"
+    return f"{host}:{namespace}:{os.getpid()}"
+
+
+def worker_gone(worker: str) -> bool:
+    """Whether ``worker`` (``this_worker()`` of a holder) is a process of this host and
+    pid namespace that no longer exists; ``False`` when that cannot be told here."""
+    place, _, pid = worker.rpartition(":")
+    if not pid.isdigit() or place != this_worker().rpartition(":")[0]:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+@dataclass(frozen=True)
+class Holding:
+    """Who holds a lock: ``owner`` is ``None`` while (embedded) its Memory row is
+    missing, written a moment after the table and gone with the process that wrote it."""
+
+    owner: str | None
+    token: str
+    age_s: float
+    worker: str
+
+
 def _tombstone(name: str, token: str) -> str:
     return f"_lock_dead_{name}_{token}"
 
 
-def _holding(ch: ClickHouse, table: str) -> tuple[str | None, str, float] | None:
-    """(owner, token, seconds held) of the lock, or ``None`` if nobody holds it. The
-    owner is ``None`` while (embedded) its Memory row is missing: written a moment
-    after the table, and gone with the process that wrote it."""
+def _holding(ch: ClickHouse, table: str) -> Holding | None:
+    """The lock's holding, or ``None`` if nobody holds it."""
     rows = ch.query_rows(
         "SELECT comment FROM system.tables WHERE database = currentDatabase() AND name = {t:String}",
         {"t": table},
     )
     if not rows:
         return None
-    owner, token, taken = (str(rows[0][0]).split(" ") + ["", "", "0"])[:3]
+    owner, token, taken, worker = (str(rows[0][0]).split(" ") + ["", "", "0", ""])[:4]
     try:
         held = ch.query_rows(
             f"SELECT owner, dateDiff('millisecond', since, now64(3)) / 1000 FROM {quote_identifier(table)}"
@@ -86,11 +126,11 @@ def _holding(ch: ClickHouse, table: str) -> tuple[str | None, str, float] | None
             return None  # released meanwhile
         raise
     if held:
-        return str(held[0][0]), token, max(0.0, float(held[0][1]))
+        return Holding(str(held[0][0]), token, max(0.0, float(held[0][1])), worker)
     age = max(0.0, time.time() - float(taken or 0))
     # Embedded, a missing row is a dead process's; on a server, a restart's (the
     # comment still names the owner).
-    return (None if ch.embedded else owner or None), token, age
+    return Holding(None if ch.embedded else owner or None, token, age, worker)
 
 
 def _drop_old_tombstones(ch: ClickHouse, name: str) -> None:
@@ -112,6 +152,7 @@ def exclusive(
     owner: str,
     *,
     owner_alive: Callable[[str], bool | None],
+    on_dead_worker: Callable[[str], None] | None = None,
     wait_s: float = 3 * 3600,
     poll_s: float = 2.0,
     log: logging.Logger | None = None,
@@ -121,7 +162,9 @@ def exclusive(
     ``owner_alive(other)`` says whether another owner may still be working (for a
     Dagster run: its status is not final), or ``None`` if it does not know the
     owner; a dead owner's lock is taken over, an unknown owner's once it is older
-    than ``UNKNOWN_OWNER_STALE_S``.
+    than ``UNKNOWN_OWNER_STALE_S``. A holder whose worker process is gone from this
+    host is dead whatever ``owner_alive`` says; ``on_dead_worker(owner)`` is told
+    (to mark its run failed).
     """
     log = log or logging.getLogger(__name__)
     if not _OWNER.fullmatch(owner):
@@ -131,12 +174,12 @@ def exclusive(
     deadline = time.monotonic() + wait_s
     announced: str | None = ""  # nothing announced yet
     ownerless_since: float | None = None
-    held: tuple[str | None, str, float] | None = None
+    held: Holding | None = None
     while True:
         try:
             ch.command(
                 f"CREATE TABLE {table} (owner String, since DateTime64(3)) ENGINE = Memory "
-                f"COMMENT '{owner} {token} {time.time():.3f}'"
+                f"COMMENT '{owner} {token} {time.time():.3f} {this_worker()}'"
             )
         except ClickHouseError as exc:
             if "already exists" not in str(exc).lower() and "TABLE_ALREADY_EXISTS" not in str(exc):
@@ -146,11 +189,16 @@ def exclusive(
             break
         held = _holding(ch, _lock_table(name))
         if held is not None:
-            holder, held_token, age = held
+            holder, held_token, age = held.owner, held.token, held.age_s
             if holder is None:
                 ownerless_since = ownerless_since or time.monotonic()
                 grace = EMBEDDED_OWNERLESS_GRACE_S if ch.embedded else OWNERLESS_GRACE_S
                 stale = time.monotonic() - ownerless_since > grace
+            elif holder != owner and worker_gone(held.worker):
+                ownerless_since = None
+                stale = True
+                if on_dead_worker is not None:
+                    on_dead_worker(holder)
             else:
                 ownerless_since = None
                 alive = owner_alive(holder) if holder != owner else True
@@ -175,7 +223,7 @@ def exclusive(
                 announced = holder
         if time.monotonic() >= deadline:
             raise LockTimeoutError(
-                f"lock {name} is still held by {held[0] if held else 'another run'} after "
+                f"lock {name} is still held by {held.owner if held else 'another run'} after "
                 f"{wait_s:.0f} s; nothing was changed"
             )
         time.sleep(poll_s)
@@ -185,7 +233,7 @@ def exclusive(
         # Only this holding's own lock is dropped (it may have been taken over meanwhile).
         try:
             current = _holding(ch, _lock_table(name))
-            if current is not None and current[1] == token:
+            if current is not None and current.token == token:
                 ch.command(f"DROP TABLE IF EXISTS {table} SYNC")
             else:
                 log.warning(f"lock {name} was taken over before its release")

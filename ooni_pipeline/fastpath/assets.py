@@ -18,11 +18,12 @@ from pydantic import Field
 from ooni_pipeline import settings
 from ooni_pipeline.clickhouse import ClickHouse, ClickHouseResource
 from ooni_pipeline.clickhouse.schema import ensure_tables
-from ooni_pipeline.common import CLICKHOUSE_POOL, OWNER
+from ooni_pipeline.common import CLICKHOUSE_POOL, OWNER, one_run_at_a_time, run_liveness
 from ooni_pipeline.fastpath.ingest import (
     DEFAULT_MAX_MALFORMED_SHARE,
     DEFAULT_MAX_POSTCAN_BYTES,
     IngestReport,
+    drop_scratch_tables,
     ingest_upload_day,
 )
 from ooni_pipeline.fastpath.public_bucket import (
@@ -222,15 +223,21 @@ def public_fastpath(
                 f"fingerprint tables are empty ({fingerprint_rows}): nothing can be confirmed. "
                 "Materialize fingerprints_dns and fingerprints_http first."
             )
+        dropped = drop_scratch_tables(ch, run_liveness(context))
+        if dropped:
+            context.log.info(f"dropped {len(dropped)} scratch tables of ended runs: {dropped}")
         for day in context.partition_keys:
-            report = ingest_upload_day(
-                ch,
-                bucket,
-                day,
-                max_malformed_share=config.max_malformed_share,
-                max_postcan_bytes=config.max_postcan_unpacked_bytes,
-                log=context.log.info,
-            )
+            # Two runs of one upload day (a backfill beside the schedule) take turns.
+            with one_run_at_a_time(context, ch, f"public_fastpath_{day.replace('-', '')}"):
+                report = ingest_upload_day(
+                    ch,
+                    bucket,
+                    day,
+                    max_malformed_share=config.max_malformed_share,
+                    max_postcan_bytes=config.max_postcan_unpacked_bytes,
+                    log=context.log.info,
+                    run_id=context.run.run_id,
+                )
             changed = record_day_versions(context, ch, report.measurement_days)
             context.add_asset_metadata(_day_metadata(report, changed), partition_key=day)
             reports.append(report)
@@ -258,6 +265,7 @@ def _day_metadata(report: IngestReport, changed: dict[str, str]) -> dict[str, An
         "malformed": report.malformed,
         "skip_examples": dg.MetadataValue.json(examples),
         "measurement_days_changed": dg.MetadataValue.json(sorted(changed)),
+        "live_rows_read_estimate": report.live_rows_read_estimate,
         "duration_s": round(report.duration_s, 3),
         "measurements_per_s": round(throughput, 1),
     }

@@ -14,8 +14,10 @@ supersedes its old version and the exports keep the latest (argMax by update_tim
 
 from __future__ import annotations
 
+import re
 import tarfile
 import time
+import uuid
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -65,6 +67,8 @@ class IngestReport:
     skipped: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
     measurement_days: list[str] = field(default_factory=list)
+    # ClickHouse's estimate of the live fastpath rows the comparison reads
+    live_rows_read_estimate: int = 0
     duration_s: float = 0.0
 
     @property
@@ -80,9 +84,12 @@ def ingest_upload_day(
     max_malformed_share: float = DEFAULT_MAX_MALFORMED_SHARE,
     max_postcan_bytes: int = DEFAULT_MAX_POSTCAN_BYTES,
     log: Callable[[str], None] = lambda message: None,
+    run_id: str | None = None,
 ) -> IngestReport:
     """Score and insert the measurements of upload day ``day`` (YYYY-MM-DD); a postcan
-    that unpacks to more than ``max_postcan_bytes`` fails the day."""
+    that unpacks to more than ``max_postcan_bytes`` fails the day. ``run_id`` (a
+    Dagster run's) names the scratch tables, so two runs never share them and a dead
+    run's are found (``drop_scratch_tables``); unset, a random id."""
     started = time.monotonic()
     report = IngestReport(day)
     postcans = bucket.list_postcans(day)
@@ -94,7 +101,7 @@ def ingest_upload_day(
         return report
     log(f"{day}: {len(postcans)} postcans, {report.compressed_bytes / 1e6:.1f} MB")
 
-    with _scratch_tables(ch, day) as (members, staging, changed):
+    with _scratch_tables(ch, day, run_id or uuid.uuid4().hex) as (members, staging, changed):
         _load_members(ch, members, bucket, postcans, max_postcan_bytes, log)
         log(
             f"{day}: members loaded in {time.monotonic() - started:.1f} s (peak RSS {_peak_rss_mb()} MB)"
@@ -109,7 +116,9 @@ def ingest_upload_day(
                 f"({share:.1%} > {max_malformed_share:.0%}); nothing written. "
                 f"Examples: {_examples_text(report)}"
             )
-        report.inserted, report.measurement_days = _insert_changed(ch, staging, changed)
+        report.inserted, report.measurement_days, report.live_rows_read_estimate = _insert_changed(
+            ch, staging, changed
+        )
     report.duration_s = time.monotonic() - started
     log(
         f"{day}: {report.members} members, {report.scored} scored, {report.inserted} new or changed "
@@ -220,51 +229,90 @@ def _count_skips(ch: ClickHouse, staging: str, report: IngestReport) -> None:
             report.scored = int(count)
 
 
-def _insert_changed(ch: ClickHouse, staging: str, changed: str) -> tuple[int, list[str]]:
+def live_rows_filter(days: list[str]) -> tuple[str, dict[str, str]]:
+    """A WHERE condition on ``fastpath`` selecting the measurement days ``days``
+    (YYYY-MM-DD), as ranges of its first ORDER BY column, so the primary index reads
+    those days only: an upload day holding one measurement dated years back (a probe
+    with a bad clock) reads that day, not the years between."""
+    ranges, params = [], {}
+    for i, day in enumerate(days):
+        ranges.append(
+            f"(measurement_start_time >= toDateTime({{d{i}:Date}}, 'UTC') "
+            f"AND measurement_start_time < toDateTime({{d{i}:Date}} + 1, 'UTC'))"
+        )
+        params[f"d{i}"] = day
+    return "(" + " OR ".join(ranges or ["0"]) + ")", params
+
+
+def estimated_rows(ch: ClickHouse, table: str, where: str, params: dict[str, Any]) -> int:
+    """ClickHouse's estimate (from its primary index) of the rows a filter reads (a
+    column is selected: ``count()`` alone may be answered from the index)."""
+    rows = ch.query_rows(
+        f"EXPLAIN ESTIMATE SELECT measurement_uid FROM {quote_identifier(table)} WHERE {where}",
+        params,
+    )
+    header_free = [row for row in rows if len(row) >= 4]
+    return int(sum(int(row[3]) for row in header_free))
+
+
+def _insert_changed(ch: ClickHouse, staging: str, changed: str) -> tuple[int, list[str], int]:
     """Copy the staged rows that are new or differ from their live version into
-    ``fastpath``; return how many, and the measurement days they belong to.
+    ``fastpath``; return how many, the measurement days they belong to, and the
+    estimated live rows the comparison read.
 
     The live version is the latest one (``argMax`` by ``update_time``, as the readers
     take it), not any stored one: a scoring rolled back to an earlier one (a
     fingerprint added, then removed) differs from the latest and is written again.
 
     The comparison with the live rows (uid and a hash of every column) runs once, into
-    ``changed``; the copy into ``fastpath`` is then one plain INSERT ... SELECT.
+    ``changed``, over the staged rows' measurement days only (``live_rows_filter``);
+    the copy into ``fastpath`` is then one plain INSERT ... SELECT.
     """
     staging, changed = quote_identifier(staging), quote_identifier(changed)
     columns = ", ".join(quote_identifier(c) for c in ROW_COLUMNS)
-    lo, hi, scored = ch.query_rows(
-        f"SELECT min(measurement_start_time), max(measurement_start_time), count() FROM {staging} "
-        "WHERE skip_reason = ''"
-    )[0]
-    if not scored:
-        return 0, []
+    days = [
+        str(day)
+        for (day,) in ch.query_rows(
+            f"SELECT DISTINCT toString(toDate(measurement_start_time)) AS d FROM {staging} "
+            "WHERE skip_reason = '' ORDER BY d"
+        )
+    ]
+    if not days:
+        return 0, [], 0
+    where, params = live_rows_filter(days)
+    estimate = estimated_rows(ch, "fastpath", where, params)
     ch.command(
         f"""INSERT INTO {changed} ({columns})
         SELECT {columns} FROM {staging}
         WHERE skip_reason = ''
           AND (measurement_uid, cityHash64({columns})) NOT IN (
               SELECT measurement_uid, argMax(cityHash64({columns}), update_time) FROM fastpath
-              WHERE measurement_start_time BETWEEN {{lo:DateTime('UTC')}} AND {{hi:DateTime('UTC')}}
+              WHERE {where}
                 AND measurement_uid IN (SELECT measurement_uid FROM {staging} WHERE skip_reason = '')
               GROUP BY measurement_uid)
         LIMIT 1 BY measurement_uid""",
-        {"lo": lo, "hi": hi},
+        params,
     )
     count = int(ch.scalar(f"SELECT count() FROM {changed}"))
     if count:
         ch.command(f"INSERT INTO fastpath ({columns}) SELECT {columns} FROM {changed}")
-    days = ch.query_rows(
+    changed_days = ch.query_rows(
         f"SELECT DISTINCT toString(toDate(measurement_start_time)) AS d FROM {changed} ORDER BY d"
     )
-    return count, [str(day) for (day,) in days]
+    return count, [str(day) for (day,) in changed_days], estimate
+
+
+SCRATCH_PREFIX = "fastpath_ingest_"
+_SCRATCH_NAME = re.compile(r"fastpath_ingest_(\d{8})(?:_([0-9a-f]{32}))?(?:_members|_changed)?")
 
 
 @contextmanager
-def _scratch_tables(ch: ClickHouse, day: str) -> Iterator[tuple[str, str, str]]:
-    """The day's scratch tables, dropped whatever happens: the raw members, the scored
-    rows (each with its skip reason), and the rows that changed."""
-    base = f"fastpath_ingest_{day.replace('-', '')}"
+def _scratch_tables(ch: ClickHouse, day: str, run_id: str) -> Iterator[tuple[str, str, str]]:
+    """This run's scratch tables for the day, dropped whatever happens: the raw
+    members, the scored rows (each with its skip reason), and the rows that changed.
+    Named by day and run, so two runs of one day never touch each other's; local to
+    the node connected to (plain ``Log`` tables, no ``ON CLUSTER``)."""
+    base = f"{SCRATCH_PREFIX}{day.replace('-', '')}_{run_id.replace('-', '')}"
     names = (f"{base}_members", base, f"{base}_changed")
     schemas = (
         "member_key String, member_name String, raw String",
@@ -279,6 +327,26 @@ def _scratch_tables(ch: ClickHouse, day: str) -> Iterator[tuple[str, str, str]]:
     finally:
         for name in names:
             ch.command(f"DROP TABLE IF EXISTS {quote_identifier(name)} SYNC")
+
+
+def drop_scratch_tables(ch: ClickHouse, run_alive: Callable[[str], bool | None]) -> list[str]:
+    """Drop the scratch tables a killed run left behind: those of a run that is no
+    longer alive (``run_alive(run_id)`` is False), and those named by day only (an
+    earlier version's). A run nobody here knows keeps its tables. Returns the dropped."""
+    dropped = []
+    for (name,) in ch.query_rows(
+        "SELECT name FROM system.tables WHERE database = currentDatabase() "
+        "AND startsWith(name, {prefix:String})",
+        {"prefix": SCRATCH_PREFIX},
+    ):
+        match = _SCRATCH_NAME.fullmatch(str(name))
+        if match is None:
+            continue
+        run = match.group(2)
+        if run is None or run_alive(str(uuid.UUID(run))) is False:
+            ch.command(f"DROP TABLE IF EXISTS {quote_identifier(str(name))} SYNC")
+            dropped.append(str(name))
+    return dropped
 
 
 def _peak_rss_mb() -> int:
