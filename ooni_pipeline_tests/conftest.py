@@ -117,12 +117,16 @@ def clickhouse(
 OONI_DDL = Path(__file__).parent / "data" / "ooni_ddl.sql"
 
 
-def operator_ddl() -> dict[str, str]:
-    """table -> the CREATE TABLE statement OONI (and its operator) used for it."""
+def operator_ddl(additions: bool = True) -> dict[str, str]:
+    """table -> the CREATE TABLE statement OONI's operator used for it; without
+    ``additions``, OONI's own (docs/Database.md: no operator line, no newer column)."""
     statements = {}
     for statement in OONI_DDL.read_text().split(";"):
         body = "\n".join(
-            line for line in statement.splitlines() if not line.lstrip().startswith("--")
+            line
+            for line in statement.splitlines()
+            if not line.lstrip().startswith("--")
+            and (additions or not ("-- operator" in line or "-- newer" in line))
         ).strip()
         if body:
             statements[body.split()[2]] = body

@@ -162,7 +162,7 @@ def test_small_table_whole_and_restore_round_trip(clickhouse, ch, s3_store_resou
     counted; parsed into the table's types, its rows are the ones fingerprinted."""
     ensure_tables(ch, "asnmeta")
     ch.command(
-        "INSERT INTO asnmeta SELECT number, concat('Org ', toString(number), ', \"Ltd\"', "
+        "INSERT INTO asnmeta (asn, org_name, cc, changed, aut_name, source) SELECT number, concat('Org ', toString(number), ', \"Ltd\"', "
         "if(number % 3 = 0, '\\nsecond line\\r\\n', '')), 'IT', "
         "toDate('2020-01-01') + number, '', 'RIPE' FROM numbers(1000)"
     )
@@ -195,7 +195,7 @@ def test_small_table_whole_and_restore_round_trip(clickhouse, ch, s3_store_resou
 def test_an_emptied_table_never_replaces_its_backup(clickhouse, ch, local_store_resource) -> None:
     ensure_tables(ch, "asnmeta")
     ch.command(
-        "INSERT INTO asnmeta SELECT number, 'Org', 'IT', toDate('2020-01-01'), '', 'RIPE' "
+        "INSERT INTO asnmeta (asn, org_name, cc, changed, aut_name, source) SELECT number, 'Org', 'IT', toDate('2020-01-01'), '', 'RIPE' "
         "FROM numbers(1000)"
     )
     assert _run(clickhouse, local_store_resource, [asnmeta_backup]).success
@@ -276,9 +276,7 @@ FASTPATH_LATE_ROW = (
     "VALUES (concat('late-', toString({n:UInt64})), 'late', 'https://late.example/', 'IT', 3269, "
     "'web_connectivity', toDateTime('2024-01-02 00:00:00', 'UTC'), 'f', 'f', 'f', '', '{}')"
 )
-ASNMETA_LATE_ROW = (
-    "INSERT INTO asnmeta VALUES ({n:UInt64} + 1000000, 'late', 'IT', today(), '', 'RIPE')"
-)
+ASNMETA_LATE_ROW = "INSERT INTO asnmeta (asn, org_name, cc, changed, aut_name, source) VALUES ({n:UInt64} + 1000000, 'late', 'IT', today(), '', 'RIPE')"
 
 
 class _Inserter:
@@ -338,7 +336,7 @@ def test_a_table_without_insertion_time_changing_during_export_is_retried_then_f
     fail (fingerprints before and after differ); no manifest entry claims them."""
     ensure_tables(ch, "asnmeta")
     ch.command(
-        "INSERT INTO asnmeta SELECT number, 'Org', 'IT', toDate('2020-01-01'), '', 'RIPE' "
+        "INSERT INTO asnmeta (asn, org_name, cc, changed, aut_name, source) SELECT number, 'Org', 'IT', toDate('2020-01-01'), '', 'RIPE' "
         "FROM numbers(300000)"
     )
     with _Inserter(clickhouse.url, ASNMETA_LATE_ROW):
@@ -398,7 +396,7 @@ def test_restore_check_stops_a_bomb_at_the_recorded_size(
 ) -> None:
     ensure_tables(ch, "asnmeta")
     ch.command(
-        "INSERT INTO asnmeta SELECT number, 'Org', 'IT', toDate('2020-01-01'), '', 'RIPE' "
+        "INSERT INTO asnmeta (asn, org_name, cc, changed, aut_name, source) SELECT number, 'Org', 'IT', toDate('2020-01-01'), '', 'RIPE' "
         "FROM numbers(1000)"
     )
     instance = dg.DagsterInstance.ephemeral()
@@ -688,7 +686,7 @@ def test_s3_credentials_never_reach_the_check_results(
     )
     ensure_tables(ch, "asnmeta")
     ch.command(
-        "INSERT INTO asnmeta SELECT number, 'Org', 'IT', toDate('2020-01-01'), '', 'RIPE' "
+        "INSERT INTO asnmeta (asn, org_name, cc, changed, aut_name, source) SELECT number, 'Org', 'IT', toDate('2020-01-01'), '', 'RIPE' "
         "FROM numbers(100)"
     )
     instance = dg.DagsterInstance.ephemeral()

@@ -33,6 +33,7 @@ from ooni_pipeline.clickhouse.lock import LockTimeoutError, exclusive
 from ooni_pipeline.clickhouse.schema import (
     KNOWN_TABLES,
     MissingTableError,
+    create_table_sql,
     ensure_tables,
     plain_engine,
 )
@@ -822,3 +823,27 @@ def test_a_replicated_engine_has_a_local_twin_without_its_keeper_path(
     assert plain_engine(engine_full) == expected
     ddl = f"CREATE TABLE t (a Int8, b Int8, k Int8, ver Int8, t Date) ENGINE = {plain_engine(engine_full)}"
     assert "Replicated" not in ch.scalar("SELECT formatQuery({q:String})", {"q": ddl})
+
+
+@pytest.mark.clickhouse_backends("embedded")
+def test_the_project_creates_oonis_tables_exactly_as_oonis_ddl_does(ch: ClickHouse) -> None:
+    """What ``python -m ooni_pipeline.clickhouse.schema`` prints, and what the embedded
+    default creates, is OONI's DDL (docs/Database.md): same SHOW CREATE TABLE."""
+    from ooni_pipeline_tests.conftest import operator_ddl
+
+    ooni = operator_ddl(additions=False)
+    for table in ("fastpath", "citizenlab", "fingerprints_dns", "fingerprints_http", "asnmeta"):
+        ch.command(ooni[table].replace(f"CREATE TABLE {table}", "CREATE TABLE oonis_own", 1))
+        ch.command(create_table_sql(table))
+        theirs = ch.scalar("SHOW CREATE TABLE oonis_own").replace("oonis_own", table)
+        assert ch.scalar(f"SHOW CREATE TABLE {table}") == theirs, table
+        ch.command("DROP TABLE oonis_own SYNC")
+    printed = subprocess.run(
+        [sys.executable, "-m", "ooni_pipeline.clickhouse.schema", "citizenlab"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OONI_CLICKHOUSE_CLUSTER": "oonidata_cluster"},
+        check=True,
+    ).stdout
+    assert "ON CLUSTER `oonidata_cluster`" in printed and "index_granularity = 4" in printed
+    assert ch.scalar("SELECT formatQuery({q:String})", {"q": printed.strip().rstrip(";")})

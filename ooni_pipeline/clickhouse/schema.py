@@ -263,7 +263,12 @@ def ensure_tables(ch: ClickHouse, *names: str) -> None:
         if name not in KNOWN_TABLES:
             raise ValueError(f"unknown table {name!r}; known: {', '.join(KNOWN_TABLES)}")
         if name in STAGING_OF:
-            staging_twin(ch, STAGING_OF[name], name)
+            live = STAGING_OF[name]
+            if live in DERIVED_TABLES:
+                ensure_tables(ch, live)
+            elif live in UPDATER_TABLES:
+                ensure_updater_table(ch, live)
+            staging_twin(ch, live, name)
         elif not ch.embedded and name in OONI_TABLES:
             if not _exists(ch, name):
                 raise MissingTableError(

@@ -7,7 +7,8 @@
 -- ReplicatedReplacingMergeTree('<keeper path>', '{replica}'[, ver]) replaced by
 -- ReplacingMergeTree([ver]) (no Keeper runs here). Lines marked "operator" are what
 -- an operator adds on top (a column the project does not know, a setting, a
--- comment): the project must keep them.
+-- comment): the project must keep them. Each addition is a line of its own, so the
+-- DDL without them is OONI's (ooni_pipeline_tests.conftest.operator_ddl).
 
 CREATE TABLE fastpath
 (
@@ -45,7 +46,7 @@ CREATE TABLE fastpath
     `blocking_type` String,
     `test_helper_address` LowCardinality(String),
     `test_helper_type` LowCardinality(String),
-    `ooni_run_link_id` Nullable(UInt64),
+    `ooni_run_link_id` Nullable(UInt64), -- newer: devops schema.sql, not docs/Database.md
     INDEX fastpath_rid_idx report_id TYPE minmax GRANULARITY 1,
     INDEX measurement_uid_idx measurement_uid TYPE minmax GRANULARITY 8
 )
@@ -58,13 +59,15 @@ CREATE TABLE citizenlab
     `domain` String,
     `url` String,
     `cc` FixedString(32),
-    `category_code` String,
-    `added_by` LowCardinality(String) DEFAULT 'operator' COMMENT 'who added the row' -- operator
+    `category_code` String
+    , `added_by` LowCardinality(String) DEFAULT 'operator' COMMENT 'who added the row' -- operator
 )
 ENGINE = ReplacingMergeTree
 ORDER BY (domain, url, cc, category_code)
-SETTINGS index_granularity = 4, min_bytes_for_wide_part = 0 -- operator: the second setting
-COMMENT 'CitizenLab test lists, refreshed by ooni_pipeline'; -- operator
+SETTINGS index_granularity = 4
+    , min_bytes_for_wide_part = 0 -- operator
+COMMENT 'CitizenLab test lists, refreshed by ooni_pipeline' -- operator
+;
 
 CREATE TABLE citizenlab_flip
 (
@@ -89,12 +92,13 @@ CREATE TABLE fingerprints_dns
     `expected_countries` String,
     `source` String,
     `exp_url` String,
-    `notes` String,
-    `reviewed` UInt8 DEFAULT 0 -- operator
+    `notes` String
+    , `reviewed` UInt8 DEFAULT 0 -- operator
 )
 ENGINE = EmbeddedRocksDB
 PRIMARY KEY name
-COMMENT 'DNS fingerprints'; -- operator
+COMMENT 'DNS fingerprints' -- operator
+;
 
 CREATE TABLE fingerprints_http
 (
@@ -120,9 +124,11 @@ CREATE TABLE asnmeta
     `cc` String,
     `changed` Date,
     `aut_name` String,
-    `source` String,
-    `loaded_at` DateTime DEFAULT now() -- operator
+    `source` String
+    , `loaded_at` DateTime DEFAULT now() -- operator
 )
 ENGINE = MergeTree
 ORDER BY (asn, changed)
-SETTINGS index_granularity = 1024; -- operator: OONI's is 8192
+SETTINGS index_granularity = 8192
+    , min_rows_for_wide_part = 0 -- operator
+;
