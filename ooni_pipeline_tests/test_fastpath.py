@@ -742,3 +742,30 @@ def test_scratch_tables_are_per_run_and_a_dead_runs_are_dropped(
     ]
     assert left == [f"fastpath_ingest_20240102_{unknown}_members"]  # a run nobody here knows
     assert ch.scalar("SELECT count() FROM fastpath") == 1
+
+
+def test_a_second_run_of_one_upload_day_waits_for_the_first(
+    clickhouse, ch, fingerprints, bucket
+) -> None:
+    """A backfill beside the schedule: while another run ingests the upload day (it
+    holds the day's lock), this one waits, then ingests."""
+    import threading
+    import time
+
+    from ooni_pipeline.clickhouse.lock import exclusive
+
+    bucket.put(UPLOAD_DAY, "IT", [member(_variant(real(7), "r1"))])
+    other = exclusive(ch, "public_fastpath_20240102", "other-run", owner_alive=lambda o: True)
+    other.__enter__()
+    release = threading.Timer(4, lambda: other.__exit__(None, None, None))
+    release.start()
+    started = time.monotonic()
+    instance = dg.DagsterInstance.ephemeral()
+    result = ingest(clickhouse, UPLOAD_DAY, instance)
+    waited = time.monotonic() - started
+    release.join()
+    assert result.success
+    assert waited >= 4
+    logs = [e.user_message for e in instance.all_logs(result.run_id)]
+    assert any("is held by other-run" in m for m in logs), logs
+    assert ch.scalar("SELECT count() FROM fastpath") == 1
