@@ -156,6 +156,9 @@ class ClickHouseHTTP:
         # and a complete stream (ClickHouse#9579, #68800); see ``old_server()``.
         self.exception_tag = True
         self._cluster_name: str | None = None  # see cluster()
+        self.profile: dict[
+            str, str
+        ] = {}  # settings of every request, as a server's default profile
         self.statements: list[str] = []
         self._result_faults: list[tuple[bytes, int]] = []
         conn = chdb.connect(self.path)
@@ -256,6 +259,16 @@ class ClickHouseHTTP:
             self.exception_tag = True
 
     @contextmanager
+    def server_timezone(self, zone: str) -> Iterator[None]:
+        """For the block, a server whose time zone is ``zone`` (its default profile's
+        ``session_timezone``): what ``timezone()`` answers and a plain DateTime means."""
+        self.profile["session_timezone"] = zone
+        try:
+            yield
+        finally:
+            self.profile.pop("session_timezone", None)
+
+    @contextmanager
     def cluster(self, name: str) -> Iterator[list[str]]:
         """For the block, stand in for one node of cluster ``name``: every statement is
         recorded as sent (the list yielded), then run on this one node with its
@@ -350,7 +363,9 @@ class ClickHouseHTTP:
         base = {
             "X-ClickHouse-Server-Display-Name": "chdb-http",
             "X-ClickHouse-Query-Id": query_id,
-            "X-ClickHouse-Timezone": params.get("session_timezone") or self.timezone,
+            "X-ClickHouse-Timezone": params.get("session_timezone")
+            or self.profile.get("session_timezone")
+            or self.timezone,
         }
         if self.exception_tag:
             base["X-ClickHouse-Exception-Tag"] = tag
@@ -525,7 +540,7 @@ class ClickHouseHTTP:
         params: dict[str, str], body: Body, base: dict[str, str], tag: str,
         release: Callable[[], None],
     ) -> None:  # fmt: skip
-        settings = {
+        settings = dict(self.profile) | {
             k: v
             for k, v in params.items()
             if k not in TRANSPORT_PARAMS and not k.startswith("param_")

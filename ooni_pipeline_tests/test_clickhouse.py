@@ -29,10 +29,11 @@ from ooni_pipeline.clickhouse import (
     quote_identifier,
 )
 from ooni_pipeline.clickhouse.connection import STREAM_BLOCK, redact_url
-from ooni_pipeline.clickhouse.lock import LockTimeoutError, exclusive
+from ooni_pipeline.clickhouse.lock import LockTimeoutError, exclusive, this_worker
 from ooni_pipeline.clickhouse.schema import (
     KNOWN_TABLES,
     MissingTableError,
+    StagingMismatchError,
     create_table_sql,
     ensure_tables,
     plain_engine,
@@ -238,14 +239,41 @@ def test_a_lock_left_by_a_crashed_process_is_taken_over_at_once(
     assert waited < 20
 
 
+def _dead_lock_of_this_version(ch: ClickHouse):
+    dead = exclusive(ch, "race", "dead-run", owner_alive=lambda other: None)
+    dead.__enter__()
+    return dead  # kept: a collected generator would release it
+
+
+def _dead_lock_of_the_previous_version(ch: ClickHouse) -> None:
+    """What 8015a95 left: no comment, no token."""
+    ch.command("CREATE TABLE _lock_race (owner String, since DateTime64(3)) ENGINE = Memory")
+    ch.command("INSERT INTO _lock_race SELECT 'dead-run', now64(3)")
+
+
+def _dead_lock_found_a_day_later(ch: ClickHouse) -> None:
+    taken = time.time() - 25 * 3600
+    ch.command(
+        "CREATE TABLE _lock_race (owner String, token String, since DateTime64(3)) "
+        f"ENGINE = Memory COMMENT 'dead-run 0123456789abcdef {taken:.3f} elsewhere:0:1:2'"
+    )
+    ch.command(
+        "INSERT INTO _lock_race SELECT 'dead-run', '0123456789abcdef', now64(3) - INTERVAL 25 HOUR"
+    )
+
+
+@pytest.mark.parametrize(
+    "dead_lock",
+    [_dead_lock_of_this_version, _dead_lock_of_the_previous_version, _dead_lock_found_a_day_later],
+)
 def test_two_waiters_taking_over_one_dead_lock_never_hold_it_together(
-    clickhouse: ClickHouseResource, ch: ClickHouse
+    clickhouse: ClickHouseResource, ch: ClickHouse, dead_lock
 ) -> None:
     """Both waiters judge the same dead owner gone; the second renames only after the
     first has taken over and is inside (forced through ``owner_alive``): exactly one
-    holds the lock at a time, the other waits for it."""
-    dead = exclusive(ch, "race", "dead-run", owner_alive=lambda other: None)
-    dead.__enter__()  # never released: its run has ended
+    holds the lock at a time, the other waits for it. Whatever the dead lock's age or
+    version (a tombstone is dated when it is made, never dropped by its maker)."""
+    kept = dead_lock(ch)  # never released: its run has ended
     b_judging, a_inside = threading.Event(), threading.Event()
     inside: list[tuple[str, str]] = []
     errors: list[BaseException] = []
@@ -285,6 +313,69 @@ def test_two_waiters_taking_over_one_dead_lock_never_hold_it_together(
     assert [event for event, _ in inside] == ["in", "out", "in", "out"], inside
     assert inside[0] == ("in", "run-a") and inside[1] == ("out", "run-a")
     assert inside[2:] == [("in", "run-b"), ("out", "run-b")]
+    del kept
+
+
+def test_a_lock_released_and_taken_between_two_reads_is_not_judged(ch: ClickHouse) -> None:
+    """A waiter reads the lock's comment, then its row; between the two, the holder
+    (whose process has since exited) releases and a live run takes the lock. Mixing the
+    two holdings would judge the live run by the dead one's worker: marked failed and
+    its lock renamed away. The waiter must look again instead."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead_worker = this_worker().rpartition(":")[0] + f":{gone.pid}"
+    ch.command(
+        "CREATE TABLE _lock_split (owner String, token String, since DateTime64(3)) "
+        f"ENGINE = Memory COMMENT 'run-old 1111111111111111 {time.time():.3f} {dead_worker}'"
+    )
+    ch.command("INSERT INTO _lock_split SELECT 'run-old', '1111111111111111', now64(3)")
+    live = exclusive(ch, "split", "run-live", owner_alive=lambda other: True)
+    read = ch.query_rows
+    switched = []
+
+    def query_rows(sql, *args, **kwargs):
+        rows = read(sql, *args, **kwargs)
+        if sql.startswith("SELECT comment FROM system.tables") and rows and not switched:
+            switched.append(True)  # run-old releases, run-live takes the lock
+            ch.query_rows = read
+            ch.command("DROP TABLE _lock_split SYNC")
+            live.__enter__()
+            ch.query_rows = query_rows
+        return rows
+
+    ch.query_rows = query_rows
+    marked_failed: list[str] = []
+    try:
+        with pytest.raises(LockTimeoutError, match="held by run-live"):
+            with exclusive(
+                ch,
+                "split",
+                "run-waiter",
+                owner_alive=lambda other: True,
+                on_dead_worker=marked_failed.append,
+                wait_s=1.0,
+                poll_s=0.1,
+            ):
+                pass
+    finally:
+        ch.query_rows = read
+    assert switched and marked_failed == []
+    assert ch.scalar("SELECT owner FROM _lock_split") == "run-live"
+
+
+def test_a_worker_is_judged_gone_only_on_this_machine_and_namespace() -> None:
+    """Another machine with this hostname, in the initial pid namespace (same inode on
+    every Linux host), differs by its boot id: its workers are never judged here."""
+    from ooni_pipeline.clickhouse.lock import worker_gone
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    host, boot, namespace, _ = this_worker().split(":")
+    assert worker_gone(f"{host}:{boot}:{namespace}:{gone.pid}")
+    assert not worker_gone(this_worker())  # alive
+    assert not worker_gone(f"{host}:{'0' * len(boot)}:{namespace}:{gone.pid}")  # a twin
+    assert not worker_gone(f"{host}:{boot}:1:{gone.pid}")  # another container
+    assert not worker_gone(f"{host}:{namespace}:{gone.pid}")  # the previous format
 
 
 def test_stream_error_reaches_the_consumer(ch: ClickHouse) -> None:
@@ -847,3 +938,95 @@ def test_the_project_creates_oonis_tables_exactly_as_oonis_ddl_does(ch: ClickHou
     ).stdout
     assert "ON CLUSTER `oonidata_cluster`" in printed and "index_granularity = 4" in printed
     assert ch.scalar("SELECT formatQuery({q:String})", {"q": printed.strip().rstrip(";")})
+
+
+_ASNMETA_COLUMNS = (
+    "asn UInt32, org_name String, cc String, changed Date, aut_name String, source String"
+)
+
+
+def _fill_by_country(rows_sql: str):
+    def fill(c: ClickHouse, table: str) -> None:
+        c.command(f"INSERT INTO {table} (asn, org_name, cc, changed, aut_name, source) {rows_sql}")
+
+    return fill
+
+
+def test_an_operators_partitioned_table_is_replaced_exactly_and_a_cut_says_so(
+    ch: ClickHouse,
+) -> None:
+    """PARTITION BY cc: partitions the new data lacks leave, every new one comes in;
+    cut after the first statements, the error says the table is partly replaced, and
+    nothing of the new data that is in is missing."""
+    ch.command("DROP TABLE IF EXISTS asnmeta SYNC")  # the server's operator table
+    ch.command(
+        f"CREATE TABLE asnmeta ({_ASNMETA_COLUMNS}) ENGINE = MergeTree PARTITION BY cc "
+        "ORDER BY (asn, changed)"
+    )
+    countries = "['AA', 'BB', 'CC', 'DD'][number % 4 + 1]"
+    old = f"SELECT number, 'old', {countries}, today(), '', '' FROM numbers(40)"
+    new = (
+        f"SELECT number, 'new', {countries}, today(), '', '' FROM numbers(40) WHERE number % 4 != 1"
+    )
+    replace_table(ch, live="asnmeta", staging="asnmeta_tmp", fill=_fill_by_country(old))
+    replace_table(ch, live="asnmeta", staging="asnmeta_tmp", fill=_fill_by_country(new))
+    by_country = "SELECT cc, org_name, count() FROM asnmeta GROUP BY ALL ORDER BY ALL"
+    assert ch.query_rows(by_country) == [("AA", "new", 10), ("CC", "new", 10), ("DD", "new", 10)]
+
+    replace_table(ch, live="asnmeta", staging="asnmeta_tmp", fill=_fill_by_country(old))
+    command, alters = ch.command, []
+
+    def cut_at_the_third_alter(sql, *args, **kwargs):
+        if sql.startswith("ALTER TABLE"):
+            alters.append(sql)
+            if len(alters) == 3:
+                raise RuntimeError("connection reset by peer")
+        return command(sql, *args, **kwargs)
+
+    ch.command = cut_at_the_third_alter
+    try:
+        with pytest.raises(TableUpdateError, match=r"partly replaced \(2 of 4 partitions\)"):
+            replace_table(ch, live="asnmeta", staging="asnmeta_tmp", fill=_fill_by_country(new))
+    finally:
+        ch.command = command
+    assert all("REPLACE PARTITION" in sql for sql in alters)  # new data first, drops last
+    rows = ch.query_rows(by_country)
+    assert sum(n for _, kind, n in rows if kind == "new") == 20 and len(rows) == 4
+    replace_table(ch, live="asnmeta", staging="asnmeta_tmp", fill=_fill_by_country(new))
+    assert ch.query_rows(by_country) == [("AA", "new", 10), ("CC", "new", 10), ("DD", "new", 10)]
+
+
+def test_a_projection_the_operator_redefined_rebuilds_the_staging_twin(ch: ClickHouse) -> None:
+    ch.command("DROP TABLE IF EXISTS asnmeta SYNC")
+    ch.command(
+        f"CREATE TABLE asnmeta ({_ASNMETA_COLUMNS}, "
+        "PROJECTION p (SELECT cc, count() GROUP BY cc)) ENGINE = MergeTree ORDER BY (asn, changed)"
+    )
+    rows = "SELECT number, 'n', 'IT', today(), '', '' FROM numbers(5)"
+    replace_table(ch, live="asnmeta", staging="asnmeta_tmp", fill=_fill_by_country(rows))
+    ch.command("ALTER TABLE asnmeta DROP PROJECTION p")
+    ch.command("ALTER TABLE asnmeta ADD PROJECTION p (SELECT org_name, count() GROUP BY org_name)")
+    definition = ch.scalar("SHOW CREATE TABLE asnmeta")
+    for _ in range(2):
+        replace_table(ch, live="asnmeta", staging="asnmeta_tmp", fill=_fill_by_country(rows))
+    assert ch.scalar("SHOW CREATE TABLE asnmeta") == definition and ch.count("asnmeta") == 5
+
+
+def test_a_rocksdb_table_in_a_directory_of_its_own_is_refused_clearly(
+    ch: ClickHouse, tmp_path: Path
+) -> None:
+    rocks = tmp_path / "rocks"
+    ch.command("DROP TABLE IF EXISTS fingerprints_dns SYNC")
+    ch.command(
+        "CREATE TABLE fingerprints_dns (name String, pattern String) "
+        f"ENGINE = EmbeddedRocksDB(0, '{rocks}') PRIMARY KEY name"
+    )
+    ch.command("INSERT INTO fingerprints_dns VALUES ('a', 'x')")
+    with pytest.raises(StagingMismatchError, match="rocksdb_dir"):
+        replace_table(
+            ch,
+            live="fingerprints_dns",
+            staging="fingerprints_dns_tmp",
+            fill=lambda c, t: c.command(f"INSERT INTO {t} VALUES ('b', 'y')"),
+        )
+    assert ch.query_rows("SELECT name FROM fingerprints_dns") == [("a",)]

@@ -769,3 +769,29 @@ def test_a_second_run_of_one_upload_day_waits_for_the_first(
     logs = [e.user_message for e in instance.all_logs(result.run_id)]
     assert any("is held by other-run" in m for m in logs), logs
     assert ch.scalar("SELECT count() FROM fastpath") == 1
+
+
+@pytest.mark.clickhouse_backends("server")
+def test_a_server_in_another_time_zone_compares_utc_days(
+    clickhouse, ch, fingerprints, bucket, clickhouse_server
+) -> None:
+    """``measurement_start_time`` is UTC; a server whose time zone is Europe/Rome puts
+    23:30 UTC on the next day. Re-ingesting an unchanged measurement writes nothing."""
+    late = _variant(
+        real(7),
+        "late",
+        measurement_start_time="2024-01-01 23:30:00",
+        test_start_time="2024-01-01 23:29:00",
+    )
+    bucket.put(UPLOAD_DAY, "IT", [member(late, received=datetime(2024, 1, 2, 1))])
+    instance = dg.DagsterInstance.ephemeral()
+    with clickhouse_server.server_timezone("Europe/Rome"):
+        with clickhouse.connect() as there:
+            assert there.scalar("SELECT timezone()") == "Europe/Rome"
+        assert ingest(clickhouse, UPLOAD_DAY, instance).success
+        again = ingest(clickhouse, UPLOAD_DAY, instance)
+    assert again.success
+    metadata = again.get_asset_materialization_events()[0].materialization.metadata
+    assert metadata["dagster/row_count"].value == 0
+    assert metadata["measurement_days_changed"].value == []
+    assert ch.scalar("SELECT count() FROM fastpath") == 1

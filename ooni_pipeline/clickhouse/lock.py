@@ -65,24 +65,34 @@ def _lock_table(name: str) -> str:
     return f"_lock_{name}"
 
 
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return re.sub(r"[^0-9a-f]", "", f.read())[:16] or "0"
+    except OSError:
+        return "0"
+
+
 def this_worker() -> str:
-    """Where this process runs, as ``host:pid-namespace:pid``: a lock taken by a
-    process that no longer exists here is dead, whatever Dagster's record says (a
-    worker killed by the OOM killer or SIGKILL leaves its run STARTED, and the default
-    run launcher cannot tell run monitoring it died)."""
+    """Where this process runs, as ``host:boot-id:pid-namespace:pid``: a lock taken by
+    a process that no longer exists here is dead, whatever Dagster's record says (a
+    worker killed with its code server leaves its run STARTED, and the default run
+    launcher cannot tell run monitoring it died). The boot id tells two machines
+    apart even with one hostname and the initial pid namespace (whose inode is the
+    same on every Linux host); the namespace, two containers of one machine."""
     host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64] or "host"
     try:
         namespace = re.sub(r"\D", "", os.readlink("/proc/self/ns/pid")) or "0"
     except OSError:
         namespace = "0"
-    return f"{host}:{namespace}:{os.getpid()}"
+    return f"{host}:{_boot_id()}:{namespace}:{os.getpid()}"
 
 
 def worker_gone(worker: str) -> bool:
-    """Whether ``worker`` (``this_worker()`` of a holder) is a process of this host and
-    pid namespace that no longer exists; ``False`` when that cannot be told here."""
+    """Whether ``worker`` (``this_worker()`` of a holder) is a process of this machine
+    and pid namespace that no longer exists; ``False`` when that cannot be told here."""
     place, _, pid = worker.rpartition(":")
-    if not pid.isdigit() or place != this_worker().rpartition(":")[0]:
+    if not pid.isdigit() or place != this_worker().rpartition(":")[0] or place.count(":") != 2:
         return False
     try:
         os.kill(int(pid), 0)
@@ -96,16 +106,25 @@ def worker_gone(worker: str) -> bool:
 @dataclass(frozen=True)
 class Holding:
     """Who holds a lock: ``owner`` is ``None`` while (embedded) its Memory row is
-    missing, written a moment after the table and gone with the process that wrote it."""
+    missing, written a moment after the table and gone with the process that wrote it.
+    ``changing``: the comment and the row were read from two different holdings (one
+    released, the next taken between the two reads); nothing may be judged from it."""
 
     owner: str | None
     token: str
     age_s: float
     worker: str
+    changing: bool = False
 
 
 def _tombstone(name: str, token: str) -> str:
     return f"_lock_dead_{name}_{token}"
+
+
+def _comment_fields(comment: str) -> list[str]:
+    """owner, token, time taken, worker (``''`` each when absent: a lock of an earlier
+    version has no comment)."""
+    return (comment.split(" ") + ["", "", "0", ""])[:4]
 
 
 def _holding(ch: ClickHouse, table: str) -> Holding | None:
@@ -116,33 +135,53 @@ def _holding(ch: ClickHouse, table: str) -> Holding | None:
     )
     if not rows:
         return None
-    owner, token, taken, worker = (str(rows[0][0]).split(" ") + ["", "", "0", ""])[:4]
+    owner, token, taken, worker = _comment_fields(str(rows[0][0]))
+    age = "dateDiff('millisecond', since, now64(3)) / 1000"
+    legacy = False
     try:
-        held = ch.query_rows(
-            f"SELECT owner, dateDiff('millisecond', since, now64(3)) / 1000 FROM {quote_identifier(table)}"
-        )
+        try:
+            held = ch.query_rows(f"SELECT owner, token, {age} FROM {quote_identifier(table)}")
+        except ClickHouseError as exc:
+            if "token" not in str(exc):
+                raise
+            # A lock of an earlier version: no token in its row to compare.
+            legacy = True
+            held = ch.query_rows(f"SELECT owner, '', {age} FROM {quote_identifier(table)}")
     except ClickHouseError as exc:
         if "UNKNOWN_TABLE" in str(exc) or "does not exist" in str(exc):
             return None  # released meanwhile
         raise
     if held:
-        return Holding(str(held[0][0]), token, max(0.0, float(held[0][1])), worker)
-    age = max(0.0, time.time() - float(taken or 0))
+        row_owner, row_token, row_age = str(held[0][0]), str(held[0][1]), float(held[0][2])
+        changing = not legacy and row_token != token
+        return Holding(row_owner, token, max(0.0, row_age), worker, changing=changing)
+    age_s = max(0.0, time.time() - float(taken or 0))
     # Embedded, a missing row is a dead process's; on a server, a restart's (the
     # comment still names the owner).
-    return Holding(None if ch.embedded else owner or None, token, age, worker)
+    return Holding(None if ch.embedded else owner or None, token, age_s, worker)
 
 
-def _drop_old_tombstones(ch: ClickHouse, name: str) -> None:
+def _bury(ch: ClickHouse, name: str, tombstone: str) -> None:
+    """Date a tombstone just made (its comment keeps the dead holding's, plus when it
+    died), then drop those dead for longer than ``TOMBSTONE_KEEP_S``. A tombstone
+    without a date (its waiter died between the two steps) is kept."""
     rows = ch.query_rows(
         "SELECT name, comment FROM system.tables WHERE database = currentDatabase() "
         "AND startsWith(name, {prefix:String})",
         {"prefix": f"_lock_dead_{name}_"},
     )
-    for tombstone, comment in rows:
-        taken = (str(comment).split(" ") + ["", "", "0"])[2]
-        if time.time() - float(taken or 0) > TOMBSTONE_KEEP_S:
-            ch.command(f"DROP TABLE IF EXISTS {quote_identifier(str(tombstone))} SYNC")
+    now = time.time()
+    for table, comment in rows:
+        table, comment = str(table), str(comment)
+        if table == tombstone:
+            owner, token, taken, worker = _comment_fields(comment)
+            dated = f"{owner} {token} {taken} {worker} {now:.3f}"
+            if re.fullmatch(r"[A-Za-z0-9_.:\- ]*", dated):
+                ch.command(f"ALTER TABLE {quote_identifier(table)} MODIFY COMMENT '{dated}'")
+            continue
+        died = (comment.split(" ") + [""] * 5)[4]
+        if re.fullmatch(r"\d+(\.\d+)?", died) and now - float(died) > TOMBSTONE_KEEP_S:
+            ch.command(f"DROP TABLE IF EXISTS {quote_identifier(table)} SYNC")
 
 
 @contextmanager
@@ -178,19 +217,24 @@ def exclusive(
     while True:
         try:
             ch.command(
-                f"CREATE TABLE {table} (owner String, since DateTime64(3)) ENGINE = Memory "
-                f"COMMENT '{owner} {token} {time.time():.3f} {this_worker()}'"
+                f"CREATE TABLE {table} (owner String, token String, since DateTime64(3)) "
+                f"ENGINE = Memory COMMENT '{owner} {token} {time.time():.3f} {this_worker()}'"
             )
         except ClickHouseError as exc:
             if "already exists" not in str(exc).lower() and "TABLE_ALREADY_EXISTS" not in str(exc):
                 raise
         else:
-            ch.command(f"INSERT INTO {table} SELECT {{o:String}}, now64(3)", {"o": owner})
+            ch.command(
+                f"INSERT INTO {table} SELECT {{o:String}}, {{t:String}}, now64(3)",
+                {"o": owner, "t": token},
+            )
             break
         held = _holding(ch, _lock_table(name))
         if held is not None:
             holder, held_token, age = held.owner, held.token, held.age_s
-            if holder is None:
+            if held.changing:
+                stale = False  # read across a release and a new taking: look again
+            elif holder is None:
                 ownerless_since = ownerless_since or time.monotonic()
                 grace = EMBEDDED_OWNERLESS_GRACE_S if ch.embedded else OWNERLESS_GRACE_S
                 stale = time.monotonic() - ownerless_since > grace
@@ -205,16 +249,15 @@ def exclusive(
                 stale = alive is False or (alive is None and age > UNKNOWN_OWNER_STALE_S)
             if stale:
                 log.warning(f"lock {name}: its owner {holder or '(none)'} is gone; taking it over")
+                tombstone = _tombstone(name, held_token)
                 try:
                     # Fails if another waiter renamed this very holding first (the
                     # tombstone exists) or the lock is gone: either way, start again.
-                    ch.command(
-                        f"RENAME TABLE {table} TO {quote_identifier(_tombstone(name, held_token))}"
-                    )
+                    ch.command(f"RENAME TABLE {table} TO {quote_identifier(tombstone)}")
                 except ClickHouseError:
                     pass
                 else:
-                    _drop_old_tombstones(ch, name)
+                    _bury(ch, name, tombstone)
                 continue
             if holder != announced:
                 log.info(

@@ -304,7 +304,7 @@ class TableShape:
     columns: tuple[tuple[str, ...], ...]
     indices: tuple[tuple[str, ...], ...]
     keys: tuple[str, ...]  # partition, sorting, primary, sampling keys, storage policy
-    clauses: tuple[str, ...]  # CONSTRAINT and PROJECTION lines of SHOW CREATE
+    body: str  # SHOW CREATE's column list: columns, indexes, constraints, projections
 
     @property
     def merge_tree(self) -> bool:
@@ -322,13 +322,11 @@ def table_shape(ch: ClickHouse, name: str) -> tuple[TableShape, str]:
     if not rows:
         raise MissingTableError(f"table {name} does not exist on {ch.display_url}")
     engine, engine_full, *keys = (str(v) for v in rows[0])
-    # Constraints and projections travel with ``AS live``; the server writes each on a
-    # line of its own in SHOW CREATE (formatted), after the columns.
-    clauses = tuple(
-        line.strip().rstrip(",")
-        for line in ch.scalar(f"SHOW CREATE TABLE {quote_identifier(name)}").splitlines()
-        if line.strip().startswith(("CONSTRAINT ", "PROJECTION "))
-    )
+    # Everything ``AS live`` copies is in SHOW CREATE's parenthesised list (columns,
+    # indexes, constraints, projections with their queries): compared whole.
+    create = str(ch.scalar(f"SHOW CREATE TABLE {quote_identifier(name)}"))
+    start, end = create.find("\n(\n"), create.rfind("\n)\nENGINE")
+    body = create[start:end] if 0 <= start < end else create.split(" ", 3)[-1]
     columns = ch.query_rows(
         "SELECT name, type, default_kind, default_expression, compression_codec "
         "FROM system.columns WHERE database = currentDatabase() AND table = {t:String} "
@@ -345,7 +343,7 @@ def table_shape(ch: ClickHouse, name: str) -> tuple[TableShape, str]:
         columns=tuple(tuple(str(v) for v in c) for c in columns),
         indices=tuple(tuple(str(v) for v in i) for i in indices),
         keys=tuple(keys),
-        clauses=clauses,
+        body=body,
     )
     return shape, engine_full
 
@@ -437,6 +435,13 @@ def staging_twin(ch: ClickHouse, live: str, staging: str) -> TableShape:
         )
     elif engine_full.startswith("Replicated"):
         raise StagingMismatchError(f"{live}: a replicated {live_shape.engine} has no local twin")
+    elif live_shape.engine == "EmbeddedRocksDB" and len(_split_engine(engine_full)[1]) >= 2:
+        # EmbeddedRocksDB(ttl, rocksdb_dir, ...): a copy would open the same directory.
+        raise StagingMismatchError(
+            f"{live} keeps its RocksDB data in a directory of its own (rocksdb_dir): a "
+            "staging copy cannot share it, so it cannot be updated atomically; recreate "
+            'it without rocksdb_dir (README "Tables the operator owns")'
+        )
     else:
         ch.command(f"CREATE TABLE {quote_identifier(staging)} AS {quote_identifier(live)}")
     staging_shape, staging_full = table_shape(ch, staging)

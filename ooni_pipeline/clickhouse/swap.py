@@ -121,16 +121,36 @@ _PARTITION_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
 
 def _replace_partitions(ch: ClickHouse, live: str, staging: str) -> None:
     """Every partition of ``live`` gets ``staging``'s parts of it; one staging has no
-    part of is dropped (newer servers refuse to replace from an empty source)."""
+    part of is dropped (newer servers refuse to replace from an empty source).
+
+    OONI's tables are unpartitioned: one statement, atomic. An operator's partitioned
+    table is replaced partition by partition, each atomically: the new partitions come
+    in first, then the ones the new data lacks leave, so a failure half-way leaves
+    every row of the new data that is in, and old rows only where new ones are not
+    yet; the next run completes it."""
     parts = ch.query_rows(_PARTS_SQL, {"live": live, "staging": staging})
-    staged = {str(pid) for table, pid in parts if table == staging}
-    for pid in sorted({str(pid) for _, pid in parts}):
+    staged = sorted({str(pid) for table, pid in parts if table == staging})
+    gone = sorted({str(pid) for _, pid in parts} - set(staged))
+    statements = [
+        f"ALTER TABLE {quote_identifier(live)} REPLACE PARTITION ID '{pid}' "
+        f"FROM {quote_identifier(staging)}"
+        for pid in staged
+    ] + [f"ALTER TABLE {quote_identifier(live)} DROP PARTITION ID '{pid}'" for pid in gone]
+    for pid in (*staged, *gone):
         if not _PARTITION_ID.fullmatch(pid):
             raise TableUpdateError(f"unexpected partition id in {live} or {staging}")
-        if pid in staged:
-            ch.command(
-                f"ALTER TABLE {quote_identifier(live)} REPLACE PARTITION ID '{pid}' "
-                f"FROM {quote_identifier(staging)}"
+    for done, statement in enumerate(statements):
+        try:
+            ch.command(statement)
+        except Exception as exc:
+            state = (
+                "left unchanged"
+                if done == 0
+                else (
+                    f"partly replaced ({done} of {len(statements)} partitions); the next run "
+                    "completes it"
+                )
             )
-        else:
-            ch.command(f"ALTER TABLE {quote_identifier(live)} DROP PARTITION ID '{pid}'")
+            raise TableUpdateError(
+                f"replacing {live}'s partitions failed, {live} {state}: {exc}"
+            ) from exc

@@ -230,8 +230,8 @@ def _count_skips(ch: ClickHouse, staging: str, report: IngestReport) -> None:
 
 
 def live_rows_filter(days: list[str]) -> tuple[str, dict[str, str]]:
-    """A WHERE condition on ``fastpath`` selecting the measurement days ``days``
-    (YYYY-MM-DD), as ranges of its first ORDER BY column, so the primary index reads
+    """A WHERE condition on ``fastpath`` selecting the UTC measurement days ``days``
+    (YYYY-MM-DD; ``measurement_start_time`` is UTC whatever the server's time zone), as ranges of its first ORDER BY column, so the primary index reads
     those days only: an upload day holding one measurement dated years back (a probe
     with a bad clock) reads that day, not the years between."""
     ranges, params = [], {}
@@ -273,7 +273,7 @@ def _insert_changed(ch: ClickHouse, staging: str, changed: str) -> tuple[int, li
     days = [
         str(day)
         for (day,) in ch.query_rows(
-            f"SELECT DISTINCT toString(toDate(measurement_start_time)) AS d FROM {staging} "
+            f"SELECT DISTINCT toString(toDate(measurement_start_time, 'UTC')) AS d FROM {staging} "
             "WHERE skip_reason = '' ORDER BY d"
         )
     ]
@@ -297,7 +297,7 @@ def _insert_changed(ch: ClickHouse, staging: str, changed: str) -> tuple[int, li
     if count:
         ch.command(f"INSERT INTO fastpath ({columns}) SELECT {columns} FROM {changed}")
     changed_days = ch.query_rows(
-        f"SELECT DISTINCT toString(toDate(measurement_start_time)) AS d FROM {changed} ORDER BY d"
+        f"SELECT DISTINCT toString(toDate(measurement_start_time, 'UTC')) AS d FROM {changed} ORDER BY d"
     )
     return count, [str(day) for (day,) in changed_days], estimate
 
