@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import tarfile
+import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -103,7 +104,9 @@ class Bucket:
 
 @pytest.fixture
 def bucket(s3_client, moto_endpoint, monkeypatch) -> Bucket:
-    name = f"ooni-public-{hashlib.sha1(str(id(monkeypatch)).encode()).hexdigest()[:10]}"
+    # A fresh bucket per test (an object's id() is reused: a name made from it met an
+    # earlier test's bucket, and its postcans, now and then).
+    name = f"ooni-public-{uuid.uuid4().hex[:12]}"
     monkeypatch.setenv("OONI_PUBLIC_BUCKET", name)
     monkeypatch.setenv("OONI_PUBLIC_ENDPOINT_URL", moto_endpoint)
     monkeypatch.delenv("OONI_PUBLIC_COUNTRIES", raising=False)
