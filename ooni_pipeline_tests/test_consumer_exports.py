@@ -224,6 +224,54 @@ def test_watchlists_are_website_metrics_rows_of_each_consumers_domains(
     assert len(evaluations) == 3 and all(e.passed for e in evaluations)
 
 
+# How probes spell hosts in fastpath.domain (the URL's netloc, as sent), each with the
+# watched domain it must match, or None.
+SPELLINGS = [
+    ("www.bücher.de", "bücher.de"),
+    ("WWW.BÜCHER.DE", "bücher.de"),
+    ("XN--BCHER-KVA.DE", "bücher.de"),
+    ("shop.xn--bcher-kva.de", "bücher.de"),
+    ("www.bbc.com:443", "bbc.com"),
+    ("bbc.com.", "bbc.com"),
+    ("user@bbc.com", "bbc.com"),
+    ("user:pw@News.BBC.com.:8080", "bbc.com"),
+    ("notbbc.com", None),
+    ("bbc.com.evil.net", None),
+    ("bbc.com.evil.net:443", None),
+    ("bbc.com@evil.net", None),
+    ("bücher.de.evil.net", None),
+    ("xbücher.de", None),
+]
+
+
+def test_watchlists_match_every_spelling_of_a_host_and_keep_the_stored_domain(
+    clickhouse, object_store_resource, ch, day_rows
+) -> None:
+    """Unicode case, IDNA or Unicode form, a port, trailing dots and userinfo: the
+    host matches; a look-alike does not. The exported ``domain`` stays as stored."""
+    _insert(
+        ch,
+        [
+            _msm(f"s{i}", f"{DAY} 11:00:{i:02d}", domain=spelling)
+            for i, (spelling, _) in enumerate(SPELLINGS)
+        ],
+    )
+    consumers = {"bbc": ("bbc.com",), "buecher": ("bücher.de",)}
+    lists = {c: tuple(d.encode("idna").decode() for d in ds) for c, ds in consumers.items()}
+    store = object_store_resource.get_store()
+    resources = {"clickhouse": clickhouse, "object_store": object_store_resource}
+    assert dg.materialize([website_metrics], resources=resources, partition_key=DAY).success
+    keys = [watchlists.asset_key(c) for c in consumers]
+    result = _run(keys, clickhouse, object_store_resource, DAY, lists=lists)
+    assert result.success, failure_text(result)
+    for consumer, (watched,) in consumers.items():
+        rows = _csv(store, watchlists.object_key(consumer, DAY))
+        got = sorted(
+            r["domain"] for r in rows if r["explorer_url"].rsplit("/", 1)[1].startswith("s")
+        )
+        assert got == sorted(s for s, match in SPELLINGS if match == watched), consumer
+
+
 def test_adding_a_consumer_and_backfilling_it_leaves_the_others_untouched(
     clickhouse, s3_store_resource, ch, watched_rows
 ) -> None:

@@ -24,14 +24,27 @@ KEY_PREFIX = "watchlists"
 ROW_ORDER = "consumer, measurement_start_time, explorer_url"
 
 
+# The host a row's ``domain`` names, as the engine matches it: ``fastpath.domain`` is
+# the URL's netloc as the probe sent it, so it may carry userinfo (``user@bbc.com``),
+# a port (``www.bbc.com:443``), trailing dots (``bbc.com.``) and any case, Unicode
+# included (``WWW.BÜCHER.DE``). Everything after the last ``@``, without a trailing
+# ``:port`` and dots, lowercased by Unicode rules. (The engine here has no IDNA
+# functions, so the watched side carries both forms: ``pair_params``.)
+ROW_HOST_SQL = (
+    "lowerUTF8(replaceRegexpOne(replaceRegexpOne("
+    "arrayElement(splitByChar('@', domain), -1), ':[0-9]*$', ''), '\\\\.+$', ''))"
+)
+
+
 def watchlist_sql(table: str) -> str:
     """The rows of the stage ``table`` whose domain is, or is under, a watched domain,
     once per consumer watching it, led by the consumer's index.
 
-    Label by label: each row's domain yields its suffixes at label boundaries
-    (news.bbc.com: news.bbc.com, bbc.com, com), joined by hash on the watched
-    domains, so "bbc.com" matches "news.bbc.com", never "notbbc.com", and the cost
-    does not grow with the number of watched domains. Bound: the pairs of consumer
+    Label by label: each row's host (``ROW_HOST_SQL``) yields its suffixes at label
+    boundaries (news.bbc.com: news.bbc.com, bbc.com, com), joined by hash on the
+    watched domains, so "bbc.com" matches "news.bbc.com", never "notbbc.com" nor
+    "bbc.com.evil.net", and the cost does not grow with the number of watched
+    domains. The exported rows keep ``domain`` as stored. Bound: the pairs of consumer
     index and domain, as comma-separated lists (a validated domain holds no comma,
     and a plain String binds alike on both back ends)."""
     columns = ", ".join(f"`{c}`" for c in CSV_COLUMNS)
@@ -39,10 +52,10 @@ def watchlist_sql(table: str) -> str:
 SELECT w.consumer AS consumer, {columns}
 FROM (
     SELECT *, arrayJoin(arrayMap(
-        i -> arrayStringConcat(arraySlice(splitByChar('.', lower(domain)), i), '.'),
-        range(1, length(splitByChar('.', lower(domain))) + 1)
+        i -> arrayStringConcat(arraySlice(splitByChar('.', host), i), '.'),
+        range(1, length(splitByChar('.', host)) + 1)
     )) AS suffix
-    FROM {table}
+    FROM (SELECT *, {ROW_HOST_SQL} AS host FROM {table})
 ) AS r
 INNER JOIN (
     SELECT toUInt32(pair.1) AS consumer, pair.2 AS watched
@@ -83,12 +96,29 @@ def _split_index(record: bytes) -> tuple[int, bytes]:
 
 
 def pair_params(watchlists: dict[str, tuple[str, ...]], consumers: list[str]) -> dict[str, str]:
-    """The bound parameters of ``watchlist_sql`` for ``consumers`` (indices into it)."""
-    pairs = [(i, d) for i, c in enumerate(consumers) for d in watchlists[c]]
+    """The bound parameters of ``watchlist_sql`` for ``consumers`` (indices into it).
+
+    Each watched domain (lowercase IDNA, ``watchlist_file``) is listed in its IDNA
+    form and, for an internationalised one, in its Unicode form too: a row's host
+    may be spelled either way (``xn--bcher-kva.de``, ``bücher.de``)."""
+    pairs = [
+        (i, form)
+        for i, c in enumerate(consumers)
+        for d in watchlists[c]
+        for form in dict.fromkeys((d, unicode_form(d)))
+    ]
     return {
         "consumers": ",".join(str(i) for i, _ in pairs),
         "domains": ",".join(d for _, d in pairs),
     }
+
+
+def unicode_form(domain: str) -> str:
+    """The Unicode spelling of a lowercase IDNA domain (itself when it has none)."""
+    try:
+        return domain.encode("ascii").decode("idna").lower()
+    except UnicodeError:
+        return domain
 
 
 def watchlists_from_env() -> dict[str, tuple[str, ...]]:
