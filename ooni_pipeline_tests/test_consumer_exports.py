@@ -272,6 +272,51 @@ def test_watchlists_match_every_spelling_of_a_host_and_keep_the_stored_domain(
         assert got == sorted(s for s, match in SPELLINGS if match == watched), consumer
 
 
+HOSTILE_INPUTS = ['=HYPERLINK("http://evil.example/","x")', "+1+1", "-2+3", "@SUM(A1)", "\tx"]
+
+
+def test_probe_text_starting_a_formula_is_written_as_text_in_csvs_and_as_is_in_parquet(
+    clickhouse, object_store_resource, ch, day_rows
+) -> None:
+    """OWASP's "CSV Injection": a probe-supplied cell starting with = + - @ or a tab
+    gets a leading apostrophe in the CSVs (website_metrics, watchlists), so a
+    spreadsheet shows it as text; ordinary values, and the Parquet export, are as stored."""
+    _insert(
+        ch,
+        [
+            _msm(f"h{i}", f"{DAY} 12:00:{i:02d}", input=value, domain="bbc.com")
+            for i, value in enumerate(HOSTILE_INPUTS)
+        ],
+    )
+    store = object_store_resource.get_store()
+    resources = {"clickhouse": clickhouse, "object_store": object_store_resource}
+    assert dg.materialize([website_metrics], resources=resources, partition_key=DAY).success
+    lists = {"bbc": ("bbc.com",)}
+    result = _run([watchlists.asset_key("bbc"), PARQUET], clickhouse, object_store_resource, DAY, lists=lists)  # fmt: skip
+    assert result.success, failure_text(result)
+
+    def hostile(rows):
+        return {
+            r["explorer_url"].rsplit("/", 1)[1]: r["input"]
+            for r in rows
+            if r["explorer_url"].rsplit("/", 1)[1].startswith("h")
+        }
+
+    expected = {f"h{i}": "'" + value for i, value in enumerate(HOSTILE_INPUTS)}
+    published = _csv(store, wm_key(DAY))
+    assert hostile(published) == expected
+    assert hostile(_csv(store, watchlists.object_key("bbc", DAY))) == expected
+    assert all(r["input"][:1] not in "=+-@\t" for r in published if r["input"])
+    ordinary = [r["input"] for r in published if r["input"].startswith("http")]
+    assert ordinary and all("'" not in r[:1] for r in ordinary)
+    table = pq.read_table(io.BytesIO(store.read_bytes(parquet.parquet_key(DAY)))).to_pylist()
+    assert {
+        r["explorer_url"].rsplit("/", 1)[1]: r["input"]
+        for r in table
+        if r["explorer_url"].rsplit("/", 1)[1].startswith("h")
+    } == {f"h{i}": value for i, value in enumerate(HOSTILE_INPUTS)}
+
+
 def test_adding_a_consumer_and_backfilling_it_leaves_the_others_untouched(
     clickhouse, s3_store_resource, ch, watched_rows
 ) -> None:

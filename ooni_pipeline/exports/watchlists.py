@@ -16,7 +16,7 @@ import dagster as dg
 from ooni_pipeline import settings
 from ooni_pipeline.exports.publish import CsvRecords, IncompleteExportError
 from ooni_pipeline.exports.watchlist_file import load_watchlists
-from ooni_pipeline.exports.website_metrics_sql import CSV_COLUMNS
+from ooni_pipeline.exports.website_metrics_sql import CSV_COLUMNS_SQL
 
 WATCHLISTS_ENV = "OONI_WATCHLISTS"
 KEY_PREFIX = "watchlists"
@@ -47,9 +47,8 @@ def watchlist_sql(table: str) -> str:
     domains. The exported rows keep ``domain`` as stored. Bound: the pairs of consumer
     index and domain, as comma-separated lists (a validated domain holds no comma,
     and a plain String binds alike on both back ends)."""
-    columns = ", ".join(f"`{c}`" for c in CSV_COLUMNS)
     return f"""
-SELECT w.consumer AS consumer, {columns}
+SELECT w.consumer AS consumer, {CSV_COLUMNS_SQL}
 FROM (
     SELECT *, arrayJoin(arrayMap(
         i -> arrayStringConcat(arraySlice(splitByChar('.', host), i), '.'),

@@ -29,6 +29,7 @@ from ooni_pipeline.exports.website_metrics_sql import (
     CSV_FORMAT,
     CSV_FORMAT_SETTINGS,
     PIVOT_SQL,
+    csv_select,
 )
 from ooni_pipeline.fastpath.assets import FASTPATH_KEY, MEASUREMENT_DAYS
 from ooni_pipeline.fastpath.versions import day_versions, measurements
@@ -214,7 +215,7 @@ def export_day(
         ch,
         store,
         key,
-        PIVOT_SQL,
+        csv_select(PIVOT_SQL),
         params,
         fmt=CSV_FORMAT,
         settings=CSV_FORMAT_SETTINGS,

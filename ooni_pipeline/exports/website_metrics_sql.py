@@ -84,6 +84,33 @@ FROM ({_MEASUREMENTS})
 ORDER BY start_time, explorer_url
 """
 
+# Text cells that come from probes (``input``, ``domain``, ``probe_cc``), written into
+# CSVs that newsrooms open in spreadsheets: a cell starting with = + - @ (or a tab or
+# carriage return) is a formula in Excel, LibreOffice and Google Sheets (OWASP, "CSV
+# Injection"). As OWASP recommends, such a cell is written with a leading
+# apostrophe, which makes a spreadsheet show it as text; no real URL, host or country
+# code starts with one of those characters, so programmatic readers lose nothing they
+# had (the Parquet exports keep every value as stored).
+SPREADSHEET_TEXT_COLUMNS = ("input", "domain", "probe_cc")
+
+
+def spreadsheet_safe(column: str) -> str:
+    """SQL: ``column``'s value as a spreadsheet reads it as text (see above)."""
+    return f"if(match(`{column}`, '^[=+\\\\-@\\\\t\\\\r]'), concat('\\'', `{column}`), `{column}`)"
+
+
+# The CSV's columns as a select list, probe text made spreadsheet-safe.
+CSV_COLUMNS_SQL = ", ".join(
+    f"{spreadsheet_safe(c)} AS `{c}`" if c in SPREADSHEET_TEXT_COLUMNS else f"`{c}`"
+    for c in CSV_COLUMNS
+)
+
+
+def csv_select(table_sql: str) -> str:
+    """The CSV rows of the rows ``table_sql`` gives (``CSV_COLUMNS_SQL``)."""
+    return f"SELECT {CSV_COLUMNS_SQL} FROM ({table_sql})"
+
+
 # The contract's CSV written whole by the engine: ClickHouse's CSVWithNames quotes the
 # header names, the contract's header is bare, so a Template of one header line and
 # rows serialized by the CSV escaping rule (byte for byte what format CSV writes).
