@@ -184,6 +184,15 @@ def _matches(domain: str, watched: tuple[str, ...]) -> bool:
     return any(domain == d or domain.endswith("." + d) for d in watched)
 
 
+def _export_day_then(keys, clickhouse, store_resource, lists):
+    """``website_metrics`` of DAY, then the assets ``keys`` of DAY with ``lists``."""
+    resources = {"clickhouse": clickhouse, "object_store": store_resource}
+    assert dg.materialize([website_metrics], resources=resources, partition_key=DAY).success
+    result = _run(keys, clickhouse, store_resource, DAY, lists=lists)
+    assert result.success, failure_text(result)
+    return store_resource.get_store(), result
+
+
 def test_watchlists_are_website_metrics_rows_of_each_consumers_domains(
     clickhouse, object_store_resource, watched_rows
 ) -> None:
@@ -193,12 +202,8 @@ def test_watchlists_are_website_metrics_rows_of_each_consumers_domains(
         "dw": ("dw.com",),
         "quiet": ("nowhere.example",),
     }
-    store = object_store_resource.get_store()
-    resources = {"clickhouse": clickhouse, "object_store": object_store_resource}
-    assert dg.materialize([website_metrics], resources=resources, partition_key=DAY).success
     keys = [watchlists.asset_key(c) for c in consumers]
-    result = _run(keys, clickhouse, object_store_resource, DAY, lists=consumers)
-    assert result.success, failure_text(result)
+    store, result = _export_day_then(keys, clickhouse, object_store_resource, consumers)
     published = _csv(store, wm_key(DAY))
 
     uids = {}
@@ -258,12 +263,8 @@ def test_watchlists_match_every_spelling_of_a_host_and_keep_the_stored_domain(
     )
     consumers = {"bbc": ("bbc.com",), "buecher": ("bücher.de",)}
     lists = {c: tuple(d.encode("idna").decode() for d in ds) for c, ds in consumers.items()}
-    store = object_store_resource.get_store()
-    resources = {"clickhouse": clickhouse, "object_store": object_store_resource}
-    assert dg.materialize([website_metrics], resources=resources, partition_key=DAY).success
     keys = [watchlists.asset_key(c) for c in consumers]
-    result = _run(keys, clickhouse, object_store_resource, DAY, lists=lists)
-    assert result.success, failure_text(result)
+    store, _ = _export_day_then(keys, clickhouse, object_store_resource, lists)
     for consumer, (watched,) in consumers.items():
         rows = _csv(store, watchlists.object_key(consumer, DAY))
         got = sorted(
@@ -288,12 +289,8 @@ def test_probe_text_starting_a_formula_is_written_as_text_in_csvs_and_as_is_in_p
             for i, value in enumerate(HOSTILE_INPUTS)
         ],
     )
-    store = object_store_resource.get_store()
-    resources = {"clickhouse": clickhouse, "object_store": object_store_resource}
-    assert dg.materialize([website_metrics], resources=resources, partition_key=DAY).success
-    lists = {"bbc": ("bbc.com",)}
-    result = _run([watchlists.asset_key("bbc"), PARQUET], clickhouse, object_store_resource, DAY, lists=lists)  # fmt: skip
-    assert result.success, failure_text(result)
+    keys = [watchlists.asset_key("bbc"), PARQUET]
+    store, _ = _export_day_then(keys, clickhouse, object_store_resource, {"bbc": ("bbc.com",)})
 
     def hostile(rows):
         return {
