@@ -122,9 +122,9 @@ def _tombstone(name: str, token: str) -> str:
 
 
 def _comment_fields(comment: str) -> list[str]:
-    """owner, token, time taken, worker (``''`` each when absent: a lock of an earlier
-    version has no comment)."""
-    return (comment.split(" ") + ["", "", "0", ""])[:4]
+    """owner, token, time taken, worker and, on a tombstone, time it died (``''`` each
+    when absent: a lock of an earlier version has no comment)."""
+    return (comment.split(" ") + ["", "", "0", "", ""])[:5]
 
 
 def _holding(ch: ClickHouse, table: str) -> Holding | None:
@@ -135,7 +135,7 @@ def _holding(ch: ClickHouse, table: str) -> Holding | None:
     )
     if not rows:
         return None
-    owner, token, taken, worker = _comment_fields(str(rows[0][0]))
+    owner, token, taken, worker, _ = _comment_fields(str(rows[0][0]))
     age = "dateDiff('millisecond', since, now64(3)) / 1000"
     legacy = False
     try:
@@ -168,18 +168,17 @@ def _bury(ch: ClickHouse, name: str, tombstone: str) -> None:
     rows = ch.query_rows(
         "SELECT name, comment FROM system.tables WHERE database = currentDatabase() "
         "AND startsWith(name, {prefix:String})",
-        {"prefix": f"_lock_dead_{name}_"},
+        {"prefix": _tombstone(name, "")},
     )
     now = time.time()
     for table, comment in rows:
         table, comment = str(table), str(comment)
+        owner, token, taken, worker, died = _comment_fields(comment)
         if table == tombstone:
-            owner, token, taken, worker = _comment_fields(comment)
             dated = f"{owner} {token} {taken} {worker} {now:.3f}"
             if re.fullmatch(r"[A-Za-z0-9_.:\- ]*", dated):
                 ch.command(f"ALTER TABLE {quote_identifier(table)} MODIFY COMMENT '{dated}'")
             continue
-        died = (comment.split(" ") + [""] * 5)[4]
         if re.fullmatch(r"\d+(\.\d+)?", died) and now - float(died) > TOMBSTONE_KEEP_S:
             ch.command(f"DROP TABLE IF EXISTS {quote_identifier(table)} SYNC")
 

@@ -276,8 +276,8 @@ def ensure_tables(ch: ClickHouse, *names: str) -> None:
                     f"tables are never created implicitly: check OONI_CLICKHOUSE_URL, or create "
                     f"it with the DDL printed by `python -m ooni_pipeline.clickhouse.schema {name}`"
                 )
-        elif not _exists(ch, name):
-            ch.command(create_table_sql(name, ch.cluster))
+        else:
+            _create_if_missing(ch, name)
 
 
 def ensure_updater_table(ch: ClickHouse, name: str) -> None:
@@ -285,6 +285,10 @@ def ensure_updater_table(ch: ClickHouse, name: str) -> None:
     a cluster too: the updater fills it at once); an existing one is never touched."""
     if name not in UPDATER_TABLES:
         raise ValueError(f"{name!r} is not an updater's table")
+    _create_if_missing(ch, name)
+
+
+def _create_if_missing(ch: ClickHouse, name: str) -> None:
     if not _exists(ch, name):
         ch.command(create_table_sql(name, ch.cluster))
 
@@ -301,10 +305,11 @@ class TableShape:
     """What ``REPLACE PARTITION`` (and an exchange) needs two tables to share."""
 
     engine: str  # without ``Replicated``
-    columns: tuple[tuple[str, ...], ...]
-    indices: tuple[tuple[str, ...], ...]
     keys: tuple[str, ...]  # partition, sorting, primary, sampling keys, storage policy
-    body: str  # SHOW CREATE's column list: columns, indexes, constraints, projections
+    # SHOW CREATE between its first line (the name) and ENGINE: every column with its
+    # type, default, codec and comment, the indexes, constraints and projections (with
+    # their queries): everything ``AS live`` copies, compared whole.
+    body: str
 
     @property
     def merge_tree(self) -> bool:
@@ -322,29 +327,9 @@ def table_shape(ch: ClickHouse, name: str) -> tuple[TableShape, str]:
     if not rows:
         raise MissingTableError(f"table {name} does not exist on {ch.display_url}")
     engine, engine_full, *keys = (str(v) for v in rows[0])
-    # Everything ``AS live`` copies is in SHOW CREATE's parenthesised list (columns,
-    # indexes, constraints, projections with their queries): compared whole.
     create = str(ch.scalar(f"SHOW CREATE TABLE {quote_identifier(name)}"))
-    start, end = create.find("\n(\n"), create.rfind("\n)\nENGINE")
-    body = create[start:end] if 0 <= start < end else create.split(" ", 3)[-1]
-    columns = ch.query_rows(
-        "SELECT name, type, default_kind, default_expression, compression_codec "
-        "FROM system.columns WHERE database = currentDatabase() AND table = {t:String} "
-        "ORDER BY position",
-        {"t": name},
-    )
-    indices = ch.query_rows(
-        "SELECT name, type_full, expr, granularity FROM system.data_skipping_indices "
-        "WHERE database = currentDatabase() AND table = {t:String} ORDER BY name",
-        {"t": name},
-    )
-    shape = TableShape(
-        engine=engine.removeprefix("Replicated"),
-        columns=tuple(tuple(str(v) for v in c) for c in columns),
-        indices=tuple(tuple(str(v) for v in i) for i in indices),
-        keys=tuple(keys),
-        body=body,
-    )
+    body = create.split("\n", 1)[-1].split("\nENGINE", 1)[0]
+    shape = TableShape(engine=engine.removeprefix("Replicated"), keys=tuple(keys), body=body)
     return shape, engine_full
 
 
