@@ -27,7 +27,7 @@ from ooni_pipeline.exports.consumer_schedules import (
 )
 from ooni_pipeline.exports.daily_consumers import build_daily_consumer_exports
 from ooni_pipeline.exports.manifest import MANIFEST_KEY, load_exports_manifest
-from ooni_pipeline.exports.watchlist_file import WatchlistError, load_watchlists
+from ooni_pipeline.exports.watchlist_file import WatchlistError, load_watchlists, normalize_domain
 from ooni_pipeline.exports.website_metrics import object_key as wm_key
 from ooni_pipeline.exports.website_metrics import website_metrics
 from ooni_pipeline.exports.website_metrics_sql import CATEGORIES, CSV_COLUMNS
@@ -246,6 +246,22 @@ SPELLINGS = [
     ("bbc.com@evil.net", None),
     ("bücher.de.evil.net", None),
     ("xbücher.de", None),
+    # UTS #46's mapping: compatibility forms, other full stops, NFD, spaces
+    ("ｗｗｗ．ＢＢＣ．ｃｏｍ", "bbc.com"),
+    ("news。bbc。com", "bbc.com"),
+    ("ｂｂｃ｡com:443", "bbc.com"),
+    ("bu\u0308cher.de", "bücher.de"),
+    (" bbc.com ", "bbc.com"),
+    ("bbc.com。evil.net", None),
+    ("ｎｏｔｂｂｃ.com", None),
+    # labels spelled in IDNA and Unicode in one host
+    ("bücher.xn--p1ai", "bücher.рф"),
+    ("www.xn--bcher-kva.рф", "bücher.рф"),
+    ("bücher.рф.evil.net", None),
+    # IDNA 2008, non-transitional: ß is its own letter
+    ("STRASSE.straße.de", "straße.de"),
+    ("xn--strae-oqa.de", "straße.de"),
+    ("strasse.de", None),
 ]
 
 
@@ -261,8 +277,21 @@ def test_watchlists_match_every_spelling_of_a_host_and_keep_the_stored_domain(
             for i, (spelling, _) in enumerate(SPELLINGS)
         ],
     )
-    consumers = {"bbc": ("bbc.com",), "buecher": ("bücher.de",)}
-    lists = {c: tuple(d.encode("idna").decode() for d in ds) for c, ds in consumers.items()}
+    # A host that is not UTF-8 matches nothing and stops nothing.
+    ch.command(
+        "INSERT INTO fastpath (measurement_uid, report_id, input, domain, probe_cc, probe_asn, "
+        "test_name, measurement_start_time, test_start_time, anomaly, confirmed, msm_failure, "
+        "blocking_type) SELECT 's-bad', 'r', 'https://x/', unhex('6262ff632e636f6d'), 'IT', 1, "
+        f"'web_connectivity', toDateTime('{DAY} 11:59:00', 'UTC'), "
+        f"toDateTime('{DAY} 11:59:00', 'UTC'), 'f', 'f', 'f', ''"
+    )
+    consumers = {
+        "bbc": ("bbc.com",),
+        "buecher": ("bücher.de",),
+        "rf": ("bücher.рф",),
+        "strasse": ("straße.de",),
+    }
+    lists = {c: tuple(map(normalize_domain, ds)) for c, ds in consumers.items()}
     keys = [watchlists.asset_key(c) for c in consumers]
     store, _ = _export_day_then(keys, clickhouse, object_store_resource, lists)
     for consumer, (watched,) in consumers.items():
@@ -273,24 +302,30 @@ def test_watchlists_match_every_spelling_of_a_host_and_keep_the_stored_domain(
         assert got == sorted(s for s, match in SPELLINGS if match == watched), consumer
 
 
-HOSTILE_INPUTS = ['=HYPERLINK("http://evil.example/","x")', "+1+1", "-2+3", "@SUM(A1)", "\tx"]
+HOSTILE_INPUTS = ['=HYPERLINK("http://evil.example/","x")', "+1+1", "-2+3", "@SUM(A1)", "\tx", "'="]
 
 
 def test_probe_text_starting_a_formula_is_written_as_text_in_csvs_and_as_is_in_parquet(
     clickhouse, object_store_resource, ch, day_rows
 ) -> None:
     """OWASP's "CSV Injection": a probe-supplied cell starting with = + - @ or a tab
-    gets a leading apostrophe in the CSVs (website_metrics, watchlists), so a
-    spreadsheet shows it as text; ordinary values, and the Parquet export, are as stored."""
+    gets a leading apostrophe in every CSV (website_metrics, watchlists, the daily and
+    monthly aggregates), so a spreadsheet shows it as text, and so does one starting
+    with an apostrophe, so that removing one leading apostrophe gives back every
+    value; ordinary values, and the Parquet exports, are as stored."""
     _insert(
         ch,
         [
-            _msm(f"h{i}", f"{DAY} 12:00:{i:02d}", input=value, domain="bbc.com")
-            for i, value in enumerate(HOSTILE_INPUTS)
+            _msm(f"h{i}", f"{DAY} 12:00:{i:02d}", input=value, domain="bbc.com", probe_cc=cc)
+            for i, (value, cc) in enumerate(
+                zip(HOSTILE_INPUTS, ["-1", "=A", "@", "IT", "+X", "'Q"], strict=True)
+            )
         ],
     )
-    keys = [watchlists.asset_key("bbc"), PARQUET]
+    keys = [watchlists.asset_key("bbc"), PARQUET, DAILY]
     store, _ = _export_day_then(keys, clickhouse, object_store_resource, {"bbc": ("bbc.com",)})
+    result = _run([MONTHLY], clickhouse, object_store_resource, DAY[:7])
+    assert result.success, failure_text(result)
 
     def hostile(rows):
         return {
@@ -306,12 +341,22 @@ def test_probe_text_starting_a_formula_is_written_as_text_in_csvs_and_as_is_in_p
     assert all(r["input"][:1] not in "=+-@\t" for r in published if r["input"])
     ordinary = [r["input"] for r in published if r["input"].startswith("http")]
     assert ordinary and all("'" not in r[:1] for r in ordinary)
+    # The aggregates: every text cell safe, and one apostrophe off gives the stored value.
+    for key in (aggregates.daily_key(DAY), aggregates.monthly_key(DAY[:7])):
+        rows = _csv(store, key)
+        cells = [r[c] for r in rows for c in ("input", "probe_cc")]
+        assert cells and all(cell[:1] not in "=+-@\t" for cell in cells), key
+        as_stored = {r["input"][1:] if r["input"][:1] == "'" else r["input"] for r in rows}
+        assert set(HOSTILE_INPUTS) <= as_stored, key
+        assert {r["probe_cc"] for r in rows} >= {"'-1", "'=A", "'@", "'+X", "''Q", "IT"}, key
     table = pq.read_table(io.BytesIO(store.read_bytes(parquet.parquet_key(DAY)))).to_pylist()
     assert {
         r["explorer_url"].rsplit("/", 1)[1]: r["input"]
         for r in table
         if r["explorer_url"].rsplit("/", 1)[1].startswith("h")
     } == {f"h{i}": value for i, value in enumerate(HOSTILE_INPUTS)}
+    daily = pq.read_table(io.BytesIO(store.read_bytes(aggregates.daily_parquet_key(DAY))))
+    assert set(HOSTILE_INPUTS) <= set(daily.column("input").to_pylist())
 
 
 def test_adding_a_consumer_and_backfilling_it_leaves_the_others_untouched(
@@ -956,3 +1001,20 @@ def test_an_asset_finished_before_another_failed_is_recorded_whole(
     checks = build_daily_consumer_exports({})[1]
     context = dg.build_asset_check_context(resources={"object_store": direct}, instance=instance)
     assert all(check(context).passed for check in checks[:2])
+
+
+def test_watched_domains_are_idna_2008_and_bound_in_every_spelling() -> None:
+    """UTS #46, non-transitional, as browsers resolve names: ß and final sigma are
+    letters of their own (IDNA 2003 made straße.de strasse.de); compatibility forms
+    map; each internationalised label binds in both forms, every mix, capped."""
+    assert normalize_domain("Straße.DE.") == "xn--strae-oqa.de"
+    assert normalize_domain("ｂｂｃ．ｃｏｍ") == "bbc.com"
+    assert normalize_domain("σίσυφος.gr") == "xn--kxa6ajbbmh.gr"
+    assert normalize_domain("bad_label.com") is None and normalize_domain("-x.com") is None
+    assert watchlists.spellings("bbc.com") == ["bbc.com"]
+    assert sorted(watchlists.spellings(normalize_domain("bücher.рф"))) == sorted(
+        ["xn--bcher-kva.xn--p1ai", "bücher.xn--p1ai", "xn--bcher-kva.рф", "bücher.рф"]
+    )
+    many = normalize_domain("ä.ö.ü.ß.é.de")
+    assert len(watchlists.spellings(many)) == 2**5 if watchlists.MAX_MIXED_LABELS >= 5 else 2
+    assert watchlists.spellings(many)[0] == many and "ä.ö.ü.ß.é.de" in watchlists.spellings(many)

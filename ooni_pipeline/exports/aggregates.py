@@ -24,7 +24,7 @@ from ooni_pipeline.exports.publish import (
     write_csv,
     write_parquet,
 )
-from ooni_pipeline.exports.stage import ordered, staged
+from ooni_pipeline.exports.stage import ordered, ordered_csv, staged
 from ooni_pipeline.exports.website_metrics import REEXPORT_WHEN_SOURCE_CHANGED
 from ooni_pipeline.exports.website_metrics_sql import CATEGORIES, PIVOT_SQL
 from ooni_pipeline.fastpath.assets import FASTPATH_KEY
@@ -156,7 +156,8 @@ def website_metrics_monthly(
             with staged(ch, MONTHLY_SQL, month_window(month)) as table:
                 sql = ordered(table, MONTHLY_COLUMNS, MONTHLY_ORDER)
                 rows = int(ch.scalar(f"SELECT count() FROM {table}"))
-                body = ch.stream(sql, fmt="CSV")
+                csv_sql = ordered_csv(table, MONTHLY_COLUMNS, MONTHLY_ORDER)
+                body = ch.stream(csv_sql, fmt="CSV")
                 key, level = monthly_key(month), config.gzip_level
                 written.append(write_csv(store, key, MONTHLY_COLUMNS, body, level, rows=rows))
                 written.append(write_parquet(ch, store, monthly_parquet_key(month), sql, {}, rows))

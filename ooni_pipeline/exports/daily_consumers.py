@@ -30,7 +30,7 @@ from ooni_pipeline.exports.publish import (
     write_csv,
     write_parquet,
 )
-from ooni_pipeline.exports.stage import ordered, staged
+from ooni_pipeline.exports.stage import ordered, ordered_csv, staged
 from ooni_pipeline.exports.website_metrics import (
     PARTITIONS,
     REEXPORT_WHEN_SOURCE_CHANGED,
@@ -84,7 +84,8 @@ def _daily_aggregate(
         sql = ordered(table, DAILY_COLUMNS, DAILY_ORDER)
         rows = int(ch.scalar(f"SELECT count() FROM {table}"))
         key = aggregates.daily_key(day)
-        written.append(write_csv(store, key, DAILY_COLUMNS, ch.stream(sql), level, rows=rows))
+        body = ch.stream(ordered_csv(table, DAILY_COLUMNS, DAILY_ORDER))
+        written.append(write_csv(store, key, DAILY_COLUMNS, body, level, rows=rows))
         written.append(write_parquet(ch, store, aggregates.daily_parquet_key(day), sql, {}, rows))
 
 

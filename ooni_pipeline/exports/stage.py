@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from ooni_pipeline.clickhouse import ClickHouse, quote_identifier
+from ooni_pipeline.exports.website_metrics_sql import spreadsheet_select_list
 
 STAGE_PREFIX = "_exports_stage_"
 
@@ -39,3 +40,9 @@ def staged(ch: ClickHouse, sql: str, params: dict[str, Any]) -> Iterator[str]:
 def ordered(table: str, columns: tuple[str, ...], order: str) -> str:
     """The rows of a stage table in the export's column order and row order."""
     return f"SELECT {', '.join(f'`{c}`' for c in columns)} FROM {table} ORDER BY {order}"
+
+
+def ordered_csv(table: str, columns: tuple[str, ...], order: str) -> str:
+    """As ``ordered``, probe text made spreadsheet-safe (``website_metrics_sql``),
+    the rows in the same order as the Parquet file's."""
+    return f"SELECT {spreadsheet_select_list(columns, aliased=False)} FROM {table} ORDER BY {order}"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import idna
 import yaml
 
 from ooni_pipeline.untrusted import excerpt
@@ -38,12 +39,16 @@ class WatchlistError(ValueError):
 
 
 def normalize_domain(text: str) -> str | None:
-    """The lowercase IDNA form of a domain (``None`` if it is not one): how
-    ``fastpath.domain`` spells it, so that matching is a plain label comparison."""
-    name = text.strip().rstrip(".").lower()
+    """The lowercase IDNA form of a domain (``None`` if it is not one), so that
+    matching is a plain label comparison.
+
+    IDNA 2008 with UTS #46 mapping, non-transitional, as browsers resolve names (the
+    ``idna`` package): ``straße.de`` is ``xn--strae-oqa.de``, its own domain, not
+    ``strasse.de`` as in IDNA 2003 (Python's ``idna`` codec)."""
+    name = text.strip().rstrip(".")
     try:
-        ascii_name = name.encode("idna").decode("ascii")
-    except UnicodeError:
+        ascii_name = idna.encode(name, uts46=True, transitional=False).decode("ascii")
+    except (UnicodeError, ValueError):
         return None
     return ascii_name if _DOMAIN.fullmatch(ascii_name) and len(ascii_name) <= 253 else None
 

@@ -12,6 +12,7 @@ import itertools
 from collections.abc import Iterator
 
 import dagster as dg
+import idna
 
 from ooni_pipeline import settings
 from ooni_pipeline.exports.publish import CsvRecords, IncompleteExportError
@@ -26,14 +27,23 @@ ROW_ORDER = "consumer, measurement_start_time, explorer_url"
 
 # The host a row's ``domain`` names, as the engine matches it: ``fastpath.domain`` is
 # the URL's netloc as the probe sent it, so it may carry userinfo (``user@bbc.com``),
-# a port (``www.bbc.com:443``), trailing dots (``bbc.com.``) and any case, Unicode
-# included (``WWW.BÜCHER.DE``). Everything after the last ``@``, without a trailing
-# ``:port`` and dots, lowercased by Unicode rules. (The engine here has no IDNA
-# functions, so the watched side carries both forms: ``pair_params``.)
+# a port (``www.bbc.com:443``), trailing dots (``bbc.com.``), surrounding spaces, any
+# case, Unicode included (``WWW.BÜCHER.DE``), compatibility forms (fullwidth
+# ``ｂｂｃ．ｃｏｍ``, ideographic full stops ``bbc。com``, decomposed ``bu\u0308cher``)
+# and invalid UTF-8. UTS #46's mapping, as near as the engine has it: invalid bytes
+# replaced (``normalizeUTF8NFKC`` raises on them), NFKC, spaces trimmed, the full
+# stops UTS #46 maps to ``.`` mapped, everything after the last ``@``, without a
+# trailing ``:port`` and dots, lowercased by Unicode rules. (The engine has no IDNA
+# functions, so the watched side carries every spelling: ``pair_params``.)
 ROW_HOST_SQL = (
-    "lowerUTF8(replaceRegexpOne(replaceRegexpOne("
-    "arrayElement(splitByChar('@', domain), -1), ':[0-9]*$', ''), '\\\\.+$', ''))"
+    "lowerUTF8(replaceRegexpOne(replaceRegexpOne(arrayElement(splitByChar('@', "
+    "replaceRegexpAll(trimBoth(normalizeUTF8NFKC(toValidUTF8(domain))), '[。．｡]', '.')"
+    "), -1), ':[0-9]*$', ''), '\\\\.+$', ''))"
 )
+# A watched domain is bound in every mix of IDNA and Unicode labels (a host may be
+# ``bücher.xn--p1ai``) up to this many internationalised labels, 2**n spellings;
+# beyond it, in the all-IDNA and all-Unicode spellings only.
+MAX_MIXED_LABELS = 4
 
 
 def watchlist_sql(table: str) -> str:
@@ -97,14 +107,11 @@ def _split_index(record: bytes) -> tuple[int, bytes]:
 def pair_params(watchlists: dict[str, tuple[str, ...]], consumers: list[str]) -> dict[str, str]:
     """The bound parameters of ``watchlist_sql`` for ``consumers`` (indices into it).
 
-    Each watched domain (lowercase IDNA, ``watchlist_file``) is listed in its IDNA
-    form and, for an internationalised one, in its Unicode form too: a row's host
-    may be spelled either way (``xn--bcher-kva.de``, ``bücher.de``)."""
+    Each watched domain (lowercase IDNA, ``watchlist_file``) is listed in all its
+    ``spellings``: a row's host may be spelled in IDNA, in Unicode or label by label
+    in either (``xn--bcher-kva.de``, ``bücher.de``, ``bücher.xn--p1ai``)."""
     pairs = [
-        (i, form)
-        for i, c in enumerate(consumers)
-        for d in watchlists[c]
-        for form in dict.fromkeys((d, unicode_form(d)))
+        (i, form) for i, c in enumerate(consumers) for d in watchlists[c] for form in spellings(d)
     ]
     return {
         "consumers": ",".join(str(i) for i, _ in pairs),
@@ -112,11 +119,22 @@ def pair_params(watchlists: dict[str, tuple[str, ...]], consumers: list[str]) ->
     }
 
 
+def spellings(domain: str) -> list[str]:
+    """A lowercase IDNA domain as a host may spell it: each internationalised label
+    in its IDNA or its Unicode form, every mix up to ``MAX_MIXED_LABELS`` such labels
+    (then both uniform spellings only); the IDNA form first."""
+    options = [dict.fromkeys((label, unicode_form(label))) for label in domain.split(".")]
+    if sum(len(o) > 1 for o in options) > MAX_MIXED_LABELS:
+        return list(dict.fromkeys((domain, unicode_form(domain))))
+    return [".".join(labels) for labels in itertools.product(*options)]
+
+
 def unicode_form(domain: str) -> str:
-    """The Unicode spelling of a lowercase IDNA domain (itself when it has none)."""
+    """The Unicode spelling of a lowercase IDNA domain or label (itself when it has
+    none, or when it is no valid IDNA)."""
     try:
-        return domain.encode("ascii").decode("idna").lower()
-    except UnicodeError:
+        return idna.decode(domain)
+    except (UnicodeError, ValueError):
         return domain
 
 

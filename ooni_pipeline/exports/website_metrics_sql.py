@@ -88,22 +88,34 @@ ORDER BY start_time, explorer_url
 # CSVs that newsrooms open in spreadsheets: a cell starting with = + - @ (or a tab or
 # carriage return) is a formula in Excel, LibreOffice and Google Sheets (OWASP, "CSV
 # Injection"). As OWASP recommends, such a cell is written with a leading
-# apostrophe, which makes a spreadsheet show it as text; no real URL, host or country
-# code starts with one of those characters, so programmatic readers lose nothing they
-# had (the Parquet exports keep every value as stored).
+# apostrophe, which makes a spreadsheet show it as text. A value already starting with
+# an apostrophe gets one too, so that a program recovers every value exactly by
+# removing one leading apostrophe where there is one. Ordinary URLs and country codes
+# start with none of these; the Parquet exports keep every value as stored.
 SPREADSHEET_TEXT_COLUMNS = ("input", "domain", "probe_cc")
 
 
 def spreadsheet_safe(column: str) -> str:
     """SQL: ``column``'s value as a spreadsheet reads it as text (see above)."""
-    return f"if(match(`{column}`, '^[=+\\\\-@\\\\t\\\\r]'), concat('\\'', `{column}`), `{column}`)"
+    return (
+        f"if(match(`{column}`, '^[=+\\\\-@\\\\t\\\\r\\']'), concat('\\'', `{column}`), `{column}`)"
+    )
+
+
+def spreadsheet_select_list(columns: tuple[str, ...], aliased: bool = True) -> str:
+    """``columns`` as a select list, probe text made spreadsheet-safe. Unaliased, an
+    ``ORDER BY`` of the same query sorts on the stored values (a CSV without a
+    header from the engine does not need the names)."""
+    return ", ".join(
+        (f"{spreadsheet_safe(c)} AS `{c}`" if aliased else spreadsheet_safe(c))
+        if c in SPREADSHEET_TEXT_COLUMNS
+        else f"`{c}`"
+        for c in columns
+    )
 
 
 # The CSV's columns as a select list, probe text made spreadsheet-safe.
-CSV_COLUMNS_SQL = ", ".join(
-    f"{spreadsheet_safe(c)} AS `{c}`" if c in SPREADSHEET_TEXT_COLUMNS else f"`{c}`"
-    for c in CSV_COLUMNS
-)
+CSV_COLUMNS_SQL = spreadsheet_select_list(CSV_COLUMNS)
 
 
 def csv_select(table_sql: str) -> str:
