@@ -14,13 +14,18 @@ import dagster as dg
 from ooni_pipeline.asn_metadata import definitions as asn_metadata
 from ooni_pipeline.backup import definitions as backup
 from ooni_pipeline.clickhouse import ClickHouseResource
+from ooni_pipeline.common import MAX_RETRIES_TAG
 from ooni_pipeline.detector import definitions as detector
 from ooni_pipeline.exports import definitions as exports
 from ooni_pipeline.fastpath import definitions as fastpath
 from ooni_pipeline.fingerprints import definitions as fingerprints
 from ooni_pipeline.geoip import definitions as geoip
 from ooni_pipeline.object_store import ObjectStoreResource
-from ooni_pipeline.operations import run_failure_alert_sensor, with_freshness
+from ooni_pipeline.operations import (
+    build_delayed_retry_sensor,
+    run_failure_alert_sensor,
+    with_freshness,
+)
 from ooni_pipeline.test_lists import definitions as test_lists
 
 DOMAINS = (
@@ -38,11 +43,17 @@ DOMAINS = (
 def build_definitions() -> dg.Definitions:
     domains = dg.Definitions.merge(*(domain.defs for domain in DOMAINS))
     assets = with_freshness(dg.with_source_code_references(list(domains.assets or [])))
+    scheduled_jobs = {s.job.name: s.job for s in domains.schedules or []}
+    retried = [job for job in scheduled_jobs.values() if MAX_RETRIES_TAG in (job.tags or {})]
     return dg.Definitions(
         assets=assets,
         asset_checks=domains.asset_checks,
         schedules=domains.schedules,
-        sensors=[*(domains.sensors or []), run_failure_alert_sensor],
+        sensors=[
+            *(domains.sensors or []),
+            run_failure_alert_sensor,
+            build_delayed_retry_sensor(retried),
+        ],
         jobs=domains.jobs,
         resources={
             "clickhouse": ClickHouseResource(),

@@ -11,7 +11,7 @@ import hashlib
 import io
 import json
 import threading
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import dagster as dg
@@ -34,6 +34,7 @@ from ooni_pipeline.exports.website_metrics_sql import CATEGORIES, CSV_COLUMNS
 from ooni_pipeline.fastpath.versions import day_versions
 from ooni_pipeline.object_store import ObjectStoreResource
 from ooni_pipeline_tests.rig import failure_text
+from ooni_pipeline_tests.test_automation import materialized_by_a_run
 from ooni_pipeline_tests.test_exports import CASES, DAY, _expected, _insert, _msm, day_rows
 
 __all__ = ["day_rows"]  # the fixture, shared with test_exports
@@ -751,15 +752,32 @@ def test_a_changed_day_re_exports_its_day_and_its_month() -> None:
         resources={"clickhouse": ClickHouseResource(), "object_store": ObjectStoreResource()},
     )
     instance = dg.DagsterInstance.ephemeral()
-    start = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+    # a late upload to a day of last month (a month is a partition once it has ended)
+    t0 = datetime(2024, 4, 11, 2, tzinfo=timezone.utc)
+
+    def evaluate(cursor, at: datetime):
+        return dg.evaluate_automation_conditions(
+            defs=defs, instance=instance, cursor=cursor, evaluation_time=at
+        )
+
+    start = evaluate(None, t0)
     assert start.total_requested == 0
     instance.report_runless_asset_event(
         dg.AssetObservation("fastpath", partition="2024-03-10", tags={DATA_VERSION_TAG: "9@x"})
     )
-    changed = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=start.cursor)
+    waiting = evaluate(start.cursor, t0 + timedelta(hours=2))  # 04:00, before the tick
+    assert waiting.total_requested == 0
+    changed = evaluate(waiting.cursor, t0 + timedelta(hours=3))  # 05:00
     for key in ("website_metrics_daily", "website_metrics_parquet", "watchlists/bbc"):
         assert changed.get_requested_partitions(dg.AssetKey.from_user_string(key)) == {"2024-03-10"}
-    assert changed.get_requested_partitions(aggregates.MONTHLY_KEY) == {"2024-03"}
+    # The month follows its day's export, not fastpath's version.
+    assert changed.get_requested_partitions(aggregates.MONTHLY_KEY) == set()
+    keys = ["website_metrics_daily", "website_metrics_parquet", "watchlists/bbc"]
+    materialized_by_a_run(instance, keys, "2024-03-10")
+    month = evaluate(changed.cursor, t0 + timedelta(hours=3, minutes=1))
+    assert month.get_requested_partitions(aggregates.MONTHLY_KEY) == {"2024-03"}
+    again = evaluate(month.cursor, t0 + timedelta(hours=20))
+    assert again.total_requested == 0
 
 
 def test_the_manifest_tells_a_sync_client_what_changed(

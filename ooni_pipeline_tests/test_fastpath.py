@@ -17,7 +17,7 @@ import io
 import json
 import tarfile
 import uuid
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import dagster as dg
@@ -375,14 +375,23 @@ def test_late_upload_reexports_exactly_its_day(
     d2 = _variant(base, "d2")
     d2["measurement_start_time"] = "2024-01-02 08:00:00"
     bucket.put(UPLOAD_DAY, "IT", [*day1, member(d2)])
-    # the automation sensor is running before data arrives (its first tick requests nothing)
-    start = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+    # the automation sensor is running before data arrives (its first tick requests
+    # nothing); re-exports wait for the daily settle tick (04:30 UTC)
+    t0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    start = dg.evaluate_automation_conditions(defs=defs, instance=instance, evaluation_time=t0)
     assert start.total_requested == 0
     assert ingest(clickhouse, UPLOAD_DAY, instance).success
 
     resources = {"clickhouse": clickhouse, "object_store": local_store_resource}
+    before_tick = dg.evaluate_automation_conditions(
+        defs=defs, instance=instance, cursor=start.cursor, evaluation_time=t0 + timedelta(hours=4)
+    )
+    assert before_tick.get_requested_partitions(dg.AssetKey("website_metrics")) == set()
     evaluation = dg.evaluate_automation_conditions(
-        defs=defs, instance=instance, cursor=start.cursor
+        defs=defs,
+        instance=instance,
+        cursor=before_tick.cursor,
+        evaluation_time=t0 + timedelta(hours=5),
     )
     requested = evaluation.get_requested_partitions(dg.AssetKey("website_metrics"))
     assert requested == {"2024-01-01", "2024-01-02"}
@@ -391,7 +400,10 @@ def test_late_upload_reexports_exactly_its_day(
             [website_metrics], resources=resources, partition_key=day, instance=instance
         ).success
     cursor = dg.evaluate_automation_conditions(
-        defs=defs, instance=instance, cursor=evaluation.cursor
+        defs=defs,
+        instance=instance,
+        cursor=evaluation.cursor,
+        evaluation_time=t0 + timedelta(hours=6),
     )
     assert cursor.total_requested == 0
 
@@ -399,7 +411,12 @@ def test_late_upload_reexports_exactly_its_day(
     late = _variant(base, "late")
     bucket.put("2024-01-05", "IT", [member(late, datetime(2024, 1, 5, 3))])
     assert ingest(clickhouse, "2024-01-05", instance).success
-    after = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor.cursor)
+    after = dg.evaluate_automation_conditions(
+        defs=defs,
+        instance=instance,
+        cursor=cursor.cursor,
+        evaluation_time=t0 + timedelta(days=1, hours=5),
+    )
     assert after.get_requested_partitions(dg.AssetKey("website_metrics")) == {"2024-01-01"}
     assert dg.materialize(
         [website_metrics], resources=resources, partition_key="2024-01-01", instance=instance

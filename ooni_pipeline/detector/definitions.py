@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from ooni_pipeline.common import NETWORK_RETRY_POLICY, launching_sensor_status, schedule_status
+from ooni_pipeline.common import RETRIED, launching_sensor_status, schedule_status
 from ooni_pipeline.detector.assets import blocking_detector
 
 blocking_detector_job = dg.define_asset_job(
@@ -10,7 +10,7 @@ blocking_detector_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets(blocking_detector),
     # A rerun is safe (rows are replaced, messages sent once): a ClickHouse or webhook
     # blip is retried like the updaters'.
-    op_retry_policy=NETWORK_RETRY_POLICY,
+    tags=RETRIED,
 )
 
 # At HH:20 the hour before is detected; late rows re-detect through the sensor below.

@@ -25,7 +25,7 @@ from ooni_pipeline.exports.publish import (
     write_parquet,
 )
 from ooni_pipeline.exports.stage import ordered, ordered_csv, staged
-from ooni_pipeline.exports.website_metrics import REEXPORT_WHEN_SOURCE_CHANGED
+from ooni_pipeline.exports.website_metrics import reexport_cron, reexport_when
 from ooni_pipeline.exports.website_metrics_sql import CATEGORIES, PIVOT_SQL
 from ooni_pipeline.fastpath.assets import FASTPATH_KEY
 from ooni_pipeline.fastpath.versions import day_versions, measurements
@@ -125,10 +125,17 @@ class AggregateExportConfig(dg.Config):
     owners=[OWNER],
     pool=CLICKHOUSE_POOL,
     partitions_def=MONTHS,
-    # Each month depends on its days of fastpath: a day's new data version
-    # re-materializes the month through the automation condition.
-    deps=[dg.AssetDep(FASTPATH_KEY, partition_mapping=dg.TimeWindowPartitionMapping())],
-    automation_condition=REEXPORT_WHEN_SOURCE_CHANGED,
+    # Each month reads its days of fastpath, and follows its days' exports: it is
+    # re-exported (at the daily tick, see ``reexport_when``) only after one of its days'
+    # ``website_metrics_daily`` was, not on every move of fastpath's versions.
+    deps=[
+        dg.AssetDep(FASTPATH_KEY, partition_mapping=dg.TimeWindowPartitionMapping()),
+        dg.AssetDep(DAILY_KEY, partition_mapping=dg.TimeWindowPartitionMapping()),
+    ],
+    automation_condition=reexport_when(
+        dg.AutomationCondition.any_deps_updated().allow(dg.AssetSelection.assets(DAILY_KEY)),
+        reexport_cron(),
+    ).with_label("a day's website_metrics_daily was exported; re-exported at the daily tick"),
     backfill_policy=dg.BackfillPolicy.single_run(),
 )
 def website_metrics_monthly(

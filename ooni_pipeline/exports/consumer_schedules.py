@@ -5,7 +5,7 @@ from datetime import timedelta
 
 import dagster as dg
 
-from ooni_pipeline.common import NETWORK_RETRY_POLICY, launching_sensor_status, schedule_status
+from ooni_pipeline.common import RETRIED, launching_sensor_status, schedule_status
 from ooni_pipeline.exports.aggregates import DAILY_KEY, MONTHLY_KEY
 from ooni_pipeline.exports.parquet import WEBSITE_METRICS_PARQUET_KEY
 from ooni_pipeline.exports.schedules import previous_day_schedule
@@ -17,12 +17,12 @@ DAILY_SELECTION = dg.AssetSelection.assets(
 MONTHLY_SELECTION = dg.AssetSelection.assets(MONTHLY_KEY)
 
 consumer_exports_daily_job = dg.define_asset_job(
-    "consumer_exports_daily_job", selection=DAILY_SELECTION, op_retry_policy=NETWORK_RETRY_POLICY
+    "consumer_exports_daily_job", selection=DAILY_SELECTION, tags=RETRIED
 )
 consumer_exports_monthly_job = dg.define_asset_job(
     "consumer_exports_monthly_job",
     selection=MONTHLY_SELECTION,
-    op_retry_policy=NETWORK_RETRY_POLICY,
+    tags=RETRIED,
 )
 
 

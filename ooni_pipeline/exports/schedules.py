@@ -5,13 +5,13 @@ from typing import Any
 
 import dagster as dg
 
-from ooni_pipeline.common import NETWORK_RETRY_POLICY, launching_sensor_status, schedule_status
+from ooni_pipeline.common import RETRIED, launching_sensor_status, schedule_status
 from ooni_pipeline.exports.website_metrics import website_metrics
 
 website_metrics_job = dg.define_asset_job(
     "website_metrics_job",
     selection=dg.AssetSelection.assets(website_metrics),
-    op_retry_policy=NETWORK_RETRY_POLICY,
+    tags=RETRIED,
 )
 
 

@@ -9,6 +9,7 @@ from typing import Any, BinaryIO
 import dagster as dg
 from pydantic import Field
 
+from ooni_pipeline import settings
 from ooni_pipeline.clickhouse import ClickHouse, ClickHouseResource
 from ooni_pipeline.clickhouse.schema import ensure_tables
 from ooni_pipeline.common import (
@@ -35,16 +36,47 @@ from ooni_pipeline.fastpath.assets import FASTPATH_KEY, MEASUREMENT_DAYS
 from ooni_pipeline.fastpath.versions import day_versions, measurements
 from ooni_pipeline.object_store import ObjectStoreResource, UploadResult
 from ooni_pipeline.object_store.stores import ObjectStore, object_digest
+from ooni_pipeline.untrusted import excerpt
 
 WEBSITE_METRICS_KEY = dg.AssetKey("website_metrics")
 PARTITIONS = MEASUREMENT_DAYS
-# Re-export a day when, and only when, its fastpath data version moved (late uploads,
-# re-scoring); yesterday's export is kept on time by website_metrics_schedule.
-REEXPORT_WHEN_SOURCE_CHANGED = (
-    dg.AutomationCondition.any_deps_updated().since_last_handled()
-    & ~dg.AutomationCondition.in_progress()
-    & ~dg.AutomationCondition.any_deps_in_progress()
-).with_label("fastpath data version of the day changed")
+# Re-exports wait for a daily tick (``OONI_REEXPORT_CRON``, 04:30 UTC by default, after
+# the 01:00 and 01:15 exports of yesterday). OONI's service writes continuously: with
+# ``OONI_FASTPATH_SOURCE=external`` the hourly observation moves the version of nearly
+# every recent day every hour, and a backfill of public_fastpath moves a day's once per
+# upload day. Exporting on each move re-wrote the same days every hour; here a day is
+# re-exported at most once a day, and only when its data moved since it was last
+# exported. Yesterday's export stays on time through the schedules.
+REEXPORT_CRON_ENV = "OONI_REEXPORT_CRON"
+DEFAULT_REEXPORT_CRON = "30 4 * * *"
+
+
+def reexport_cron() -> str:
+    """The settle tick of re-exports (``$OONI_REEXPORT_CRON``), read at load."""
+    from dagster._utils.schedules import is_valid_cron_string
+
+    cron = settings.env(REEXPORT_CRON_ENV, DEFAULT_REEXPORT_CRON) or DEFAULT_REEXPORT_CRON
+    if not is_valid_cron_string(cron):
+        raise ValueError(f"{REEXPORT_CRON_ENV} is not a cron schedule: {excerpt(cron)}")
+    return cron
+
+
+def reexport_when(changed: dg.AutomationCondition, cron: str) -> dg.AutomationCondition:
+    """Materialize a partition after ``changed`` became true since it was last requested
+    or materialized, once the first tick of ``cron`` after that has passed; never beside
+    a run of it or of its dependencies."""
+    handled = dg.AutomationCondition.newly_requested() | dg.AutomationCondition.newly_updated()
+    return (
+        changed.since_last_handled()
+        & dg.AutomationCondition.cron_tick_passed(cron, "UTC").since(handled)
+        & ~dg.AutomationCondition.in_progress()
+        & ~dg.AutomationCondition.any_deps_in_progress()
+    )
+
+
+REEXPORT_WHEN_SOURCE_CHANGED = reexport_when(
+    dg.AutomationCondition.any_deps_updated(), reexport_cron()
+).with_label("fastpath data version of the day changed; re-exported at the daily tick")
 OBJECT_PREFIX = "exports/website_metrics/"
 PREVIEW_ROWS = 5
 PREVIEW_BYTES = 16_384

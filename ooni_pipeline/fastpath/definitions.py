@@ -9,7 +9,7 @@ from datetime import timedelta
 import dagster as dg
 
 from ooni_pipeline import settings
-from ooni_pipeline.common import NETWORK_RETRY_POLICY, schedule_status
+from ooni_pipeline.common import RETRIED, schedule_status
 from ooni_pipeline.fastpath.assets import (
     FASTPATH_KEY,
     build_fastpath_asset,
@@ -55,7 +55,7 @@ if SOURCE == "public":
     public_fastpath_job = dg.define_asset_job(
         "public_fastpath_job",
         selection=dg.AssetSelection.assets(public_fastpath),
-        op_retry_policy=NETWORK_RETRY_POLICY,
+        tags=RETRIED,
     )
     # Opt-in: running by default only when OONI_PUBLIC_COUNTRIES narrows the download;
     # ingesting every country (gigabytes a day) is switched on in the UI.

@@ -14,6 +14,7 @@ fingerprints_schedule = asset_schedule(
     "fingerprints",
     [fingerprints_dns, fingerprints_http],
     "5 * * * *",
+    retry=False,  # the next tick, an hour on, is the retry
     description="Refresh the blocking fingerprints",
 )
 

@@ -3,7 +3,10 @@
 The timers this project replaces failed silently; operators learnt from
 dashboards. ``OONI_ALERT_WEBHOOK_URL`` (a secret: it never appears in logs or
 errors) receives ``{"text": ...}``; unset, the alert is logged by the sensor.
-Runs that Dagster will retry are not reported: only the last failure is.
+Runs that will be retried (``retries``; or by Dagster's run retries) are not
+reported: only the last failure is. A job that is not retried because it runs again
+within the hour (``common.NOT_RETRIED``) is reported when it starts failing, not again
+at each tick while its upstream is down.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ from __future__ import annotations
 import dagster as dg
 
 from ooni_pipeline import settings
+from ooni_pipeline.common import MAX_RETRIES_TAG
 from ooni_pipeline.fetch import USER_AGENT
+from ooni_pipeline.operations.retries import will_be_retried
 from ooni_pipeline.untrusted import chat_literal
 
 WILL_RETRY_TAG = "dagster/will_retry"
@@ -65,6 +70,21 @@ def post_alert(webhook_url: str, text: str, timeout_s: float = 10.0) -> None:
         )
 
 
+def reason_not_to_alert(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str | None:
+    """Why the failure of ``run`` is not posted, or ``None``: it is to be retried, or it
+    continues a streak of failed runs of a job whose next tick is its retry."""
+    if run.tags.get(WILL_RETRY_TAG) == "true" or will_be_retried(run):
+        return "will be retried"
+    mine = instance.get_run_record_by_id(run.run_id)
+    if run.tags.get(MAX_RETRIES_TAG) == "0" and mine is not None:
+        previous = instance.get_run_records(
+            dg.RunsFilter(job_name=run.job_name, created_before=mine.create_timestamp), limit=1
+        )
+        if previous and previous[0].dagster_run.status == dg.DagsterRunStatus.FAILURE:
+            return "its job's previous run failed too (alerted then)"
+    return None
+
+
 @dg.run_failure_sensor(
     name="run_failure_alert_sensor",
     default_status=dg.DefaultSensorStatus.RUNNING,
@@ -72,10 +92,9 @@ def post_alert(webhook_url: str, text: str, timeout_s: float = 10.0) -> None:
     description="Posts each failed run (not those about to be retried) to OONI_ALERT_WEBHOOK_URL, or logs it.",
 )
 def run_failure_alert_sensor(context: dg.RunFailureSensorContext) -> None:
-    if context.dagster_run.tags.get(WILL_RETRY_TAG) == "true":
-        context.log.info(
-            f"run {context.dagster_run.run_id} failed but will be retried: not reported"
-        )
+    reason = reason_not_to_alert(context.instance, context.dagster_run)
+    if reason:
+        context.log.info(f"run {context.dagster_run.run_id} failed: not reported ({reason})")
         return
     text = alert_text(context, settings.env("OONI_DAGSTER_URL", "http://127.0.0.1:3000") or "")
     webhook_url = settings.env("OONI_ALERT_WEBHOOK_URL")
