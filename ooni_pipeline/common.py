@@ -23,7 +23,7 @@ OWNER = "team:ooni-backend"
 
 # OONI's timers retried 3 times. Dagster waits (2**n - 1) * delay before retry n:
 # 10, 30 and 70 minutes, each +/- 10 minutes (jitter spreads retries of assets that
-# failed together). README "Operations" states these figures; a test holds them equal.
+# failed together). docs/operations.md ("Operations") states these figures; a test holds them equal.
 NETWORK_RETRY_POLICY = dg.RetryPolicy(
     max_retries=3, delay=600, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
 )

@@ -225,3 +225,10 @@ def test_printing_changes_nothing(bucket_env: str, s3_client, capsys) -> None:
     assert json.loads(capsys.readouterr().out) == public_read.public_read_policy(bucket_env)
     with pytest.raises(ClientError):
         s3_client.get_bucket_policy(Bucket=bucket_env)
+
+
+def test_the_policy_in_the_operations_guide_is_the_one_applied() -> None:
+    text = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+    section = text.split("## Public reading", 1)[1]
+    documented = section.split("```json\n", 1)[1].split("```", 1)[0]
+    assert json.loads(documented) == public_read.public_read_policy("ooni-data")
