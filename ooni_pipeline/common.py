@@ -23,7 +23,7 @@ OWNER = "team:ooni-backend"
 
 # OONI's timers retried 3 times. A scheduled run that fails is retried by a later run,
 # launched by ``operations.retries.delayed_retry_sensor`` 10, 30 and 70 minutes after
-# the failure before it (README "Operations" states these figures; a test holds them
+# the failure before it (docs/operations.md "Operations" states these figures; a test holds them
 # equal). Not in the run (a step retry policy): a step waiting there for its retry
 # keeps its run in progress, holding one of the instance's ``max_concurrent_runs``
 # for up to 110 minutes, and exports and the detector queue behind it.

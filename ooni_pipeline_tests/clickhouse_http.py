@@ -29,7 +29,7 @@ passwords by Basic auth, ``X-ClickHouse-User``/``Key`` or URL parameters (516 wh
 wrong).
 
 Clusters are stood in for (``cluster()``): statements are recorded as sent and run
-on the one node. Not served (see README.md): TLS, the native protocol, quotas, roles and
+on the one node. Not served (see docs/development.md): TLS, the native protocol, quotas, roles and
 grants, progress headers, external data, ``client_protocol_version`` block info,
 the server's own concurrency limits and memory accounting; a streamed insert
 violating a table's CONSTRAINT (chdb's ``send_insert`` drops the block and reports

@@ -109,7 +109,7 @@ def clickhouse(
             ch.command(f"DROP TABLE IF EXISTS {quote_identifier(table)} SYNC")
         if clickhouse_backend == "server":
             # A deployed server has OONI's tables, created by OONI with its own DDL and
-            # the operator's additions (README "Configuration").
+            # the operator's additions (docs/clickhouse.md, "Tables the operator owns").
             create_operator_tables(ch)
     return resource
 

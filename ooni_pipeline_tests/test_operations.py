@@ -330,18 +330,18 @@ def test_stale_assets_fail_freshness_in_the_daemon(tmp_path: Path) -> None:
 
 
 def test_readme_states_the_retry_waits_dagster_draws() -> None:
-    """README "Operations" gives the scheduled runs' retry waits: they are the ones
+    """docs/operations.md ("Operations") gives the scheduled runs' retry waits: they are the ones
     Dagster computes from NETWORK_RETRY_POLICY, jitter included."""
     from dagster._core.definitions.policy import calculate_delay
 
-    readme = Path(__file__).resolve().parents[1] / "README.md"
+    readme = Path(__file__).resolve().parents[1] / "docs" / "operations.md"
     text = " ".join(readme.read_text().split())
     stated = re.search(
         r"retry a failed step (\d+) times, waiting (\d+), (\d+) and (\d+) minutes "
         r"\(exponential backoff, each ± (\d+) minutes of jitter",
         text,
     )
-    assert stated, "README no longer states the retry waits"
+    assert stated, "docs/operations.md no longer states the retry waits"
     retries, *waits, jitter = map(int, stated.groups())
     policy = NETWORK_RETRY_POLICY
     assert retries == policy.max_retries == len(waits)
@@ -354,7 +354,7 @@ def test_readme_states_the_retry_waits_dagster_draws() -> None:
         assert wait - jitter <= min(drawn) < wait - jitter + 1, n
         assert wait + jitter - 1 < max(drawn) <= wait + jitter, n
     span = re.search(r"the last one starting (\d+) to (\d+) minutes after the first failure", text)
-    assert span, "README no longer states when the last retry starts"
+    assert span, "docs/operations.md no longer states when the last retry starts"
     assert (int(span[1]), int(span[2])) == (
         sum(waits) - retries * jitter,
         sum(waits) + retries * jitter,

@@ -425,7 +425,7 @@ def staging_twin(ch: ClickHouse, live: str, staging: str) -> TableShape:
         raise StagingMismatchError(
             f"{live} keeps its RocksDB data in a directory of its own (rocksdb_dir): a "
             "staging copy cannot share it, so it cannot be updated atomically; recreate "
-            'it without rocksdb_dir (README "Tables the operator owns")'
+            'it without rocksdb_dir (docs/clickhouse.md, "Tables the operator owns")'
         )
     else:
         ch.command(f"CREATE TABLE {quote_identifier(staging)} AS {quote_identifier(live)}")
