@@ -12,7 +12,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from ooni_pipeline.common import NETWORK_RETRY_POLICY
+from ooni_pipeline.common import MAX_RETRIES_TAG, RETRY_WAITS_MIN
 from ooni_pipeline.definitions import defs
 from ooni_pipeline.operations.alerts import run_failure_alert_sensor
 from ooni_pipeline.operations.freshness import (
@@ -115,7 +115,7 @@ def test_runs_to_be_retried_are_not_reported(
 
 
 # The project's retries without the minutes between them.
-STEP_RETRIES = dg.RetryPolicy(max_retries=NETWORK_RETRY_POLICY.max_retries)
+STEP_RETRIES = dg.RetryPolicy(max_retries=len(RETRY_WAITS_MIN))
 
 
 @dg.asset(retry_policy=STEP_RETRIES)
@@ -329,39 +329,30 @@ def test_stale_assets_fail_freshness_in_the_daemon(tmp_path: Path) -> None:
         assert (states["website_metrics"], states["fingerprints_dns"]) == ("PASS", "PASS")
 
 
-def test_readme_states_the_retry_waits_dagster_draws() -> None:
-    """docs/operations.md ("Operations") gives the scheduled runs' retry waits: they are the ones
-    Dagster computes from NETWORK_RETRY_POLICY, jitter included."""
-    from dagster._core.definitions.policy import calculate_delay
-
-    readme = Path(__file__).resolve().parents[1] / "docs" / "operations.md"
-    text = " ".join(readme.read_text().split())
+def test_the_operations_guide_states_the_retry_waits_and_which_jobs_get_them() -> None:
+    """docs/operations.md ("Operations") gives the retry waits of scheduled runs: the
+    ones ``delayed_retry_sensor`` waits (RETRY_WAITS_MIN); every scheduled job but the
+    hourly and half-hourly ones is retried, and no job retries inside its run."""
+    guide = Path(__file__).resolve().parents[1] / "docs" / "operations.md"
+    text = " ".join(guide.read_text().split())
     stated = re.search(
-        r"retry a failed step (\d+) times, waiting (\d+), (\d+) and (\d+) minutes "
-        r"\(exponential backoff, each ± (\d+) minutes of jitter",
+        r"launched by `delayed_retry_sensor` (\d+), (\d+) and (\d+) minutes after each "
+        r"failure \(`RETRY_WAITS_MIN` in `ooni_pipeline/common.py`; tags `ooni/attempt`, "
+        r"`ooni/retry_of`\), (\d+) times",
         text,
     )
     assert stated, "docs/operations.md no longer states the retry waits"
-    retries, *waits, jitter = map(int, stated.groups())
-    policy = NETWORK_RETRY_POLICY
-    assert retries == policy.max_retries == len(waits)
-    assert (policy.backoff, policy.jitter) == (dg.Backoff.EXPONENTIAL, dg.Jitter.PLUS_MINUS)
-    nominal = [calculate_delay(n, policy.backoff, None, policy.delay) for n in (1, 2, 3)]
-    assert [w * 60 for w in waits] == nominal
-    # What Dagster draws for retry n stays within wait ± jitter and reaches both ends.
-    for n, wait in enumerate(waits, start=1):
-        drawn = [policy.calculate_delay(n) / 60 for _ in range(2000)]
-        assert wait - jitter <= min(drawn) < wait - jitter + 1, n
-        assert wait + jitter - 1 < max(drawn) <= wait + jitter, n
-    span = re.search(r"the last one starting (\d+) to (\d+) minutes after the first failure", text)
-    assert span, "docs/operations.md no longer states when the last retry starts"
-    assert (int(span[1]), int(span[2])) == (
-        sum(waits) - retries * jitter,
-        sum(waits) + retries * jitter,
-    )
-    # Every schedule but the hourly fastpath observation runs a job with that policy.
+    *waits, retries = map(int, stated.groups())
+    assert tuple(waits) == RETRY_WAITS_MIN and retries == len(RETRY_WAITS_MIN)
     repo = defs.get_repository_def()
-    without = {
-        s.name for s in repo.schedule_defs if repo.get_job(s.job_name).op_retry_policy != policy
+    tags = {s.name: repo.get_job(s.job_name).tags.get(MAX_RETRIES_TAG) for s in repo.schedule_defs}
+    assert {name for name, t in tags.items() if t != str(retries)} == {
+        "citizenlab_schedule",
+        "fingerprints_schedule",
+        "fastpath_observation_schedule",
     }
-    assert without == {"fastpath_observation_schedule"}
+    assert all(repo.get_job(s.job_name).op_retry_policy is None for s in repo.schedule_defs)
+    sensor = repo.get_sensor_def("delayed_retry_sensor")
+    assert {j.name for j in sensor.jobs} >= {
+        s.job_name for s, t in zip(repo.schedule_defs, tags.values(), strict=True) if t == "3"
+    }
