@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import dagster as dg
@@ -45,15 +46,28 @@ IN_FLIGHT = [
 ]
 
 
+# A run created longer ago than this and still not finished blocks nothing: its worker
+# may be gone with its code server (it then stays STARTED until the next run of its
+# lock marks it failed, docs/clickhouse.md), or it never left NOT_STARTED. The next
+# run is let through, and its lock deals with the old one. Longer than any backfill
+# run seen here; the asset's freshness policy turns FAIL long before.
+STALE_IN_FLIGHT_S = 24 * 3600
+
+
 def runs_in_flight(
-    instance: dg.DagsterInstance, job_name: str, asset_keys: set[dg.AssetKey]
+    instance: dg.DagsterInstance, job_name: str, asset_keys: set[dg.AssetKey], now: float
 ) -> list[dg.DagsterRun]:
     """The runs queued or in progress of ``job_name`` or of any of ``asset_keys``
-    (a run launched from the UI, a backfill's, a retry)."""
+    (a run launched from the UI, a backfill's, a retry), created at most
+    ``STALE_IN_FLIGHT_S`` before ``now`` (a Unix time)."""
+    since = datetime.fromtimestamp(now - STALE_IN_FLIGHT_S, timezone.utc)
     return [
-        run
-        for run in instance.get_runs(dg.RunsFilter(statuses=IN_FLIGHT))
-        if run.job_name == job_name or asset_keys & set(run.asset_selection or ())
+        record.dagster_run
+        for record in instance.get_run_records(
+            dg.RunsFilter(statuses=IN_FLIGHT, created_after=since)
+        )
+        if record.dagster_run.job_name == job_name
+        or asset_keys & set(record.dagster_run.asset_selection or ())
     ]
 
 
@@ -285,7 +299,8 @@ def asset_schedule(
     def _schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest | dg.SkipReason:
         repository = context.repository_def
         keys = set(assets.resolve(repository.asset_graph)) if repository else set()
-        busy = runs_in_flight(context.instance, job.name, keys)
+        now = context.scheduled_execution_time or datetime.now(timezone.utc)
+        busy = runs_in_flight(context.instance, job.name, keys, now.timestamp())
         if busy:
             return dg.SkipReason(
                 f"run {busy[0].run_id} of these assets is {busy[0].status.value.lower()}: "

@@ -201,7 +201,7 @@ def _outage(repo, instance) -> None:
                 data = schedule.evaluate_tick(context)
                 for request in data.run_requests or []:
                     launch(schedule.job_name, now, dict(request.tags))
-        for request in retry_requests(instance, now.timestamp()):
+        for request in retry_requests(instance, now.timestamp()).requests:
             launch(request.job_name, now, dict(request.tags))
         for name, count in Counter(run.job_name for run, _ in running.values()).items():
             most_in_flight[name] = max(most_in_flight[name], count)
@@ -226,3 +226,65 @@ def _outage(repo, instance) -> None:
     assert all(repo.get_job(s.job_name).op_retry_policy is None for s in repo.schedule_defs)
     # One alert per job that failed for good; none for asnmeta, whose retry succeeded.
     assert dict(alerts) == {"citizenlab_job": 1, "fingerprints_job": 1}
+
+
+def test_a_run_stuck_in_flight_blocks_its_schedule_and_retries_for_hours_not_forever(
+    monkeypatch,
+) -> None:
+    """A worker gone with its code server leaves its run STARTED (a run may also never
+    leave NOT_STARTED): the guard lets the next tick through once the run is older than
+    STALE_IN_FLIGHT_S, so the lock of that run can recover the stuck one. A failure
+    whose retry a long run of the same assets holds back is alerted after
+    GIVE_UP_AFTER_S, not dropped unseen; a failure of a job the sensor does not launch
+    is left alone; with the retry sensor stopped, failures are alerted at once."""
+    from ooni_pipeline.common import STALE_IN_FLIGHT_S
+    from ooni_pipeline.definitions import defs
+    from ooni_pipeline.operations.retries import GIVE_UP_AFTER_S, GIVE_UP_TAG
+
+    repo = defs.get_repository_def()
+    start = datetime(2026, 11, 30, tzinfo=UTC)
+    with dg.instance_for_test() as instance:
+        _run(instance, repo, "citizenlab_job", start, {})  # stuck STARTED
+        schedule = repo.get_schedule_def("citizenlab_schedule")
+
+        def tick(at: datetime):
+            context = dg.build_schedule_context(
+                instance=instance, scheduled_execution_time=at, repository_def=repo
+            )
+            return schedule.evaluate_tick(context)
+
+        assert not tick(start + timedelta(minutes=30)).run_requests
+        later = start + timedelta(seconds=STALE_IN_FLIGHT_S + 60)
+        assert len(tick(later).run_requests) == 1
+
+        # A backfill of website_metrics running for 8 hours beside a failed scheduled day.
+        backfill = _run(
+            instance, repo, "website_metrics_job", start, {"dagster/partition": "2026-11-20"}
+        )
+        failed = _run(instance, repo, "website_metrics_job", start + timedelta(minutes=5), {"dagster/partition": "2026-11-29"})  # fmt: skip
+        _finish(instance, failed, start + timedelta(minutes=6), ok=False)
+        names = {j.name for j in repo.get_sensor_def("delayed_retry_sensor").jobs}
+        for minutes in range(10, 60 * 7, 10):
+            plan = retry_requests(instance, (start + timedelta(minutes=minutes)).timestamp(), names)
+            assert not plan.requests
+            if plan.given_up:
+                break
+        assert [r.run_id for r in plan.given_up] == [failed.run_id]
+        assert minutes * 60 >= 16 * 60 + GIVE_UP_AFTER_S - 600
+        assert instance.get_run_by_id(failed.run_id).tags[GIVE_UP_TAG] == "true"
+        assert not retry_requests(
+            instance, (start + timedelta(hours=7)).timestamp(), names
+        ).given_up
+        _finish(instance, backfill, start + timedelta(hours=8), ok=True)
+
+        # A job this code location does not define (renamed, another location's).
+        gone = create_run_for_test(instance, job_name="gone_job", tags={"ooni/max_retries": "3"})
+        with freeze_time(start + timedelta(hours=9)):
+            instance.report_run_failed(gone)
+        at = (start + timedelta(hours=10)).timestamp()
+        assert all(r.job_name != "gone_job" for r in retry_requests(instance, at, names).requests)
+
+        # The retry sensor stopped (a staging copy): the failure is alerted at once.
+        assert reason_not_to_alert(instance, instance.get_run_by_id(gone.run_id))
+        monkeypatch.setenv("OONI_SCHEDULES_DEFAULT", "stopped")
+        assert reason_not_to_alert(instance, instance.get_run_by_id(gone.run_id)) is None

@@ -255,6 +255,9 @@ SPELLINGS = [
     (" bbc.com ", "bbc.com"),
     ("bbc.com。evil.net", None),
     ("ｎｏｔｂｂｃ.com", None),
+    ("evil.net＠bbc.com", None),  # a fullwidth @ separates no userinfo
+    ("bbc.com\u200b", "bbc.com"),  # characters UTS #46 ignores
+    ("bb\u00adc.com", "bbc.com"),
     # labels spelled in IDNA and Unicode in one host
     ("bücher.xn--p1ai", "bücher.рф"),
     ("www.xn--bcher-kva.рф", "bücher.рф"),

@@ -31,14 +31,18 @@ ROW_ORDER = "consumer, measurement_start_time, explorer_url"
 # case, Unicode included (``WWW.BÜCHER.DE``), compatibility forms (fullwidth
 # ``ｂｂｃ．ｃｏｍ``, ideographic full stops ``bbc。com``, decomposed ``bu\u0308cher``)
 # and invalid UTF-8. UTS #46's mapping, as near as the engine has it: invalid bytes
-# replaced (``normalizeUTF8NFKC`` raises on them), NFKC, spaces trimmed, the full
-# stops UTS #46 maps to ``.`` mapped, everything after the last ``@``, without a
-# trailing ``:port`` and dots, lowercased by Unicode rules. (The engine has no IDNA
+# replaced (``normalizeUTF8NFKC`` raises on them), everything after the last ``@``
+# (split before NFKC, so a fullwidth ``＠`` is no userinfo separator, as for a
+# browser), the characters UTS #46 ignores (soft hyphen, zero-width spaces and
+# joiners, word joiner, BOM) removed, NFKC, spaces trimmed, the full stops UTS #46
+# maps to ``.`` mapped, without a trailing ``:port`` and dots, lowercased by Unicode
+# rules. (The engine has no IDNA
 # functions, so the watched side carries every spelling: ``pair_params``.)
 ROW_HOST_SQL = (
-    "lowerUTF8(replaceRegexpOne(replaceRegexpOne(arrayElement(splitByChar('@', "
-    "replaceRegexpAll(trimBoth(normalizeUTF8NFKC(toValidUTF8(domain))), '[。．｡]', '.')"
-    "), -1), ':[0-9]*$', ''), '\\\\.+$', ''))"
+    "lowerUTF8(replaceRegexpOne(replaceRegexpOne(replaceRegexpAll(trimBoth(normalizeUTF8NFKC("
+    "replaceRegexpAll(arrayElement(splitByChar('@', toValidUTF8(domain)), -1), "
+    "'[\\\\x{00AD}\\\\x{200B}-\\\\x{200D}\\\\x{2060}\\\\x{FEFF}]', ''))), '[。．｡]', '.'), "
+    "':[0-9]*$', ''), '\\\\.+$', ''))"
 )
 # A watched domain is bound in every mix of IDNA and Unicode labels (a host may be
 # ``bücher.xn--p1ai``) up to this many internationalised labels, 2**n spellings;

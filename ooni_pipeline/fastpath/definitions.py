@@ -9,7 +9,7 @@ from datetime import timedelta
 import dagster as dg
 
 from ooni_pipeline import settings
-from ooni_pipeline.common import RETRIED, schedule_status
+from ooni_pipeline.common import NOT_RETRIED, RETRIED, schedule_status
 from ooni_pipeline.fastpath.assets import (
     FASTPATH_KEY,
     build_fastpath_asset,
@@ -23,8 +23,9 @@ OBSERVED_DAYS = 7
 SOURCE = fastpath_source()
 fastpath = build_fastpath_asset(SOURCE)
 
+# Not retried: the next hour's observation is the retry (a failing streak alerts once).
 fastpath_observation_job = dg.define_asset_job(
-    "fastpath_observation_job", selection=dg.AssetSelection.assets(FASTPATH_KEY)
+    "fastpath_observation_job", selection=dg.AssetSelection.assets(FASTPATH_KEY), tags=NOT_RETRIED
 )
 
 

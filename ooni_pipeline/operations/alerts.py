@@ -16,7 +16,11 @@ import dagster as dg
 from ooni_pipeline import settings
 from ooni_pipeline.common import MAX_RETRIES_TAG
 from ooni_pipeline.fetch import USER_AGENT
-from ooni_pipeline.operations.retries import will_be_retried
+from ooni_pipeline.operations.retries import (
+    GIVE_UP_AFTER_S,
+    retry_sensor_running,
+    will_be_retried,
+)
 from ooni_pipeline.untrusted import chat_literal
 
 WILL_RETRY_TAG = "dagster/will_retry"
@@ -73,7 +77,9 @@ def post_alert(webhook_url: str, text: str, timeout_s: float = 10.0) -> None:
 def reason_not_to_alert(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str | None:
     """Why the failure of ``run`` is not posted, or ``None``: it is to be retried, or it
     continues a streak of failed runs of a job whose next tick is its retry."""
-    if run.tags.get(WILL_RETRY_TAG) == "true" or will_be_retried(run):
+    if run.tags.get(WILL_RETRY_TAG) == "true":
+        return "will be retried"
+    if will_be_retried(run) and retry_sensor_running(instance):
         return "will be retried"
     mine = instance.get_run_record_by_id(run.run_id)
     if run.tags.get(MAX_RETRIES_TAG) == "0" and mine is not None:
@@ -83,6 +89,24 @@ def reason_not_to_alert(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str
         if previous and previous[0].dagster_run.status == dg.DagsterRunStatus.FAILURE:
             return "its job's previous run failed too (alerted then)"
     return None
+
+
+def alert_given_up_retry(context: dg.SensorEvaluationContext, run: dg.DagsterRun) -> None:
+    """Post the failure of ``run``, whose alert was held back for a retry that could not
+    start (runs of the same assets in flight for ``GIVE_UP_AFTER_S``)."""
+    base_url = settings.env("OONI_DAGSTER_URL", "http://127.0.0.1:3000") or ""
+    partition = run.tags.get("dagster/partition")
+    where = f" (partition {partition})" if partition else ""
+    text = (
+        f":rotating_light: ooni_pipeline: run of {run.job_name} failed{where}; its retry "
+        f"did not start within {GIVE_UP_AFTER_S // 3600} hours (runs of the same assets "
+        f"in flight)\n{base_url.rstrip('/')}/runs/{run.run_id}"
+    )
+    webhook_url = settings.env("OONI_ALERT_WEBHOOK_URL")
+    if webhook_url:
+        post_alert(webhook_url, text)
+    else:
+        context.log.warning(f"OONI_ALERT_WEBHOOK_URL unset; alert: {text}")
 
 
 @dg.run_failure_sensor(
