@@ -20,6 +20,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
+from ooni_pipeline.clickhouse import ClickHouseResource
 from ooni_pipeline.exports import aggregates, parquet, watchlists
 from ooni_pipeline.exports.consumer_schedules import (
     consumer_exports_daily_schedule,
@@ -646,6 +647,159 @@ def test_concurrent_writers_lose_no_manifest_entry(
     }
     for key in (DAILY, PARQUET):  # each level lists the one below as it is
         assert manifest.asset_entries(store, key)[1] == []
+
+
+def _record(clickhouse, store_resource, entries, traffic: list | None = None) -> bool:
+    """``record_exports`` of ``entries`` in a run of its own, as an export's step
+    records (the lock in ClickHouse); ``traffic`` gets the S3Traffic of its store."""
+    from ooni_pipeline.exports.manifest import record_exports
+    from ooni_pipeline_tests.rig import S3Traffic
+
+    @dg.asset
+    def manifest_writer(
+        context, clickhouse: ClickHouseResource, object_store: ObjectStoreResource
+    ) -> None:
+        store = object_store.get_store()
+        if traffic is not None:
+            traffic.append(S3Traffic(store.client))
+        with clickhouse.connect() as ch:
+            record_exports(context, ch, store, entries)
+
+    resources = {"clickhouse": clickhouse, "object_store": store_resource}
+    return dg.materialize([manifest_writer], resources=resources, raise_on_error=False).success
+
+
+@pytest.mark.clickhouse_backends("embedded")
+def test_recording_a_partition_reads_and_writes_only_its_files(
+    clickhouse, s3_store_resource
+) -> None:
+    """After 90 days of every export (8 assets), recording one more day of
+    website_metrics reads and writes its month's file, its asset's file and
+    exports/manifest.json, once each, nothing else (counted as S3 receives them):
+    the cost of a partition does not grow with the other assets' history, nor with
+    its own beyond its month and its list of months. The day's consumer step (7
+    assets) costs the same per asset, plus the index once."""
+    from ooni_pipeline.exports.manifest import asset_entries, asset_index_key, shard_key
+    from ooni_pipeline_tests.rig import export_history
+
+    store = s3_store_resource.get_store()
+    history = export_history("2024-01-01", 90)
+    assert _record(clickhouse, s3_store_resource, history)
+    day = export_history("2024-03-31", 1)
+    wm = website_metrics.key
+
+    def own_files(assets) -> list[str]:
+        files = [MANIFEST_KEY]
+        for key in assets:
+            files += [asset_index_key(key), shard_key(key, "2024-03")]
+        return sorted(files)
+
+    for assets in (
+        [wm],
+        [DAILY, PARQUET, *(watchlists.asset_key(c) for c in "c1 c2 c3 c4 c5".split())],
+    ):
+        files = own_files(assets)
+        sizes_before = sum(len(store.read_bytes(k)) for k in files)
+        traffic: list = []
+        assert _record(clickhouse, s3_store_resource, {a: day[a] for a in assets}, traffic)
+        (seen,) = traffic
+        assert sorted(seen.keys("GET")) == sorted(seen.keys("PUT")) == files, seen.requests
+        assert len(seen.requests) == 2 * len(files)  # no listing, no HEAD
+        assert seen.received == sizes_before
+        assert seen.sent == sum(len(store.read_bytes(k)) for k in files)
+
+    everything = load_exports_manifest(store)
+    for asset, objects in history.items():
+        assert all(everything[k] == e for k, e in objects.items() if k not in day.get(asset, {}))
+        assert asset_entries(store, asset)[1] == []  # each level lists the one below as it is
+    assert everything[wm_key("2024-03-31")] == day[wm][wm_key("2024-03-31")]
+
+
+@pytest.mark.clickhouse_backends("embedded")
+def test_the_manifest_of_earlier_versions_is_converted_once(
+    clickhouse, local_store_resource
+) -> None:
+    """A bucket written by the single-file layout (exports/manifest.json and each
+    asset's part listing every entry): its checks still read it; the first recording
+    converts it, and every entry is then found through the tree."""
+    from ooni_pipeline.exports.manifest import (
+        asset_entries,
+        asset_index_key,
+        manifest_disagreements,
+    )
+    from ooni_pipeline.object_store.manifest import write_manifest
+    from ooni_pipeline_tests.rig import export_history
+
+    store = local_store_resource.get_store()
+    history = export_history("2024-01-20", 20)
+    for asset, objects in history.items():
+        write_manifest(store, asset_index_key(asset), objects, asset=asset.to_user_string())
+    merged = {k: e for objects in history.values() for k, e in objects.items()}
+    write_manifest(store, MANIFEST_KEY, merged, written_at="2026-11-30T00:00:00+00:00")
+    old_day = {"2024-01-25": {wm_key("2024-01-25"): merged[wm_key("2024-01-25")]["sha256"]}}
+    assert manifest_disagreements(store, website_metrics.key, old_day) == []
+
+    day = export_history("2024-02-09", 1)
+    assert _record(
+        clickhouse, local_store_resource, {website_metrics.key: day[website_metrics.key]}
+    )
+    assert load_exports_manifest(store) == {**merged, **day[website_metrics.key]}
+    assert json.loads(store.read_bytes(MANIFEST_KEY))["version"] == 2
+    for asset in history:
+        assert asset_entries(store, asset)[1] == []
+    assert manifest_disagreements(store, website_metrics.key, old_day) == []
+    assert sorted(store.list_keys("exports/manifests/website_metrics/")) == [
+        "exports/manifests/website_metrics/2024-01.json",
+        "exports/manifests/website_metrics/2024-02.json",
+    ]
+    # A run of the earlier version finishing meanwhile writes its asset's part whole
+    # (then fails, reading the others): the next recording converts that part too.
+    ours = {**history[website_metrics.key], **day[website_metrics.key]}
+    write_manifest(store, asset_index_key(website_metrics.key), ours, asset="website_metrics")
+    later = export_history("2024-02-10", 1)[website_metrics.key]
+    assert _record(clickhouse, local_store_resource, {website_metrics.key: later})
+    assert load_exports_manifest(store) == {**merged, **day[website_metrics.key], **later}
+    assert asset_entries(store, website_metrics.key)[1] == []
+
+
+@pytest.mark.clickhouse_backends("embedded")
+def test_a_manifest_file_left_behind_fails_the_check_until_rewritten(
+    clickhouse, moto_endpoint, s3_bucket
+) -> None:
+    """The store refuses exports/manifest.json after the asset's files were
+    rewritten: the index lists the asset's file with its previous sha256, which a
+    client would take for unchanged. The check, reading the tree as a client does,
+    fails; the next recording of the asset writes the index again."""
+    from ooni_pipeline.exports.manifest import manifest_disagreements
+    from ooni_pipeline_tests.rig import FaultyProxy, export_history
+
+    direct = ObjectStoreResource(
+        bucket=s3_bucket, endpoint_url=moto_endpoint, region_name="us-east-1"
+    )
+    store = direct.get_store()
+    history = export_history("2024-03-01", 3)
+    assert _record(clickhouse, direct, history)
+    day = export_history("2024-03-04", 1)[website_metrics.key]
+    recorded = {"2024-03-04": {k: e["sha256"] for k, e in day.items()}}
+    proxy = FaultyProxy(
+        moto_endpoint,
+        lambda method, path: method == "PUT" and path.endswith("/exports/manifest.json"),
+    )
+    try:
+        failing = ObjectStoreResource(
+            bucket=s3_bucket, endpoint_url=proxy.url, region_name="us-east-1"
+        )
+        assert not _record(clickhouse, failing, {website_metrics.key: day})
+    finally:
+        proxy.close()
+    assert proxy.failed
+    problems = manifest_disagreements(store, website_metrics.key, recorded)
+    assert len(problems) == 1
+    assert problems[0].startswith(
+        "exports/manifest.json lists exports/manifests/website_metrics.json with sha256"
+    )
+    assert _record(clickhouse, direct, {website_metrics.key: day})
+    assert manifest_disagreements(store, website_metrics.key, recorded) == []
 
 
 def test_check_fails_on_a_replaced_object(clickhouse, local_store_resource, agg_rows) -> None:
