@@ -673,7 +673,7 @@ def _record(clickhouse, store_resource, entries, traffic: list | None = None) ->
 def test_recording_a_partition_reads_and_writes_only_its_files(
     clickhouse, s3_store_resource
 ) -> None:
-    """After 90 days of every export (8 assets), recording one more day of
+    """After 90 days of every export (9 assets), recording one more day of
     website_metrics reads and writes its month's file, its asset's file and
     exports/manifest.json, once each, nothing else (counted as S3 receives them):
     the cost of a partition does not grow with the other assets' history, nor with
