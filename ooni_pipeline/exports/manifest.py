@@ -15,8 +15,9 @@ ten years as after one day (README "Only what changed"):
 
 Each level lists the sha256 of the object below as written, so a client follows only
 what changed, and a check can prove the chain. Recording a partition reads and
-writes its shard, its asset's index and the index: 3 reads and 3 writes, whatever the
-history of this or any other asset.
+writes its shard, its asset's index and the index: 3 reads and 3 writes, of its
+month's entries, a line per month of the asset and a line per asset; other assets'
+entries and the asset's other months are never read.
 
 Safe under concurrent writers the way the backup manifests are (see
 ``object_store.manifest``): everything is written only while holding the ClickHouse
