@@ -303,3 +303,101 @@ class PeakFileSize:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+class S3Traffic:
+    """What a boto3 S3 client sends to its endpoint (moto, in the rig), counted by
+    botocore's own event hooks: per request its method, key, and the bytes of the
+    bodies sent (as on the wire, retries included) and received (a HEAD's announced
+    length is not received)."""
+
+    def __init__(self, client) -> None:
+        self.requests: list[tuple[str, str, int, int]] = []
+        self._current = threading.local()
+        client.meta.events.register("before-call.s3", self._before_call)
+        client.meta.events.register("before-send.s3", self._before_send)
+        client.meta.events.register("after-call.s3", self._after_call)
+
+    def _before_call(self, model, params, **kwargs) -> None:
+        from urllib.parse import unquote
+
+        key = unquote(params.get("url_path", "").split("?")[0].lstrip("/"))
+        self._current.request = [model.http["method"], key, 0]
+
+    def _before_send(self, request, **kwargs) -> None:
+        self._current.request[2] += int(request.headers.get("Content-Length") or 0)
+
+    def _after_call(self, http_response, model, **kwargs) -> None:
+        method, key, sent = self._current.request
+        if method == "HEAD":
+            received = 0
+        elif model.has_streaming_output and http_response.status_code < 300:
+            received = int(http_response.headers.get("content-length") or 0)
+        else:
+            received = len(http_response.content or b"")
+        self.requests.append((method, key, sent, received))
+
+    def clear(self) -> None:
+        self.requests.clear()
+
+    def keys(self, method: str | None = None) -> list[str]:
+        return [k for m, k, _, _ in self.requests if method in (None, m)]
+
+    @property
+    def sent(self) -> int:
+        return sum(r[2] for r in self.requests)
+
+    @property
+    def received(self) -> int:
+        return sum(r[3] for r in self.requests)
+
+    def summary(self) -> str:
+        methods: dict[str, int] = {}
+        for method, *_ in self.requests:
+            methods[method] = methods.get(method, 0) + 1
+        counts = " ".join(f"{m}={n}" for m, n in sorted(methods.items()))
+        return (
+            f"requests={len(self.requests)} ({counts}) "
+            f"bytes_read={self.received} bytes_written={self.sent}"
+        )
+
+
+def export_history(
+    first_day: str, days: int, consumers: tuple[str, ...] = ("c1", "c2", "c3", "c4", "c5")
+) -> dict:
+    """Manifest entries (asset key -> object key -> entry) of ``days`` days of every
+    export from ``first_day``, as the exports record them: website_metrics, the daily
+    aggregate (CSV + Parquet), the per-measurement Parquet, one watchlist per consumer
+    each day, and the monthly rollup (CSV + Parquet) of each month they cover."""
+    from datetime import date, timedelta
+
+    from ooni_pipeline.exports import aggregates, parquet, watchlists, website_metrics
+    from ooni_pipeline.exports.manifest import upload_entry
+    from ooni_pipeline.object_store import UploadResult
+
+    history: dict = {}
+
+    def add(asset_key, partition: str, key: str, fmt: str) -> None:
+        digest = hashlib.sha256(f"{key}@{partition}".encode()).hexdigest()
+        size = 40_000 + int(digest[:4], 16)
+        upload = UploadResult(key, f"s3://b/{key}", size * 6, size, digest, 1.0)
+        entry = upload_entry(upload, size // 40, fmt, asset_key, partition, f"{size}@{digest[:8]}")
+        history.setdefault(asset_key, {})[key] = entry
+
+    start = date.fromisoformat(first_day)
+    months = []
+    for n in range(days):
+        day = (start + timedelta(days=n)).isoformat()
+        add(website_metrics.WEBSITE_METRICS_KEY, day, website_metrics.object_key(day), "csv.gz")
+        add(aggregates.DAILY_KEY, day, aggregates.daily_key(day), "csv.gz")
+        add(aggregates.DAILY_KEY, day, aggregates.daily_parquet_key(day), "parquet")
+        add(parquet.WEBSITE_METRICS_PARQUET_KEY, day, parquet.parquet_key(day), "parquet")
+        for consumer in consumers:
+            key = watchlists.object_key(consumer, day)
+            add(watchlists.asset_key(consumer), day, key, "csv.gz")
+        if day[:7] not in months:
+            months.append(day[:7])
+    for month in months:
+        add(aggregates.MONTHLY_KEY, month, aggregates.monthly_key(month), "csv.gz")
+        add(aggregates.MONTHLY_KEY, month, aggregates.monthly_parquet_key(month), "parquet")
+    return history

@@ -20,6 +20,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
+from ooni_pipeline.clickhouse import ClickHouseResource
 from ooni_pipeline.exports import aggregates, parquet, watchlists
 from ooni_pipeline.exports.consumer_schedules import (
     consumer_exports_daily_schedule,
@@ -614,7 +615,7 @@ def test_manifest_lists_every_object_with_its_source_version(
     for key in (DAILY, PARQUET):
         assert _run([key], clickhouse, s3_store_resource, AGG_DAY, instance).success
     store = s3_store_resource.get_store()
-    manifest = json.loads(store.read_bytes(MANIFEST_KEY))
+    manifest = {"objects": load_exports_manifest(store)}
     version = day_versions(ch, [AGG_DAY])[AGG_DAY]
     keys = [
         aggregates.daily_key(AGG_DAY),
@@ -640,38 +641,39 @@ def test_concurrent_writers_lose_no_manifest_entry(
     clickhouse, s3_store_resource, agg_rows, monkeypatch
 ) -> None:
     """Two exports finishing together (separate Dagster instances, as two hosts, one
-    server): the first to record reads the parts before the second has written its
-    own, and would write exports/manifest.json last, losing the second's entries,
+    server): the first to record reads exports/manifest.json before the second has
+    written its asset's line, and would write it last, losing the second's asset,
     but for the lock on the manifest (``exports_manifest``): both objects end up in it.
 
     The interleaving is forced: the second writer waits until the first has read the
-    parts, the first until the second has written the manifest (each wait gives up
+    index, the first until the second has written the index (each wait gives up
     after a few seconds, which is what happens under the lock)."""
     import ooni_pipeline.exports.manifest as manifest
 
     first: list[int] = []
     first_read, second_wrote = threading.Event(), threading.Event()
-    write, load = manifest.write_manifest, manifest.load_exports_manifest
+    write, read = manifest.write_document, manifest._read
 
-    def choreographed_write(store, key, objects, **fields):
-        if not first:
-            first.append(threading.get_ident())
-        me_first = first[0] == threading.get_ident()
-        if key != MANIFEST_KEY and not me_first:
-            first_read.wait(5)  # its part only once the first has read the parts
-        write(store, key, objects, **fields)
-        if key == MANIFEST_KEY and not me_first:
+    def choreographed_write(store, key, body):
+        if first and first[0] != threading.get_ident():
+            first_read.wait(5)  # only once the first has read the index
+        written = write(store, key, body)
+        if key == MANIFEST_KEY and first and first[0] != threading.get_ident():
             second_wrote.set()
+        return written
 
-    def choreographed_load(store):
-        objects = load(store)
-        if first and first[0] == threading.get_ident():
+    def choreographed_read(store, key):
+        document = read(store, key)
+        if key == MANIFEST_KEY and not first:
+            first.append(threading.get_ident())
             first_read.set()
-            second_wrote.wait(5)  # then write the manifest last
-        return objects
+            second_wrote.wait(5)  # then write the index last
+        return document
 
-    monkeypatch.setattr(manifest, "write_manifest", choreographed_write)
-    monkeypatch.setattr(manifest, "load_exports_manifest", choreographed_load)
+    # A manifest to update (a first one is built from whatever exists, race or not).
+    assert _run([DAILY], clickhouse, s3_store_resource, "2024-05-01").success
+    monkeypatch.setattr(manifest, "write_document", choreographed_write)
+    monkeypatch.setattr(manifest, "_read", choreographed_read)
     results = {}
 
     def run(key) -> None:
@@ -684,12 +686,169 @@ def test_concurrent_writers_lose_no_manifest_entry(
         t.join()
     assert all(r.success for r in results.values())
     store = s3_store_resource.get_store()
-    objects = json.loads(store.read_bytes(MANIFEST_KEY))["objects"]
+    objects = load_exports_manifest(store)
     assert set(objects) == {
         aggregates.daily_key(AGG_DAY),
         aggregates.daily_parquet_key(AGG_DAY),
         parquet.parquet_key(AGG_DAY),
+        aggregates.daily_key("2024-05-01"),
+        aggregates.daily_parquet_key("2024-05-01"),
     }
+    for key in (DAILY, PARQUET):  # each level lists the one below as it is
+        assert manifest.asset_entries(store, key)[1] == []
+
+
+def _record(clickhouse, store_resource, entries, traffic: list | None = None) -> bool:
+    """``record_exports`` of ``entries`` in a run of its own, as an export's step
+    records (the lock in ClickHouse); ``traffic`` gets the S3Traffic of its store."""
+    from ooni_pipeline.exports.manifest import record_exports
+    from ooni_pipeline_tests.rig import S3Traffic
+
+    @dg.asset
+    def manifest_writer(
+        context, clickhouse: ClickHouseResource, object_store: ObjectStoreResource
+    ) -> None:
+        store = object_store.get_store()
+        if traffic is not None:
+            traffic.append(S3Traffic(store.client))
+        with clickhouse.connect() as ch:
+            record_exports(context, ch, store, entries)
+
+    resources = {"clickhouse": clickhouse, "object_store": store_resource}
+    return dg.materialize([manifest_writer], resources=resources, raise_on_error=False).success
+
+
+@pytest.mark.clickhouse_backends("embedded")
+def test_recording_a_partition_reads_and_writes_only_its_files(
+    clickhouse, s3_store_resource
+) -> None:
+    """After 90 days of every export (9 assets), recording one more day of
+    website_metrics reads and writes its month's file, its asset's file and
+    exports/manifest.json, once each, nothing else (counted as S3 receives them):
+    the cost of a partition does not grow with the other assets' history, nor with
+    its own beyond its month and its list of months. The day's consumer step (7
+    assets) costs the same per asset, plus the index once."""
+    from ooni_pipeline.exports.manifest import asset_entries, asset_index_key, shard_key
+    from ooni_pipeline_tests.rig import export_history
+
+    store = s3_store_resource.get_store()
+    history = export_history("2024-01-01", 90)
+    assert _record(clickhouse, s3_store_resource, history)
+    day = export_history("2024-03-31", 1)
+    wm = website_metrics.key
+
+    def own_files(assets) -> list[str]:
+        files = [MANIFEST_KEY]
+        for key in assets:
+            files += [asset_index_key(key), shard_key(key, "2024-03")]
+        return sorted(files)
+
+    for assets in (
+        [wm],
+        [DAILY, PARQUET, *(watchlists.asset_key(c) for c in "c1 c2 c3 c4 c5".split())],
+    ):
+        files = own_files(assets)
+        sizes_before = sum(len(store.read_bytes(k)) for k in files)
+        traffic: list = []
+        assert _record(clickhouse, s3_store_resource, {a: day[a] for a in assets}, traffic)
+        (seen,) = traffic
+        assert sorted(seen.keys("GET")) == sorted(seen.keys("PUT")) == files, seen.requests
+        assert len(seen.requests) == 2 * len(files)  # no listing, no HEAD
+        assert seen.received == sizes_before
+        assert seen.sent == sum(len(store.read_bytes(k)) for k in files)
+
+    everything = load_exports_manifest(store)
+    for asset, objects in history.items():
+        assert all(everything[k] == e for k, e in objects.items() if k not in day.get(asset, {}))
+        assert asset_entries(store, asset)[1] == []  # each level lists the one below as it is
+    assert everything[wm_key("2024-03-31")] == day[wm][wm_key("2024-03-31")]
+
+
+@pytest.mark.clickhouse_backends("embedded")
+def test_the_manifest_of_earlier_versions_is_converted_once(
+    clickhouse, local_store_resource
+) -> None:
+    """A bucket written by the single-file layout (exports/manifest.json and each
+    asset's part listing every entry): its checks still read it; the first recording
+    converts it, and every entry is then found through the tree."""
+    from ooni_pipeline.exports.manifest import (
+        asset_entries,
+        asset_index_key,
+        manifest_disagreements,
+    )
+    from ooni_pipeline.object_store.manifest import write_manifest
+    from ooni_pipeline_tests.rig import export_history
+
+    store = local_store_resource.get_store()
+    history = export_history("2024-01-20", 20)
+    for asset, objects in history.items():
+        write_manifest(store, asset_index_key(asset), objects, asset=asset.to_user_string())
+    merged = {k: e for objects in history.values() for k, e in objects.items()}
+    write_manifest(store, MANIFEST_KEY, merged, written_at="2026-11-30T00:00:00+00:00")
+    old_day = {"2024-01-25": {wm_key("2024-01-25"): merged[wm_key("2024-01-25")]["sha256"]}}
+    assert manifest_disagreements(store, website_metrics.key, old_day) == []
+
+    day = export_history("2024-02-09", 1)
+    assert _record(
+        clickhouse, local_store_resource, {website_metrics.key: day[website_metrics.key]}
+    )
+    assert load_exports_manifest(store) == {**merged, **day[website_metrics.key]}
+    assert json.loads(store.read_bytes(MANIFEST_KEY))["version"] == 2
+    for asset in history:
+        assert asset_entries(store, asset)[1] == []
+    assert manifest_disagreements(store, website_metrics.key, old_day) == []
+    assert sorted(store.list_keys("exports/manifests/website_metrics/")) == [
+        "exports/manifests/website_metrics/2024-01.json",
+        "exports/manifests/website_metrics/2024-02.json",
+    ]
+    # A run of the earlier version finishing meanwhile writes its asset's part whole
+    # (then fails, reading the others): the next recording converts that part too.
+    ours = {**history[website_metrics.key], **day[website_metrics.key]}
+    write_manifest(store, asset_index_key(website_metrics.key), ours, asset="website_metrics")
+    later = export_history("2024-02-10", 1)[website_metrics.key]
+    assert _record(clickhouse, local_store_resource, {website_metrics.key: later})
+    assert load_exports_manifest(store) == {**merged, **day[website_metrics.key], **later}
+    assert asset_entries(store, website_metrics.key)[1] == []
+
+
+@pytest.mark.clickhouse_backends("embedded")
+def test_a_manifest_file_left_behind_fails_the_check_until_rewritten(
+    clickhouse, moto_endpoint, s3_bucket
+) -> None:
+    """The store refuses exports/manifest.json after the asset's files were
+    rewritten: the index lists the asset's file with its previous sha256, which a
+    client would take for unchanged. The check, reading the tree as a client does,
+    fails; the next recording of the asset writes the index again."""
+    from ooni_pipeline.exports.manifest import manifest_disagreements
+    from ooni_pipeline_tests.rig import FaultyProxy, export_history
+
+    direct = ObjectStoreResource(
+        bucket=s3_bucket, endpoint_url=moto_endpoint, region_name="us-east-1"
+    )
+    store = direct.get_store()
+    history = export_history("2024-03-01", 3)
+    assert _record(clickhouse, direct, history)
+    day = export_history("2024-03-04", 1)[website_metrics.key]
+    recorded = {"2024-03-04": {k: e["sha256"] for k, e in day.items()}}
+    proxy = FaultyProxy(
+        moto_endpoint,
+        lambda method, path: method == "PUT" and path.endswith("/exports/manifest.json"),
+    )
+    try:
+        failing = ObjectStoreResource(
+            bucket=s3_bucket, endpoint_url=proxy.url, region_name="us-east-1"
+        )
+        assert not _record(clickhouse, failing, {website_metrics.key: day})
+    finally:
+        proxy.close()
+    assert proxy.failed
+    problems = manifest_disagreements(store, website_metrics.key, recorded)
+    assert len(problems) == 1
+    assert problems[0].startswith(
+        "exports/manifest.json lists exports/manifests/website_metrics.json with sha256"
+    )
+    assert _record(clickhouse, direct, {website_metrics.key: day})
+    assert manifest_disagreements(store, website_metrics.key, recorded) == []
 
 
 def test_check_fails_on_a_replaced_object(clickhouse, local_store_resource, agg_rows) -> None:
@@ -783,42 +942,96 @@ def test_a_changed_day_re_exports_its_day_and_its_month() -> None:
     assert again.total_requested == 0
 
 
+def _readme_sync(base: str, mine: Path, assets: set[str]):
+    """The consumer guide's sync client ("Only what changed" in docs/consumers.md), as
+    printed there, pointed at ``base`` and ``mine``, following every object of
+    ``assets``."""
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "consumers.md").read_text()
+    section = guide[guide.index("**Only what changed**") :]
+    code = section[section.index("```python\n") + 10 : section.index("```\n\n")]
+    assert code.count("BASE = ") == code.count("MINE = ") == code.count("ASSETS = ") == 1
+    code = code.replace('f"https://{BUCKET}.s3.amazonaws.com/"', repr(base))
+    code = code.replace('pathlib.Path("ooni")', f"pathlib.Path({str(mine)!r})")
+    code = code.replace('{"website_metrics_parquet"}', repr(assets))
+    code = code.replace('"exports/parquet/website_metrics/day=2024-03-"', '""')
+    scope: dict = {}
+    exec(compile(code, "docs/consumers.md", "exec"), scope)  # its last line is a first sync
+    return scope["sync"]
+
+
 def test_the_manifest_tells_a_sync_client_what_changed(
-    clickhouse, local_store_resource, ch, day_rows
+    clickhouse, s3_store_resource, moto_endpoint, s3_bucket, ch, day_rows, tmp_path
 ) -> None:
-    """A client keeps the manifest of its last sync and fetches the keys whose sha256
-    differs: after a late upload to one day, that day's objects only."""
+    """The guide's client keeps its copy and follows only the lines whose sha256 changed:
+    after a late upload to one day, it downloads the index, the two assets' files and
+    their month's files, and that day's objects only, and its copy is the bucket's."""
+    from ooni_pipeline_tests.rig import FaultyProxy
+
     instance = dg.DagsterInstance.ephemeral()
-    resources = {"clickhouse": clickhouse, "object_store": local_store_resource}
+    resources = {"clickhouse": clickhouse, "object_store": s3_store_resource}
     days = ("2024-03-09", DAY)
+    store = s3_store_resource.get_store()
 
     def export_all() -> None:
         for day in days:
             assert dg.materialize(
                 [website_metrics], resources=resources, partition_key=day, instance=instance
             ).success
-            assert _run([DAILY], clickhouse, local_store_resource, day, instance).success
+            assert _run([DAILY], clickhouse, s3_store_resource, day, instance).success
 
     export_all()
-    store = local_store_resource.get_store()
-    synced = json.loads(store.read_bytes(MANIFEST_KEY))["objects"]
-    assert sorted(synced) == sorted(
-        [wm_key(d) for d in days]
-        + [aggregates.daily_key(d) for d in days]
-        + [aggregates.daily_parquet_key(d) for d in days]
+    public_read = {  # as OONI's bucket: every export readable without credentials
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Principal": "*",
+                "Action": "s3:GetObject",
+                "Resource": f"arn:aws:s3:::{s3_bucket}/exports/*",
+            }
+        ],
+    }
+    store.client.put_bucket_policy(Bucket=s3_bucket, Policy=json.dumps(public_read))
+    fetched: list[str] = []
+    prefix = f"/{s3_bucket}/"
+    proxy = FaultyProxy(  # fails nothing: the client's requests, as S3 receives them
+        moto_endpoint, lambda method, path: fetched.append(path.removeprefix(prefix)) and False
     )
-    assert synced[wm_key(DAY)]["rows"] == len(CASES)
-    assert (
-        synced[wm_key(DAY)]["sha256"] == hashlib.sha256(store.read_bytes(wm_key(DAY))).hexdigest()
-    )
+    mine = tmp_path / "mine"
+    try:
+        sync = _readme_sync(
+            f"{proxy.url}{prefix}", mine, {"website_metrics", "website_metrics_daily"}
+        )
+        objects = [wm_key(d) for d in days] + [aggregates.daily_key(d) for d in days]
+        objects += [aggregates.daily_parquet_key(d) for d in days]
+        assert set(objects) < set(fetched)
+        synced = load_exports_manifest(store)
+        assert sorted(synced) == sorted(objects)
+        assert synced[wm_key(DAY)]["rows"] == len(CASES)
+        assert (mine / wm_key(DAY)).read_bytes() == store.read_bytes(wm_key(DAY))
 
-    _insert(ch, [_msm("late", f"{DAY} 12:30:00")])
-    export_all()
-    now = json.loads(store.read_bytes(MANIFEST_KEY))["objects"]
-    changed = sorted(k for k in now if now[k]["sha256"] != synced[k]["sha256"])
-    assert changed == sorted(
-        [wm_key(DAY), aggregates.daily_key(DAY), aggregates.daily_parquet_key(DAY)]
+        _insert(ch, [_msm("late", f"{DAY} 12:30:00")])
+        export_all()
+        fetched.clear()
+        assert sync("exports/manifest.json")
+    finally:
+        proxy.close()
+    month = "2024-03"
+    assert sorted(fetched) == sorted(
+        [
+            "exports/manifest.json",
+            "exports/manifests/website_metrics.json",
+            f"exports/manifests/website_metrics/{month}.json",
+            "exports/manifests/website_metrics_daily.json",
+            f"exports/manifests/website_metrics_daily/{month}.json",
+            wm_key(DAY),
+            aggregates.daily_key(DAY),
+            aggregates.daily_parquet_key(DAY),
+        ]
     )
+    for key in store.list_keys("exports/"):
+        assert (mine / key).read_bytes() == store.read_bytes(key), key
+    now = load_exports_manifest(store)
     assert now[wm_key(DAY)]["rows"] == len(CASES) + 1
     assert now[wm_key(DAY)]["source_version"] == day_versions(ch, [DAY])[DAY]
 
@@ -894,7 +1107,7 @@ def test_an_old_servers_stream_failing_midway_is_never_published(
     assert _run(keys, clickhouse, local_store_resource, DAY, instance, lists=lists).success
     store = local_store_resource.get_store()
     published = {k: store.read_bytes(k) for k in store.list_keys("exports/")}
-    assert len(published) == 10  # 5 objects, the manifest and its 4 parts
+    assert len(published) == 14  # 5 objects, the manifest, 4 asset indexes and 4 shards
     _fill_day(ch, DAY, 1_000, "b")  # the day changed: every object would change
 
     for what, (pattern, key) in SERVER_STREAMS.items():

@@ -507,7 +507,7 @@ def test_a_run_failing_on_its_second_day_has_recorded_its_first(
     object): the first day's new object, Dagster's latest record of it and its
     manifest entry agree, and the object check, run on its own for that day or for
     both, passes; the second day keeps its previous object and record."""
-    from ooni_pipeline.exports.manifest import MANIFEST_KEY
+    from ooni_pipeline.exports.manifest import load_exports_manifest
     from ooni_pipeline.object_store import ObjectStoreResource
     from ooni_pipeline_tests.rig import FaultyProxy
 
@@ -535,12 +535,11 @@ def test_a_run_failing_on_its_second_day_has_recorded_its_first(
         proxy.close()
     assert not result.success and proxy.failed
     import hashlib
-    import json
 
     store = s3_store_for(moto_endpoint, s3_bucket).get_store()
     first = store.read_bytes(object_key(DAY))
     recorded = _recorded(instance, DAY)
-    manifest = json.loads(store.read_bytes(MANIFEST_KEY))["objects"]
+    manifest = load_exports_manifest(store)
     assert (
         hashlib.sha256(first).hexdigest()
         == recorded["sha256"]
@@ -588,10 +587,9 @@ def test_two_runs_of_one_day_leave_a_manifest_describing_the_object(
     replaced write last. The publishing lock keeps them in turn, so the manifest
     and each run's record describe the object under the key."""
     import hashlib
-    import json
 
     import ooni_pipeline.exports.website_metrics as module
-    from ooni_pipeline.exports.manifest import MANIFEST_KEY
+    from ooni_pipeline.exports.manifest import load_exports_manifest
 
     store = local_store_resource.get_store()
     barrier = threading.Barrier(2, timeout=5)
@@ -626,7 +624,7 @@ def test_two_runs_of_one_day_leave_a_manifest_describing_the_object(
         thread.join()
     assert all(r.success for r in results.values())
     live = hashlib.sha256(store.read_bytes(object_key(DAY))).hexdigest()
-    manifest = json.loads(store.read_bytes(MANIFEST_KEY))["objects"]
+    manifest = load_exports_manifest(store)
     assert manifest[object_key(DAY)]["sha256"] == live
     # the run that published last has the object it recorded
     assert live in {_recorded(instance, DAY)["sha256"] for instance in instances}

@@ -370,7 +370,7 @@ def build_objects_check(asset_key: dg.AssetKey, partitions_def: dg.PartitionsDef
         partitions = checked_partitions(context, asset_key, partitions_def)
         problems: list[str] = []
         checked = 0
-        recorded: dict[str, str] = {}
+        recorded: dict[str, dict[str, str]] = {}
         for partition in partitions:
             metadata = last_metadata(context, asset_key, partition)
             entries = metadata.get("objects") or []
@@ -384,7 +384,7 @@ def build_objects_check(asset_key: dg.AssetKey, partitions_def: dg.PartitionsDef
             for entry in entries:
                 checked += 1
                 problems += verify_object(store, entry)
-                recorded[entry["key"]] = entry["sha256"]
+                recorded.setdefault(partition, {})[entry["key"]] = entry["sha256"]
         problems += manifest_disagreements(store, asset_key, recorded)
         return dg.AssetCheckResult(
             passed=bool(partitions) and not problems,

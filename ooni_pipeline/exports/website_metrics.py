@@ -455,7 +455,7 @@ def website_metrics_object_check(
         store,
         WEBSITE_METRICS_KEY,
         {
-            object_key(d): r["sha256"]
+            d: {object_key(d): r["sha256"]}
             for d, r in recorded.items()
             if isinstance(r.get("sha256"), str)
         },

@@ -87,6 +87,12 @@ class ObjectStore(ABC):
         with self.open_reader(key) as reader:
             return reader.read()
 
+    def read_bytes_if_exists(self, key: str) -> bytes | None:
+        """The object's bytes, or None if there is none: one request, not two."""
+        if not self.exists(key):
+            return None
+        return self.read_bytes(key)
+
 
 def _check_key(key: str) -> str:
     if not key or key.startswith("/") or ".." in key.split("/"):
@@ -137,6 +143,12 @@ class LocalObjectStore(ObjectStore):
     def open_reader(self, key: str) -> IO[bytes]:
         return open(self._path(key), "rb")
 
+    def read_bytes_if_exists(self, key: str) -> bytes | None:
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
+            return None
+
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
@@ -185,6 +197,18 @@ class S3ObjectStore(ObjectStore):
 
     def open_reader(self, key: str) -> IO[bytes]:
         return self.client.get_object(Bucket=self.bucket, Key=_check_key(key))["Body"]
+
+    def read_bytes_if_exists(self, key: str) -> bytes | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=_check_key(key))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+        with response["Body"] as body:
+            return body.read()
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
