@@ -724,11 +724,17 @@ def test_recording_a_partition_reads_and_writes_only_its_files(
 ) -> None:
     """After 90 days of every export (9 assets), recording one more day of
     website_metrics reads and writes its month's file, its asset's file and
-    exports/manifest.json, once each, nothing else (counted as S3 receives them):
+    exports/manifest.json, once each, and its small pending file (read once, written
+    before and after), nothing else (counted as S3 receives them):
     the cost of a partition does not grow with the other assets' history, nor with
     its own beyond its month and its list of months. The day's consumer step (7
     assets) costs the same per asset, plus the index once."""
-    from ooni_pipeline.exports.manifest import asset_entries, asset_index_key, shard_key
+    from ooni_pipeline.exports.manifest import (
+        PENDING_KEY,
+        asset_entries,
+        asset_index_key,
+        shard_key,
+    )
     from ooni_pipeline_tests.rig import export_history
 
     store = s3_store_resource.get_store()
@@ -748,14 +754,16 @@ def test_recording_a_partition_reads_and_writes_only_its_files(
         [DAILY, PARQUET, *(watchlists.asset_key(c) for c in "c1 c2 c3 c4 c5".split())],
     ):
         files = own_files(assets)
-        sizes_before = sum(len(store.read_bytes(k)) for k in files)
+        sizes_before = sum(len(store.read_bytes(k)) for k in [*files, PENDING_KEY])
         traffic: list = []
         assert _record(clickhouse, s3_store_resource, {a: day[a] for a in assets}, traffic)
         (seen,) = traffic
-        assert sorted(seen.keys("GET")) == sorted(seen.keys("PUT")) == files, seen.requests
-        assert len(seen.requests) == 2 * len(files)  # no listing, no HEAD
+        assert sorted(seen.keys("GET")) == sorted([*files, PENDING_KEY]), seen.requests
+        assert sorted(seen.keys("PUT")) == sorted([*files, PENDING_KEY, PENDING_KEY])
+        assert len(seen.requests) == 2 * len(files) + 3  # no listing, no HEAD
         assert seen.received == sizes_before
-        assert seen.sent == sum(len(store.read_bytes(k)) for k in files)
+        pending = seen.sent - sum(len(store.read_bytes(k)) for k in files)
+        assert 0 < pending < 1_000
 
     everything = load_exports_manifest(store)
     for asset, objects in history.items():
@@ -849,6 +857,46 @@ def test_a_manifest_file_left_behind_fails_the_check_until_rewritten(
     )
     assert _record(clickhouse, direct, {website_metrics.key: day})
     assert manifest_disagreements(store, website_metrics.key, recorded) == []
+
+
+@pytest.mark.clickhouse_backends("embedded")
+def test_a_level_left_behind_is_listed_again_by_the_next_recording_of_any_month(
+    clickhouse, moto_endpoint, s3_bucket
+) -> None:
+    """The store refuses the asset's file after a re-export of 2024-03-31 rewrote its
+    month's file: the asset's file lists March's file with its previous sha256, so a
+    client would keep the old day and a new one could never complete a sync. The next
+    recording is of another month (2024-04-01): it lists March's file again as it is."""
+    from ooni_pipeline.exports.manifest import asset_entries, asset_index_key
+    from ooni_pipeline_tests.rig import FaultyProxy, export_history
+
+    direct = ObjectStoreResource(
+        bucket=s3_bucket, endpoint_url=moto_endpoint, region_name="us-east-1"
+    )
+    store = direct.get_store()
+    wm = website_metrics.key
+    assert _record(clickhouse, direct, export_history("2024-03-30", 2))
+    again = {k: {**e, "sha256": "0" * 64} for k, e in export_history("2024-03-31", 1)[wm].items()}
+    index = asset_index_key(wm)
+    proxy = FaultyProxy(
+        moto_endpoint, lambda method, path: method == "PUT" and path.endswith("/" + index)
+    )
+    try:
+        failing = ObjectStoreResource(
+            bucket=s3_bucket, endpoint_url=proxy.url, region_name="us-east-1"
+        )
+        assert not _record(clickhouse, failing, {wm: again})
+    finally:
+        proxy.close()
+    assert proxy.failed
+    _, problems = asset_entries(store, wm)
+    assert problems and problems[0].startswith(f"{index} lists {index[:-5]}/2024-03.json")
+
+    assert _record(clickhouse, direct, {wm: export_history("2024-04-01", 1)[wm]})
+    entries, problems = asset_entries(store, wm)
+    assert problems == []
+    assert all(entries[k]["sha256"] == "0" * 64 for k in again)
+    assert wm_key("2024-04-01") in entries
 
 
 def test_check_fails_on_a_replaced_object(clickhouse, local_store_resource, agg_rows) -> None:

@@ -23,8 +23,12 @@ Safe under concurrent writers the way the backup manifests are (see
 ``object_store.manifest``): everything is written only while holding the ClickHouse
 lock ``exports_manifest``, so runs finishing together take turns and each reads what
 the one before it wrote; writes go bottom-up (shard, asset index, index), so a
-failure part-way leaves every level describing objects that exist, and the asset's
-check reports the level left behind until a run of that partition writes it again.
+failure part-way leaves every level describing objects that exist. Before writing, a
+recording names the shards it is about to write in ``state/exports_manifest_pending.json``,
+and empties it when the index is written: the next recording, of any asset or month,
+finds a failed one's shards there and lists them again as they are, so no level is
+left behind for longer than one recording (until then the asset's check of those
+months reports it).
 
 The single-level layout of earlier versions (``exports/manifest.json`` with every
 entry under ``objects``, ``exports/manifests/<asset>.json`` likewise) is converted,
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from collections import defaultdict
 from datetime import datetime, timezone
 from typing import Any
@@ -48,6 +53,8 @@ from ooni_pipeline.object_store.manifest import read_document, write_document
 from ooni_pipeline.object_store.stores import ObjectStore
 
 MANIFEST_KEY = "exports/manifest.json"
+# Internal state, outside the public exports/ prefix.
+PENDING_KEY = "state/exports_manifest_pending.json"
 PARTS_PREFIX = "exports/manifests/"
 LOCK_NAME = "exports_manifest"
 WHAT = "exports manifest"
@@ -137,13 +144,34 @@ def _write_asset_index(store: ObjectStore, asset: str, shards: dict[str, Any]) -
     }
 
 
-def _record_asset(store: ObjectStore, asset_key: dg.AssetKey, objects: Entries) -> dict[str, Any]:
-    """Merge ``objects`` into the asset's shards, then its index (bottom-up)."""
+def _relisted(store: ObjectStore, asset: str, shards: dict[str, Any], months: set[str]) -> None:
+    """List the asset's shards of ``months`` in ``shards`` as they are now (a recording
+    that failed after writing them left their lines behind)."""
+    asset_key = dg.AssetKey.from_user_string(asset)
+    for month in sorted(months):
+        key = shard_key(asset_key, month)
+        document, data = _read(store, key)
+        if document is not None and data is not None:
+            shards[key] = {
+                "sha256": _sha256(data),
+                "bytes": len(data),
+                "month": month,
+                "objects": len(_objects(store, key, document)),
+                "written_at": _now(),
+            }
+
+
+def _record_asset(
+    store: ObjectStore, asset_key: dg.AssetKey, objects: Entries, relist: set[str]
+) -> dict[str, Any]:
+    """Merge ``objects`` into the asset's shards, list its shards of the months
+    ``relist`` as they are, then write its index (bottom-up)."""
     asset = asset_key.to_user_string()
     key = asset_index_key(asset_key)
     document, _ = _read(store, key)
     if document is None or _is_index(document):
         shards = dict(document["parts"]) if document is not None else {}
+        _relisted(store, asset, shards, relist)
         _write_shards(store, asset, shards, objects, merge=True)
     else:  # a part of the single-level layout: all its entries, into shards
         shards = {}
@@ -196,13 +224,38 @@ def record_exports(
     if not entries:
         return
     with one_run_at_a_time(context, ch, LOCK_NAME):
+        left = _pending(store)  # a failed recording's shards: listed again here
+        writing = {
+            key.to_user_string(): {shard_month(str(e.get("partition"))) for e in objects.values()}
+            for key, objects in entries.items()
+        }
+        todo = {a: sorted(left.get(a, set()) | writing.get(a, set())) for a in {*left, *writing}}
+        write_document(store, PENDING_KEY, {"version": VERSION, "shards": todo})
         document, _ = _read(store, MANIFEST_KEY)
         lines = dict(document["parts"]) if _is_index(document) else _converted_index(store)
-        for asset_key, objects in entries.items():
-            lines[asset_index_key(asset_key)] = _record_asset(store, asset_key, objects)
+        for asset in sorted(todo):
+            asset_key = dg.AssetKey.from_user_string(asset)
+            objects = entries.get(asset_key, {})
+            lines[asset_index_key(asset_key)] = _record_asset(
+                store, asset_key, objects, left.get(asset, set())
+            )
         write_document(
             store, MANIFEST_KEY, {"version": VERSION, "written_at": _now(), "parts": lines}
         )
+        write_document(store, PENDING_KEY, {"version": VERSION, "shards": {}})
+
+
+def _pending(store: ObjectStore) -> dict[str, set[str]]:
+    """Asset -> months of the shards a recording was writing when it failed."""
+    document, _ = _read(store, PENDING_KEY)
+    shards = (document or {}).get("shards")
+    if document is not None and not isinstance(shards, dict):
+        raise ValueError(f"{store.address(PENDING_KEY)} is not an {WHAT}")
+    return {
+        asset: {m for m in months if isinstance(m, str) and re.fullmatch(r"\d{4}-\d{2}", m)}
+        for asset, months in (shards or {}).items()
+        if isinstance(asset, str) and isinstance(months, list)
+    }
 
 
 # -- reading and checking -----------------------------------------------------------
@@ -281,7 +334,13 @@ def manifest_disagreements(
     if not any(recorded.values()):
         return []
     months = {shard_month(partition) for partition, objects in recorded.items() if objects}
-    entries, problems = asset_entries(store, asset_key, months)
+    # The check takes no lock: a recording of another partition may rewrite a level
+    # between two of its reads, a disagreement that is gone a moment later. Read again.
+    for wait_s in (0.5, 2.0, None):
+        entries, problems = asset_entries(store, asset_key, months)
+        if not problems or wait_s is None:
+            break
+        time.sleep(wait_s)
     for objects in recorded.values():
         for key, sha256 in objects.items():
             listed = entries.get(key, {}).get("sha256")

@@ -1,9 +1,10 @@
 """Manifest objects: JSON listing published objects (key -> entry), shared by the
 backup manifests and the exports manifest.
 
-Concurrent writers stay safe the same way everywhere: each writer owns its own
-manifest object (a backed-up table, an exported asset), rewritten only while it
-holds a ClickHouse lock (``common.one_run_at_a_time``), and readers merge them.
+Concurrent writers stay safe the same way everywhere: manifest objects are rewritten
+only while holding a ClickHouse lock (``common.one_run_at_a_time``). Each backed-up
+table owns its manifest, and readers merge them; the exports manifest is a tree of
+them (``exports.manifest``).
 """
 
 from __future__ import annotations
