@@ -44,24 +44,36 @@ def message(event: dict) -> str:
 
 
 def pending(events: list[dict], last_hour: int, params: EventParams) -> list[Announcement]:
-    """What to announce about these events (all of them, as stored now)."""
+    """What to announce about these events (all of them, as stored now), in the order
+    to send: by the hour of the news, an event's start before its end.
+
+    An event's news is its start (``onset`` ``change`` only: found already blocked is
+    no news) and its end, or its withdrawal once something was announced. Each is
+    announced once whichever way the hours were detected: an event that started and
+    ended between two passes (one pass over a day, a backfill in chunks) gets its
+    "started" message, then its "ended", as hour-by-hour passes would have sent them.
+    News older than ``announce_within_hours`` before the last hour detected is
+    recorded without a message."""
     oldest_news = last_hour - params.announce_within_hours
-    out = []
+    out: list[tuple[int, int, Announcement]] = []
     for event in events:
-        status, announced = event["status"], event["announced"]
+        status, announced, event_id = event["status"], event["announced"], event["event_id"]
         if status == announced:
             continue
         if status == "withdrawn":
-            if announced in ("ongoing", "ended"):
-                out.append(Announcement(event["event_id"], status, message(event)))
-            elif announced != "withdrawn":
-                out.append(Announcement(event["event_id"], status, None))
+            text = message(event) if announced in ("ongoing", "ended") else None
+            if announced != "withdrawn":
+                out.append((last_hour, 2, Announcement(event_id, status, text)))
             continue
-        if status == "ongoing" and event["onset"] == "initial":
-            continue  # found already blocked: its end is the news
-        news_hour = event["start"] if status == "ongoing" else event["end"]
-        if news_hour == ONGOING or news_hour < oldest_news:
-            out.append(Announcement(event["event_id"], status, None))
-        else:
-            out.append(Announcement(event["event_id"], status, message(event)))
-    return out
+        started_news = event["onset"] == "change" and announced == ""
+        if started_news:
+            fresh = event["start"] >= oldest_news
+            started = {**event, "status": "ongoing", "end": ONGOING}
+            text = message(started) if fresh else None
+            out.append((event["start"], 0, Announcement(event_id, "ongoing", text)))
+        if status == "ended":
+            text = message(event) if event["end"] >= oldest_news else None
+            out.append((event["end"], 1, Announcement(event_id, "ended", text)))
+        elif not started_news:
+            out.append((event["start"], 0, Announcement(event_id, "ongoing", None)))
+    return [a for _, _, a in sorted(out, key=lambda item: (item[0], item[1], item[2].event_id))]

@@ -108,9 +108,7 @@ def update_events(
 ) -> dict[str, Any]:
     """Group the hours a detector pass wrote into events, reconcile them with the
     stored ones and write what changed."""
-    stored = read_events(ch, sql.EVENTS_FROM_SQL, {"start": hour_text(status.first_hour)})
-    active = stored[stored["status"] != "withdrawn"]
-    begin = min([status.first_hour, *active["start"].tolist()])
+    begin, stored = look_back(ch, status.first_hour)
     runs = query_frame(
         ch,
         sql.BLOCKING_EPISODES_SQL,
@@ -148,6 +146,26 @@ def update_events(
     return {"written": written, "all": everything, "touched": touched}
 
 
+def look_back(ch: ClickHouse, first_hour: int) -> tuple[int, pd.DataFrame]:
+    """Where a pass regroups events from, and the stored events it reconciles with.
+
+    Episodes are regrouped from the status table over [begin, last]. ``begin`` is the
+    first hour the pass detected, moved back to the start of any stored event (not
+    withdrawn) still open or ending after it, and again for the events that reach
+    the new ``begin``, until none straddles it: no episode is cut at ``begin`` (a cut
+    one would come back as a new event starting there), and every stored event
+    overlapping the regrouped hours is read (one missing would be created again
+    under a new id, its news sent again). Bounded: status rows are kept 10 days."""
+    begin = first_hour
+    while True:
+        stored = read_events(ch, sql.EVENTS_FROM_SQL, {"start": hour_text(begin)})
+        active = stored[stored["status"] != "withdrawn"]
+        earliest = min([begin, *active["start"].tolist()])
+        if earliest == begin:
+            return begin, stored
+        begin = earliest
+
+
 def announce(
     ch: ClickHouse,
     outcome: dict[str, Any],
@@ -164,14 +182,18 @@ def announce(
     by_id = events.set_index("event_id")
     done: list[str] = []
     failure: Exception | None = None
+    failed: set[str] = set()  # an event's later news waits for its earlier one
     posted = 0
     for item in todo:
+        if item.event_id in failed:
+            continue
         if item.text is not None:
             if webhook_url:
                 try:
                     post_alert(webhook_url, item.text)
                 except RuntimeError as exc:
                     failure = exc
+                    failed.add(item.event_id)
                     continue
                 posted += 1
             else:
@@ -179,7 +201,7 @@ def announce(
         done.append(item.event_id)
         by_id.loc[item.event_id, "announced"] = item.status
     if done:
-        rows = by_id.loc[done].reset_index()
+        rows = by_id.loc[list(dict.fromkeys(done))].reset_index()
         write_events(ch, rows, version)
         outcome["all"] = by_id.reset_index()
     if failure is not None:
