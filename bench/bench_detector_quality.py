@@ -291,6 +291,10 @@ def score(ch, corpus: Corpus, messages: list[str], tol: int) -> dict:
                 "hit": bool(in_bracket),
                 "found": bool(during),
                 "latency": (min(in_bracket) + 1 - lab.onset) if in_bracket else None,
+                # hours from the labelled end to the detected one (of the last event)
+                "end_lag": (max(e[5] for e in overlapping) - lab.end)
+                if overlapping and all(e[5] is not None for e in overlapping)
+                else None,
                 # What the hourly schedule announces: each event of onset `change` once
                 # when it starts, each ended one once when it ends (announce.pending).
                 "started": sum(e[3] == "change" for e in overlapping),
@@ -341,7 +345,7 @@ def table(s: dict) -> list[str]:
     out = []
     labs = s["per_label"]
     out.append(f"{'band':22s} {'events':>6s} {'recall':>8s} {'found':>7s} {'median lat h':>12s} "
-               f"{'started/ev':>10s} {'ended/ev':>9s} {'exactly 1+1':>11s} {'msgs s/e per ev':>15s}")  # fmt: skip
+               f"{'end lag h':>9s} {'started/ev':>10s} {'ended/ev':>9s} {'exactly 1+1':>11s} {'msgs s/e per ev':>15s}")  # fmt: skip
     for band in (*BANDS, "all"):
         rows = labs if band == "all" else [r for r in labs if r["band"] == band]
         if not rows:
@@ -349,6 +353,8 @@ def table(s: dict) -> list[str]:
         lat = [r["latency"] for r in rows if r["latency"] is not None]
         hits = [r for r in rows if r["hit"]]
         med = f"{statistics.median(lat):.1f}" if lat else "n/a"
+        lags = [r["end_lag"] for r in hits if r["end_lag"] is not None]
+        lag = f"{statistics.median(lags):.0f}" if lags else "n/a"
         started = statistics.mean(r["started"] for r in hits) if hits else float("nan")
         ended = statistics.mean(r["ended"] for r in hits) if hits else float("nan")
         exact = sum(r["started"] == 1 and r["ended"] == 1 for r in hits)
@@ -360,7 +366,7 @@ def table(s: dict) -> list[str]:
         )
         out.append(
             f"{band:22s} {len(rows):6d} {sum(r['hit'] for r in rows) / len(rows):8.0%} "
-            f"{sum(r['found'] for r in rows) / len(rows):7.0%} {med:>12s} {started:10.2f} "
+            f"{sum(r['found'] for r in rows) / len(rows):7.0%} {med:>12s} {lag:>9s} {started:10.2f} "
             f"{ended:9.2f} {exact:>5d}/{len(hits):<5d} {msgs:>15s}"
         )
     w = s["quiet_series_weeks"]
@@ -379,7 +385,7 @@ def table(s: dict) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--countries", type=int, default=24)
+    parser.add_argument("--countries", type=int, default=40)
     parser.add_argument("--domains", type=int, default=3)
     parser.add_argument("--days", type=int, default=21)
     parser.add_argument("--warmup-days", type=int, default=4)
@@ -443,7 +449,11 @@ def main() -> None:
         messages, wall, runs = run_detector(args.workdir, corpus, args, config, webhook)
         with ClickHouse(db) as ch:
             s = score(ch, corpus, messages, args.tolerance_hours)
+        from ooni_pipeline.detector.assets import BlockingDetectorConfig
+
+        effective = BlockingDetectorConfig(**config)
         print()
+        print(f"== detector parameters: {effective.model_dump()} (h = {effective.cusum().h:g})")
         print(
             f"== run config {json.dumps(config) if config else '{} (defaults)'}: {runs} runs of "
             f"{args.chunk_hours} h, {wall:.0f} s; {s['events']} blocking events, {s['messages']} messages"
