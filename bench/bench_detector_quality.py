@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import statistics
@@ -115,7 +116,11 @@ def build_corpus(args: argparse.Namespace) -> Corpus:
         if band.startswith("national"):
             chosen = list(nets[cc])
         elif band.startswith("multi"):
-            chosen = sorted(rng.choice(nets[cc], size=int(rng.integers(2, min(4, n) + 1)), replace=False).tolist())
+            chosen = sorted(
+                rng.choice(
+                    nets[cc], size=int(rng.integers(2, min(4, n) + 1)), replace=False
+                ).tolist()
+            )
         else:
             chosen = [int(rng.choice(nets[cc]))]
         duration = int(rng.integers(6, 24)) if band.endswith("<24h") else int(rng.integers(24, 121))
@@ -136,7 +141,9 @@ def fastpath_rows(corpus: Corpus, args: argparse.Namespace):
         for asn in lab.networks:
             blocked[(lab.cc, asn, lab.domain)] = (lab.onset, lab.end)
     domains = DOMAINS[: args.domains]
-    cols: dict[str, list] = {k: [] for k in ("cc", "asn", "domain", "hour", "minute", "anomaly", "failure")}
+    cols: dict[str, list] = {
+        k: [] for k in ("cc", "asn", "domain", "hour", "minute", "anomaly", "failure")
+    }
     measured = 0
     for (cc, asn), rate in corpus.rates.items():
         runs = rng.poisson(rate, corpus.hours)
@@ -158,7 +165,10 @@ def fastpath_rows(corpus: Corpus, args: argparse.Namespace):
     corpus.measured_series_hours = measured
     n = len(cols["cc"])
     corpus.rows = n
-    times = [START + timedelta(hours=h, minutes=m) for h, m in zip(cols["hour"], cols["minute"], strict=True)]
+    times = [
+        START + timedelta(hours=h, minutes=m)
+        for h, m in zip(cols["hour"], cols["minute"], strict=True)
+    ]
     return pd.DataFrame(
         {
             "measurement_uid": [f"q{i:09d}" for i in range(n)],
@@ -264,7 +274,10 @@ def score(ch, corpus: Corpus, messages: list[str], tol: int) -> dict:
         "toInt64(ifNull(toUnixTimestamp(end_hour), 0) / 3600) "
         "FROM blocking_events FINAL WHERE kind = 'blocking'"
     )
-    events = [(cc, d, s, o, int(st) - base, (int(en) - base) if int(en) else None) for cc, d, s, o, st, en in events]
+    events = [
+        (cc, d, s, o, int(st) - base, (int(en) - base) if int(en) else None)
+        for cc, d, s, o, st, en in events
+    ]
     parsed = [m for m in (parse_message(t) for t in messages) if m]
     by_pair: dict[tuple[str, str], list[Label]] = {}
     for lab in corpus.labels:
@@ -281,7 +294,11 @@ def score(ch, corpus: Corpus, messages: list[str], tol: int) -> dict:
         live = [e for e in events if (e[0], e[1]) == (lab.cc, lab.domain) and e[2] != "withdrawn"]
         in_bracket = [e[4] for e in live if lab.onset - tol <= e[4] <= lab.onset + tol]
         during = [e[4] for e in live if lab.onset - tol <= e[4] <= lab.end + tol]
-        mine = [m for m in parsed if (m[1], m[2]) == (lab.cc, lab.domain) and lab.onset - tol <= m[3] <= lab.end + tol]
+        mine = [
+            m
+            for m in parsed
+            if (m[1], m[2]) == (lab.cc, lab.domain) and lab.onset - tol <= m[3] <= lab.end + tol
+        ]
         overlapping = [e for e in live if lab.onset - tol <= e[4] <= lab.end + tol]
         per_label.append(
             {
@@ -304,7 +321,9 @@ def score(ch, corpus: Corpus, messages: list[str], tol: int) -> dict:
             }
         )
     false_started = [e for e in events if e[3] == "change" and window_of(e[0], e[1], e[4]) is None]
-    false_messages = [m for m in parsed if m[0] == "started" and window_of(m[1], m[2], m[3]) is None]
+    false_messages = [
+        m for m in parsed if m[0] == "started" and window_of(m[1], m[2], m[3]) is None
+    ]
     false_initial = [e for e in events if e[3] == "initial" and window_of(e[0], e[1], e[4]) is None]
 
     # Quiet series-hours: after the warm-up, outside every label window of the pair.
@@ -389,19 +408,33 @@ def main() -> None:
     parser.add_argument("--domains", type=int, default=3)
     parser.add_argument("--days", type=int, default=21)
     parser.add_argument("--warmup-days", type=int, default=4)
-    parser.add_argument("--tail-hours", type=int, default=48, help="no label ends later than this before the end")
-    parser.add_argument("--event-share", type=float, default=0.4, help="(country, domain) pairs with a labelled block")
-    parser.add_argument("--noise", type=float, default=0.05, help="anomaly probability of a usable unblocked measurement")
-    parser.add_argument("--block-anomaly", type=float, default=0.9, help="anomaly probability when blocked")
+    parser.add_argument(
+        "--tail-hours", type=int, default=48, help="no label ends later than this before the end"
+    )
+    parser.add_argument(
+        "--event-share",
+        type=float,
+        default=0.4,
+        help="(country, domain) pairs with a labelled block",
+    )
+    parser.add_argument(
+        "--noise",
+        type=float,
+        default=0.05,
+        help="anomaly probability of a usable unblocked measurement",
+    )
+    parser.add_argument(
+        "--block-anomaly", type=float, default=0.9, help="anomaly probability when blocked"
+    )
     parser.add_argument("--failure-rate", type=float, default=0.03)
     parser.add_argument("--tolerance-hours", type=int, default=24)
     parser.add_argument("--chunk-hours", type=int, default=24)
     parser.add_argument("--seed", type=int, default=25)
-    parser.add_argument("--variant", action="append", default=[], help="run config (JSON) of the asset; repeatable")
+    parser.add_argument(
+        "--variant", action="append", default=[], help="run config (JSON) of the asset; repeatable"
+    )
     parser.add_argument("--workdir", type=Path, default=Path("bench/out/detector_quality"))
     args = parser.parse_args()
-
-    import os
 
     import pandas as pd
 
@@ -419,7 +452,10 @@ def main() -> None:
         ch.insert_df(
             "citizenlab",
             pd.DataFrame(
-                [{"domain": d, "url": f"https://{d}/", "cc": "ZZ", "category_code": "GRP"} for d in DOMAINS[: args.domains]]
+                [
+                    {"domain": d, "url": f"https://{d}/", "cc": "ZZ", "category_code": "GRP"}
+                    for d in DOMAINS[: args.domains]
+                ]
             ),
         )
         ch.insert_df("fastpath", rows)
@@ -444,7 +480,12 @@ def main() -> None:
     variants = [{}] + [json.loads(v) for v in args.variant]
     for config in variants:
         with ClickHouse(db) as ch:
-            for table_name in ("blocking_status", "blocking_events", "blocking_status_redo", "blocking_status_tmp"):
+            for table_name in (
+                "blocking_status",
+                "blocking_events",
+                "blocking_status_redo",
+                "blocking_status_tmp",
+            ):
                 ch.command(f"DROP TABLE IF EXISTS {table_name} SYNC")
         messages, wall, runs = run_detector(args.workdir, corpus, args, config, webhook)
         with ClickHouse(db) as ch:
