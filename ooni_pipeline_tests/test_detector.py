@@ -253,6 +253,31 @@ def test_clean_onset_and_recovery(ch, clickhouse, local_store_resource, watchlis
     assert ch.scalar("SELECT count() FROM blocking_status FINAL") == 80
 
 
+def test_an_ended_event_is_announced_once_while_another_is_ongoing(
+    ch, clickhouse, local_store_resource, watchlist, webhook
+) -> None:
+    """Found by bench/bench_detector_quality.py: passes after an event's end recomputed
+    its episode (from the start of another, still ongoing, event) without reading it
+    back, so it was written again unannounced and "ended" was posted by every pass."""
+    levels = hours(0, 23, OK_LEVEL) | hours(24, 47, BLOCKED_LEVEL) | hours(48, 90, OK_LEVEL)
+    insert_timeline(ch, "IR", 44244, "x.com", levels)
+    insert_timeline(ch, "TR", 9121, "t.me", hours(0, 19, OK_LEVEL) | hours(20, 90, BLOCKED_LEVEL))
+    instance = dg.DagsterInstance.ephemeral()
+    for first, last in ((0, 55), (56, 62), (63, 70), (71, 80)):
+        assert detect(clickhouse, local_store_resource, first, last, instance).success
+    assert summary(ch) == [
+        ("blocking", "TR", "t.me", "ongoing", "change", 25, None, [9121]),
+        ("blocking", "IR", "x.com", "ended", "change", 29, 59, [44244]),
+    ]
+    texts = messages(webhook)
+    assert [t.split("\n")[0].rsplit(": ", 1)[1] for t in texts] == [
+        "blocking started",
+        "blocking started",
+        "blocking ended",
+    ]
+    assert "x.com" in texts[2]
+
+
 def test_flapping_around_the_threshold_is_no_event_storm(
     ch, clickhouse, local_store_resource, watchlist, webhook
 ) -> None:

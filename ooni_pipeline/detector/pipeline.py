@@ -18,6 +18,7 @@ from ooni_pipeline.detector import sql
 from ooni_pipeline.detector.announce import pending
 from ooni_pipeline.detector.cusum import CusumParams
 from ooni_pipeline.detector.events import (
+    ONGOING,
     EventParams,
     blocking_episodes,
     reconcile,
@@ -139,7 +140,12 @@ def update_events(
         ],
         ignore_index=True,
     )
-    written = reconcile(episodes, stored, version)
+    # Episodes are grouped from `begin` so that ongoing ones keep their start, but only
+    # those reaching the hours this pass wrote can have changed; an earlier one is not
+    # in `stored`, and reconciled it would be written again, unannounced, and its end
+    # posted by every pass (bench/bench_detector_quality.py found it).
+    reaching = (episodes["end"] == ONGOING) | (episodes["end"] >= status.first_hour)
+    written = reconcile(episodes[reaching], stored, version)
     write_events(ch, written, version)
     everything = read_events(ch, sql.ALL_EVENTS_SQL, {})
     touched = set(written["probe_cc"]) if len(written) else set()
