@@ -724,3 +724,31 @@ def test_every_event_and_message_exactly_once_whatever_the_chunking(
     for sent in late_sent.values():
         assert len(sent) == len(set(sent)), sent  # each news once
         assert sent[0] != "blocking ended" or "blocking started" not in sent, sent
+
+
+@pytest.mark.clickhouse_backends("embedded")
+def test_late_rows_showing_an_initial_events_onset_announce_its_start(
+    ch, clickhouse, local_store_resource, watchlist, webhook
+) -> None:
+    """A network first measured already blocked: an ``initial`` event, no news. Its ok
+    hours before, uploaded late, show the onset after all (``change``): its start is
+    news then, as one run over all the rows announces it."""
+    insert_timeline(ch, "IT", 9, "filler.example", hours(0, 60, 0))
+    timeline = hours(0, 19, OK_LEVEL) | hours(20, 35, BLOCKED_LEVEL) | hours(36, 60, OK_LEVEL)
+    insert_timeline(ch, "IR", 1, "x.com", timeline)
+    assert detect(clickhouse, local_store_resource, 0, 60).success
+    one = summary(ch), [m.split("\n")[0].rsplit(": ", 1)[1] for m in messages(webhook)]
+    assert one[1] == ["blocking started", "blocking ended"]
+    webhook.posts.clear()
+    _fresh_detector(ch)
+    ch.command(
+        "ALTER TABLE fastpath DELETE WHERE probe_cc = 'IR' AND measurement_start_time < {t:DateTime}",
+        {"t": at(20)},
+    )
+    assert detect(clickhouse, local_store_resource, 0, 30).success
+    assert [(e["onset"], e["announced"]) for e in events(ch)] == [("initial", "")]
+    insert_timeline(ch, "IR", 1, "x.com", hours(0, 19, OK_LEVEL))
+    assert detect(clickhouse, local_store_resource, 0, 23).success  # the sensor's day
+    assert detect(clickhouse, local_store_resource, 31, 60).success
+    late = summary(ch), [m.split("\n")[0].rsplit(": ", 1)[1] for m in messages(webhook)]
+    assert late == one

@@ -74,6 +74,9 @@ def pending(events: list[dict], last_hour: int, params: EventParams) -> list[Ann
         if status == "ended":
             text = message(event) if event["end"] >= oldest_news else None
             out.append((event["end"], 1, Announcement(event_id, "ended", text)))
-        elif not started_news:
+        elif not started_news and event["onset"] == "change":
+            # announced "ended" or "withdrawn" before, open again: recorded, no news.
+            # An ``initial`` one stays unrecorded: should late rows show its onset
+            # after all (``change``), its start is news then.
             out.append((event["start"], 0, Announcement(event_id, "ongoing", None)))
     return [a for _, _, a in sorted(out, key=lambda item: (item[0], item[1], item[2].event_id))]

@@ -18,7 +18,6 @@ from ooni_pipeline.detector import sql
 from ooni_pipeline.detector.announce import pending
 from ooni_pipeline.detector.cusum import CusumParams
 from ooni_pipeline.detector.events import (
-    ONGOING,
     EventParams,
     blocking_episodes,
     reconcile,
@@ -140,12 +139,10 @@ def update_events(
         ],
         ignore_index=True,
     )
-    # Episodes are grouped from `begin` so that ongoing ones keep their start, but only
-    # those reaching the hours this pass wrote can have changed; an earlier one is not
-    # in `stored`, and reconciled it would be written again, unannounced, and its end
-    # posted by every pass (bench/bench_detector_quality.py found it).
-    reaching = (episodes["end"] == ONGOING) | (episodes["end"] >= status.first_hour)
-    written = reconcile(episodes[reaching], stored, version)
+    # Every stored event overlapping [begin, last] is in `stored` (``look_back``): an
+    # episode that ended before the pass's first hour is matched to its own event, not
+    # written again (bench/bench_detector_quality.py and the chunking test found that).
+    written = reconcile(episodes, stored, version)
     write_events(ch, written, version)
     everything = read_events(ch, sql.ALL_EVENTS_SQL, {})
     touched = set(written["probe_cc"]) if len(written) else set()
@@ -161,7 +158,7 @@ def look_back(ch: ClickHouse, first_hour: int) -> tuple[int, pd.DataFrame]:
     the new ``begin``, until none straddles it: no episode is cut at ``begin`` (a cut
     one would come back as a new event starting there), and every stored event
     overlapping the regrouped hours is read (one missing would be created again
-    under a new id, its news sent again). Bounded: status rows are kept 10 days."""
+    under a new id, its news sent again). Bounded only by the oldest open event."""
     begin = first_hour
     while True:
         stored = read_events(ch, sql.EVENTS_FROM_SQL, {"start": hour_text(begin)})
