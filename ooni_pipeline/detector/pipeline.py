@@ -85,9 +85,7 @@ def detect(
     feeds += write_watchlist_feeds(store, by_consumer, version)
     if failures:
         raise failures[0]
-    return Detection(
-        status, outcome["written"], outcome["all"], posted, feeds, consumer_posted
-    )
+    return Detection(status, outcome["written"], outcome["all"], posted, feeds, consumer_posted)
 
 
 _EVENT_TYPES = {

@@ -75,9 +75,7 @@ def post_alert(
             f"posting the alert to {variable} failed: {type(exc).__name__}"
         ) from None
     if response.status_code >= 300:
-        raise RuntimeError(
-            f"posting the alert to {variable} failed: HTTP {response.status_code}"
-        )
+        raise RuntimeError(f"posting the alert to {variable} failed: HTTP {response.status_code}")
 
 
 def reason_not_to_alert(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str | None:
