@@ -546,9 +546,10 @@ def test_each_consumer_gets_its_events_in_its_feed_and_at_its_webhook(
 def test_a_failing_consumer_webhook_blocks_no_one_and_is_sent_again(
     ch, clickhouse, local_store_resource, watchlist, webhook, tmp_path, monkeypatch
 ) -> None:
-    """dw's webhook fails: the operator and bbc get their message once, dw's feed is
-    written, the run fails naming dw's variable (never its URL); the next run sends
-    dw its message and nothing again to the others."""
+    """dw's webhook fails and rsf's variable holds no URL: the operator and bbc get
+    their message once, dw's feed is written, the run fails naming dw's and rsf's
+    variables (never their values); the next run sends dw and rsf their message and
+    nothing again to the others."""
     from ooni_pipeline_tests.rig import UpstreamServer
 
     down = UpstreamServer()
@@ -556,11 +557,14 @@ def test_a_failing_consumer_webhook_blocks_no_one_and_is_sent_again(
         hook = _watchlist_file(
             tmp_path,
             monkeypatch,
+            # dw first: its failure must not keep bbc's message back
+            "  dw: {domains: [x.com], webhook_env: DW_WEBHOOK_URL}\n"
             "  bbc: {domains: [x.com], webhook_env: BBC_WEBHOOK_URL}\n"
-            "  dw: {domains: [x.com], webhook_env: DW_WEBHOOK_URL}\n",
+            "  rsf: {domains: [x.com], webhook_env: RSF_WEBHOOK_URL}\n",
             webhook,
             down,
         )
+        monkeypatch.setenv("RSF_WEBHOOK_URL", "xoxb-secret-token")  # no URL
         down.post_status = 500
         insert_timeline(ch, "IR", 7, "x.com", hours(0, 23, OK_LEVEL) | hours(24, 40, BLOCKED_LEVEL))
         failed = detect(clickhouse, local_store_resource, 0, 40)
@@ -568,17 +572,20 @@ def test_a_failing_consumer_webhook_blocks_no_one_and_is_sent_again(
         text = failure_text(failed)
         assert "consumer dw" in text and "DW_WEBHOOK_URL" in text and "HTTP 500" in text
         assert down.base_url not in text and "dw-hook" not in text
+        assert "consumer rsf" in text and "RSF_WEBHOOK_URL is not an http(s) URL" in text
+        assert "xoxb" not in text
         assert len(messages(webhook)) == 1 and len(messages(webhook, hook["bbc"])) == 1
         assert len(messages(down, hook["dw"])) == 1  # the failed POST
         store = local_store_resource.get_store()
         assert len(parse_feed(store, "feeds/watchlists/dw.atom").entries) == 1
 
         down.post_status = 200
+        monkeypatch.setenv("RSF_WEBHOOK_URL", down.url(hook["rsf"]))
         assert detect(clickhouse, local_store_resource, 40, 40).success
-        assert len(messages(down, hook["dw"])) == 2
+        assert len(messages(down, hook["dw"])) == 2 and len(messages(down, hook["rsf"])) == 1
         assert len(messages(webhook)) == 1 and len(messages(webhook, hook["bbc"])) == 1
         assert detect(clickhouse, local_store_resource, 40, 40).success
-        assert len(down.posts) == 2 and len(webhook.posts) == 2
+        assert len(down.posts) == 3 and len(webhook.posts) == 2
     finally:
         down.close()
 

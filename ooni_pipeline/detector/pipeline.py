@@ -62,7 +62,8 @@ def detect(
     messages and feeds. Tables must exist.
 
     Each webhook is tried whatever became of the others, and the feeds are written;
-    then the first failure to post fails the run (the next run sends what is left)."""
+    then a failure to post fails the run, naming every webhook that failed (the next
+    run sends what is left)."""
     consumers = consumers or {}
     status = run_status(ch, first, last, domains, cusum, version)
     log(
@@ -83,8 +84,10 @@ def detect(
     failures += consumer_failures
     feeds = write_feeds(store, outcome["all"], outcome["touched"], version)
     feeds += write_watchlist_feeds(store, by_consumer, version)
-    if failures:
+    if len(failures) == 1:
         raise failures[0]
+    if failures:
+        raise RuntimeError("; ".join(str(f) for f in failures))
     return Detection(status, outcome["written"], outcome["all"], posted, feeds, consumer_posted)
 
 
