@@ -548,8 +548,9 @@ def test_a_failing_consumer_webhook_blocks_no_one_and_is_sent_again(
 ) -> None:
     """dw's webhook fails and rsf's variable holds no URL: the operator and bbc get
     their message once, dw's feed is written, the run fails naming dw's and rsf's
-    variables (never their values); the next run sends dw and rsf their message and
-    nothing again to the others."""
+    variables (never their values); cpj's variable is not set yet, so its message
+    waits. The next run sends dw, rsf and cpj their message and nothing again to the
+    others."""
     from ooni_pipeline_tests.rig import UpstreamServer
 
     down = UpstreamServer()
@@ -560,11 +561,13 @@ def test_a_failing_consumer_webhook_blocks_no_one_and_is_sent_again(
             # dw first: its failure must not keep bbc's message back
             "  dw: {domains: [x.com], webhook_env: DW_WEBHOOK_URL}\n"
             "  bbc: {domains: [x.com], webhook_env: BBC_WEBHOOK_URL}\n"
-            "  rsf: {domains: [x.com], webhook_env: RSF_WEBHOOK_URL}\n",
+            "  rsf: {domains: [x.com], webhook_env: RSF_WEBHOOK_URL}\n"
+            "  cpj: {domains: [x.com], webhook_env: CPJ_WEBHOOK_URL}\n",
             webhook,
             down,
         )
         monkeypatch.setenv("RSF_WEBHOOK_URL", "xoxb-secret-token")  # no URL
+        monkeypatch.delenv("CPJ_WEBHOOK_URL", raising=False)  # not set yet: cpj's wait
         down.post_status = 500
         insert_timeline(ch, "IR", 7, "x.com", hours(0, 23, OK_LEVEL) | hours(24, 40, BLOCKED_LEVEL))
         failed = detect(clickhouse, local_store_resource, 0, 40)
@@ -581,11 +584,13 @@ def test_a_failing_consumer_webhook_blocks_no_one_and_is_sent_again(
 
         down.post_status = 200
         monkeypatch.setenv("RSF_WEBHOOK_URL", down.url(hook["rsf"]))
+        monkeypatch.setenv("CPJ_WEBHOOK_URL", down.url("/cpj-hook"))
         assert detect(clickhouse, local_store_resource, 40, 40).success
         assert len(messages(down, hook["dw"])) == 2 and len(messages(down, hook["rsf"])) == 1
+        assert len(messages(down, "/cpj-hook")) == 1
         assert len(messages(webhook)) == 1 and len(messages(webhook, hook["bbc"])) == 1
         assert detect(clickhouse, local_store_resource, 40, 40).success
-        assert len(down.posts) == 3 and len(webhook.posts) == 2
+        assert len(down.posts) == 4 and len(webhook.posts) == 2
     finally:
         down.close()
 
