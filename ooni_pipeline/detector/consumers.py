@@ -102,10 +102,7 @@ def announce_to_consumers(
             if item.text is not None:
                 try:
                     if not url.startswith(("https://", "http://")):
-                        raise RuntimeError(
-                            f"the webhook of consumer {name}: {consumer.webhook_env} "
-                            "is not an http(s) URL"
-                        )
+                        raise RuntimeError(f"{consumer.webhook_env} is not an http(s) URL")
                     post_alert(url, item.text, variable=consumer.webhook_env)
                 except RuntimeError as exc:
                     failures.append(RuntimeError(f"consumer {name}: {exc}"))
