@@ -852,6 +852,7 @@ def test_a_cluster_receives_owned_tables_on_cluster_and_keeps_scratch_local(
             ),
         )
         ensure_tables(node, "blocking_status", "blocking_events", "blocking_status_redo")
+        ensure_tables(node, "blocking_consumer_announced")
         ensure_tables(node, "blocking_status_tmp")
         with exclusive(node, "cluster_probe", "run-1", owner_alive=lambda other: None):
             pass
@@ -866,14 +867,16 @@ def test_a_cluster_receives_owned_tables_on_cluster_and_keeps_scratch_local(
         "blocking_status",
         "blocking_events",
         "blocking_status_redo",
+        "blocking_consumer_announced",
     )
     for table in owned:
         assert "ON CLUSTER `oonidata_cluster`" in created[table], created[table]
-    for table in ("asnmeta", "blocking_status", "blocking_events", "blocking_status_redo"):
-        assert "ENGINE = Replicated" in created[table]
+    for table in owned:
+        if table != "fingerprints_dns":
+            assert "ENGINE = Replicated" in created[table]
     assert "ENGINE = EmbeddedRocksDB" in created["fingerprints_dns"]  # never replicated
     paths = re.findall(r"'(/clickhouse/[^']+)'", " ".join(created.values()))
-    assert len(paths) == 4 and len(set(paths)) == 4, paths  # no Keeper path shared
+    assert len(paths) == 5 and len(set(paths)) == 5, paths  # no Keeper path shared
     local = ("asnmeta_tmp", "fingerprints_dns_tmp", "blocking_status_tmp", "_lock_cluster_probe")
     for table in local:
         assert "ON CLUSTER" not in created[table] and "Replicated" not in created[table]

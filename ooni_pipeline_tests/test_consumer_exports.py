@@ -28,7 +28,13 @@ from ooni_pipeline.exports.consumer_schedules import (
 )
 from ooni_pipeline.exports.daily_consumers import build_daily_consumer_exports
 from ooni_pipeline.exports.manifest import MANIFEST_KEY, load_exports_manifest
-from ooni_pipeline.exports.watchlist_file import WatchlistError, load_watchlists, normalize_domain
+from ooni_pipeline.exports.watchlist_file import (
+    Consumer,
+    WatchlistError,
+    load_consumers,
+    load_watchlists,
+    normalize_domain,
+)
 from ooni_pipeline.exports.website_metrics import object_key as wm_key
 from ooni_pipeline.exports.website_metrics import website_metrics
 from ooni_pipeline.exports.website_metrics_sql import CATEGORIES, CSV_COLUMNS
@@ -102,6 +108,25 @@ def test_watchlist_file_normalizes_domains(tmp_path: Path) -> None:
     }
 
 
+def test_a_consumer_is_a_list_or_a_mapping_with_its_webhook_variable(tmp_path: Path) -> None:
+    """The list form of earlier files still loads; the mapping form adds webhook_env."""
+    path = tmp_path / "w.yaml"
+    path.write_text(
+        WATCHLIST
+        + "  rsf:\n    domains: [Bücher.de, rsf.org]\n    webhook_env: RSF_WEBHOOK_URL\n"
+        + "  cpj:\n    domains: [cpj.org]\n",
+        encoding="utf-8",
+    )
+    assert load_consumers(path) == {
+        "bbc": Consumer(("bbc.com", "bbc.co.uk")),
+        "dw": Consumer(("dw.com",)),
+        "quiet": Consumer(("nowhere.example",)),
+        "rsf": Consumer(("xn--bcher-kva.de", "rsf.org"), "RSF_WEBHOOK_URL"),
+        "cpj": Consumer(("cpj.org",)),
+    }
+    assert load_watchlists(path)["rsf"] == ("xn--bcher-kva.de", "rsf.org")
+
+
 @pytest.mark.parametrize(
     ("text", "line", "message"),
     [
@@ -115,6 +140,40 @@ def test_watchlist_file_normalizes_domains(tmp_path: Path) -> None:
         ("consumers:\n  bbc: []\n", 2, "expected a non-empty list"),
         ("consumers: [bbc.com]\n", 1, "must map each consumer"),
         ("consumers:\n  bbc: [bbc.com\n", 3, "not valid YAML"),
+        # The mapping form: its keys, its domains and its webhook variable.
+        ("consumers:\n  bbc:\n    domain: [bbc.com]\n", 3, "unknown key 'domain'"),
+        ("consumers:\n  bbc:\n    webhook_env: BBC_URL\n", 3, "'domains' is missing"),
+        ("consumers:\n  bbc:\n    domains: ['<b>x']\n", 3, "'<b>x' is not a domain name"),
+        (
+            "consumers:\n  bbc:\n    domains: [bbc.com]\n    webhook_env: https://hooks.x/T0\n",
+            4,
+            "is not the name of an environment variable",
+        ),
+        (
+            "consumers:\n  bbc:\n    domains: [bbc.com]\n    webhook_env: bbc_url\n",
+            4,
+            "is not the name of an environment variable",
+        ),
+        (
+            "consumers:\n  bbc:\n    domains: [bbc.com]\n    webhook_env: [A]\n",
+            4,
+            "a non-scalar is not the name",
+        ),
+        (
+            "consumers:\n  bbc:\n    domains: [bbc.com]\n\n    webhook_env: OONI_CLICKHOUSE_URL\n",
+            5,
+            "one of the project's own variables",
+        ),
+        (
+            "consumers:\n  bbc:\n    domains: [bbc.com]\n    webhook_env: AWS_SECRET_ACCESS_KEY\n",
+            4,
+            "one of the project's own variables",
+        ),
+        (
+            "consumers:\n  bbc:\n    domains: [bbc.com]\n    domains: [dw.com]\n",
+            4,
+            "duplicate key 'domains'",
+        ),
     ],
 )
 def test_a_wrong_watchlist_file_fails_the_load_with_file_and_line(

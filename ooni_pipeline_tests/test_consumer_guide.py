@@ -32,7 +32,12 @@ import pandas as pd
 import pytest
 
 from ooni_pipeline.clickhouse import ClickHouseResource, quote_identifier
-from ooni_pipeline.detector.feeds import GLOBAL_KEY, build_feed
+from ooni_pipeline.detector.feeds import (
+    GLOBAL_KEY,
+    build_feed,
+    build_watchlist_feed,
+    watchlist_feed_key,
+)
 from ooni_pipeline.exports import aggregates, parquet, watchlists
 from ooni_pipeline.exports.daily_consumers import build_daily_consumer_exports
 from ooni_pipeline.exports.manifest import MANIFEST_KEY
@@ -183,8 +188,10 @@ def published(chdb_path: Path, moto_endpoint: str) -> Published:
     monthly = [aggregates.website_metrics_monthly, aggregates.website_metrics_monthly_check]
     _run_assets(monthly, [aggregates.MONTHLY_KEY], resources, "2024-03")
     empty = pd.DataFrame(columns=["status", "probe_cc", "updated", "event_id"])
+    generated = datetime(2024, 3, 11, tzinfo=timezone.utc)
+    store_resource.get_store().put_bytes(GLOBAL_KEY, build_feed(empty, None, generated))
     store_resource.get_store().put_bytes(
-        GLOBAL_KEY, build_feed(empty, None, datetime(2024, 3, 11, tzinfo=timezone.utc))
+        watchlist_feed_key("bbc"), build_watchlist_feed(empty, "bbc", generated)
     )
     return Published(bucket, f"{moto_endpoint}/{bucket}", moto_endpoint, client)
 
@@ -299,6 +306,7 @@ def test_the_consumer_guide_runs_against_the_public_bucket(public: Published, tm
         f"website_metrics_daily_{day}.csv.gz": aggregates.daily_key(day),
         "website_metrics_monthly_2024-03.csv.gz": aggregates.monthly_key("2024-03"),
         "blocking_global.atom": GLOBAL_KEY,
+        "watchlist_bbc.atom": watchlist_feed_key("bbc"),
         **{f"ooni/{parquet.parquet_key(d)}": parquet.parquet_key(d) for d in DAYS},
     }
     for local, key in downloaded.items():

@@ -152,8 +152,8 @@ def summary(ch: ClickHouse) -> list[tuple]:
     ]
 
 
-def messages(server) -> list[str]:
-    return [json.loads(body)["text"] for path, body in server.posts if path == "/hook"]
+def messages(server, hook: str = "/hook") -> list[str]:
+    return [json.loads(body)["text"] for path, body in server.posts if path == hook]
 
 
 def status_of(ch: ClickHouse, cc: str, asn: int, domain: str) -> list[tuple]:
@@ -402,23 +402,223 @@ def test_late_upload_corrects_the_event_without_duplicating_it(
     assert parse_feed(store, "feeds/blocking/IR.atom").entries == []
 
 
-def test_hostile_names_stay_text(ch, clickhouse, local_store_resource, watchlist, webhook) -> None:
-    """A watched domain with markup and controls: valid Atom, literal in chat; a
-    malformed country code gets no series and no feed."""
-    domain = "<b>&x</b>\x01`@here`.com"
+def test_hostile_names_stay_text(
+    ch, clickhouse, local_store_resource, watchlist, webhook, tmp_path, monkeypatch
+) -> None:
+    """A test list's domain with markup and controls, under a consumer's domain: valid
+    Atom in the country's and the consumer's feeds, literal in the operator's and the
+    consumer's chat; a malformed country code gets no series and no feed."""
+    domain = "<b>&x</b>\x01`@here`.bbc.com"
+    _citizenlab(ch, domain)
+    hook = _watchlist_file(
+        tmp_path,
+        monkeypatch,
+        "  bbc: {domains: [bbc.com], webhook_env: BBC_WEBHOOK_URL}\n",
+        webhook,
+    )
     insert_timeline(ch, "IR", 5, domain, hours(0, 23, OK_LEVEL) | hours(24, 40, BLOCKED_LEVEL))
     insert_timeline(ch, "../", 6, "x.com", hours(0, 40, BLOCKED_LEVEL))
-    config = {"extra_domains": [domain]}
-    assert detect(clickhouse, local_store_resource, 0, 40, config=config).success
-    assert [(e["probe_cc"], e["domain"]) for e in events(ch)] == [("IR", domain.lower())]
-    text = messages(webhook)[0]
-    assert "<b>" not in text and "&lt;b&gt;" in text and "```" in text
-    feed = parse_feed(local_store_resource.get_store(), "feeds/blocking/IR.atom")
-    assert "&x" in feed.entries[0].title
-    assert local_store_resource.get_store().list_keys("feeds/blocking/") == [
+    assert detect(clickhouse, local_store_resource, 0, 40).success
+    assert [(e["probe_cc"], e["domain"]) for e in events(ch)] == [("IR", domain)]
+    store = local_store_resource.get_store()
+    for text in (messages(webhook)[0], messages(webhook, hook["bbc"])[0]):
+        assert "<b>" not in text and "&lt;b&gt;" in text and "```" in text
+        assert "\x01" not in text.split("```")[0]
+    for key in ("feeds/blocking/IR.atom", "feeds/watchlists/bbc.atom"):
+        feed = parse_feed(store, key)
+        assert feed.entries[0].title.startswith("<b>&x</b>")
+        assert "\x01" not in feed.entries[0].title
+    assert store.list_keys("feeds/blocking/") == [
         "feeds/blocking/IR.atom",
         "feeds/blocking/global.atom",
     ]
+
+
+def test_an_extra_domain_that_is_no_domain_fails_the_run_naming_it(
+    ch, clickhouse, local_store_resource, watchlist, webhook
+) -> None:
+    """extra_domains are validated as the watchlist file's domains: a value with markup
+    fails the run before anything is written, naming its place in the run config and
+    showing an excerpt; a valid one is watched in every spelling (IDNA, Unicode)."""
+    insert_timeline(ch, "IR", 7, "bücher.de", hours(0, 23, OK_LEVEL) | hours(24, 40, BLOCKED_LEVEL))
+    bad = "<script>" + "x" * 200 + ".com"
+    failed = detect(
+        clickhouse, local_store_resource, 0, 40, config={"extra_domains": ["Bücher.de", bad]}
+    )
+    assert not failed.success
+    text = failure_text(failed)
+    assert "ops.blocking_detector.config.extra_domains[1]: '<script>xxx" in text
+    assert "is not a domain name" in text and "x" * 100 not in text
+    assert ch.scalar("SELECT count() FROM blocking_status") == 0
+    assert local_store_resource.get_store().list_keys("feeds/") == []
+    assert messages(webhook) == []
+
+    result = detect(
+        clickhouse, local_store_resource, 0, 40, config={"extra_domains": ["Bücher.de"]}
+    )
+    assert result.success
+    assert summary(ch) == [("blocking", "IR", "bücher.de", "ongoing", "change", 29, None, [7])]
+
+
+def _citizenlab(ch: ClickHouse, *domains: str) -> None:
+    ch.insert_df(
+        "citizenlab",
+        pd.DataFrame(
+            [
+                {"domain": d, "url": f"https://{d}/", "cc": "ZZ", "category_code": "GRP"}
+                for d in domains
+            ]
+        ),
+    )
+
+
+def _watchlist_file(tmp_path, monkeypatch, consumers: str, *servers) -> dict[str, str]:
+    """Writes the watchlist file (``consumers``: its lines under ``consumers:``) and sets
+    each consumer's webhook variable, ``<NAME>_WEBHOOK_URL``, to a path of the first
+    server (or of the server given for it): consumer -> its path."""
+    path = tmp_path / "watchlists.yaml"
+    path.write_text("consumers:\n" + consumers, encoding="utf-8")
+    monkeypatch.setenv("OONI_WATCHLISTS", str(path))
+    paths = {}
+    for i, name in enumerate(("bbc", "dw", "rsf")):
+        server = servers[min(i, len(servers) - 1)]
+        paths[name] = f"/{name}-hook"
+        monkeypatch.setenv(f"{name.upper()}_WEBHOOK_URL", server.url(paths[name]))
+    return paths
+
+
+def test_each_consumer_gets_its_events_in_its_feed_and_at_its_webhook(
+    ch, clickhouse, local_store_resource, watchlist, webhook, tmp_path, monkeypatch
+) -> None:
+    """Consumers of the watchlist file: their domains are watched (bbc.com, a Unicode
+    spelling of rsf's bücher.de), and each gets the events of its domains and their
+    subdomains (news.bbc.com, from the test list), never of lookalikes (notbbc.com),
+    starts and ends, in its feed, and at its webhook if it names one (dw: feed only)."""
+    _citizenlab(ch, "news.bbc.com", "notbbc.com")
+    hook = _watchlist_file(
+        tmp_path,
+        monkeypatch,
+        "  bbc:\n    domains: [BBC.com]\n    webhook_env: BBC_WEBHOOK_URL\n"
+        "  dw: [dw.com]\n"
+        "  rsf: {domains: [xn--bcher-kva.de], webhook_env: RSF_WEBHOOK_URL}\n",
+        webhook,
+    )
+    blocked = hours(0, 23, OK_LEVEL) | hours(24, 47, BLOCKED_LEVEL) | hours(48, 79, OK_LEVEL)
+    for asn, domain in enumerate(("x.com", "bbc.com", "news.bbc.com", "notbbc.com", "bücher.de")):
+        insert_timeline(ch, "IR", 100 + asn, domain, blocked)
+    insert_timeline(ch, "IR", 200, "dw.com", hours(0, 79, OK_LEVEL))
+    instance = dg.DagsterInstance.ephemeral()
+    store = local_store_resource.get_store()
+
+    result = detect(clickhouse, local_store_resource, 0, 35, instance)
+    assert result.success
+    assert {e["domain"] for e in events(ch)} == {
+        "x.com",
+        "bbc.com",
+        "news.bbc.com",
+        "notbbc.com",
+        "bücher.de",
+    }
+    assert len(messages(webhook)) == 5  # the operator: every event
+
+    def told(consumer: str) -> list[str]:
+        return sorted(
+            m.split("```")[1].strip().split(".")[0] for m in messages(webhook, hook[consumer])
+        )
+
+    assert told("bbc") == ["bbc", "news"]  # "bbc.com blocked in IR", "news.bbc.com ..."
+    assert all("blocking started" in m for m in messages(webhook, hook["bbc"]))
+    assert [m.split("```")[1].strip().split(" ")[0] for m in messages(webhook, hook["rsf"])] == [
+        "bücher.de"
+    ]
+    assert messages(webhook, hook["dw"]) == []
+    bbc_ids = {event_id("blocking", "IR", d, H0 + 29) for d in ("bbc.com", "news.bbc.com")}
+    feed = parse_feed(store, "feeds/watchlists/bbc.atom")
+    assert {e.id.rsplit(":", 1)[-1] for e in feed.entries} == bbc_ids
+    assert feed.feed.id == "tag:ooni.org,2024:feeds/watchlists/bbc"
+    assert parse_feed(store, "feeds/watchlists/dw.atom").entries == []
+    metadata = [
+        m.metadata
+        for m in result.asset_materializations_for_node("blocking_detector")
+        if m.asset_key == dg.AssetKey("blocking_events")
+    ][-1]  # one per hour, the same
+    assert metadata["consumer_messages_posted"].value == {"bbc": 2, "rsf": 1}
+    assert "feeds/watchlists/dw.atom" in metadata["feeds_written"].value
+    assert webhook.base_url not in json.dumps({k: str(v) for k, v in metadata.items()})
+
+    assert detect(clickhouse, local_store_resource, 36, 79, instance).success
+    ended = messages(webhook, hook["bbc"])[2:]
+    assert len(ended) == 2 and all("blocking ended" in m for m in ended)
+    assert len(messages(webhook, hook["rsf"])) == 2 and len(messages(webhook)) == 10
+    # The end is an entry of its own: a reader showing only new entries learns it.
+    entries = parse_feed(store, "feeds/watchlists/bbc.atom").entries
+    assert sorted(e.id.split("blocking-event:")[1] for e in entries) == sorted(
+        [*bbc_ids, *(f"{i}:ended" for i in bbc_ids)]
+    )
+    titles = {e.title for e in entries}
+    assert titles == {
+        "bbc.com blocked in IR",
+        "news.bbc.com blocked in IR",
+        "bbc.com reachable again in IR",
+        "news.bbc.com reachable again in IR",
+    }
+    assert entries[0].title.endswith("reachable again in IR")  # the latest first
+
+    # A rerun of hours already detected sends nothing to anyone.
+    assert detect(clickhouse, local_store_resource, 50, 52, instance).success
+    assert len(webhook.posts) == 10 + 4 + 2
+
+
+def test_a_failing_consumer_webhook_blocks_no_one_and_is_sent_again(
+    ch, clickhouse, local_store_resource, watchlist, webhook, tmp_path, monkeypatch
+) -> None:
+    """dw's webhook fails and rsf's variable holds no URL: the operator and bbc get
+    their message once, dw's feed is written, the run fails naming dw's and rsf's
+    variables (never their values); cpj's variable is not set yet, so its message
+    waits. The next run sends dw, rsf and cpj their message and nothing again to the
+    others."""
+    from ooni_pipeline_tests.rig import UpstreamServer
+
+    down = UpstreamServer()
+    try:
+        hook = _watchlist_file(
+            tmp_path,
+            monkeypatch,
+            # dw first: its failure must not keep bbc's message back
+            "  dw: {domains: [x.com], webhook_env: DW_WEBHOOK_URL}\n"
+            "  bbc: {domains: [x.com], webhook_env: BBC_WEBHOOK_URL}\n"
+            "  rsf: {domains: [x.com], webhook_env: RSF_WEBHOOK_URL}\n"
+            "  cpj: {domains: [x.com], webhook_env: CPJ_WEBHOOK_URL}\n",
+            webhook,
+            down,
+        )
+        monkeypatch.setenv("RSF_WEBHOOK_URL", "xoxb-secret-token")  # no URL
+        monkeypatch.delenv("CPJ_WEBHOOK_URL", raising=False)  # not set yet: cpj's wait
+        down.post_status = 500
+        insert_timeline(ch, "IR", 7, "x.com", hours(0, 23, OK_LEVEL) | hours(24, 40, BLOCKED_LEVEL))
+        failed = detect(clickhouse, local_store_resource, 0, 40)
+        assert not failed.success
+        text = failure_text(failed)
+        assert "consumer dw" in text and "DW_WEBHOOK_URL" in text and "HTTP 500" in text
+        assert down.base_url not in text and "dw-hook" not in text
+        assert "consumer rsf" in text and "RSF_WEBHOOK_URL is not an http(s) URL" in text
+        assert "xoxb" not in text
+        assert len(messages(webhook)) == 1 and len(messages(webhook, hook["bbc"])) == 1
+        assert len(messages(down, hook["dw"])) == 1  # the failed POST
+        store = local_store_resource.get_store()
+        assert len(parse_feed(store, "feeds/watchlists/dw.atom").entries) == 1
+
+        down.post_status = 200
+        monkeypatch.setenv("RSF_WEBHOOK_URL", down.url(hook["rsf"]))
+        monkeypatch.setenv("CPJ_WEBHOOK_URL", down.url("/cpj-hook"))
+        assert detect(clickhouse, local_store_resource, 40, 40).success
+        assert len(messages(down, hook["dw"])) == 2 and len(messages(down, hook["rsf"])) == 1
+        assert len(messages(down, "/cpj-hook")) == 1
+        assert len(messages(webhook)) == 1 and len(messages(webhook, hook["bbc"])) == 1
+        assert detect(clickhouse, local_store_resource, 40, 40).success
+        assert len(down.posts) == 4 and len(webhook.posts) == 2
+    finally:
+        down.close()
 
 
 def test_webhook_failure_fails_the_run_and_is_sent_again(

@@ -175,6 +175,15 @@ _TABLES: dict[str, TableDef] = {
     "blocking_events": TableDef(
         BLOCKING_EVENTS_COLUMNS, "ReplacingMergeTree", "version", "ORDER BY event_id"
     ),
+    # What each consumer of the watchlist file was told about each event (as
+    # blocking_events.announced for the operator): one row per (consumer, event).
+    "blocking_consumer_announced": TableDef(
+        "consumer LowCardinality(String), event_id String, announced LowCardinality(String), "
+        "version DateTime64(3, 'UTC')",
+        "ReplacingMergeTree",
+        "version",
+        "ORDER BY (consumer, event_id)",
+    ),
     # The hours of a detector pass whose swap into blocking_status began and did not
     # end (see detector.status.replace_partitions): the next pass computes them again.
     "blocking_status_redo": TableDef(
@@ -188,7 +197,9 @@ _TABLES: dict[str, TableDef] = {
 # The project's own derived tables: created by the asset that writes them, on a server
 # too (nothing else writes them, and they start empty by design); on a cluster
 # ``ON CLUSTER`` with a ``Replicated*`` engine.
-DERIVED_TABLES = frozenset({"blocking_status", "blocking_events", "blocking_status_redo"})
+DERIVED_TABLES = frozenset(
+    {"blocking_status", "blocking_events", "blocking_status_redo", "blocking_consumer_announced"}
+)
 # Tables an updater fills: created by that updater where missing, with OONI's DDL.
 UPDATER_TABLES = frozenset({"citizenlab", "fingerprints_dns", "fingerprints_http", "asnmeta"})
 

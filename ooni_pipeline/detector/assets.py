@@ -20,9 +20,12 @@ from ooni_pipeline.common import (
     one_run_at_a_time,
 )
 from ooni_pipeline.detector import sql
+from ooni_pipeline.exports.watchlist_file import normalize_domain
+from ooni_pipeline.exports.watchlists import consumers_from_env, spellings
 from ooni_pipeline.fastpath.assets import FASTPATH_KEY
 from ooni_pipeline.object_store import ObjectStoreResource
 from ooni_pipeline.test_lists.assets import CITIZENLAB_KEY
+from ooni_pipeline.untrusted import excerpt
 
 # The detector's engine (numpy, pandas) is imported when it runs: every run of any job
 # loads this module, and pandas alone costs it a fifth of a second.
@@ -32,6 +35,7 @@ if TYPE_CHECKING:
     from ooni_pipeline.detector.cusum import CusumParams
     from ooni_pipeline.detector.events import EventParams
     from ooni_pipeline.detector.status import StatusRun
+    from ooni_pipeline.exports.watchlist_file import Consumer
 
 BLOCKING_STATUS_KEY = dg.AssetKey("blocking_status")
 BLOCKING_EVENTS_KEY = dg.AssetKey("blocking_events")
@@ -53,7 +57,8 @@ REDETECT_WHEN_SOURCE_CHANGED = (
 class BlockingDetectorConfig(dg.Config):
     extra_domains: list[str] = Field(
         default_factory=list,
-        description="domains watched besides the test lists' global social-networking ones",
+        description="domains watched besides the test lists' global social-networking ones "
+        "and the watchlist file's",
     )
     categories: list[str] = Field(
         default_factory=lambda: list(DEFAULT_CATEGORIES),
@@ -99,15 +104,38 @@ class BlockingDetectorConfig(dg.Config):
         )
 
 
-def watchlist(ch: ClickHouse, config: BlockingDetectorConfig) -> list[str]:
+def watchlist(
+    ch: ClickHouse, config: BlockingDetectorConfig, consumers: "dict[str, Consumer]"
+) -> list[str]:
     """The watched domains: the global test list's rows of the configured categories
-    (OONI's detector: ``GRP``), plus ``extra_domains``."""
+    (OONI's detector: ``GRP``), plus ``extra_domains`` and the domains of the watchlist
+    file's consumers, these two in every spelling a probe may send (``spellings``)."""
     rows = ch.query_rows(
         sql.WATCHLIST_SQL, {"categories": list(config.categories), "cc": GLOBAL_LIST_CC}
     )
     domains = {str(domain) for (domain,) in rows}
-    domains |= {d.strip().lower() for d in config.extra_domains if d.strip()}
+    for domain in extra_domains(config.extra_domains):
+        domains.update(spellings(domain))
+    for consumer in consumers.values():
+        for domain in consumer.domains:
+            domains.update(spellings(domain))
     return sorted(domains)
+
+
+def extra_domains(values: list[str]) -> list[str]:
+    """``extra_domains`` as lowercase IDNA, validated as the watchlist file's domains
+    are: a value that is no domain name fails the run before anything is written,
+    naming its place in the run config and an excerpt of it."""
+    out = []
+    for i, value in enumerate(values):
+        domain = normalize_domain(value)
+        if domain is None:
+            raise dg.Failure(
+                f"run config ops.blocking_detector.config.extra_domains[{i}]: "
+                f"{excerpt(value)} is not a domain name"
+            )
+        out.append(domain)
+    return out
 
 
 @dg.multi_asset(
@@ -132,8 +160,10 @@ def watchlist(ch: ClickHouse, config: BlockingDetectorConfig) -> list[str]:
             description=(
                 "ClickHouse table `blocking_events`: one event per blocking episode of a "
                 "(country, domain), with its networks, or per country whose measurements "
-                "stopped; Atom feeds at `feeds/blocking/<CC>.atom` and "
-                "`feeds/blocking/global.atom`; a chat message per new, ended or withdrawn event."
+                "stopped; Atom feeds at `feeds/blocking/<CC>.atom`, "
+                "`feeds/blocking/global.atom` and, for each consumer of the watchlist file, "
+                "`feeds/watchlists/<consumer>.atom`; a chat message per new, ended or "
+                "withdrawn event, to the operator and to consumers with a webhook."
             ),
             kinds={"clickhouse", "s3"},
             owners=[OWNER],
@@ -159,6 +189,8 @@ def blocking_detector(
     first = hour_number(window.start)
     last = hour_number(window.end) - 1
     cusum, event_params = config.cusum(), config.events()
+    # The watchlist file as the code location loaded it (a wrong one fails the load).
+    consumers = consumers_from_env()
     store = object_store.get_store()
     # One detector pass at a time: the state of an hour is read from the table, so a
     # re-detection of past hours and the hourly run must not interleave.
@@ -166,13 +198,22 @@ def blocking_detector(
         ensure_tables(ch, "fastpath", "citizenlab", "blocking_status", "blocking_events")
         # Taken under the lock: versions of successive passes only grow.
         version = datetime.now(UTC).replace(tzinfo=None)
-        domains = watchlist(ch, config)
+        domains = watchlist(ch, config, consumers)
         if not domains:
             context.log.warning(
                 "the watchlist is empty: materialize citizenlab, or set extra_domains"
             )
         result = detect(
-            ch, store, first, last, domains, cusum, event_params, version, context.log.info
+            ch,
+            store,
+            first,
+            last,
+            domains,
+            cusum,
+            event_params,
+            version,
+            context.log.info,
+            consumers=consumers,
         )
         schema_status = column_schema_metadata(ch, "blocking_status")
         schema_events = column_schema_metadata(ch, "blocking_events")
@@ -190,6 +231,7 @@ def blocking_detector(
             "events_ongoing": _count(result.events, "ongoing"),
             "events_withdrawn_now": _count(result.written, "withdrawn"),
             "messages_posted": result.messages_posted,
+            "consumer_messages_posted": dg.MetadataValue.json(result.consumer_messages),
             "feeds_written": dg.MetadataValue.json(result.feeds),
             "parameters": dg.MetadataValue.json(event_params.as_metadata()),
             **schema_events,

@@ -1,12 +1,13 @@
 """One detector pass, outside Dagster: status over the hours, events grouped and
-reconciled, messages sent, feeds written. The asset and the benchmark both call
+reconciled, messages sent (to the operator and to the watchlist file's consumers),
+feeds written. The asset and the benchmark both call
 ``detect``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -16,6 +17,11 @@ from ooni_pipeline import settings
 from ooni_pipeline.clickhouse import ClickHouse
 from ooni_pipeline.detector import sql
 from ooni_pipeline.detector.announce import pending
+from ooni_pipeline.detector.consumers import (
+    announce_to_consumers,
+    events_by_consumer,
+    write_watchlist_feeds,
+)
 from ooni_pipeline.detector.cusum import CusumParams
 from ooni_pipeline.detector.events import (
     EventParams,
@@ -25,6 +31,7 @@ from ooni_pipeline.detector.events import (
 )
 from ooni_pipeline.detector.feeds import COUNTRY_CODE, build_feed, feed_key
 from ooni_pipeline.detector.status import StatusRun, hour_text, query_frame, run_status
+from ooni_pipeline.exports.watchlist_file import Consumer
 from ooni_pipeline.object_store.stores import ObjectStore
 from ooni_pipeline.operations.alerts import post_alert
 
@@ -36,6 +43,7 @@ class Detection:
     events: pd.DataFrame  # every stored event after the pass
     messages_posted: int
     feeds: list[str]
+    consumer_messages: dict[str, int] = field(default_factory=dict)
 
 
 def detect(
@@ -48,18 +56,39 @@ def detect(
     params: EventParams,
     version: datetime,
     log: Callable[[str], None] = print,
+    consumers: dict[str, Consumer] | None = None,
 ) -> Detection:
     """Detect over [first, last] (extended as ``status`` explains), then events,
-    messages and feeds. Tables must exist."""
+    messages and feeds. Tables must exist.
+
+    Each webhook is tried whatever became of the others, and the feeds are written;
+    then a failure to post fails the run, naming every webhook that failed (the next
+    run sends what is left)."""
+    consumers = consumers or {}
     status = run_status(ch, first, last, domains, cusum, version)
     log(
         f"detected hours {hour_text(status.first_hour)} .. {hour_text(status.last_hour)} "
         f"({status.hours} h, {status.rows} rows) in {status.duration_s:.1f} s"
     )
     outcome = update_events(ch, status, params, version)
-    posted = announce(ch, outcome, status.last_hour, params, version, log)
+    failures: list[Exception] = []
+    try:
+        posted = announce(ch, outcome, status.last_hour, params, version, log)
+    except RuntimeError as exc:
+        failures.append(exc)
+        posted = 0
+    by_consumer = events_by_consumer(ch, outcome["all"], consumers)
+    consumer_posted, consumer_failures = announce_to_consumers(
+        ch, by_consumer, consumers, status.last_hour, params, version, log
+    )
+    failures += consumer_failures
     feeds = write_feeds(store, outcome["all"], outcome["touched"], version)
-    return Detection(status, outcome["written"], outcome["all"], posted, feeds)
+    feeds += write_watchlist_feeds(store, by_consumer, version)
+    if len(failures) == 1:
+        raise failures[0]
+    if failures:
+        raise RuntimeError("; ".join(str(f) for f in failures))
+    return Detection(status, outcome["written"], outcome["all"], posted, feeds, consumer_posted)
 
 
 _EVENT_TYPES = {

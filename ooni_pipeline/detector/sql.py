@@ -9,6 +9,7 @@ each measurement in exactly one category by the same rule
 object key of the feeds.
 """
 
+from ooni_pipeline.exports.watchlists import matching_sql
 from ooni_pipeline.exports.website_metrics_sql import CATEGORIES, category_sql
 
 # Blocked: an anomaly of any kind; failures are neither blocked nor accessible (OONI's
@@ -197,4 +198,17 @@ WHERE end_hour IS NULL OR end_hour >= toDateTime({{start:String}}, 'UTC')
 ALL_EVENTS_SQL = f"""
 SELECT {", ".join(EVENT_COLUMNS)}
 FROM blocking_events FINAL
+"""
+
+# What each consumer was told about each event.
+CONSUMER_ANNOUNCED_SQL = """
+SELECT consumer, event_id, toString(announced)
+FROM blocking_consumer_announced FINAL
+"""
+
+# Which consumer watches which event domain: the watchlist exports' own match (the
+# host as the engine normalises it, label by label against every spelling).
+EVENT_CONSUMERS_SQL = f"""
+SELECT DISTINCT r.domain, w.consumer
+FROM {matching_sql("(SELECT arrayJoin({event_domains:Array(String)}) AS domain)")}
 """

@@ -8,6 +8,9 @@ change::
       bbc: [bbc.com, bbc.co.uk, bbci.co.uk]
       dw:
         - dw.com
+      rsf:                        # the mapping form: its domains, and optionally
+        domains: [rsf.org]        # the environment variable holding its own
+        webhook_env: RSF_WEBHOOK_URL  # webhook's URL (a secret: never in the file)
 
 Anything wrong (an unknown key, a duplicate consumer or domain, a name that is not a
 safe path segment, a domain that is not one) fails the load with the file and line;
@@ -18,6 +21,7 @@ key: a typo such as ``consumer:`` would otherwise export nothing, silently.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import idna
@@ -32,6 +36,22 @@ _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})+")
 MAX_FILE_BYTES = 1_000_000
 TOP_LEVEL_KEYS = ("consumers",)
+CONSUMER_KEYS = ("domains", "webhook_env")
+# An environment variable a consumer's webhook URL is read from: a plain name, and none
+# of the project's own (its configuration and secrets: the ClickHouse URL, the
+# operator's webhook, S3 and Dagster credentials), whose value would otherwise be
+# posted to, or be the address posted to.
+ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,127}")
+RESERVED_ENV_PREFIXES = ("OONI_", "AWS_", "DAGSTER_")
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """A consumer of the watchlist file: its domains (lowercase IDNA, in file order)
+    and the name of the environment variable holding its webhook URL, if any."""
+
+    domains: tuple[str, ...]
+    webhook_env: str | None = None
 
 
 class WatchlistError(ValueError):
@@ -55,6 +75,11 @@ def normalize_domain(text: str) -> str | None:
 
 def load_watchlists(path: str | Path) -> dict[str, tuple[str, ...]]:
     """Consumer name -> its domains (lowercase IDNA), in file order."""
+    return {name: consumer.domains for name, consumer in load_consumers(path).items()}
+
+
+def load_consumers(path: str | Path) -> dict[str, Consumer]:
+    """Consumer name -> its domains and webhook variable, in file order."""
     path = Path(path)
     try:
         with open(path, "rb") as handle:
@@ -79,14 +104,18 @@ def load_watchlists(path: str | Path) -> dict[str, tuple[str, ...]]:
         return {}
     if not isinstance(root, yaml.MappingNode):
         raise fail(root, "expected a mapping with the key 'consumers'")
-    consumers: dict[str, tuple[str, ...]] = {}
+    consumers: dict[str, Consumer] = {}
     for key, value in root.value:
         if not isinstance(key, yaml.ScalarNode) or key.value not in TOP_LEVEL_KEYS:
             raise fail(key, f"unknown key {excerpt(key.value)} (expected one of {TOP_LEVEL_KEYS})")
         if isinstance(value, yaml.ScalarNode) and value.value in ("", "~", "null"):
             continue
         if not isinstance(value, yaml.MappingNode):
-            raise fail(value, "'consumers' must map each consumer name to a list of domains")
+            raise fail(
+                value,
+                "'consumers' must map each consumer name to a list of domains "
+                "or to a mapping with 'domains' (and 'webhook_env')",
+            )
         for name_node, domains_node in value.value:
             name = name_node.value if isinstance(name_node, yaml.ScalarNode) else None
             if not isinstance(name, str) or not CONSUMER_NAME.fullmatch(name):
@@ -97,8 +126,51 @@ def load_watchlists(path: str | Path) -> dict[str, tuple[str, ...]]:
                 )
             if name in consumers:
                 raise fail(name_node, f"duplicate consumer {name!r}")
-            consumers[name] = _domains(domains_node, name, fail)
+            consumers[name] = _consumer(domains_node, name, fail)
     return consumers
+
+
+def _consumer(node: yaml.Node, consumer: str, fail) -> Consumer:
+    """A consumer's value: the list of its domains, or ``{domains: [...],
+    webhook_env: NAME}``."""
+    if not isinstance(node, yaml.MappingNode):
+        return Consumer(_domains(node, consumer, fail))
+    fields: dict[str, yaml.Node] = {}
+    for key, value in node.value:
+        if not isinstance(key, yaml.ScalarNode) or key.value not in CONSUMER_KEYS:
+            raise fail(
+                key,
+                f"consumer {consumer!r}: unknown key {excerpt(key.value)} "
+                f"(expected one of {CONSUMER_KEYS})",
+            )
+        if key.value in fields:
+            raise fail(key, f"consumer {consumer!r}: duplicate key {key.value!r}")
+        fields[key.value] = value
+    if "domains" not in fields:
+        raise fail(node, f"consumer {consumer!r}: 'domains' is missing")
+    domains = _domains(fields["domains"], consumer, fail)
+    env_node = fields.get("webhook_env")
+    if env_node is None:
+        return Consumer(domains)
+    return Consumer(domains, _webhook_env(env_node, consumer, fail))
+
+
+def _webhook_env(node: yaml.Node, consumer: str, fail) -> str:
+    name = node.value if isinstance(node, yaml.ScalarNode) else None
+    if not isinstance(name, str) or not ENV_NAME.fullmatch(name):
+        shown = excerpt(name) if isinstance(name, str) else "a non-scalar"
+        raise fail(
+            node,
+            f"consumer {consumer!r}: webhook_env {shown} is not the name of an environment "
+            "variable ([A-Z_][A-Z0-9_]*; the URL itself never goes in the file)",
+        )
+    if name.startswith(RESERVED_ENV_PREFIXES):
+        raise fail(
+            node,
+            f"consumer {consumer!r}: webhook_env {name!r} is one of the project's own "
+            f"variables (names starting with {', '.join(RESERVED_ENV_PREFIXES)} are refused)",
+        )
+    return name
 
 
 def _domains(node: yaml.Node, consumer: str, fail) -> tuple[str, ...]:

@@ -16,7 +16,7 @@ import idna
 
 from ooni_pipeline import settings
 from ooni_pipeline.exports.publish import CsvRecords, IncompleteExportError
-from ooni_pipeline.exports.watchlist_file import load_watchlists
+from ooni_pipeline.exports.watchlist_file import Consumer, load_consumers, load_watchlists
 from ooni_pipeline.exports.website_metrics_sql import CSV_COLUMNS_SQL
 
 WATCHLISTS_ENV = "OONI_WATCHLISTS"
@@ -63,21 +63,29 @@ def watchlist_sql(table: str) -> str:
     and a plain String binds alike on both back ends)."""
     return f"""
 SELECT w.consumer AS consumer, {CSV_COLUMNS_SQL}
-FROM (
+FROM {matching_sql(table)}
+ORDER BY {ROW_ORDER}
+LIMIT 1 BY consumer, explorer_url
+"""
+
+
+def matching_sql(source: str) -> str:
+    """The FROM clause of the match (``watchlist_sql``): the rows of ``source`` (a
+    table or a subquery with a ``domain`` column) as ``r``, joined to the watching
+    consumers' indices as ``w.consumer``; bound as ``pair_params`` says. Also used by
+    the blocking detector for the events of each consumer's domains."""
+    return f"""(
     SELECT *, arrayJoin(arrayMap(
         i -> arrayStringConcat(arraySlice(splitByChar('.', host), i), '.'),
         range(1, length(splitByChar('.', host)) + 1)
     )) AS suffix
-    FROM (SELECT *, {ROW_HOST_SQL} AS host FROM {table})
+    FROM (SELECT *, {ROW_HOST_SQL} AS host FROM {source})
 ) AS r
 INNER JOIN (
     SELECT toUInt32(pair.1) AS consumer, pair.2 AS watched
     FROM (SELECT arrayJoin(arrayZip(splitByChar(',', {{consumers:String}}),
                                     splitByChar(',', {{domains:String}}))) AS pair)
-) AS w ON r.suffix = w.watched
-ORDER BY {ROW_ORDER}
-LIMIT 1 BY consumer, explorer_url
-"""
+) AS w ON r.suffix = w.watched"""
 
 
 def asset_key(consumer: str) -> dg.AssetKey:
@@ -147,3 +155,10 @@ def watchlists_from_env() -> dict[str, tuple[str, ...]]:
     location loads: a wrong file fails the load, naming file and line."""
     path = settings.env(WATCHLISTS_ENV)
     return load_watchlists(path) if path else {}
+
+
+def consumers_from_env() -> dict[str, Consumer]:
+    """The consumers of ``$OONI_WATCHLISTS`` with their webhook variables (none when
+    unset): what the blocking detector watches and alerts each consumer about."""
+    path = settings.env(WATCHLISTS_ENV)
+    return load_consumers(path) if path else {}

@@ -56,8 +56,14 @@ def alert_text(context: dg.RunFailureSensorContext, base_url: str) -> str:
     )
 
 
-def post_alert(webhook_url: str, text: str, timeout_s: float = 10.0) -> None:
-    """POST ``{"text": text}``; raise without naming the URL on failure."""
+def post_alert(
+    webhook_url: str,
+    text: str,
+    timeout_s: float = 10.0,
+    variable: str = "OONI_ALERT_WEBHOOK_URL",
+) -> None:
+    """POST ``{"text": text}``; raise without naming the URL on failure (``variable``,
+    the environment variable it came from, is named instead)."""
     import requests  # here, not at module level: the code location loads without it
 
     try:
@@ -66,12 +72,10 @@ def post_alert(webhook_url: str, text: str, timeout_s: float = 10.0) -> None:
         )
     except requests.RequestException as exc:
         raise RuntimeError(
-            f"posting the alert to OONI_ALERT_WEBHOOK_URL failed: {type(exc).__name__}"
+            f"posting the alert to {variable} failed: {type(exc).__name__}"
         ) from None
     if response.status_code >= 300:
-        raise RuntimeError(
-            f"posting the alert to OONI_ALERT_WEBHOOK_URL failed: HTTP {response.status_code}"
-        )
+        raise RuntimeError(f"posting the alert to {variable} failed: HTTP {response.status_code}")
 
 
 def reason_not_to_alert(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str | None:
