@@ -109,14 +109,15 @@ def announce_to_consumers(
                     break
                 posted[name] += 1
             done.append((item.event_id, item.status))
-        if done:
+        latest = dict(done)  # an event's start then its end: one row, its last news
+        if latest:
             ch.insert_df(
                 "blocking_consumer_announced",
                 pd.DataFrame(
                     {
                         "consumer": name,
-                        "event_id": [e for e, _ in done],
-                        "announced": [s for _, s in done],
+                        "event_id": list(latest),
+                        "announced": list(latest.values()),
                         "version": pd.Timestamp(version),
                     }
                 ),
