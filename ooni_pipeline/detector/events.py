@@ -182,10 +182,43 @@ def _overlaps(a_start: int, a_end: int, b_start: int, b_end: int) -> bool:
     return a_start < b_stop and b_start < a_stop
 
 
-def reconcile(episodes: pd.DataFrame, stored: pd.DataFrame, now: datetime) -> pd.DataFrame:
+def _continued(episode: dict, active: list[dict], blocking_from: int | None) -> dict:
+    """A blocking episode found from ``blocking_from`` (the first hour regrouped) that
+    continues a stored event straddling that hour (open, or ending at or after it):
+    the event's start and onset, which the hours before ``blocking_from`` decided, and
+    its networks with the episode's. Hours before ``blocking_from`` are not rewritten
+    by the pass, so the stored event still describes them."""
+    if blocking_from is None or episode["kind"] != "blocking" or episode["start"] != blocking_from:
+        return episode
+    for stored in active:
+        reaches = stored["end"] == ONGOING or stored["end"] >= blocking_from
+        if stored["start"] < blocking_from and reaches:
+            networks = sorted({*map(int, stored["networks"]), *map(int, episode["networks"])})
+            return {
+                **episode,
+                "start": int(stored["start"]),
+                "onset": stored["onset"],
+                "networks": networks,
+                "peak_networks": max(int(stored["peak_networks"]), int(episode["peak_networks"])),
+            }
+    return episode
+
+
+def reconcile(
+    episodes: pd.DataFrame,
+    stored: pd.DataFrame,
+    now: datetime,
+    blocking_from: int | None = None,
+) -> pd.DataFrame:
     """The event rows to write: recomputed episodes matched to the stored events they
     overlap (keeping their ids), new ones, and stored ones no longer found
     (withdrawn). Rows whose content did not change are left out.
+
+    With ``blocking_from`` (the first hour blocking episodes were regrouped from), a
+    blocking episode starting there continues the stored event straddling it
+    (``_continued``); a stored blocking event starting before it that no episode
+    continues ended there (its hours before are as they were), and one that ended
+    before it is left as it is.
 
     ``stored`` has the table's columns with hours as numbers (``start``, ``end``).
     Runs once per event, not per series or hour: events are few."""
@@ -199,6 +232,7 @@ def reconcile(episodes: pd.DataFrame, stored: pd.DataFrame, now: datetime) -> pd
     matched: set[str] = set()
     for episode in episodes.sort_values("start", kind="stable").to_dict("records"):
         key = (episode["kind"], episode["probe_cc"], episode["domain"])
+        episode = _continued(episode, active.get(key, []), blocking_from)
         previous = next(
             (
                 s
@@ -240,8 +274,19 @@ def reconcile(episodes: pd.DataFrame, stored: pd.DataFrame, now: datetime) -> pd
         )
         rows.append(row)
     for row in by_id.values():
-        if row["status"] != "withdrawn" and row["event_id"] not in matched:
-            rows.append({**row, "status": "withdrawn", "updated": now})
+        if row["status"] == "withdrawn" or row["event_id"] in matched:
+            continue
+        if row["kind"] == "blocking" and blocking_from is not None:
+            if row["end"] != ONGOING and row["end"] <= blocking_from:
+                continue  # not regrouped: as it was
+            if row["start"] < blocking_from:  # blocked up to the regrouped hours
+                ended = {**row, "status": "ended", "end": blocking_from}
+                ended["explorer_url"] = explorer_url(
+                    row["kind"], row["probe_cc"], row["domain"], row["start"], blocking_from
+                )
+                rows.append({**ended, "updated": now})
+                continue
+        rows.append({**row, "status": "withdrawn", "updated": now})
     return pd.DataFrame(rows)
 
 

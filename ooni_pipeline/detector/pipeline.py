@@ -137,11 +137,12 @@ def update_events(
 ) -> dict[str, Any]:
     """Group the hours a detector pass wrote into events, reconcile them with the
     stored ones and write what changed."""
-    begin, stored = look_back(ch, status.first_hour)
+    first = status.first_hour
+    begin, stored = look_back(ch, first)
     runs = query_frame(
         ch,
         sql.BLOCKING_EPISODES_SQL,
-        {"start": hour_text(begin), "end": hour_text(status.last_hour)},
+        {"start": hour_text(first), "end": hour_text(status.last_hour)},
         {
             "probe_cc": "object",
             "domain": "object",
@@ -168,10 +169,14 @@ def update_events(
         ],
         ignore_index=True,
     )
-    # Every stored event overlapping [begin, last] is in `stored` (``look_back``): an
-    # episode that ended before the pass's first hour is matched to its own event, not
-    # written again (bench/bench_detector_quality.py and the chunking test found that).
-    written = reconcile(episodes, stored, version)
+    # Blocking episodes are regrouped from the pass's first hour: one reaching back
+    # before it continues the stored event that straddles it (``reconcile``), so an
+    # incremental hour costs the same however long an event has been open. Every
+    # stored event reaching the regrouped hours is in `stored` (``look_back``): one
+    # that ended before them is left as it is, never written again (an ended event
+    # was, its end re-sent by every pass: bench/bench_detector_quality.py and the
+    # chunking test found it).
+    written = reconcile(episodes, stored, version, blocking_from=first)
     write_events(ch, written, version)
     everything = read_events(ch, sql.ALL_EVENTS_SQL, {})
     touched = set(written["probe_cc"]) if len(written) else set()
@@ -179,19 +184,19 @@ def update_events(
 
 
 def look_back(ch: ClickHouse, first_hour: int) -> tuple[int, pd.DataFrame]:
-    """Where a pass regroups events from, and the stored events it reconciles with.
+    """Where a pass regroups ``no_measurements`` episodes from, and the stored events
+    it reconciles with (every one ending at or after that hour, or open).
 
-    Episodes are regrouped from the status table over [begin, last]. ``begin`` is the
-    first hour the pass detected, moved back to the start of any stored event (not
-    withdrawn) still open or ending after it, and again for the events that reach
-    the new ``begin``, until none straddles it: no episode is cut at ``begin`` (a cut
-    one would come back as a new event starting there), and every stored event
-    overlapping the regrouped hours is read (one missing would be created again
-    under a new id, its news sent again). Bounded only by the oldest open event."""
+    Shutdowns are regrouped from the countries' volumes over [begin, last]: ``begin``
+    is the first hour the pass detected, moved back to the start of any stored
+    shutdown still open or ending after it, until none straddles it, so none is cut
+    at ``begin`` (a shutdown is found from its baseline before it). Blocking episodes
+    need no look-back (``reconcile`` continues them). Shutdowns are few and short:
+    this reaches back as far as the oldest open one."""
     begin = first_hour
     while True:
         stored = read_events(ch, sql.EVENTS_FROM_SQL, {"start": hour_text(begin)})
-        active = stored[stored["status"] != "withdrawn"]
+        active = stored[(stored["status"] != "withdrawn") & (stored["kind"] == "no_measurements")]
         earliest = min([begin, *active["start"].tolist()])
         if earliest == begin:
             return begin, stored
