@@ -46,7 +46,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from harness import dagster_home, materialize_argv
+from harness import dagster_home, materialize_argv, moto_client
 
 BUCKET = "ooni-bench"
 SERVER_BUCKET = "ooni-bench-server"
@@ -273,8 +273,6 @@ def measured(argv: list[str], env: dict[str, str]) -> tuple[float, float, int, s
 @contextmanager
 def moto_s3(*buckets: str) -> Iterator[tuple[str, Any]]:
     """moto in its own process on 127.0.0.1: (endpoint, boto3 client), ``buckets`` made."""
-    import boto3
-
     port = free_port()
     moto = subprocess.Popen(
         [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
@@ -289,13 +287,7 @@ def moto_s3(*buckets: str) -> Iterator[tuple[str, Any]]:
             except OSError:
                 time.sleep(0.1)
         endpoint = f"http://127.0.0.1:{port}"
-        client = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            region_name="us-east-1",
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
+        client = moto_client(endpoint)
         for bucket in buckets:
             client.create_bucket(Bucket=bucket)
         yield endpoint, client

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from harness import (
     dagster_home,
+    insert_grp_watchlist,
     materialize_argv,
     open_chdb,
     report_peak,
@@ -41,22 +42,13 @@ DOMAINS = ("facebook.com", "twitter.com", "t.me", "youtube.com")
 
 
 def setup(workdir: Path, series: int, days: int) -> None:
-    import pandas as pd
 
     from ooni_pipeline.clickhouse.schema import ensure_tables
 
     hours = days * 24 + 2  # the full run, the incremental hour, the CLI hour
     with open_chdb(workdir) as ch:
         ensure_tables(ch, "fastpath", "citizenlab")
-        ch.insert_df(
-            "citizenlab",
-            pd.DataFrame(
-                [
-                    {"domain": d, "url": f"https://{d}/", "cc": "ZZ", "category_code": "GRP"}
-                    for d in DOMAINS
-                ]
-            ),
-        )
+        insert_grp_watchlist(ch, DOMAINS)
         ch.command(
             """
             INSERT INTO fastpath (measurement_uid, report_id, input, probe_cc, probe_asn, test_name,

@@ -57,6 +57,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import numpy as np
+from harness import insert_grp_watchlist
 
 START = datetime(2024, 3, 1)
 DOMAINS = ("facebook.com", "twitter.com", "t.me", "youtube.com", "instagram.com")
@@ -436,8 +437,6 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("bench/out/detector_quality"))
     args = parser.parse_args()
 
-    import pandas as pd
-
     from ooni_pipeline.clickhouse import ClickHouse
     from ooni_pipeline.clickhouse.schema import ensure_tables
 
@@ -449,15 +448,7 @@ def main() -> None:
     db = f"chdb://{(args.workdir / 'clickhouse').absolute()}"
     with ClickHouse(db) as ch:
         ensure_tables(ch, "fastpath", "citizenlab")
-        ch.insert_df(
-            "citizenlab",
-            pd.DataFrame(
-                [
-                    {"domain": d, "url": f"https://{d}/", "cc": "ZZ", "category_code": "GRP"}
-                    for d in DOMAINS[: args.domains]
-                ]
-            ),
-        )
+        insert_grp_watchlist(ch, DOMAINS[: args.domains])
         ch.insert_df("fastpath", rows)
     volumes = np.array([r * 168 for r in corpus.rates.values()])
     per_hour = np.array(list(corpus.rates.values()))

@@ -36,7 +36,7 @@ from datetime import date, timedelta
 from pathlib import Path
 
 from bench_backup import moto_s3
-from harness import ROOT, report_peak, run_measured
+from harness import ROOT, moto_client, report_peak, run_measured
 
 BUCKET = "bench-manifest"
 FIRST_DAY = "2023-01-01"
@@ -67,7 +67,6 @@ def _old_manifest_module():
 
 
 def _measure(mode: str, days: int, repeat: int, endpoint: str, workdir: Path) -> None:
-    import boto3
     import dagster as dg
 
     from ooni_pipeline.clickhouse import ClickHouseResource
@@ -79,13 +78,7 @@ def _measure(mode: str, days: int, repeat: int, endpoint: str, workdir: Path) ->
     from ooni_pipeline_tests.rig import S3Traffic, export_history
 
     module = _old_manifest_module() if mode == "before" else new_manifest
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    client = moto_client(endpoint)
     store = S3ObjectStore(client, BUCKET)
     history = export_history(FIRST_DAY, days)
     results: dict[str, list[tuple[float, str]]] = {"website_metrics": [], "consumer_day": []}

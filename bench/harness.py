@@ -94,3 +94,26 @@ def timed_cli(
         raise SystemExit(f"the CLI failed:\n{proc.stderr[-3000:]}")
     peak_kb = int(proc.stderr.strip().splitlines()[-1].split("=")[1])
     return wall, peak_kb / 1024, proc
+
+
+def moto_client(endpoint: str):
+    """A boto3 S3 client of the moto server at ``endpoint`` (moto's test credentials)."""
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+
+
+def insert_grp_watchlist(ch, domains) -> None:
+    """``domains`` as CitizenLab's global GRP entries: what the detector watches."""
+    import pandas as pd
+
+    rows = [
+        {"domain": d, "url": f"https://{d}/", "cc": "ZZ", "category_code": "GRP"} for d in domains
+    ]
+    ch.insert_df("citizenlab", pd.DataFrame(rows))
