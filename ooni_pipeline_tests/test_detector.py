@@ -952,3 +952,34 @@ def test_late_rows_showing_an_initial_events_onset_announce_its_start(
     assert detect(clickhouse, local_store_resource, 31, 60).success
     late = summary(ch), [m.split("\n")[0].rsplit(": ", 1)[1] for m in messages(webhook)]
     assert late == one
+
+
+@pytest.mark.clickhouse_backends("embedded")
+def test_a_chunk_starting_where_an_event_ended_keeps_it_and_opens_the_next(
+    ch, clickhouse, local_store_resource, watchlist, webhook
+) -> None:
+    """12-hour chunks, one of them starting at the hour an event ended, with the
+    domain blocked again later in that chunk: two events, as one run finds them (the
+    second once took the first's id and erased it)."""
+    insert_timeline(ch, "IT", 9, "filler.example", hours(0, 119, 0))
+    timeline = (
+        hours(0, 19, OK_LEVEL)
+        | hours(20, 36, BLOCKED_LEVEL)
+        | hours(37, 50, OK_LEVEL)
+        | hours(51, 70, BLOCKED_LEVEL)
+        | hours(71, 119, OK_LEVEL)
+    )
+    insert_timeline(ch, "IR", 1, "x.com", timeline)
+    assert detect(clickhouse, local_store_resource, 0, 119).success
+    one = [(e["event_id"], *row) for e, row in zip(events(ch), summary(ch), strict=True)]
+    assert len(one) == 2 and one[0][7] == 48  # the first ends at 48: a chunk starts there
+    webhook.posts.clear()
+    _fresh_detector(ch)
+    for first in range(0, 120, 12):
+        assert detect(clickhouse, local_store_resource, first, first + 11).success
+    chunked = [(e["event_id"], *row) for e, row in zip(events(ch), summary(ch), strict=True)]
+    assert chunked == one
+    # Each chunk's news is recent to it (the known gap of chunked backfills: one run
+    # over 120 hours finds the first event's news older than 48 hours), each once.
+    headlines = [m.split("\n")[0].rsplit(": ", 1)[1] for m in messages(webhook)]
+    assert headlines == ["blocking started", "blocking ended"] * 2

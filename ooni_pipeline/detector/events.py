@@ -186,7 +186,9 @@ def _continued(episode: dict, active: list[dict], blocking_from: int | None) -> 
     """A blocking episode found from ``blocking_from`` (the first hour regrouped) that
     continues a stored event straddling that hour (open, or ending at or after it):
     the event's start and onset, which the hours before ``blocking_from`` decided, and
-    its networks with the episode's. Hours before ``blocking_from`` are not rewritten
+    its networks with the episode's (re-detected hours add networks to an open event and
+    never remove one: late rows clearing a network leave it listed). Hours before
+    ``blocking_from`` are not rewritten
     by the pass, so the stored event still describes them."""
     if blocking_from is None or episode["kind"] != "blocking" or episode["start"] != blocking_from:
         return episode
@@ -202,6 +204,19 @@ def _continued(episode: dict, active: list[dict], blocking_from: int | None) -> 
                 "peak_networks": max(int(stored["peak_networks"]), int(episode["peak_networks"])),
             }
     return episode
+
+
+def _before_regrouped(stored: dict, episode: dict, blocking_from: int | None) -> bool:
+    """Whether ``stored`` started before the regrouped hours and ``episode`` does not
+    continue it: then it is not that episode's event, however they overlap (a
+    later episode of the same domain within the pass would take its id and erase
+    its hours before ``blocking_from``); it ends at ``blocking_from`` instead."""
+    return (
+        blocking_from is not None
+        and episode["kind"] == "blocking"
+        and stored["start"] < blocking_from
+        and stored["start"] != episode["start"]
+    )
 
 
 def reconcile(
@@ -239,6 +254,7 @@ def reconcile(
                 for s in active.get(key, [])
                 if s["event_id"] not in matched
                 and _overlaps(s["start"], s["end"], episode["start"], episode["end"])
+                and not _before_regrouped(s, episode, blocking_from)
             ),
             None,
         )
