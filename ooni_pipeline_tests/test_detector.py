@@ -156,6 +156,11 @@ def messages(server, hook: str = "/hook") -> list[str]:
     return [json.loads(body)["text"] for path, body in server.posts if path == hook]
 
 
+def headlines(server) -> list[str]:
+    """Each message's headline after the bot's name ("blocking started", ...)."""
+    return [m.split("\n")[0].rsplit(": ", 1)[1] for m in messages(server)]
+
+
 def status_of(ch: ClickHouse, cc: str, asn: int, domain: str) -> list[tuple]:
     return [
         (int(h) - H0, str(s), int(c))
@@ -937,7 +942,7 @@ def test_late_rows_showing_an_initial_events_onset_announce_its_start(
     timeline = hours(0, 19, OK_LEVEL) | hours(20, 35, BLOCKED_LEVEL) | hours(36, 60, OK_LEVEL)
     insert_timeline(ch, "IR", 1, "x.com", timeline)
     assert detect(clickhouse, local_store_resource, 0, 60).success
-    one = summary(ch), [m.split("\n")[0].rsplit(": ", 1)[1] for m in messages(webhook)]
+    one = summary(ch), headlines(webhook)
     assert one[1] == ["blocking started", "blocking ended"]
     webhook.posts.clear()
     _fresh_detector(ch)
@@ -950,7 +955,7 @@ def test_late_rows_showing_an_initial_events_onset_announce_its_start(
     insert_timeline(ch, "IR", 1, "x.com", hours(0, 19, OK_LEVEL))
     assert detect(clickhouse, local_store_resource, 0, 23).success  # the sensor's day
     assert detect(clickhouse, local_store_resource, 31, 60).success
-    late = summary(ch), [m.split("\n")[0].rsplit(": ", 1)[1] for m in messages(webhook)]
+    late = summary(ch), headlines(webhook)
     assert late == one
 
 
@@ -981,5 +986,5 @@ def test_a_chunk_starting_where_an_event_ended_keeps_it_and_opens_the_next(
     assert chunked == one
     # Each chunk's news is recent to it (the known gap of chunked backfills: one run
     # over 120 hours finds the first event's news older than 48 hours), each once.
-    headlines = [m.split("\n")[0].rsplit(": ", 1)[1] for m in messages(webhook)]
-    assert headlines == ["blocking started", "blocking ended"] * 2
+    sent = headlines(webhook)
+    assert sent == ["blocking started", "blocking ended"] * 2

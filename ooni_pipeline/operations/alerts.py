@@ -95,10 +95,25 @@ def reason_not_to_alert(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str
     return None
 
 
+def dagster_url() -> str:
+    """The UI's address, for links to runs (``OONI_DAGSTER_URL``)."""
+    return settings.env("OONI_DAGSTER_URL", "http://127.0.0.1:3000") or ""
+
+
+def deliver(text: str, log) -> bool:
+    """Post ``text`` to ``OONI_ALERT_WEBHOOK_URL``, or log it when unset; whether posted."""
+    webhook_url = settings.env("OONI_ALERT_WEBHOOK_URL")
+    if webhook_url:
+        post_alert(webhook_url, text)
+        return True
+    log.warning(f"OONI_ALERT_WEBHOOK_URL unset; alert: {text}")
+    return False
+
+
 def alert_given_up_retry(context: dg.SensorEvaluationContext, run: dg.DagsterRun) -> None:
     """Post the failure of ``run``, whose alert was held back for a retry that could not
     start (runs of the same assets in flight for ``GIVE_UP_AFTER_S``)."""
-    base_url = settings.env("OONI_DAGSTER_URL", "http://127.0.0.1:3000") or ""
+    base_url = dagster_url()
     partition = run.tags.get("dagster/partition")
     where = f" (partition {partition})" if partition else ""
     text = (
@@ -106,11 +121,7 @@ def alert_given_up_retry(context: dg.SensorEvaluationContext, run: dg.DagsterRun
         f"did not start within {GIVE_UP_AFTER_S // 3600} hours (runs of the same assets "
         f"in flight)\n{base_url.rstrip('/')}/runs/{run.run_id}"
     )
-    webhook_url = settings.env("OONI_ALERT_WEBHOOK_URL")
-    if webhook_url:
-        post_alert(webhook_url, text)
-    else:
-        context.log.warning(f"OONI_ALERT_WEBHOOK_URL unset; alert: {text}")
+    deliver(text, context.log)
 
 
 @dg.run_failure_sensor(
@@ -124,10 +135,5 @@ def run_failure_alert_sensor(context: dg.RunFailureSensorContext) -> None:
     if reason:
         context.log.info(f"run {context.dagster_run.run_id} failed: not reported ({reason})")
         return
-    text = alert_text(context, settings.env("OONI_DAGSTER_URL", "http://127.0.0.1:3000") or "")
-    webhook_url = settings.env("OONI_ALERT_WEBHOOK_URL")
-    if webhook_url:
-        post_alert(webhook_url, text)
+    if deliver(alert_text(context, dagster_url()), context.log):
         context.log.info(f"alert posted for run {context.dagster_run.run_id}")
-    else:
-        context.log.warning(f"OONI_ALERT_WEBHOOK_URL unset; alert: {text}")
