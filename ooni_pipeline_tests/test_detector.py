@@ -1,10 +1,13 @@
 """The blocking detector on synthetic hourly timelines, in real chdb, with exact events.
 
 Timelines use 20 measurements per series-hour: "ok" hours have 1 anomaly (share
-0.05), "blocked" hours 19 (0.95). With OONI's parameters (mu0 0, mu1 0.7, edd 10:
-h = 3.5) an OK series turns BLOCKED on its 6th blocked hour (6 x 0.6 = 3.6) and back
-on its 12th ok hour (12 x 0.3 = 3.6); a new series is established OK, silently, on
-its 12th ok hour.
+0.05), "blocked" hours 19 (0.95). The event tests run OONI's own parameters
+(``OONI_PARAMS``: mu0 0, mu1 0.7, edd 10: h = 3.5, every measured hour weighing 1),
+whose arithmetic is slow enough to put each mechanism on a distinct hour: an OK
+series turns BLOCKED on its 6th blocked hour (6 x 0.6 = 3.6) and back on its 12th
+ok hour (12 x 0.3 = 3.6); a new series is established OK, silently, on its 12th ok
+hour. The shipped defaults (edd 5, an hour weighing up to 3 measurements) have
+their own tests, ``*_defaults_*``.
 """
 
 from __future__ import annotations
@@ -32,15 +35,24 @@ T0 = datetime(2024, 3, 1)
 H0 = hour_number(T0)
 PER_HOUR = 20
 OK_LEVEL, BLOCKED_LEVEL = 1, 19  # anomalies out of PER_HOUR
+SHIPPED = object()  # detect(..., config=SHIPPED): the asset's defaults
 
 
 def at(hour: int) -> datetime:
     return T0 + timedelta(hours=hour)
 
 
-def _rows(cc: str, asn: int, domain: str, hour: int, anomalies: int, tag: str = "") -> list[dict]:
+def _rows(
+    cc: str,
+    asn: int,
+    domain: str,
+    hour: int,
+    anomalies: int,
+    tag: str = "",
+    per_hour: int = PER_HOUR,
+) -> list[dict]:
     rows = []
-    for i in range(PER_HOUR):
+    for i in range(per_hour):
         blocked = i < anomalies
         rows.append(
             {
@@ -63,10 +75,22 @@ def _rows(cc: str, asn: int, domain: str, hour: int, anomalies: int, tag: str = 
 
 
 def insert_timeline(
-    ch: ClickHouse, cc: str, asn: int, domain: str, levels: dict[int, int], tag: str = ""
+    ch: ClickHouse,
+    cc: str,
+    asn: int,
+    domain: str,
+    levels: dict[int, int],
+    tag: str = "",
+    per_hour: dict[int, int] | None = None,
 ) -> None:
-    """``levels``: hour -> anomalies out of PER_HOUR (hours left out: no measurements)."""
-    rows = [r for hour, n in sorted(levels.items()) for r in _rows(cc, asn, domain, hour, n, tag)]
+    """``levels``: hour -> anomalies out of PER_HOUR measurements, or out of
+    ``per_hour[hour]`` (hours left out: no measurements)."""
+    per_hour = per_hour or {}
+    rows = [
+        r
+        for hour, n in sorted(levels.items())
+        for r in _rows(cc, asn, domain, hour, n, tag, per_hour.get(hour, PER_HOUR))
+    ]
     if rows:
         ensure_tables(ch, "fastpath")
         ch.insert_df("fastpath", pd.DataFrame(rows))
@@ -103,7 +127,14 @@ def webhook(upstream, monkeypatch):
     return upstream
 
 
+# OONI's CUSUM as ooni/data runs it: h = 3.5, an hour weighs 1 whatever it measured.
+OONI_PARAMS = {"edd": 10.0, "max_hour_weight": 1.0}
+
+
 def detect(clickhouse, store, first: int, last: int, instance=None, config=None):
+    """Detect hours [first, last] as a backfill does, with OONI's parameters
+    overridden by ``config`` (``config=SHIPPED`` for the shipped defaults)."""
+    config = {} if config is SHIPPED else {**OONI_PARAMS, **(config or {})}
     start, end = at(first), at(last)
     return dg.materialize(
         [blocking_detector],
@@ -184,30 +215,64 @@ def parse_feed(store, key: str):
 
 
 def test_cusum_step_matches_ooni_thresholds_and_gap_decay() -> None:
-    params = CusumParams()
+    params = CusumParams(**OONI_PARAMS)
     assert params.h == pytest.approx(3.5)
     mem = SeriesState.empty(3)
     idx = np.arange(3)
+    twenty = np.full(3, PER_HOUR)
     # 11 ok hours leave every series unknown, the 12th establishes OK silently.
     for hour in range(11):
-        assert not step(mem, hour, idx, np.full(3, 0.05), params).any()
+        assert not step(mem, hour, idx, np.full(3, 0.05), twenty, params).any()
     assert list(mem.state) == [UNKNOWN] * 3
-    assert not step(mem, 11, idx, np.full(3, 0.05), params).any()
+    assert not step(mem, 11, idx, np.full(3, 0.05), twenty, params).any()
     assert list(mem.state) == [OK] * 3
     # Three blocked hours each, then: series 0 next hour, series 1 after 6 silent
     # hours (no decay), series 2 after 72 silent hours (memory decays by 2**-(73/48)).
     for hour in range(12, 15):
-        step(mem, hour, idx, np.full(3, 0.95), params)
+        step(mem, hour, idx, np.full(3, 0.95), twenty, params)
     assert mem.s_pos == pytest.approx([1.8] * 3)
     changes = {}
     for hour in range(15, 100):
         due = [i for i, resume in enumerate((15, 21, 87)) if hour >= resume]
-        change = step(mem, hour, np.array(due, int), np.full(len(due), 0.95), params)
+        change = step(
+            mem, hour, np.array(due, int), np.full(len(due), 0.95), np.full(len(due), 20), params
+        )
         for i, c in zip(due, change, strict=True):
             if c:
                 changes[i] = hour
     assert changes == {0: 17, 1: 23, 2: 91}
     assert list(mem.state) == [BLOCKED] * 3
+
+
+def test_cusum_defaults_weigh_an_hour_by_its_measurements_up_to_three() -> None:
+    """Shipped defaults: h = 2.1; a blocked measurement adds 0.65, an unblocked one
+    takes 0.35 away, an hour counting at most 3 of them. One blocked measurement an
+    hour crosses on the 4th hour; two, three or twenty an hour on the 2nd;
+    dense hours alternating 0.45 and 0.25 (a threshold's worst case) add 3 x 0.1 and
+    take it back, where twenty independent measurements would add 2 at the first."""
+    params = CusumParams()
+    assert (params.edd, params.max_hour_weight, params.h) == (6.0, 3.0, pytest.approx(2.1))
+    mem = SeriesState.empty(5)
+    mem.state[:] = OK
+    idx = np.arange(5)
+    usable = np.array([1, 2, 3, 20, 20])
+    first_change = {}
+    for hour in range(12):
+        share = np.array([1.0, 1.0, 1.0, 1.0, 0.25 if hour % 2 else 0.45])
+        change = step(mem, hour, idx, share, usable, params)
+        for i in np.flatnonzero(change == 1):
+            first_change.setdefault(int(i), hour)
+    assert first_change == {0: 3, 1: 1, 2: 1, 3: 1}
+    assert mem.state[4] == OK and mem.s_pos[4] == pytest.approx(0.0)
+    # The way back: single unblocked measurements take 0.35 an hour off a block;
+    # 5 hours (1.75) leave it blocked, 7 (2.45) have ended it.
+    mem = SeriesState.empty(1)
+    mem.state[:] = BLOCKED
+    for hour in range(7):
+        step(mem, hour, np.arange(1), np.zeros(1), np.ones(1), params)
+        if hour == 4:
+            assert mem.state[0] == BLOCKED and mem.s_neg[0] == pytest.approx(1.75)
+    assert mem.state[0] == OK
 
 
 # -- timelines through the asset -------------------------------------------------------------
@@ -300,6 +365,41 @@ def test_flapping_around_the_threshold_is_no_event_storm(
     assert len(messages(webhook)) == 0  # the onset is older than 48 h before the last hour
     for asn in range(1, 11):
         assert not [c for _, _, c in status_of(ch, "PK", asn, "t.me") if c]
+
+
+def test_shipped_defaults_find_a_sparse_block_in_hours_and_keep_quiet_on_mid_shares(
+    ch, clickhouse, local_store_resource, watchlist, webhook
+) -> None:
+    """The asset's defaults (edd 6: h = 2.1; an hour weighs up to 3 measurements) on
+    OONI-like sparsity: a network measuring x.com once every other hour while blocked
+    is detected on its 4th blocked measurement (hour 30, 4 x 0.65), where OONI's
+    parameters need 6 measured hours (hour 34). Five measurements an hour with one
+    anomaly (0.2) take 3 x 0.15 off an hour: ended on the 5th such hour. Ten networks
+    alternating 0.25 / 0.45 in dense hours stay quiet; one alternating 0.05 / 0.95 is
+    blocked on its second blocked hour and stays so."""
+    five = dict.fromkeys(range(0, 80), 5)
+    sparse = hours(0, 23, 1) | dict.fromkeys(range(24, 48, 2), 1) | hours(48, 79, 1)
+    counts = five | dict.fromkeys(range(24, 48, 2), 1)
+    insert_timeline(ch, "IR", 44244, "x.com", sparse, per_hour=counts)
+    alternating = {h: (5 if h % 2 else 9) for h in range(24, 24 + 5 * 24)}
+    for asn in range(1, 11):
+        insert_timeline(ch, "PK", asn, "t.me", hours(0, 23, OK_LEVEL) | alternating)
+    hard = {h: (BLOCKED_LEVEL if h % 2 else OK_LEVEL) for h in range(24, 24 + 5 * 24)}
+    insert_timeline(ch, "PK", 99, "x.com", hours(0, 23, OK_LEVEL) | hard)
+    assert detect(clickhouse, local_store_resource, 0, 143, config=SHIPPED).success
+    assert summary(ch) == [
+        ("blocking", "PK", "x.com", "ongoing", "change", 27, None, [99]),
+        ("blocking", "IR", "x.com", "ended", "change", 30, 52, [44244]),
+    ]
+    for asn in range(1, 11):
+        assert not [c for _, _, c in status_of(ch, "PK", asn, "t.me") if c]
+    ch.command("TRUNCATE TABLE blocking_status")
+    ch.command("TRUNCATE TABLE blocking_events")
+    assert detect(clickhouse, local_store_resource, 0, 143).success  # OONI's parameters
+    assert [(e["probe_cc"], e["start"]) for e in events(ch) if e["domain"] == "x.com"] == [
+        ("IR", 34),
+        ("PK", 45),
+    ]
 
 
 def test_gaps_of_6_and_72_hours(ch, clickhouse, local_store_resource, watchlist, webhook) -> None:

@@ -67,7 +67,14 @@ class BlockingDetectorConfig(dg.Config):
     mu0: float = Field(default=0.0, description="CUSUM: expected blocked share when OK")
     mu1: float = Field(default=0.7, description="CUSUM: expected blocked share when blocked")
     edd: float = Field(
-        default=10.0, gt=0, description="CUSUM: expected detection delay; h = edd*(mu1-mu0)/2"
+        default=6.0,
+        gt=0,
+        description="CUSUM: expected detection delay in measured hours; h = edd*(mu1-mu0)/2",
+    )
+    max_hour_weight: float = Field(
+        default=3.0,
+        gt=0,
+        description="CUSUM: an hour weighs its usable measurements, at most this many",
     )
     gap_halflife_hours: float = Field(
         default=48.0, gt=0, description="CUSUM memory half-life across gaps"
@@ -88,6 +95,7 @@ class BlockingDetectorConfig(dg.Config):
             mu0=self.mu0,
             mu1=self.mu1,
             edd=self.edd,
+            max_hour_weight=self.max_hour_weight,
             gap_halflife_hours=self.gap_halflife_hours,
             forget_after_hours=self.forget_after_hours,
         )

@@ -221,7 +221,9 @@ def run_status(
             has_usable = usable[lo:hi] > 0
             idx = idx_all[has_usable]
             change = np.zeros(n, np.int8)
-            change[idx] = step(mem, hour, idx, y_all[lo:hi][has_usable], params)
+            change[idx] = step(
+                mem, hour, idx, y_all[lo:hi][has_usable], usable[lo:hi][has_usable], params
+            )
             alive = np.flatnonzero(remembered(mem, hour, params))
             measured = np.zeros(n, np.uint32)
             measured[idx_all] = total[lo:hi].astype(np.uint32)
