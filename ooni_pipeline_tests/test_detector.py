@@ -25,6 +25,7 @@ import pytest
 
 from ooni_pipeline.clickhouse import ClickHouse, ClickHouseError
 from ooni_pipeline.clickhouse.schema import ensure_tables
+from ooni_pipeline.detector import announce
 from ooni_pipeline.detector.assets import blocking_detector
 from ooni_pipeline.detector.cusum import BLOCKED, OK, UNKNOWN, CusumParams, SeriesState, step
 from ooni_pipeline.detector.events import event_id
@@ -98,6 +99,13 @@ def insert_timeline(
 
 def hours(first: int, last: int, level: int) -> dict[int, int]:
     return dict.fromkeys(range(first, last + 1), level)
+
+
+@pytest.fixture(autouse=True)
+def replayed_as_live(monkeypatch) -> None:
+    """The timelines are in 2024: news is judged against each pass's last hour, as
+    if it ran live, not against today's clock (which would make it all old)."""
+    monkeypatch.setattr(announce, "current_hour", lambda: 0)
 
 
 @pytest.fixture
@@ -464,6 +472,44 @@ def test_shutdown_opens_a_no_measurements_event(
     assert detect(clickhouse, local_store_resource, 72, 90).success
     assert summary(ch) == [("no_measurements", "IR", "", "ended", "change", 48, 58, [])]
     assert len(messages(webhook)) == 2
+
+
+def test_a_shutdown_is_found_by_hourly_passes_as_by_one_run(
+    ch, clickhouse, local_store_resource, watchlist, webhook
+) -> None:
+    """The hourly schedule's way: one pass per hour. A silence is an event from its
+    2nd hour, which a pass of one hour only sees by looking back over the hour
+    before its own (it found nothing before: passes of one hour never did)."""
+    insert_timeline(ch, "IR", 1, "x.com", hours(0, 47, OK_LEVEL) | hours(58, 71, OK_LEVEL))
+    insert_timeline(ch, "DE", 2, "x.com", hours(0, 71, OK_LEVEL))
+    instance = dg.DagsterInstance.ephemeral()
+    assert detect(clickhouse, local_store_resource, 0, 46, instance).success
+    for hour in range(47, 62):
+        assert detect(clickhouse, local_store_resource, hour, hour, instance).success
+        if hour == 49:
+            assert summary(ch) == [("no_measurements", "IR", "", "ongoing", "change", 48, None, [])]
+    assert summary(ch) == [("no_measurements", "IR", "", "ended", "change", 48, 58, [])]
+    assert headlines(webhook) == ["no measurements", "measurements resumed"]
+
+
+def test_a_backfill_over_history_in_chunks_announces_nothing(
+    ch, clickhouse, local_store_resource, watchlist, webhook, monkeypatch
+) -> None:
+    """A backfill run today over last year, in chunks of 12 hours: each chunk's
+    events are recent for its own last hour, but old news for today. Recorded as
+    announced, no message; the events and feeds are as a live run leaves them."""
+    levels = hours(0, 23, OK_LEVEL) | hours(24, 47, BLOCKED_LEVEL) | hours(48, 79, OK_LEVEL)
+    insert_timeline(ch, "IR", 44244, "x.com", levels)
+    insert_timeline(ch, "DE", 1, "x.com", hours(0, 79, OK_LEVEL))
+    monkeypatch.setattr(announce, "current_hour", lambda: H0 + 24 * 365)
+    instance = dg.DagsterInstance.ephemeral()
+    for first in range(0, 80, 12):
+        assert detect(clickhouse, local_store_resource, first, first + 11, instance).success
+    assert summary(ch) == [("blocking", "IR", "x.com", "ended", "change", 29, 59, [44244])]
+    assert events(ch)[0]["announced"] == "ended"
+    assert messages(webhook) == []
+    feed = parse_feed(local_store_resource.get_store(), "feeds/blocking/IR.atom")
+    assert [e.title for e in feed.entries] == ["x.com reachable again in IR"]
 
 
 def test_late_upload_corrects_the_event_without_duplicating_it(
@@ -834,6 +880,39 @@ def _refuse_the_second_swap(monkeypatch) -> None:
         return command(self, sql, *args, **kwargs)
 
     monkeypatch.setattr(ClickHouse, "command", refusing_the_second_swap)
+
+
+def test_a_pass_failing_after_its_swap_has_its_events_found_by_the_next(
+    ch, clickhouse, local_store_resource, watchlist, webhook, monkeypatch
+) -> None:
+    """Hour by hour, the pass of hour 29 (the onset's crossing) swaps its status in
+    and then fails writing its events. The next pass regroups from hour 29, not
+    from its own hour 30: the event starts at 29 with onset `change` and is
+    announced once, as without the failure (regrouped from 30 it would have been an
+    unannounced `initial` event starting at 30)."""
+    levels = hours(0, 23, OK_LEVEL) | hours(24, 40, BLOCKED_LEVEL)
+    insert_timeline(ch, "IR", 44244, "x.com", levels)
+    insert_timeline(ch, "DE", 1, "x.com", hours(0, 40, OK_LEVEL))
+    instance = dg.DagsterInstance.ephemeral()
+    assert detect(clickhouse, local_store_resource, 0, 28, instance).success
+    insert = ClickHouse.insert_df
+
+    def refusing_events(self, table, *args, **kwargs):
+        if table == "blocking_events":
+            raise ClickHouseError("Code: 999. DB::Exception: Keeper timeout (injected)")
+        return insert(self, table, *args, **kwargs)
+
+    monkeypatch.setattr(ClickHouse, "insert_df", refusing_events)
+    failed = detect(clickhouse, local_store_resource, 29, 29, instance)
+    monkeypatch.setattr(ClickHouse, "insert_df", insert)
+    assert not failed.success and "Keeper timeout (injected)" in failure_text(failed)
+    assert [c for h, _, c in status_of(ch, "IR", 44244, "x.com") if h == 29] == [1]
+    assert summary(ch) == []
+    for hour in (30, 31):
+        assert detect(clickhouse, local_store_resource, hour, hour, instance).success
+    assert summary(ch) == [("blocking", "IR", "x.com", "ongoing", "change", 29, None, [44244])]
+    assert headlines(webhook) == ["blocking started"]
+    assert ch.scalar("SELECT count() FROM blocking_status_redo") == 0
 
 
 def test_a_swap_failing_on_its_second_day_leaves_a_prefix_the_next_pass_completes(

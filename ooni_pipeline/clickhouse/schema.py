@@ -184,8 +184,9 @@ _TABLES: dict[str, TableDef] = {
         "version",
         "ORDER BY (consumer, event_id)",
     ),
-    # The hours of a detector pass whose swap into blocking_status began and did not
-    # end (see detector.status.replace_partitions): the next pass computes them again.
+    # The hours of a detector pass whose swap into blocking_status began and whose
+    # events were not written yet (see detector.status.replace_partitions): the next
+    # pass computes them again.
     "blocking_status_redo": TableDef(
         "first_hour DateTime('UTC'), last_hour DateTime('UTC'), since DateTime64(3, 'UTC')",
         "MergeTree",

@@ -3,14 +3,16 @@ webhook (``OONI_ALERT_WEBHOOK_URL``, ``operations.alerts.post_alert``).
 
 What was announced is recorded on the event (column ``announced``), so a message is
 sent once, and one that failed to send is sent by the next run. Events whose news
-is older than ``announce_within_hours`` before the last hour detected (a backfill
-over history) are marked without a message. Domains and country codes come from
+is older than ``announce_within_hours`` before the last hour detected, or before the
+current hour (a backfill over history, whatever its chunks), are marked without a
+message. Domains and country codes come from
 test lists and probes: they are shown as literals (``untrusted.chat_literal``);
 the Explorer link is URL-encoded.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from ooni_pipeline.detector.events import ONGOING, EventParams
@@ -26,6 +28,12 @@ HEADLINES = {
         "ended",
     ): ":large_green_circle: OONI blocking detector: measurements resumed",
 }
+
+
+def current_hour() -> int:
+    """Hours since the epoch now (UTC): the wall clock news is judged against. A
+    function of its own so the tests can replay a timeline as if it were live."""
+    return int(time.time() // 3600)
 
 
 @dataclass(frozen=True)
@@ -52,9 +60,11 @@ def pending(events: list[dict], last_hour: int, params: EventParams) -> list[Ann
     announced once whichever way the hours were detected: an event that started and
     ended between two passes (one pass over a day, a backfill in chunks) gets its
     "started" message, then its "ended", as hour-by-hour passes would have sent them.
-    News older than ``announce_within_hours`` before the last hour detected is
-    recorded without a message."""
-    oldest_news = last_hour - params.announce_within_hours
+    News older than ``announce_within_hours`` before the last hour detected, or
+    before the current hour, is recorded without a message: a backfill over history
+    in chunks of a day would otherwise announce each chunk's events, each being
+    recent for its own last hour."""
+    oldest_news = max(last_hour, current_hour()) - params.announce_within_hours
     out: list[tuple[int, int, Announcement]] = []
     for event in events:
         status, announced, event_id = event["status"], event["announced"], event["event_id"]

@@ -30,7 +30,13 @@ from ooni_pipeline.detector.events import (
     shutdown_episodes,
 )
 from ooni_pipeline.detector.feeds import COUNTRY_CODE, build_feed, feed_key
-from ooni_pipeline.detector.status import StatusRun, hour_text, query_frame, run_status
+from ooni_pipeline.detector.status import (
+    StatusRun,
+    events_written,
+    hour_text,
+    query_frame,
+    run_status,
+)
 from ooni_pipeline.exports.watchlist_file import Consumer
 from ooni_pipeline.object_store.stores import ObjectStore
 from ooni_pipeline.operations.alerts import post_alert
@@ -71,6 +77,7 @@ def detect(
         f"({status.hours} h, {status.rows} rows) in {status.duration_s:.1f} s"
     )
     outcome = update_events(ch, status, params, version)
+    events_written(ch)
     failures: list[Exception] = []
     try:
         posted = announce(ch, outcome, status.last_hour, params, version, log)
@@ -138,7 +145,7 @@ def update_events(
     """Group the hours a detector pass wrote into events, reconcile them with the
     stored ones and write what changed."""
     first = status.first_hour
-    begin, stored = look_back(ch, first)
+    begin, stored = look_back(ch, first - (params.silent_hours - 1))
     runs = query_frame(
         ch,
         sql.BLOCKING_EPISODES_SQL,
@@ -188,9 +195,11 @@ def look_back(ch: ClickHouse, first_hour: int) -> tuple[int, pd.DataFrame]:
     it reconciles with (every one ending at or after that hour, or open).
 
     Shutdowns are regrouped from the countries' volumes over [begin, last]: ``begin``
-    is the first hour the pass detected, moved back to the start of any stored
-    shutdown still open or ending after it, until none straddles it, so none is cut
-    at ``begin`` (a shutdown is found from its baseline before it). Blocking episodes
+    is ``first_hour`` (the pass's first hour less ``shutdown_silent_hours`` - 1, so
+    an hourly pass sees a silence that began the hour before it: it is an event
+    from its 2nd hour), moved back to the start of any stored shutdown still open or
+    ending after it, until none straddles it, so none is cut at ``begin`` (a
+    shutdown is found from its baseline before it). Blocking episodes
     need no look-back (``reconcile`` continues them). Shutdowns are few and short:
     this reaches back as far as the oldest open one."""
     begin = first_hour

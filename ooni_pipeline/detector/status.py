@@ -279,8 +279,12 @@ def replace_partitions(ch: ClickHouse, start: int, end: int) -> None:
     swapped in, earliest first: a failure at any statement leaves the old hours up
     to some day, or the new hours up to some day, and nothing after. The range is
     written to ``blocking_status_redo`` before the first statement and removed after
-    the last, so the next pass computes it again (``plan_hours``), however far back
-    it starts. Staging is emptied afterwards. Daily partitions keep the copy of an hourly
+    the last event of the pass is written (``events_written``), so the next pass
+    computes it again (``plan_hours``), however far back it starts, and regroups
+    its events from there: a pass failing after the swap but before its events
+    were written would otherwise leave the next pass to regroup from its own first
+    hour, cutting an episode that started in between (its onset lost). Staging is
+    emptied afterwards. Daily partitions keep the copy of an hourly
     pass to the rest of its day."""
     bounds = {"start": hour_text(start), "end": hour_text(end)}
     touched = sorted(_partition_ids(ch, sql.TOUCHED_PARTITIONS_SQL, bounds))
@@ -300,8 +304,12 @@ def replace_partitions(ch: ClickHouse, start: int, end: int) -> None:
             )
         elif number == 0:
             ch.command(f"ALTER TABLE blocking_status DROP PARTITION ID '{pid}'")
-    ch.command("TRUNCATE TABLE blocking_status_redo")
     ch.command(f"TRUNCATE TABLE {sql.STATUS_STAGING}")
+
+
+def events_written(ch: ClickHouse) -> None:
+    """The pass's events are written: its hours need no computing again."""
+    ch.command("TRUNCATE TABLE blocking_status_redo")
 
 
 class _RowWriter:
