@@ -440,9 +440,9 @@ def test_a_run_pod_gets_the_launchers_resources_and_the_code_servers_config(
 def test_the_documented_run_tag_replaces_its_resources(code_server, tmp_path) -> None:
     """The tag `dagster-k8s/config` of docs/operations.md ("Kubernetes"), set on a run
     (launchpad, backfill or job tags), sizes that run's pod."""
-    section = (REPO_ROOT / "docs" / "operations.md").read_text().split("## Kubernetes", 1)[1]
-    [documented] = re.findall(r'`(\{"container_config".*?\})`', section.split("\n## ", 1)[0])
-    value = json.loads(documented)
+    section = (REPO_ROOT / "docs" / "operations.md").read_text().split("\n## Kubernetes\n")[1]
+    after_tag = section.split("\n## ", 1)[0].split("`dagster-k8s/config`", 1)[1]
+    value = json.loads(re.search(r"`(\{.*?\})`", after_tag).group(1))
     job, _ = _run_job(code_server, {"dagster-k8s/config": json.dumps(value)}, tmp_path)
     resources = _resources(job.spec.template.spec.containers[0])
     assert resources == value["container_config"]["resources"]
