@@ -6,7 +6,7 @@ Timelines use 20 measurements per series-hour: "ok" hours have 1 anomaly (share
 whose arithmetic is slow enough to put each mechanism on a distinct hour: an OK
 series turns BLOCKED on its 6th blocked hour (6 x 0.6 = 3.6) and back on its 12th
 ok hour (12 x 0.3 = 3.6); a new series is established OK, silently, on its 12th ok
-hour. The shipped defaults (edd 5, an hour weighing up to 3 measurements) have
+hour. The shipped defaults (edd 6, an hour weighing up to 3 measurements) have
 their own tests, ``*_defaults_*``.
 """
 
@@ -1167,3 +1167,119 @@ def test_a_chunk_starting_where_an_event_ended_keeps_it_and_opens_the_next(
     # over 120 hours finds the first event's news older than 48 hours), each once.
     sent = headlines(webhook)
     assert sent == ["blocking started", "blocking ended"] * 2
+
+
+def test_cusum_crossing_at_h_does_not_depend_on_how_hours_group_measurements() -> None:
+    """Shipped defaults: six unblocked measurements take 6 x 0.35 = h off a block:
+    not past h, whichever hours they came in (float sums of the groupings differ in
+    the last bit; found by the review of 07e2855); a seventh ends it."""
+    params = CusumParams()
+    for weights in ([1] * 6, [3, 1, 1, 1], [2, 2, 1, 1], [3, 3], [1, 1, 1, 3], [2, 2, 2]):
+        mem = SeriesState.empty(1)
+        mem.state[:] = BLOCKED
+        for hour, w in enumerate(weights):
+            step(mem, hour, np.arange(1), np.zeros(1), np.array([w]), params)
+        assert mem.state[0] == BLOCKED, weights
+        step(mem, len(weights), np.arange(1), np.zeros(1), np.ones(1), params)
+        assert mem.state[0] == OK, weights
+
+
+IR_LEVELS = hours(0, 47, OK_LEVEL) | hours(58, 71, OK_LEVEL)  # IR silent 48..57
+
+
+@pytest.mark.clickhouse_backends("embedded")
+def test_hourly_passes_find_a_shutdown_while_their_own_hour_is_still_thin(
+    ch, clickhouse, local_store_resource, watchlist, webhook
+) -> None:
+    """Live: the schedule detects hour H at H+1:20, when part of H is uploaded (a
+    quarter here: under coverage_share, so H is "no evidence"); the rest arrives
+    after. IR goes silent from 48 to 57 while DE measures on: hourly passes find the
+    shutdown as one run over the same rows does. (Found by the review of 07e2855:
+    pass 49 saw one covered silent hour, 48, and pass 50 looked back to 49 only.)"""
+    insert_timeline(ch, "IR", 1, "x.com", {h: n for h, n in IR_LEVELS.items() if h < 47})
+    insert_timeline(ch, "DE", 2, "x.com", hours(0, 46, OK_LEVEL))
+    instance = dg.DagsterInstance.ephemeral()
+    assert detect(clickhouse, local_store_resource, 0, 46, instance).success
+    for hour in range(47, 72):
+        early = {hour: 0}
+        if hour in IR_LEVELS:
+            insert_timeline(ch, "IR", 1, "x.com", early, tag="early", per_hour={hour: 5})
+        insert_timeline(ch, "DE", 2, "x.com", early, tag="early", per_hour={hour: 5})
+        assert detect(clickhouse, local_store_resource, hour, hour, instance).success
+        rest = {hour: OK_LEVEL}
+        if hour in IR_LEVELS:
+            insert_timeline(ch, "IR", 1, "x.com", rest, tag="late", per_hour={hour: 15})
+        insert_timeline(ch, "DE", 2, "x.com", rest, tag="late", per_hour={hour: 15})
+    hourly = summary(ch), headlines(webhook)
+    webhook.posts.clear()
+    _fresh_detector(ch)
+    assert detect(clickhouse, local_store_resource, 0, 71).success
+    one = summary(ch), headlines(webhook)
+    assert one == (
+        [("no_measurements", "IR", "", "ended", "change", 48, 58, [])],
+        ["no measurements", "measurements resumed"],
+    )
+    assert hourly == one
+
+
+@pytest.mark.clickhouse_backends("embedded")
+@pytest.mark.parametrize("gap", [30, 49])
+def test_an_hour_without_any_upload_hides_no_shutdown_from_hourly_passes(
+    ch, clickhouse, local_store_resource, watchlist, webhook, gap
+) -> None:
+    """All rows present before any pass (no latency at all). One hour in which no
+    country uploaded anything (fastpath ingestion hiccup: "no evidence"), either in
+    the 24 hours before IR's silence (30: the baseline window of an hourly pass then
+    holds 23 covered hours, not 24) or right after its first hour (49: the 2nd silent
+    hour is not covered). Hourly passes find the shutdown at 48 as one run does."""
+    insert_timeline(ch, "IR", 1, "x.com", {h: n for h, n in IR_LEVELS.items() if h != gap})
+    insert_timeline(
+        ch, "DE", 2, "x.com", {h: n for h, n in hours(0, 71, OK_LEVEL).items() if h != gap}
+    )
+    assert detect(clickhouse, local_store_resource, 0, 71).success
+    one = summary(ch), headlines(webhook)
+    assert one == (
+        [("no_measurements", "IR", "", "ended", "change", 48, 58, [])],
+        ["no measurements", "measurements resumed"],
+    )
+    webhook.posts.clear()
+    _fresh_detector(ch)
+    instance = dg.DagsterInstance.ephemeral()
+    assert detect(clickhouse, local_store_resource, 0, 46, instance).success
+    for hour in range(47, 72):
+        assert detect(clickhouse, local_store_resource, hour, hour, instance).success
+    assert (summary(ch), headlines(webhook)) == one
+
+
+@pytest.mark.clickhouse_backends("embedded")
+@pytest.mark.parametrize("seed", [3, 11])
+def test_the_chunking_property_holds_for_the_shipped_defaults_on_sparse_hours(
+    ch, clickhouse, local_store_resource, watchlist, webhook, seed
+) -> None:
+    """The generated timelines thinned to OONI-like sparsity (0 to 3 measurements a
+    series-hour, all blocked in a blocked hour, none in an ok one), so the shipped
+    weights are below their cap: one run, 12-hour chunks and hourly passes agree."""
+    rng = np.random.default_rng(seed + 100)
+    for (cc, asn, domain), levels in generated_timeline(seed).items():
+        counts = {h: int(rng.integers(0, 4)) for h in levels}
+        if domain == "filler.example":
+            counts = dict.fromkeys(levels, 20)
+        kept = {h: (counts[h] if n >= BLOCKED_LEVEL else 0) for h, n in levels.items() if counts[h]}
+        insert_timeline(ch, cc, asn, domain, kept, per_hour=counts)
+
+    def run(chunks):
+        _fresh_detector(ch)
+        instance = dg.DagsterInstance.ephemeral()
+        for first, last in chunks:
+            assert detect(
+                clickhouse, local_store_resource, first, last, instance, config=SHIPPED
+            ).success
+        return _outcome(ch, webhook)
+
+    one_rows, one_sent = run([(0, HORIZON - 1)])
+    assert one_rows
+    twelve = run([(h, h + 11) for h in range(0, HORIZON, 12)])
+    hourly = run([(0, 23), *((h, h) for h in range(24, HORIZON))])
+    for name, (rows, sent) in (("twelve", twelve), ("hourly", hourly)):
+        assert rows == one_rows, name
+        assert sent == one_sent, name

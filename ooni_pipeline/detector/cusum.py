@@ -52,6 +52,7 @@ import numpy as np
 UNKNOWN, OK, BLOCKED = 0, 1, 2
 STATE_NAMES = ("unknown", "ok", "blocked")
 NEVER = np.int64(-(2**62))  # last_measured of a series with no measurement yet
+CROSSING_TOLERANCE = 1e-9
 
 
 @dataclass(frozen=True)
@@ -150,8 +151,11 @@ def step(
     s_pos = np.where(is_blocked, 0.0, up)
     s_neg = np.where(is_ok, 0.0, down)
 
-    goes_blocked = (s_pos > params.h) & ~is_blocked
-    goes_ok = (s_neg > params.h) & ~is_ok & ~goes_blocked
+    # "Past h" beyond rounding: 6 x 0.35 reaches h = 2.1 exactly, and whether float
+    # sums of the same six measurements exceed it depended on how hours grouped them.
+    past = params.h + CROSSING_TOLERANCE
+    goes_blocked = (s_pos > past) & ~is_blocked
+    goes_ok = (s_neg > past) & ~is_ok & ~goes_blocked
     change = np.zeros(len(index), np.int8)
     change[goes_blocked & is_ok] = 1
     change[goes_ok & is_blocked] = -1

@@ -102,7 +102,9 @@ def shutdown_episodes(
     empty = _episodes_frame({name: [] for name in EPISODE_COLUMNS})
     if volume.empty:
         return empty
-    start = first - params.baseline_hours
+    # The whole frame read: a baseline of covered hours may reach back further than
+    # baseline_hours of the clock when some hours were not covered.
+    start = min(first - params.baseline_hours, int(volume["hour"].min()))
     matrix = (
         volume.pivot_table(
             index="hour", columns="probe_cc", values="measurements", aggfunc="sum", fill_value=0

@@ -145,7 +145,7 @@ def update_events(
     """Group the hours a detector pass wrote into events, reconcile them with the
     stored ones and write what changed."""
     first = status.first_hour
-    begin, stored = look_back(ch, first - (params.silent_hours - 1))
+    begin, stored = look_back(ch, first - params.baseline_hours)
     runs = query_frame(
         ch,
         sql.BLOCKING_EPISODES_SQL,
@@ -164,7 +164,7 @@ def update_events(
         ch,
         sql.COUNTRY_VOLUME_SQL,
         {
-            "start": hour_text(begin - params.baseline_hours),
+            "start": hour_text(begin - 2 * params.baseline_hours),
             "end": hour_text(status.last_hour + 1),
         },
         {"hour": "int64", "probe_cc": "object", "measurements": "int64"},
@@ -195,11 +195,16 @@ def look_back(ch: ClickHouse, first_hour: int) -> tuple[int, pd.DataFrame]:
     it reconciles with (every one ending at or after that hour, or open).
 
     Shutdowns are regrouped from the countries' volumes over [begin, last]: ``begin``
-    is ``first_hour`` (the pass's first hour less ``shutdown_silent_hours`` - 1, so
-    an hourly pass sees a silence that began the hour before it: it is an event
-    from its 2nd hour), moved back to the start of any stored shutdown still open or
-    ending after it, until none straddles it, so none is cut at ``begin`` (a
-    shutdown is found from its baseline before it). Blocking episodes
+    is ``first_hour`` (the pass's first hour less ``shutdown_baseline_hours``),
+    moved back to the start of any stored shutdown still open or ending after it,
+    until none straddles it, so none is cut at ``begin`` (a shutdown is found from
+    its baseline before it). The day before the pass is regrouped because a silence
+    becomes an event only on its ``shutdown_silent_hours``-th covered hour, which
+    may come hours after it began: the pass's own hour still partly uploaded, or an
+    hour nobody uploaded, is no evidence (review of 07e2855: hourly passes then
+    never found the shutdown when looking back one hour). Episodes found again
+    match their stored events, so regrouping a day costs a volume query, not
+    duplicates. Blocking episodes
     need no look-back (``reconcile`` continues them). Shutdowns are few and short:
     this reaches back as far as the oldest open one."""
     begin = first_hour
