@@ -28,13 +28,14 @@ from typing import Any
 
 from ooni_pipeline.clickhouse import ClickHouse, quote_identifier
 from ooni_pipeline.clickhouse.schema import FASTPATH_COLUMNS
-from ooni_pipeline.decompression import DecompressionLimitExceeded, GiB, open_bounded
+from ooni_pipeline.decompression import DecompressionLimitExceeded, GiB, iter_bounded
 from ooni_pipeline.fastpath.public_bucket import PublicBucket
 from ooni_pipeline.fastpath.scoring_sql import (
     MALFORMED_REASONS,
     SCORING_QUERY_SETTINGS,
     scoring_select,
 )
+from ooni_pipeline.fastpath.tar_stream import TarStream
 
 # Every stored column of fastpath, in its DDL order (update_time is materialized).
 ROW_COLUMNS = tuple(
@@ -148,40 +149,35 @@ def _member_blocks(
 
     ClickHouse can read tar members from S3 itself (``s3(url :: **.post)``), but it
     reopens a ``.tar.gz`` from its start for every member: measured 5.5 s for one
-    4 MB postcan of 300 members, quadratic in the postcan's size. Python's tarfile
-    streams each postcan once, gunzipped with a cap on its unpacked size.
+    4 MB postcan of 300 members, quadratic in the postcan's size. Here each postcan is
+    streamed once, gunzipped with a cap on its unpacked size, its members cut out by
+    ``TarStream`` (tarfile's rules, a third of tarfile's time).
     """
     block: list[bytes] = []
     block_bytes = 0
     for number, (key, _size) in enumerate(postcans, start=1):
         key_field = _rowbinary_string(key.encode())
         try:
-            with (
-                bucket.open(key) as body,
-                open_bounded(
+            with bucket.open(key) as body:
+                unpacked = iter_bounded(
                     body,
                     "gzip",
                     limit=max_postcan_bytes,
                     what=f"postcan {key}",
                     hint="raise max_postcan_unpacked_bytes in the run config of public_fastpath "
                     "if a genuine postcan is that large",
-                ) as unpacked,
-                tarfile.open(fileobj=unpacked, mode="r|") as tar,
-            ):
-                for info in tar:
+                )
+                tar = TarStream(unpacked)
+                for member in tar:
                     # s3feeder.load_multiple: regular members named .../<uid>.post
-                    if not (info.isfile() and info.name.endswith(".post")):
+                    if not (member.isfile() and member.name.endswith(b".post")):
                         continue
-                    if info.size > MAX_MEMBER_BYTES:
+                    if member.size > MAX_MEMBER_BYTES:
                         raise IngestError(
-                            f"member {info.name[:200]!r} is {info.size} bytes, over {MAX_MEMBER_BYTES}"
+                            f"member {member.name[:200].decode(errors='replace')!r} is {member.size} bytes, over {MAX_MEMBER_BYTES}"
                         )
-                    data = tar.extractfile(info).read()
-                    block += (
-                        key_field,
-                        _rowbinary_string(info.name.encode("utf-8", "surrogateescape")),
-                        _rowbinary_string(data),
-                    )
+                    data = tar.data()
+                    block += (key_field, _rowbinary_string(member.name), _rowbinary_string(data))
                     block_bytes += len(data)
                     if block_bytes >= BLOCK_BYTES:
                         yield b"".join(block)
