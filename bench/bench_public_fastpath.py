@@ -457,7 +457,7 @@ def run_floor_c(workdir: Path, endpoint: str) -> None:
                 countIf(dynamicType(j.content.test_keys.blocking) = 'String')
             FROM (SELECT JSONExtract(raw, '{MEMBER_TYPE}') AS j
                   FROM file('{path}', RowBinary, '{MEMBER_STRUCTURE}'))
-            SETTINGS {SCORING_QUERY_SETTINGS}"""
+            SETTINGS max_block_size = 512, {SCORING_QUERY_SETTINGS}"""
         )[0]
         print(f"{MARKER_S}{time.monotonic() - started:.3f} members={row[0]}")
 
