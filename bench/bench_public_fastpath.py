@@ -426,7 +426,7 @@ def run_floor_b(workdir: Path, endpoint: str) -> None:
 
 def write_members_file(postcans: Path, cans: list, path: Path) -> None:
     """The day's members as RowBinary (member_key, member_name, raw): floor_c's input."""
-    from ooni_pipeline.fastpath.ingest import _rowbinary_string
+    from ooni_pipeline.fastpath.ingest import rowbinary_string
 
     if path.is_file():
         return
@@ -437,9 +437,9 @@ def write_members_file(postcans: Path, cans: list, path: Path) -> None:
                     if info.isfile() and info.name.endswith(".post"):
                         data = tar.extractfile(info).read()
                         out.write(
-                            _rowbinary_string(key.encode())
-                            + _rowbinary_string(info.name.encode())
-                            + _rowbinary_string(data)
+                            rowbinary_string(key.encode())
+                            + rowbinary_string(info.name.encode())
+                            + rowbinary_string(data)
                         )
     path.with_suffix(".tmp").rename(path)
 

@@ -156,7 +156,7 @@ def _member_blocks(
     block: list[bytes] = []
     block_bytes = 0
     for number, (key, _size) in enumerate(postcans, start=1):
-        key_field = _rowbinary_string(key.encode())
+        key_field = rowbinary_string(key.encode())
         try:
             with bucket.open(key) as body:
                 unpacked = iter_bounded(
@@ -177,7 +177,7 @@ def _member_blocks(
                             f"member {member.name[:200].decode(errors='replace')!r} is {member.size} bytes, over {MAX_MEMBER_BYTES}"
                         )
                     data = tar.data()
-                    block += (key_field, _rowbinary_string(member.name), _rowbinary_string(data))
+                    block += (key_field, rowbinary_string(member.name), rowbinary_string(data))
                     block_bytes += len(data)
                     if block_bytes >= BLOCK_BYTES:
                         yield b"".join(block)
@@ -196,7 +196,7 @@ def _member_blocks(
         yield b"".join(block)
 
 
-def _rowbinary_string(data: bytes) -> bytes:
+def rowbinary_string(data: bytes) -> bytes:
     """A RowBinary String: its length as a LEB128 varint, then its bytes."""
     size, prefix = len(data), bytearray()
     while size >= 0x80:
