@@ -1033,3 +1033,91 @@ def test_a_rocksdb_table_in_a_directory_of_its_own_is_refused_clearly(
             fill=lambda c, t: c.command(f"INSERT INTO {t} VALUES ('b', 'y')"),
         )
     assert ch.query_rows("SELECT name FROM fingerprints_dns") == [("a",)]
+
+
+def _csv_rows(count: int, start: int = 0) -> bytes:
+    return "".join(f"{n},row {n}\n" for n in range(start, start + count)).encode()
+
+
+@pytest.mark.clickhouse_backends("embedded")
+def test_a_statement_reads_a_stream_while_it_is_produced(ch: ClickHouse) -> None:
+    """command_reading: the statement has read the first rows before the last ones are
+    produced (the engine works as Python produces), and every row arrives once."""
+    ch.command("CREATE TABLE streamed (n UInt32, s String) ENGINE = Memory")
+    seen_before_last: list[int] = []
+
+    def blocks():
+        for block in range(20):
+            yield _csv_rows(5_000, block * 5_000)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not seen_before_last:
+            # the INSERT is still running; its rows so far are not visible, but its
+            # progress is: wait until it has read data
+            read = ch._chdb().query(
+                "SELECT sum(read_rows) FROM system.processes WHERE query LIKE 'INSERT INTO streamed%'",
+                "CSV",
+            )
+            rows = int(read.bytes().strip() or 0)
+            if rows:
+                seen_before_last.append(rows)
+            time.sleep(0.05)
+        yield _csv_rows(1, 100_000)
+
+    ch.command_reading(
+        lambda source: f"INSERT INTO streamed SELECT n, s FROM {source}",
+        blocks(),
+        "n UInt32, s String",
+        "CSV",
+    )
+    assert seen_before_last and seen_before_last[0] > 0
+    assert ch.query_rows("SELECT count(), uniqExact(n), max(n) FROM streamed") == [
+        (100_001, 100_001, 100_000)
+    ]
+
+
+@pytest.mark.clickhouse_backends("embedded")
+def test_a_failing_statement_or_stream_fails_the_call_without_hanging(ch: ClickHouse) -> None:
+    ch.command("CREATE TABLE streamed_fail (n UInt32) ENGINE = Memory")
+
+    def rows(count: int):
+        yield from (f"{n}\n".encode() for n in range(count))
+
+    started = time.monotonic()
+    # the statement fails before it reads: the stream is not consumed
+    with pytest.raises(ClickHouseError, match="UNKNOWN_TABLE|does not exist"):
+        ch.command_reading(
+            lambda source: f"INSERT INTO nowhere SELECT * FROM {source}",
+            rows(10),
+            "n UInt32",
+            "CSV",
+        )
+    # the statement fails half-way: the producer stops, the engine's error is raised
+    with pytest.raises(ClickHouseError, match="too big"):
+        ch.command_reading(
+            lambda source: (
+                f"INSERT INTO streamed_fail SELECT throwIf(n > 50000, 'too big') + n FROM {source}"
+            ),
+            (
+                b"".join(f"{n}\n".encode() for n in range(k, k + 1000))
+                for k in range(0, 10_000_000, 1000)
+            ),
+            "n UInt32",
+            "CSV",
+        )
+
+    # the stream fails: its own error reaches the caller, unchanged
+    class Boom(RuntimeError):
+        pass
+
+    def failing():
+        yield b"1\n2\n"
+        raise Boom("the source broke")
+
+    with pytest.raises(Boom, match="the source broke"):
+        ch.command_reading(
+            lambda source: f"INSERT INTO streamed_fail SELECT * FROM {source}",
+            failing(),
+            "n UInt32",
+            "CSV",
+        )
+    assert time.monotonic() - started < 60

@@ -815,3 +815,144 @@ def test_a_server_in_another_time_zone_compares_utc_days(
     assert metadata["dagster/row_count"].value == 0
     assert metadata["measurement_days_changed"].value == []
     assert ch.scalar("SELECT count() FROM fastpath") == 1
+
+
+_MISSING = object()
+# Values of every JSON type, and strings that read like other types.
+_VALUES = (
+    _MISSING,
+    None,
+    "",
+    "x",
+    "true",
+    "false",
+    "1",
+    0,
+    1,
+    1.5,
+    True,
+    False,
+    [],
+    ["a"],
+    {},
+    {"a": 1},
+)
+_FIELDS = (
+    "report_id", "probe_cc", "probe_asn", "input", "annotations", "annotations.platform",
+    "annotations.architecture", "annotations.engine_name", "test_name", "measurement_start_time",
+    "test_start_time", "software_name", "test_version", "test_runtime", "test_helpers",
+    "test_helpers.backend", "test_helpers.backend.address", "test_keys", "test_keys.blocking",
+    "test_keys.accessible", "test_keys.title_match", "test_keys.http_experiment_failure",
+    "test_keys.x_foo_failure", "test_keys.queries", "test_keys.requests",
+)  # fmt: skip
+
+
+def _set(msm: dict, path: str, value) -> dict:
+    msm = copy.deepcopy(msm)
+    *parents, last = path.split(".")
+    target = msm
+    for name in parents:
+        if not isinstance(target.get(name), dict):
+            target[name] = {}
+        target = target[name]
+    if value is _MISSING:
+        target.pop(last, None)
+    else:
+        target[last] = value
+    return msm
+
+
+def _shapes() -> list[bytes]:
+    """Members of every shape: the real measurements, each field of the rules given a
+    value of each JSON type, answers, requests, bodies and headers in each of their forms,
+    envelopes wrapped every way, and text that is not a measurement."""
+    import base64
+
+    location = {"Location": "http://lamanlabuh.aduankonten.id/x"}  # a confirmed prefix
+    dns_ip = real(2)["test_keys"]["queries"][0]["answers"][0]["ipv4"]  # a confirmed address
+    b64 = base64.b64encode(b"<p>Access Denied</p>").decode()
+    base = _variant(real(7), "shape", test_keys__blocking=False)
+    msms = [real(n) for n in EXPECTED]
+    msms += [_set(base, path, value) for path in _FIELDS for value in _VALUES]
+    answers = [
+        {"ipv4": None, "hostname": dns_ip}, {"hostname": dns_ip}, {"ipv6": dns_ip},
+        {"ipv4": 5, "hostname": dns_ip}, "x", [dns_ip],
+    ]  # fmt: skip
+    msms += [_set(base, "test_keys.queries", [{"answers": [a]}]) for a in answers]
+    msms += [_set(base, "test_keys.queries", q) for q in ([{"answers": {}}], ["x"], [None], {})]
+    responses = [
+        None, "x", [], {}, {"body": None}, {"body": 5}, {"body": []}, {"body": {}},
+        {"body": {"format": "base64", "data": b64}}, {"body": {"format": "base64", "data": "!!"}},
+        {"body": {"format": "base64", "data": None}}, {"body": {"format": "base64"}},
+        {"body": {"format": "base64", "data": 5}}, {"body": {"format": 5, "data": b64}},
+        {"body": {"data": b64}}, {"body": "<p>Access Denied</p>"},
+        {"headers": location}, {"headers": []}, {"headers": {"Location": None}},
+        {"headers": {"Location": 5}}, {"headers": {"LOCATION": location["Location"]}},
+        {"headers": {"Location": {"format": "base64",
+                                  "data": base64.b64encode(location["Location"].encode()).decode()}}},
+        {"headers": {"Location": {"format": "base64"}}},
+        {"headers": {"Location": {"format": "base64", "data": 5}}},
+    ]  # fmt: skip
+    msms += [_set(base, "test_keys.requests", [{"response": r}]) for r in responses]
+    msms += [_set(base, "test_keys.requests", r) for r in ([None], ["x"], [{}], {}, [{"x": 1}])]
+    content = json.dumps(base)
+    members = [json.dumps({"format": "json", "content": m}).encode() for m in msms]
+    members += [
+        json.dumps({"format": "json", "content": m}, separators=(",", ":")).encode()
+        for m in msms[:10]
+    ]
+    members += [
+        f'{{"content": {content}, "format": "json"}}'.encode(),
+        f'  {{"format": "json", "content": {content}}}'.encode(),
+        f'{{"format": "JSON", "content": {content}}}'.encode(),
+        f'{{"format": null, "content": {content}}}'.encode(),
+        f'{{"format": 5, "content": {content}}}'.encode(),
+        f'{{"content": {content}}}'.encode(),
+        f'{{"format": "json", "content": {content}, "content": {{}}}}'.encode(),
+        f'{{"format": "json", "content" : [{content}]}}'.encode(),
+        b'{"format": "json", "content": "x"}',
+        b'{"format": "json", "content": null}',
+        b'{"format": "json"}',
+        f'{{"format": "yaml", "content": {content}}}'.encode(),
+        f'[{{"format": "json", "content": {content}}}]'.encode(),
+        content.encode(),
+        content.replace('"test_keys": {', '"test_keys" :[{').replace('}, "test_name"', '}], "test_name"').encode(),
+        b"", b"null", b"{", b"[1, 2]", b'"x"', b"\xff\xfe",
+    ]  # fmt: skip
+    return members
+
+
+def test_the_typed_reading_scores_every_member_as_the_raw_reading(ch, fingerprints) -> None:
+    """Each member is parsed once into typed columns, unless its text or types say the
+    typed reading could misread it; then it is read level by level (``JSONExtract*Raw``),
+    as it always was. For members of every shape, both readings give the same rows."""
+    from ooni_pipeline.fastpath.scoring_sql import SCORING_QUERY_SETTINGS, scoring_select
+
+    members = _shapes()
+    ch.command(
+        "CREATE TABLE shapes (member_key String, member_name String, raw String) ENGINE = Memory"
+    )
+    ch.insert_df(
+        "shapes",
+        pd.DataFrame(
+            {
+                "member_key": ["raw/20240102/10/IT/webconnectivity/x.tar.gz"] * len(members),
+                "member_name": [member(m)[0] for m in members],
+                "raw": members,
+            }
+        ),
+    )
+
+    def scored(typed: bool) -> list[tuple]:
+        return ch.query_rows(
+            f"SELECT * FROM ({scoring_select('shapes', typed_reading=typed)}) ORDER BY member_name "
+            f"SETTINGS {SCORING_QUERY_SETTINGS}"
+        )
+
+    typed, raw = scored(True), scored(False)
+    assert len(typed) == len(members)
+    assert [r for r in typed if r not in raw] == []
+    reasons = {row[2] for row in raw}
+    assert {"", "not_json", "not_a_measurement", "no_report_id", "bad_field", "yaml"} <= reasons
+    confirmed = [row for row in raw if row[2] == "" and '"confirmed":true' in row[12]]
+    assert len(confirmed) > 10  # confirmed by DNS, body and header fingerprints

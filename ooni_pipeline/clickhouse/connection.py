@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Generator, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import urlsplit, urlunsplit
 
 if TYPE_CHECKING:  # annotations only: the code location loads without pandas and pyarrow
@@ -374,6 +374,63 @@ class ClickHouse:
                 raise source_error[0] from None
             raise self._wrap(exc, f"INSERT INTO {table} FORMAT {fmt}") from None
 
+    def command_reading(
+        self,
+        statement: Callable[[str], str],
+        data: Iterable[bytes],
+        structure: str,
+        fmt: str = "RowBinary",
+    ) -> None:
+        """Run ``statement(source)``, where ``source`` is a table function yielding the
+        rows of ``data`` (bytes in input format ``fmt``, columns ``structure``), while
+        ``data`` is still being produced: the engine parses and processes what has
+        arrived (on its own threads) as this thread produces the rest. Embedded only.
+
+        The bytes go through a FIFO in a private temporary directory, read by
+        ``file()``. chdb's own streaming insert (``send_insert``) takes no
+        ``INSERT ... SELECT`` and drops the errors of materialized views; the
+        statement here is an ordinary query, so its errors reach the caller. An error
+        raised by ``data`` itself reaches the caller unchanged (what the engine read
+        until then is the caller's to discard).
+        """
+        if not self.embedded:
+            raise ClickHouseError("command_reading needs embedded ClickHouse")
+        import os
+        import tempfile
+        import threading
+
+        with tempfile.TemporaryDirectory(prefix="ooni-stream-") as directory:
+            fifo = os.path.join(directory, "input")
+            os.mkfifo(fifo, 0o600)
+            quote_identifier(fmt)
+            sql = statement(f"file({_sql_string(fifo)}, {fmt}, {_sql_string(structure)})")
+            failure: list[BaseException] = []
+
+            def run() -> None:
+                try:
+                    self.command(sql)
+                except BaseException as exc:  # handed to the caller below
+                    failure.append(exc)
+
+            query = threading.Thread(target=run, name="clickhouse statement", daemon=True)
+            query.start()
+            source_error: BaseException | None = None
+            try:
+                writer = _open_fifo_writer(fifo, query)
+                if writer is not None:
+                    with writer:
+                        for block in data:
+                            writer.write(block)
+            except BrokenPipeError:
+                pass  # the statement stopped reading: it failed, its error is raised below
+            except BaseException as exc:
+                source_error = exc
+            query.join()
+        if source_error is not None:
+            raise source_error
+        if failure:
+            raise failure[0]
+
     def count(self, table: str) -> int:
         return int(self.scalar(f"SELECT count() FROM {quote_identifier(table)}"))
 
@@ -422,6 +479,34 @@ def _server_failure(tail: bytes, tag: str | None) -> Exception | None:
 
     message = extract_exception_with_tag(tail, tag)
     return RuntimeError(f"ClickHouse failed while streaming: {message}") if message else None
+
+
+def _sql_string(text: str) -> str:
+    """``text`` as a quoted SQL string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _open_fifo_writer(path: str, reader: Any, poll_s: float = 0.01) -> BinaryIO | None:
+    """The write end of FIFO ``path`` once the engine has opened it for reading; None
+    if the thread ``reader`` that runs the statement ended first (the statement failed
+    before reading). Opened without blocking, as a plain open would wait forever for a
+    reader that never comes."""
+    import errno
+    import fcntl
+    import os
+
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:  # ENXIO: no reader yet
+                raise
+            if not reader.is_alive():
+                return None
+            time.sleep(poll_s)
+            continue
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        return os.fdopen(fd, "wb")
 
 
 _END = object()

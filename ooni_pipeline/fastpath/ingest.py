@@ -1,10 +1,12 @@
 """Build ``fastpath`` rows from one upload day of OONI's open bucket, inside ClickHouse.
 
-The engine reads every postcan of the day straight from S3 (``s3(url :: **.post,
-NOSIGN, 'RawBLOB')``, each tar member one row), scores it (``scoring_sql``) into a
-staging table, and only then, if the day is sound, copies the new rows into
-``fastpath`` with one INSERT ... SELECT. A corrupt or truncated postcan fails the
-staging query, naming its key, and ``fastpath`` is left as it was.
+Python streams each postcan of the day once (boto3, gzip, tarfile) and hands the raw
+members to ClickHouse as RowBinary, which parses and scores each of them
+(``scoring_sql``) into a staging table while Python reads the next ones: embedded,
+straight from a FIFO into the scoring statement; on a server, into a scratch table
+first (over one streamed HTTP insert), then scored. Only then, if the day is sound,
+are the new rows copied into ``fastpath`` with one INSERT ... SELECT. A corrupt or
+truncated postcan fails the day, naming its key, and ``fastpath`` is left as it was.
 
 Re-ingesting a day copies only rows that differ from their latest version, so an
 unchanged day writes nothing and the data version of the days it holds stays put;
@@ -26,9 +28,14 @@ from typing import Any
 
 from ooni_pipeline.clickhouse import ClickHouse, quote_identifier
 from ooni_pipeline.clickhouse.schema import FASTPATH_COLUMNS
-from ooni_pipeline.decompression import DecompressionLimitExceeded, GiB, open_bounded
+from ooni_pipeline.decompression import DecompressionLimitExceeded, GiB, iter_bounded
 from ooni_pipeline.fastpath.public_bucket import PublicBucket
-from ooni_pipeline.fastpath.scoring_sql import MALFORMED_REASONS, scoring_select
+from ooni_pipeline.fastpath.scoring_sql import (
+    MALFORMED_REASONS,
+    SCORING_QUERY_SETTINGS,
+    scoring_select,
+)
+from ooni_pipeline.fastpath.tar_stream import TarStream
 
 # Every stored column of fastpath, in its DDL order (update_time is materialized).
 ROW_COLUMNS = tuple(
@@ -39,17 +46,20 @@ ROW_COLUMNS = tuple(
 EXAMPLES_PER_REASON = 3
 DEFAULT_MAX_MALFORMED_SHARE = 0.01
 # Small blocks bound the memory of the scoring query: each row carries its measurement
-# and several parsed copies of parts of it.
+# and its parsed parts.
 SCORING_SETTINGS = (
     "SETTINGS max_block_size = 512, min_insert_block_size_rows = 65536, "
-    "min_insert_block_size_bytes = 33554432"
+    f"min_insert_block_size_bytes = 33554432, {SCORING_QUERY_SETTINGS}"
 )
+# A member as the engine reads it.
+MEMBER_STRUCTURE = "member_key String, member_name String, raw String"
 # A measurement is at most about 1 MB (fastpath core.py); a member far larger is hostile.
 MAX_MEMBER_BYTES = 64 * 1024 * 1024
 # A postcan is about 20 MB of gzip, some 60 MB unpacked; every byte of the tar stream
 # counts, skipped members too.
 DEFAULT_MAX_POSTCAN_BYTES = GiB
-BATCH_BYTES = 8 * 1024 * 1024
+# Members are handed on in blocks of about this many bytes.
+BLOCK_BYTES = 4 * 1024 * 1024
 
 
 class IngestError(RuntimeError):
@@ -102,13 +112,13 @@ def ingest_upload_day(
     log(f"{day}: {len(postcans)} postcans, {report.compressed_bytes / 1e6:.1f} MB")
 
     with _scratch_tables(ch, day, run_id or uuid.uuid4().hex) as (members, staging, changed):
-        _load_members(ch, members, bucket, postcans, max_postcan_bytes, log)
-        log(
-            f"{day}: members loaded in {time.monotonic() - started:.1f} s (peak RSS {_peak_rss_mb()} MB)"
-        )
-        _score_into(ch, staging, members)
+        blocks = _member_blocks(bucket, postcans, max_postcan_bytes, log)
+        _score_into(ch, staging, members, blocks)
         _count_skips(ch, staging, report)
-        log(f"{day}: scored in {time.monotonic() - started:.1f} s (peak RSS {_peak_rss_mb()} MB)")
+        log(
+            f"{day}: members read and scored in {time.monotonic() - started:.1f} s "
+            f"(peak RSS {_peak_rss_mb()} MB)"
+        )
         share = report.malformed / report.members if report.members else 0.0
         if share > max_malformed_share:
             raise IngestError(
@@ -127,72 +137,51 @@ def ingest_upload_day(
     return report
 
 
-def _load_members(
-    ch: ClickHouse,
-    members: str,
+def _member_blocks(
     bucket: PublicBucket,
     postcans: list[tuple[str, int]],
     max_postcan_bytes: int,
     log: Callable[[str], None],
-) -> None:
-    """Stream each postcan, unpack its ``.post`` members and insert their raw bytes in
-    batches; JSON parsing and scoring stay in the engine.
+) -> Iterator[bytes]:
+    """Stream each postcan once and yield its ``.post`` members as RowBinary rows
+    (``MEMBER_STRUCTURE``), in blocks of about ``BLOCK_BYTES``: raw bytes, no Python
+    parsing; JSON parsing and scoring stay in the engine.
 
     ClickHouse can read tar members from S3 itself (``s3(url :: **.post)``), but it
     reopens a ``.tar.gz`` from its start for every member: measured 5.5 s for one
-    4 MB postcan of 300 members, quadratic in the postcan's size. Python's tarfile
-    streams each postcan once, gunzipped with a cap on its unpacked size.
+    4 MB postcan of 300 members, quadratic in the postcan's size. Here each postcan is
+    streamed once, gunzipped with a cap on its unpacked size, its members cut out by
+    ``TarStream`` (tarfile's rules, a third of tarfile's time).
     """
-    import pyarrow as pa  # here: the code location loads without it
-
-    batch: dict[str, list[Any]] = {"member_key": [], "member_name": [], "raw": []}
-    batch_bytes = 0
-
-    def flush() -> None:
-        nonlocal batch_bytes
-        if batch["raw"]:
-            ch.insert_arrow(
-                members,
-                pa.table(
-                    {
-                        k: pa.array(v, pa.large_binary() if k == "raw" else pa.string())
-                        for k, v in batch.items()
-                    }
-                ),
-            )
-            for values in batch.values():
-                values.clear()
-            batch_bytes = 0
-
+    block: list[bytes] = []
+    block_bytes = 0
     for number, (key, _size) in enumerate(postcans, start=1):
+        key_field = rowbinary_string(key.encode())
         try:
-            with (
-                bucket.open(key) as body,
-                open_bounded(
+            with bucket.open(key) as body:
+                unpacked = iter_bounded(
                     body,
                     "gzip",
                     limit=max_postcan_bytes,
                     what=f"postcan {key}",
                     hint="raise max_postcan_unpacked_bytes in the run config of public_fastpath "
                     "if a genuine postcan is that large",
-                ) as unpacked,
-                tarfile.open(fileobj=unpacked, mode="r|") as tar,
-            ):
-                for info in tar:
+                )
+                tar = TarStream(unpacked)
+                for member in tar:
                     # s3feeder.load_multiple: regular members named .../<uid>.post
-                    if not (info.isfile() and info.name.endswith(".post")):
+                    if not (member.isfile() and member.name.endswith(b".post")):
                         continue
-                    if info.size > MAX_MEMBER_BYTES:
+                    if member.size > MAX_MEMBER_BYTES:
                         raise IngestError(
-                            f"member {info.name[:200]!r} is {info.size} bytes, over {MAX_MEMBER_BYTES}"
+                            f"member {member.name[:200].decode(errors='replace')!r} is {member.size} bytes, over {MAX_MEMBER_BYTES}"
                         )
-                    data = tar.extractfile(info).read()
-                    batch["member_key"].append(key)
-                    batch["member_name"].append(info.name)
-                    batch["raw"].append(data)
-                    batch_bytes += len(data)
-                    if batch_bytes >= BATCH_BYTES:
-                        flush()
+                    data = tar.data()
+                    block += (key_field, rowbinary_string(member.name), rowbinary_string(data))
+                    block_bytes += len(data)
+                    if block_bytes >= BLOCK_BYTES:
+                        yield b"".join(block)
+                        block, block_bytes = [], 0
         except IngestError as exc:
             raise IngestError(f"postcan {key}: {exc}") from None
         except DecompressionLimitExceeded as exc:
@@ -203,16 +192,36 @@ def _load_members(
             ) from None
         if number % 50 == 0:
             log(f"{number}/{len(postcans)} postcans read")
-    flush()
+    if block:
+        yield b"".join(block)
 
 
-def _score_into(ch: ClickHouse, staging: str, members: str) -> None:
-    staging = quote_identifier(staging)
+def rowbinary_string(data: bytes) -> bytes:
+    """A RowBinary String: its length as a LEB128 varint, then its bytes."""
+    size, prefix = len(data), bytearray()
+    while size >= 0x80:
+        prefix.append((size & 0x7F) | 0x80)
+        size >>= 7
+    prefix.append(size)
+    return bytes(prefix) + data
+
+
+def _score_into(ch: ClickHouse, staging: str, members: str, blocks: Iterator[bytes]) -> None:
+    """Score the members of ``blocks`` into ``staging``. Embedded, the scoring
+    statement reads them as they are produced; a server gets them into the scratch
+    table ``members`` (one streamed insert: the server writes as they arrive), then
+    scores them with one statement."""
     columns = ", ".join(("member_key", "member_name", "skip_reason", *ROW_COLUMNS))
-    ch.command(
-        f"INSERT INTO {staging} ({columns}) "
-        f"{scoring_select(quote_identifier(members))} {SCORING_SETTINGS}"
-    )
+    insert = f"INSERT INTO {quote_identifier(staging)} ({columns})"
+    if ch.embedded:
+        ch.command_reading(
+            lambda source: f"{insert} {scoring_select(source)} {SCORING_SETTINGS}",
+            blocks,
+            MEMBER_STRUCTURE,
+        )
+    else:
+        ch.raw_insert(members, blocks, "RowBinary")
+        ch.command(f"{insert} {scoring_select(quote_identifier(members))} {SCORING_SETTINGS}")
 
 
 def _count_skips(ch: ClickHouse, staging: str, report: IngestReport) -> None:
@@ -315,7 +324,7 @@ def _scratch_tables(ch: ClickHouse, day: str, run_id: str) -> Iterator[tuple[str
     base = f"{SCRATCH_PREFIX}{day.replace('-', '')}_{run_id.replace('-', '')}"
     names = (f"{base}_members", base, f"{base}_changed")
     schemas = (
-        "member_key String, member_name String, raw String",
+        MEMBER_STRUCTURE,
         f"member_key String, member_name String, skip_reason LowCardinality(String), {FASTPATH_COLUMNS}",
         FASTPATH_COLUMNS,
     )
