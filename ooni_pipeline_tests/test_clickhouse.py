@@ -1121,3 +1121,57 @@ def test_a_failing_statement_or_stream_fails_the_call_without_hanging(ch: ClickH
             "CSV",
         )
     assert time.monotonic() - started < 60
+
+
+_CANCELLED_WHILE_PLANNING = r"""
+import signal, sys, threading, time, os
+from ooni_pipeline.clickhouse.resource import ClickHouseResource
+
+class Cancelled(Exception):
+    pass
+
+def cancel(*_):
+    raise Cancelled()
+
+def watchdog():
+    time.sleep(30)
+    print("HANG", flush=True)
+    os._exit(3)
+
+with ClickHouseResource(url=f"chdb://{sys.argv[1]}", lock_timeout_s=60).connect() as ch:
+    ch.command("CREATE TABLE t (n UInt32) ENGINE = Memory")
+    threading.Thread(target=watchdog, daemon=True).start()
+    signal.signal(signal.SIGALRM, cancel)
+    signal.setitimer(signal.ITIMER_REAL, 0.3)
+    try:
+        ch.command_reading(
+            lambda source: f"INSERT INTO t SELECT n FROM {source} "
+            "WHERE (SELECT sleepEachRow(1) FROM numbers(1)) = 0",
+            iter([b"1\n2\n"]),
+            "n UInt32",
+            "CSV",
+        )
+        print("RETURNED", flush=True)
+    except Cancelled:
+        print("CANCELLED", flush=True)
+"""
+
+
+def test_command_reading_cancelled_before_the_engine_opens_its_fifo_returns(tmp_path) -> None:
+    """A run cancelled (SIGTERM becomes an exception in the main thread) while the
+    engine is still planning the statement (1 s of scalar subquery here, the
+    fingerprint subqueries in the scoring statement): the engine then opens the FIFO
+    and waited forever for a writer, and so did the call (review of 26e5956). The
+    call must raise the cancellation and leave no FIFO directory. In a child process,
+    with a watchdog."""
+    import tempfile
+
+    before = set(Path(tempfile.gettempdir()).glob("ooni-stream-*"))
+    done = subprocess.run(
+        [sys.executable, "-c", _CANCELLED_WHILE_PLANNING, str(tmp_path / "ch")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "CANCELLED" in done.stdout, done.stdout + done.stderr[-800:]
+    assert set(Path(tempfile.gettempdir()).glob("ooni-stream-*")) <= before

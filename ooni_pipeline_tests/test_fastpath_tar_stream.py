@@ -114,3 +114,91 @@ def test_the_end_of_archive_block_ends_the_members() -> None:
     trailing = data + b"whatever follows the end of the archive"
     assert _by_tar_stream(trailing, 4096) == _by_tarfile(data)
     assert _by_tar_stream(b"", 4096) == []
+
+
+# -- hostile headers written by hand (review of 26e5956) ---------------------------------
+
+
+def _header(name: bytes, size: int = 0, kind: bytes = b"0", size_field: bytes | None = None):
+    block = bytearray(512)
+    block[0 : len(name)] = name
+    block[100:108] = b"0000644\0"
+    block[124:136] = size_field if size_field is not None else b"%011o\0" % size
+    block[156:157] = kind
+    block[257:265] = b"ustar\x0000"
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+def _padded(data: bytes) -> bytes:
+    return data + bytes(-len(data) % 512)
+
+
+def _member(name: bytes, data: bytes = b'{"x":1}') -> bytes:
+    return _header(name, len(data)) + _padded(data)
+
+
+def _pax(key: bytes, value: bytes) -> bytes:
+    body = b" " + key + b"=" + value + b"\n"
+    length = len(body) + 1
+    while len(b"%d" % length) + len(body) != length:
+        length += 1
+    return b"%d" % length + body
+
+
+def _names(data: bytes, reader) -> list[bytes]:
+    return [name for name, *_ in reader(data)]
+
+
+@pytest.mark.parametrize("kind", [b"L", b"K", b"x", b"g"])
+@pytest.mark.parametrize("size_field", [b"-1000\0      ", b"-2000\0      "])
+def test_a_negative_size_is_a_damaged_header_not_a_loop(kind, size_field) -> None:
+    """An extended header of size -512 moved the position back onto itself: the
+    reader looped forever (the engine waiting on the FIFO, the run never ending)."""
+    import threading
+
+    data = (
+        _member(b"a/good.post")
+        + _header(b"././@LongLink", kind=kind, size_field=size_field)
+        + _member(b"a/next.post")
+        + bytes(1024)
+    )
+    outcome: list[BaseException | None] = []
+
+    def read() -> None:
+        try:
+            _by_tar_stream(data, 4096)
+            outcome.append(None)
+        except BaseException as exc:  # reported below
+            outcome.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=20)
+    assert not reader.is_alive(), "TarStream loops on a negative size"
+    assert isinstance(outcome[0], tarfile.ReadError)
+    with pytest.raises(tarfile.ReadError):
+        _by_tarfile(data)
+
+
+def test_global_pax_records_and_repeated_long_names_name_members_as_tarfile_does() -> None:
+    """A global pax ``path`` names every later member (tarfile's _proc_builtin), and of
+    two long names before one member the first wins (tarfile's recursion)."""
+    global_path = _pax(b"path", b"a/global.post")
+    first, second = b"a/first.post\0", b"a/second.post\0"
+    data = (
+        _member(b"a/good.post")
+        + _header(b"g", len(global_path), b"g")
+        + _padded(global_path)
+        + _member(b"a/plain.post")
+        + _header(b"././@LongLink", len(first), b"L")
+        + _padded(first)
+        + _header(b"././@LongLink", len(second), b"L")
+        + _padded(second)
+        + _member(b"a/third.post")
+        + bytes(1024)
+    )
+    expected = [b"a/good.post", b"a/global.post", b"a/first.post"]
+    assert _names(data, _by_tarfile) == expected
+    assert _names(data, lambda d: _by_tar_stream(d, 100)) == expected

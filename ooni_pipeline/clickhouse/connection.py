@@ -415,9 +415,11 @@ class ClickHouse:
             query = threading.Thread(target=run, name="clickhouse statement", daemon=True)
             query.start()
             source_error: BaseException | None = None
+            opened = False
             try:
                 writer = _open_fifo_writer(fifo, query)
                 if writer is not None:
+                    opened = True
                     with writer:
                         for block in data:
                             writer.write(block)
@@ -425,6 +427,13 @@ class ClickHouse:
                 pass  # the statement stopped reading: it failed, its error is raised below
             except BaseException as exc:
                 source_error = exc
+            if not opened:
+                # Interrupted (a run cancelled) before the engine opened the FIFO: it
+                # still will, and would wait forever for a writer. Open and close the
+                # write end once it has, so it reads the end of the data.
+                late = _open_fifo_writer(fifo, query)
+                if late is not None:
+                    late.close()
             query.join()
         if source_error is not None:
             raise source_error

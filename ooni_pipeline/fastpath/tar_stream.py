@@ -9,7 +9,10 @@ members out of it, with tarfile's rules for what a member is:
 - a header must have a right checksum; sizes are octal or base-256, as tarfile reads
   them (the fields nothing here reads, such as mtime, are not parsed);
 - names: ustar prefix + name, GNU long names (``L``), pax ``path`` and ``size``
-  (``x``; ``g`` records apply through later ``x`` headers, as in tarfile);
+  (``x``; ``g`` records apply to every later member, as in tarfile; of two extended
+  headers before one member the first wins, as in tarfile);
+- a negative size anywhere is a damaged header (a size moving the position back
+  looped forever: review of 26e5956);
 - regular members are types ``0``, ``\\0``, ``7``; ``\\0`` with a trailing slash is a
   directory; the first all-zero block ends the archive.
 
@@ -93,6 +96,8 @@ class TarStream:
         return True
 
     def _take(self, size: int) -> bytes:
+        if size < 0:  # a hostile size would move the position back: a loop
+            raise tarfile.ReadError("invalid header")
         if not self._fill(size):
             raise tarfile.ReadError("unexpected end of data")
         data = bytes(self._buffer[self._pos : self._pos + size])
@@ -100,6 +105,8 @@ class TarStream:
         return data
 
     def _skip(self, size: int) -> None:
+        if size < 0:
+            raise tarfile.ReadError("invalid header")
         while size:
             if not self._fill(1):
                 raise tarfile.ReadError("unexpected end of data")
@@ -142,21 +149,24 @@ class TarStream:
 
     def _member(self, header: bytes) -> Member:
         """The member a header starts, following long-name and pax headers."""
-        long_name: bytes | None = None
-        pax: dict[bytes, bytes] | None = None
+        # tarfile applies extended headers from the innermost out: the member's own
+        # fields, the global pax records, then each extended header from the last to
+        # the first, so the first of two long names (or pax paths) wins.
+        extended: list[tuple[int, object]] = []
         while True:
             kind = header[156]
             size = _nti(header[124:136])
+            if size < 0:
+                raise tarfile.ReadError("invalid header")
             if kind in b"LK":
                 value = _nts(self._data_of(size))
                 if kind == ord("L"):
-                    long_name = value
+                    extended.append((kind, value))
             elif kind in b"xXg":
                 records = self._pax_records(self._data_of(size))
                 if kind == ord("g"):
                     self._global_pax.update(records)
-                else:
-                    pax = {**self._global_pax, **records}
+                extended.append((ord("x"), records))
             else:
                 break
             header = self._header()
@@ -170,14 +180,15 @@ class TarStream:
         prefix = _nts(header[345:500])
         if prefix and kind not in _GNU_TYPES:
             name = prefix + b"/" + name
-        if long_name is not None:
-            name = long_name
-        if pax is not None:
-            if b"path" in pax:
-                name = pax[b"path"].rstrip(b"/")
-            if b"size" in pax:
+        for kind_of, value in [(ord("x"), self._global_pax), *reversed(extended)]:
+            if kind_of == ord("L"):
+                name = value
+                continue
+            if b"path" in value:
+                name = value[b"path"].rstrip(b"/")
+            if b"size" in value:
                 try:
-                    size = int(pax[b"size"])
+                    size = int(value[b"size"])
                 except ValueError:
                     size = 0
         if size < 0:
