@@ -77,10 +77,11 @@ def _write_hour(job: tuple) -> list[tuple[str, int, int]]:
     """Write one hour directory's postcans; (key, members, member bytes) of each."""
     import random
 
-    outdir, cc, hour, first, count = job
+    outdir, day, cc, hour, first, count, late_every = job
     samples = [json.loads((DATA / f"msm_{i}.json").read_text()) for i in range(1, 11)]
-    rng = random.Random(f"{cc}-{hour}")
-    stem = f"{DAY.replace('-', '')}{hour}_{cc}_webconnectivity"
+    rng = random.Random(f"{cc}-{hour}" if day == DAY else f"{day}-{cc}-{hour}")
+    stem = f"{day.replace('-', '')}{hour}_{cc}_webconnectivity"
+    midnight = datetime.strptime(day, "%Y-%m-%d")
     cans: list[list] = []
     fh = tar = None
     for n in range(first, first + count):
@@ -94,7 +95,11 @@ def _write_hour(job: tuple) -> list[tuple[str, int, int]]:
         lead = datetime.strptime(msm["measurement_start_time"], TIME) - datetime.strptime(
             msm["test_start_time"], TIME
         )
-        start = datetime(2024, 1, 1, int(hour)) + timedelta(seconds=rng.randrange(600, 3300))
+        start = midnight + timedelta(hours=int(hour), seconds=rng.randrange(600, 3300))
+        # a probe that uploads a day late: received on this upload day, measured the day before
+        start_received = start
+        if late_every and n % late_every == 0:
+            start -= timedelta(days=1)
         msm.update(
             measurement_start_time=f"{start:{TIME}}",
             test_start_time=f"{start - lead:{TIME}}",
@@ -105,7 +110,7 @@ def _write_hour(job: tuple) -> list[tuple[str, int, int]]:
         if n % 3:
             msm["input"] += f"{'&' if '?' in msm['input'] else '?'}bench={n % 1000}"
         body = json.dumps({"format": "json", "content": msm}, ensure_ascii=False).encode()
-        received = start + timedelta(
+        received = start_received + timedelta(
             seconds=rng.randrange(60, 300), microseconds=rng.randrange(10**6)
         )
         uid = f"{received:%Y%m%d%H%M%S.%f}_{cc}_webconnectivity_{hashlib.sha512(body).hexdigest()[:16]}"
@@ -118,10 +123,13 @@ def _write_hour(job: tuple) -> list[tuple[str, int, int]]:
     return [tuple(can) for can in cans]
 
 
-def generate(outdir: Path, measurements: int) -> dict:
-    """The day's postcans under ``outdir`` (reused when the parameters match)."""
+def generate(outdir: Path, measurements: int, day: str = DAY, late_every: int = 0) -> dict:
+    """The upload day's postcans under ``outdir`` (reused when the parameters match); with
+    ``late_every`` N, every Nth measurement was made the day before."""
     manifest = outdir / "manifest.json"
     params = {"measurements": measurements, "countries": list(COUNTRIES), "hours": list(HOURS)}
+    if (day, late_every) != (DAY, 0):
+        params |= {"day": day, "late_every": late_every}
     if manifest.is_file() and (day := json.loads(manifest.read_text()))["params"] == params:
         print(f"reusing postcans in {outdir}", flush=True)
         return day
@@ -129,7 +137,7 @@ def generate(outdir: Path, measurements: int) -> dict:
     dirs = [(cc, hour) for hour in HOURS for cc in COUNTRIES]
     bounds = [i * measurements // len(dirs) for i in range(len(dirs) + 1)]
     jobs = [
-        (outdir, cc, hour, bounds[i], bounds[i + 1] - bounds[i])
+        (outdir, day, cc, hour, bounds[i], bounds[i + 1] - bounds[i], late_every)
         for i, (cc, hour) in enumerate(dirs)
     ]
     print(f"writing {measurements} measurements into postcans under {outdir} ...", flush=True)
