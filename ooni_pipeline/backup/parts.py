@@ -1,0 +1,342 @@
+"""Whether a chunk changed since its object was written, decided from its parts.
+
+Fingerprinting a month reads every row of it (``FINAL``), at a cost close to
+exporting it, so a rerun first asks ``system.parts``, in two steps:
+
+1. **The same parts** (O(parts), no row read). Parts are immutable and their names
+   unique: a chunk whose parts (name, rows, hash of their files) and table (its
+   identity and definition) are those its object was read from holds the same rows.
+   The manifest's ``parts`` (``PartsState.signature``).
+2. **Parts moved by merges only** (O(parts), plus the month's key column counted).
+   Every insert takes a block number and every mutation (``ALTER UPDATE``/``DELETE``,
+   a lightweight ``DELETE``) a mutation number, from one increasing sequence per
+   partition; a part ``<partition>_<min block>_<max block>_<level>[_<mutation>]``
+   holds rows of those blocks only, and a merge makes one part covering its sources'
+   blocks, carrying their highest mutation. The manifest's ``blocks`` records, when
+   the object was read, the block ranges its partitions' parts covered, the highest
+   mutation number then (none pending), and the month's physical rows (``count()``
+   without ``FINAL``). A month whose rows now lie only in parts within those ranges,
+   mutated by no later mutation, gained and changed no row since (a row inserted
+   since has a block outside them, a mutation since a higher number); with as many
+   physical rows it lost none either (a ``DROP PART``, a lightweight delete, a merge
+   dropping a replaced version or collapsing rows all lower the count; a merge can
+   cover a dropped part's blocks, which is why the count is needed). Same rows, so
+   the same ``FINAL`` rows: the object stands. When the count moved (a merge dropped
+   duplicates), the row fingerprint decides.
+
+The second step is not taken for tables whose merges can change rows otherwise
+(``TTL``; lightweight ``UPDATE``'s patch parts, which merges apply without a new
+mutation number: tables with ``enable_block_number_column``), while a mutation is
+pending (it may be applied to rows as they are read; and a record is made only when
+none was, so that every mutation it does not count comes after it), nor for a table
+without a UUID to tell it from one dropped and created again under the same name
+(block numbers start again at 1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from ooni_pipeline.backup.plan import BackupTable, Chunk, Source
+from ooni_pipeline.clickhouse import ClickHouse, quote_identifier
+
+_NO_UUID = "00000000-0000-0000-0000-000000000000"
+# A table's data directory named by its UUID (Atomic databases, chdb's default one).
+_UUID_PATH = re.compile(r"/store/[0-9a-f]{3}/[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}/?$")
+_TTL = re.compile(r"\bTTL\b", re.IGNORECASE)
+
+Coverage = dict[str, dict[str, Any]]  # partition -> {"blocks": [[min, max], ...], "mutation": n}
+RowsByPart = dict[tuple[str, str], int]  # (partition, part) -> the chunk's physical rows in it
+
+
+@dataclass(frozen=True)
+class PartsState:
+    """The active parts that may hold a chunk's rows, in a form cheap to compare.
+
+    Parts are immutable and their names unique, so an equal ``signature`` means the
+    chunk's rows are the ones read last time: deciding "unchanged" costs a look at
+    ``system.parts`` and the primary index (O(parts + marks)), not a scan of the rows.
+    """
+
+    signature: str
+    newest_s: int  # the latest part's modification time (Unix seconds, engine clock)
+    # What a ``blocks`` record of these parts holds, when the table allows one. Not
+    # compared: a part of another month changing leaves this chunk's parts as they were.
+    coverage: Coverage | None = field(default=None, compare=False)
+    table: str | None = field(default=None, compare=False)
+
+    def settled_before(self, source: Source) -> bool:
+        """Whether every row of these parts is surely inside ``source``'s snapshot: a
+        row's insertion time precedes its part's modification time (to the second)."""
+        if not (source.snapshot_column and source.snapshot_time):
+            return True
+        snapshot = datetime.strptime(source.snapshot_time[:19], "%Y-%m-%d %H:%M:%S")
+        return self.newest_s + 1 <= int(snapshot.replace(tzinfo=timezone.utc).timestamp())
+
+
+def inside_snapshot(ch: ClickHouse, chunk: Chunk, state: PartsState, source: Source) -> bool:
+    """Whether the chunk's parts hold no row newer than ``source``'s snapshot, so their
+    digest may stand for the fingerprinted content. Parts older than the snapshot
+    settle it for free; fresher ones (a merge a minute ago) by counting the newer rows
+    (two columns, no ``FINAL``), once, after a fingerprint was paid anyway."""
+    if state.settled_before(source):
+        return True
+    where, params = chunk.where()
+    column = quote_identifier(source.snapshot_column or "")
+    newer = ch.scalar(
+        f"SELECT count() FROM {quote_identifier(source.table)} WHERE {where} "
+        f"AND {column} > toDateTime64({{snapshot_time:String}}, 3, 'UTC')",
+        {**params, "snapshot_time": source.snapshot_time},
+    )
+    return int(newer) == 0
+
+
+@dataclass(frozen=True)
+class _Part:
+    name: str
+    rows: int
+    files_hash: str
+    modified_s: int
+    partition: str
+    min_block: int
+    max_block: int
+    key_min: int | None = None  # the month column's first and last value (Unix s)
+    key_max: int | None = None
+
+
+class TableParts:
+    """A table's active parts, read once; ``state(chunk)`` selects a chunk's.
+
+    A month's parts are those whose range of the month column (first and last value
+    of the primary index, when the column leads the sorting key) meets the month;
+    otherwise every part of the table counts, which is safe, only less often equal.
+    Tables without parts (``EmbeddedRocksDB``...) have no state: always fingerprinted.
+    ``provable``: whether block records apply (see the module's docstring).
+    """
+
+    def __init__(self, ch: ClickHouse, spec: BackupTable):
+        self.spec = spec
+        self.parts: list[_Part] | None = None
+        self.mutations: dict[str, int] | None = None
+        self.provable = False
+        engine, sorting_key, uuid, paths, definition = ch.query_rows(
+            "SELECT engine, sorting_key, toString(uuid), data_paths, create_table_query "
+            "FROM system.tables WHERE database = currentDatabase() AND name = {t:String}",
+            {"t": spec.table},
+        )[0]
+        identity = (
+            str(uuid)
+            if str(uuid) != _NO_UUID
+            else next((str(p) for p in paths if _UUID_PATH.search(str(p))), None)
+        )
+        # Its identity and definition: a column added (metadata only: no part changes)
+        # changes SELECT *'s rows, a table created again under the name changes its rows.
+        self.table = hashlib.sha256(f"{identity}\n{definition}".encode()).hexdigest()[:32]
+        if not str(engine).endswith("MergeTree"):
+            return
+        provable = (
+            identity is not None
+            and not _TTL.search(str(definition))
+            and "enable_block_number_column" not in str(definition)
+            and str(
+                ch.scalar(
+                    "SELECT value FROM system.merge_tree_settings "
+                    "WHERE name = 'enable_block_number_column'"
+                )
+                or "0"
+            )
+            in ("0", "false")
+        )
+        # Read before the parts: a mutation begun after this has a higher number.
+        self.mutations = mutation_numbers(ch, spec.table) if provable else None
+        self.provable = provable and self.mutations is not None
+        ranges: dict[str, tuple[int, int | None]] = {}
+        leading = str(sorting_key).split(",")[0].strip()
+        if spec.month_column and leading == spec.month_column:
+            column = quote_identifier(spec.month_column)
+            try:
+                ranges = {
+                    str(name): (int(low), int(high) if final_mark else None)
+                    for name, low, high, final_mark in ch.query_rows(
+                        f"SELECT part_name, toUnixTimestamp(min({column})), toUnixTimestamp(max({column})), "
+                        "countIf(rows_in_granule = 0) > 0 "
+                        "FROM mergeTreeIndex(currentDatabase(), {t:String}) GROUP BY part_name",
+                        {"t": spec.table},
+                    )
+                }
+            except Exception:  # a server older than mergeTreeIndex (24.4): every part counts
+                ranges = {}
+        self.parts = [
+            _Part(
+                str(name),
+                int(rows),
+                str(files_hash),
+                int(modified),
+                str(partition),
+                int(low),
+                int(high),
+                *ranges.get(str(name), (None, None)),
+            )
+            for name, rows, files_hash, modified, partition, low, high in ch.query_rows(
+                "SELECT name, rows, hash_of_all_files, toUnixTimestamp(modification_time), "
+                "partition_id, min_block_number, max_block_number "
+                "FROM system.parts WHERE database = currentDatabase() AND table = {t:String} "
+                "AND active",
+                {"t": spec.table},
+            )
+        ]
+
+    def state(self, chunk: Chunk) -> PartsState | None:
+        if self.parts is None:
+            return None
+        parts = [p for p in self.parts if p.rows > 0 and _may_hold(p, chunk)]
+        text = "\n".join([self.table, *sorted(f"{p.name}:{p.rows}:{p.files_hash}" for p in parts)])
+        return PartsState(
+            hashlib.sha256(text.encode()).hexdigest()[:32],
+            max((p.modified_s for p in parts), default=0),
+            self.coverage({p.partition for p in parts}) if self.provable else None,
+            self.table if self.provable else None,
+        )
+
+    def coverage(self, partitions: set[str]) -> Coverage:
+        """Per partition: the block ranges its active parts cover (empty ones too), and
+        the highest mutation number before they were read."""
+        found: Coverage = {}
+        mutations = self.mutations or {}
+        for partition in sorted(partitions):
+            parts = sorted(
+                (p for p in self.parts or () if p.partition == partition),
+                key=lambda p: p.min_block,
+            )
+            blocks: list[list[int]] = []
+            for part in parts:
+                if blocks and part.min_block <= blocks[-1][1] + 1:
+                    blocks[-1][1] = max(blocks[-1][1], part.max_block)
+                else:
+                    blocks.append([part.min_block, part.max_block])
+            mutation = max(mutations.get(partition, 0), mutations.get("", 0))
+            found[partition] = {"blocks": blocks, "mutation": mutation}
+        return found
+
+
+def _may_hold(part: _Part, chunk: Chunk) -> bool:
+    if not chunk.month or part.key_min is None:
+        return True
+    start, end = chunk.bounds()
+    return part.key_min < end and (part.key_max is None or part.key_max >= start)
+
+
+def parts_state(ch: ClickHouse, chunk: Chunk) -> PartsState | None:
+    """The chunk's parts now (see ``TableParts``)."""
+    return TableParts(ch, chunk.spec).state(chunk)
+
+
+def rows_by_part(ch: ClickHouse, chunk: Chunk) -> RowsByPart:
+    """The chunk's physical rows (no ``FINAL``, every version) in each part, as one
+    query sees them: the parts come from the same snapshot as the counts. Reads the
+    month column alone, only its granules in the month (primary index)."""
+    where, params = chunk.where()
+    return {
+        (str(partition), str(part)): int(rows)
+        for partition, part, rows in ch.query_rows(
+            f"SELECT _partition_id, _part, count() FROM {quote_identifier(chunk.spec.table)} "
+            f"WHERE {where} GROUP BY _partition_id, _part",
+            params,
+        )
+    }
+
+
+def mutation_numbers(ch: ClickHouse, table: str) -> dict[str, int] | None:
+    """The highest mutation number of each partition (``""``: every partition, as a
+    table that is not replicated numbers them), or None while a mutation is pending."""
+    found: dict[str, int] = {}
+    for partitions, numbers, done in ch.query_rows(
+        "SELECT block_numbers.partition_id, block_numbers.number, is_done FROM system.mutations "
+        "WHERE database = currentDatabase() AND table = {t:String}",
+        {"t": table},
+    ):
+        if not done:
+            return None
+        for partition, number in zip(partitions, numbers, strict=True):
+            found[str(partition)] = max(found.get(str(partition), 0), int(number))
+    return found
+
+
+def blocks_record(state: PartsState, rows: RowsByPart) -> dict[str, Any] | None:
+    """The manifest's ``blocks`` for an object read from ``state``'s parts, whose
+    physical rows were ``rows``; None if the table allows no such record.
+
+    Sound when ``state`` was read before the rows were counted, those rows are the
+    object's (the same parts, every one inside its snapshot: the callers see to it)."""
+    if state.table is None or state.coverage is None:
+        return None
+    return {"table": state.table, "rows": sum(rows.values()), "partitions": state.coverage}
+
+
+def _part_blocks(partition: str, name: str) -> tuple[int, int, int] | None:
+    """(min block, max block, mutation number or 0) from a part's name,
+    ``<partition>_<min>_<max>_<level>[_<mutation>]``; None for any other name."""
+    prefix = f"{partition}_"
+    fields = name[len(prefix) :].split("_") if name.startswith(prefix) else []
+    if len(fields) not in (3, 4) or not all(f.isdigit() for f in fields):
+        return None
+    low, high = int(fields[0]), int(fields[1])
+    return low, high, int(fields[3]) if len(fields) == 4 else 0
+
+
+def proves_unchanged(recorded: Any, table: str | None, rows: RowsByPart) -> bool:
+    """Whether ``rows`` (``rows_by_part`` now) are the physical rows ``recorded``
+    (a ``blocks`` record) describes: every part holding them covers only blocks
+    covered then, mutated by no mutation begun since, and there are as many."""
+    try:
+        if table is None or recorded.get("table") != table:
+            return False
+        if sum(rows.values()) != int(recorded["rows"]):
+            return False
+        for partition, name in rows:
+            then = recorded["partitions"].get(partition)
+            blocks = _part_blocks(partition, name)
+            if then is None or blocks is None:
+                return False
+            low, high, mutation = blocks
+            if mutation > int(then["mutation"]) or not any(
+                int(a) <= low and high <= int(b) for a, b in then["blocks"]
+            ):
+                return False
+        return True
+    except (AttributeError, KeyError, TypeError, ValueError):  # a record of another shape
+        return False
+
+
+def unchanged_after_merges(
+    ch: ClickHouse, before: TableParts, chunks: list[Chunk], manifest: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Of ``chunks``, those whose ``blocks`` record proves them unchanged: key -> the
+    manifest entry, refreshed to the parts now where that is sound (so the next run
+    with nothing changed decides from the parts alone). ``before``: the parts read
+    before this call (at the run's start)."""
+    if not before.provable or not chunks:
+        return {}
+    counted = {chunk: rows_by_part(ch, chunk) for chunk in chunks}
+    if mutation_numbers(ch, before.spec.table) is None:  # pending: maybe applied as rows are read
+        return {}
+    now = TableParts(ch, before.spec)
+    if now.table != before.table or not now.provable:
+        return {}
+    proven: dict[str, dict[str, Any]] = {}
+    for chunk, rows in counted.items():
+        entry = manifest[chunk.key]
+        if not rows or not proves_unchanged(entry.get("blocks"), before.table, rows):
+            continue
+        entry = dict(entry)
+        state = before.state(chunk)
+        if state is not None:
+            entry["blocks"] = blocks_record(state, rows) or entry["blocks"]
+            if now.state(chunk) == state:
+                entry["parts"] = state.signature
+        proven[chunk.key] = entry
+    return proven
