@@ -270,3 +270,28 @@ def test_tables_whose_merges_can_change_rows_are_never_decided_from_blocks(ch) -
         ch.command(f"INSERT INTO {name} VALUES (now(), 1)")
     provable = {name: TableParts(ch, BackupTable(name, "d")).provable for name in tables}
     assert provable == {"t_plain": True, "t_ttl": False, "t_column_ttl": False, "t_patches": False}
+
+
+def test_the_months_read_from_the_index_are_those_with_rows(
+    clickhouse, ch, local_store_resource
+) -> None:
+    """The months come from the parts' key ranges (primary index), which also span
+    months without a row: January and April in one part, February's rows deleted
+    (still in its part's index until a merge), March never filled: two objects, as a
+    scan of the month column would find."""
+    ensure_tables(ch, "fastpath")
+    ch.command(
+        ROWS.replace("toIntervalHour(number * 6)", "toIntervalDay(if(number < 150, 10, 100))"),
+        {"first": 0, "count": 200, "cc": "IT"},
+    )  # 150 rows on 2024-01-11, 50 on 2024-04-10
+    ch.command(ROWS, {"first": 124, "count": 10, "cc": "IT"})  # February 2024
+    ch.command("DELETE FROM fastpath WHERE toYYYYMM(measurement_start_time) = 202402")
+    parts = TableParts(ch, FASTPATH_SPEC)
+    assert parts.months() == ["202401", "202402", "202403", "202404"]
+    instance = dg.DagsterInstance.ephemeral()
+    meta = _backup(clickhouse, local_store_resource, instance)
+    april = "clickhouse_export/csv/fastpath_202404.csv.zstd"
+    assert meta["written_keys"] == [JANUARY, april]
+    assert meta["dagster/row_count"] == 200
+    meta = _backup(clickhouse, local_store_resource, instance)
+    assert meta["objects_skipped_by_parts"] == 2 and meta["objects_fingerprinted"] == 0

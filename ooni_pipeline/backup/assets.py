@@ -15,10 +15,10 @@ from ooni_pipeline.backup.parts import (
     RowsByPart,
     TableParts,
     blocks_record,
+    decide_from_parts,
     inside_snapshot,
     parts_state,
     rows_by_part,
-    unchanged_after_merges,
 )
 from ooni_pipeline.backup.plan import (
     OBJECT_PREFIX,
@@ -27,7 +27,6 @@ from ooni_pipeline.backup.plan import (
     Content,
     Source,
     fingerprint,
-    list_chunks,
     manifest_key,
     table_source,
 )
@@ -93,12 +92,21 @@ class Reading:
 
 
 def read_chunk(
-    ch: ClickHouse, chunk: Chunk, source: Source, lag_s: float, parts: PartsState | None
+    ch: ClickHouse,
+    chunk: Chunk,
+    source: Source,
+    lag_s: float,
+    parts: PartsState | None,
+    rows: RowsByPart | None = None,
 ) -> Reading:
-    """Fingerprint the chunk as of ``lag_s`` ago, ``parts`` having been read first."""
+    """Fingerprint the chunk as of ``lag_s`` ago, ``parts`` having been read first
+    (and ``rows``, if given, counted after them)."""
     snapshot = source.at_now(ch, lag_s)
     content = fingerprint(ch, chunk, snapshot)
-    rows = rows_by_part(ch, chunk) if parts is not None and parts.table else None
+    if parts is None or not parts.table:
+        rows = None
+    elif rows is None:
+        rows = rows_by_part(ch, chunk)
     return Reading(snapshot, content, parts, rows)
 
 
@@ -199,30 +207,6 @@ def back_up_chunk(
     raise AssertionError("unreachable")
 
 
-def decided_from_parts(
-    ch: ClickHouse,
-    table_parts: TableParts,
-    chunks: list[Chunk],
-    manifest: dict[str, dict[str, Any]],
-    present: set[str],
-) -> tuple[set[str], dict[str, dict[str, Any]]]:
-    """The stored chunks decided unchanged without reading their rows: those whose
-    parts are the ones recorded, and those whose parts only merges moved (key -> the
-    manifest entry refreshed), see ``parts``. The others are fingerprinted."""
-    by_parts: set[str] = set()
-    candidates: list[Chunk] = []
-    for chunk in chunks:
-        recorded = manifest.get(chunk.key, {})
-        state = table_parts.state(chunk)
-        if chunk.key not in present or state is None:
-            continue
-        if recorded.get("parts") == state.signature:
-            by_parts.add(chunk.key)
-        elif recorded.get("blocks"):
-            candidates.append(chunk)
-    return by_parts, unchanged_after_merges(ch, table_parts, candidates, manifest)
-
-
 def pause_s(ch: ClickHouse, config: BackupConfig, last_export_s: float) -> float:
     """How long to pause before the next chunk: on a server, while other queries run
     there, ``pause_fraction`` of the last export (at most ``pause_between_chunks_s``);
@@ -295,17 +279,13 @@ def build_backup_asset(spec: BackupTable) -> tuple[dg.AssetsDefinition, dg.Asset
         with clickhouse.connect() as ch, one_run_at_a_time(context, ch, f"backup_{spec.table}"):
             if spec.table in KNOWN_TABLES:
                 ensure_tables(ch, spec.table)
-            source = table_source(ch, spec.table)
-            chunks = list_chunks(ch, spec)
             table_parts = TableParts(ch, spec)
             present = set(store.list_keys(f"{OBJECT_PREFIX}{spec.table}"))
+            decided = decide_from_parts(ch, table_parts, manifest, present, config.force)
+            chunks, by_parts, after_merges = decided.chunks, decided.by_parts, decided.after_merges
             context.log.info(f"{spec.table}: {len(chunks)} chunk(s) with rows")
-            by_parts, after_merges = (
-                (set(), {})
-                if config.force
-                else decided_from_parts(ch, table_parts, chunks, manifest, present)
-            )
             refreshed.update(after_merges)
+            source: Source | None = None  # read once a chunk needs reading
             for number, chunk in enumerate(chunks, start=1):
                 known = None
                 if chunk.key in by_parts or chunk.key in after_merges:
@@ -317,11 +297,19 @@ def build_backup_asset(spec: BackupTable) -> tuple[dg.AssetsDefinition, dg.Asset
                     )
                     context.log.info(f"[{number}/{len(chunks)}] {chunk.label}: {why}, skipped")
                     continue
+                source = source or table_source(ch, spec.table)
                 if not config.force:
                     previous = manifest.get(chunk.key, {})
                     state = table_parts.state(chunk)
                     stored = chunk.key in present
-                    known = read_chunk(ch, chunk, source, config.snapshot_lag_s, state)
+                    known = read_chunk(
+                        ch,
+                        chunk,
+                        source,
+                        config.snapshot_lag_s,
+                        state,
+                        decided.rows.get(chunk.key),
+                    )
                     fingerprinted += 1
                     rows = known.content.rows
                     if previous.get("fingerprint") == known.content.fingerprint and stored:

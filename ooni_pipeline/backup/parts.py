@@ -38,10 +38,10 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from ooni_pipeline.backup.plan import BackupTable, Chunk, Source
+from ooni_pipeline.backup.plan import BackupTable, Chunk, Source, list_chunks
 from ooni_pipeline.clickhouse import ClickHouse, quote_identifier
 
 _NO_UUID = "00000000-0000-0000-0000-000000000000"
@@ -202,6 +202,26 @@ class TableParts:
             self.table if self.provable else None,
         )
 
+    def months(self) -> list[str] | None:
+        """The months (``YYYYMM``) that the key ranges of the parts holding rows meet,
+        a superset of the months with rows, read from the primary index alone; None
+        when some part's range is unknown (no index read, no final mark), or the
+        table is not backed up by month."""
+        if self.parts is None or not self.spec.month_column:
+            return None
+        found: set[str] = set()
+        for part in self.parts:
+            if part.rows == 0:
+                continue
+            if part.key_min is None or part.key_max is None:
+                return None
+            month = datetime.fromtimestamp(part.key_min, timezone.utc).replace(day=1)
+            last = datetime.fromtimestamp(part.key_max, timezone.utc)
+            while month <= last:
+                found.add(month.strftime("%Y%m"))
+                month = (month + timedelta(days=32)).replace(day=1)
+        return sorted(found)
+
     def coverage(self, partitions: set[str]) -> Coverage:
         """Per partition: the block ranges its active parts cover (empty ones too), and
         the highest mutation number before they were read."""
@@ -313,15 +333,17 @@ def proves_unchanged(recorded: Any, table: str | None, rows: RowsByPart) -> bool
 
 
 def unchanged_after_merges(
-    ch: ClickHouse, before: TableParts, chunks: list[Chunk], manifest: dict[str, dict[str, Any]]
+    ch: ClickHouse,
+    before: TableParts,
+    counted: dict[Chunk, RowsByPart],
+    manifest: dict[str, dict[str, Any]],
 ) -> dict[str, dict[str, Any]]:
-    """Of ``chunks``, those whose ``blocks`` record proves them unchanged: key -> the
-    manifest entry, refreshed to the parts now where that is sound (so the next run
-    with nothing changed decides from the parts alone). ``before``: the parts read
-    before this call (at the run's start)."""
-    if not before.provable or not chunks:
+    """Of the ``counted`` chunks (``rows_by_part`` after ``before`` was read), those
+    whose ``blocks`` record proves them unchanged: key -> the manifest entry,
+    refreshed to the parts now where that is sound (so the next run with nothing
+    changed decides from the parts alone)."""
+    if not before.provable or not counted:
         return {}
-    counted = {chunk: rows_by_part(ch, chunk) for chunk in chunks}
     if mutation_numbers(ch, before.spec.table) is None:  # pending: maybe applied as rows are read
         return {}
     now = TableParts(ch, before.spec)
@@ -340,3 +362,55 @@ def unchanged_after_merges(
                 entry["parts"] = state.signature
         proven[chunk.key] = entry
     return proven
+
+
+@dataclass(frozen=True)
+class Decisions:
+    """A run's chunks, and those decided unchanged without fingerprinting them."""
+
+    chunks: list[Chunk]  # those with rows
+    by_parts: set[str]  # keys whose parts are the ones recorded
+    after_merges: dict[str, dict[str, Any]]  # keys proven unchanged -> the entry refreshed
+    rows: dict[str, RowsByPart]  # key -> its physical rows, counted after the parts were read
+
+
+def decide_from_parts(
+    ch: ClickHouse,
+    parts: TableParts,
+    manifest: dict[str, dict[str, Any]],
+    present: set[str],
+    force: bool = False,
+) -> Decisions:
+    """The chunks of ``parts``'s table, and which of them (stored, unless ``force``)
+    are unchanged as their parts tell. The months with rows are read from the primary
+    index where it gives every part's key range (else from a scan of the month
+    column): a month whose parts are the ones recorded reads no row; the others
+    have their physical rows counted (the month column of those months alone),
+    which says whether they still have rows and feeds the proof after merges."""
+    spec = parts.spec
+    months = parts.months()
+    candidates = list_chunks(ch, spec) if months is None else [Chunk(spec, m) for m in months]
+    by_parts: set[str] = set()
+    for chunk in candidates if not force else ():
+        state = parts.state(chunk)
+        recorded = manifest.get(chunk.key, {}).get("parts")
+        if chunk.key in present and state is not None and recorded == state.signature:
+            by_parts.add(chunk.key)
+    counted = {
+        chunk: rows_by_part(ch, chunk)
+        for chunk in candidates
+        if parts.parts is not None and chunk.key not in by_parts
+    }
+    # A month the index spans without a row is no chunk; a whole table always is.
+    chunks = [c for c in candidates if not c.month or c.key in by_parts or counted.get(c, True)]
+    provable = {
+        chunk: rows
+        for chunk, rows in counted.items()
+        if not force and chunk.key in present and manifest.get(chunk.key, {}).get("blocks")
+    }
+    return Decisions(
+        chunks,
+        by_parts,
+        unchanged_after_merges(ch, parts, provable, manifest),
+        {chunk.key: rows for chunk, rows in counted.items()},
+    )
