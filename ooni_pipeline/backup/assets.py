@@ -275,6 +275,8 @@ def build_backup_asset(spec: BackupTable) -> tuple[dg.AssetsDefinition, dg.Asset
         skipped = rows_total = bytes_total = raw_total = fingerprinted = 0
         refusals: list[str] = []
         refreshed: dict[str, dict[str, Any]] = {}
+        # Fingerprinted unchanged, their parts to be recorded if still the same at the end.
+        to_refresh: list[tuple[Chunk, PartsState, dict[str, Any]]] = []
         last_export_s = 0.0
         with clickhouse.connect() as ch, one_run_at_a_time(context, ch, f"backup_{spec.table}"):
             if spec.table in KNOWN_TABLES:
@@ -317,14 +319,12 @@ def build_backup_asset(spec: BackupTable) -> tuple[dg.AssetsDefinition, dg.Asset
                         context.log.info(
                             f"[{number}/{len(chunks)}] {chunk.label}: unchanged ({rows} rows), skipped"
                         )
-                        if (
-                            state
-                            and inside_snapshot(ch, chunk, state, known.snapshot)
-                            and parts_state(ch, chunk) == state
-                        ):
+                        if state and inside_snapshot(ch, chunk, state, known.snapshot):
                             entry = {**previous, "parts": state.signature}
                             blocks = blocks_record(state, known.rows) if known.rows else None
-                            refreshed[chunk.key] = {**entry, "blocks": blocks} if blocks else entry
+                            to_refresh.append(
+                                (chunk, state, {**entry, "blocks": blocks} if blocks else entry)
+                            )
                         continue
                     refusal = shrink_refusal(
                         f"{chunk.label} ({chunk.key})", previous.get("rows"), rows
@@ -369,6 +369,9 @@ def build_backup_asset(spec: BackupTable) -> tuple[dg.AssetsDefinition, dg.Asset
                     f"{upload.bytes / MB:.1f} MB zstd in {upload.duration_s:.1f} s "
                     f"({upload.raw_bytes / MB / max(upload.duration_s, 1e-6):.1f} MB/s) -> {upload.address}"
                 )
+            if to_refresh:  # the parts read, counted and fingerprinted are still the chunk's
+                now = TableParts(ch, spec)
+                refreshed.update({c.key: e for c, state, e in to_refresh if now.state(c) == state})
             if refreshed:
                 record_objects(store, spec.table, refreshed)
         raise_refusals(refusals)
