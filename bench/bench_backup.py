@@ -63,14 +63,17 @@ SELECT = "backup/fastpath"
 
 
 # -- children -------------------------------------------------------------------------
-def child_setup(workdir: Path, rows: int) -> None:
+def child_setup(workdir: Path, rows: int, overlapping: bool) -> None:
+    """``rows`` over 2024, merged into one part; or (``overlapping``) inserted in four
+    interleaved inserts and left unmerged: parts spanning every month, overlapping in
+    time, as OONI's recent months are, which background merges then move (in every
+    process that opens the table) and over which ``FINAL`` has to merge."""
     from ooni_pipeline.clickhouse import ClickHouse
     from ooni_pipeline.clickhouse.schema import ensure_tables
 
     with ClickHouse(f"chdb://{(workdir / 'clickhouse').absolute()}") as ch:
         ensure_tables(ch, "fastpath")
-        ch.command(
-            """
+        insert = """
             INSERT INTO fastpath (measurement_uid, report_id, input, probe_cc, probe_asn, test_name,
                 test_start_time, measurement_start_time, filename, scores, platform, anomaly, confirmed,
                 msm_failure, domain, software_name, software_version, blocking_general, page_len,
@@ -91,11 +94,13 @@ def child_setup(workdir: Path, rows: int) -> None:
                 'ooniprobe-android', '3.8.0', toFloat32(number % 3), toInt32(number % 50000),
                 '0.4.3', 'arm64', 'ooniprobe-engine', '3.20.0', toFloat32((number % 1000) / 100),
                 ['', 'dns', 'tcp_ip', 'http-diff', 'http-failure'][1 + number % 5]
-            FROM numbers({rows:UInt64})
-            """,
-            {"rows": rows},
-        )
-        ch.command("OPTIMIZE TABLE fastpath FINAL")  # merged, as months past are
+            FROM numbers({rows:UInt64}) WHERE number % {slices:UInt64} = {slice:UInt64}
+            """
+        slices = 4 if overlapping else 1
+        for part in range(slices):
+            ch.command(insert, {"rows": rows, "slices": slices, "slice": part})
+        if not overlapping:
+            ch.command("OPTIMIZE TABLE fastpath FINAL")  # merged, as months past are
         print(f"fastpath rows: {ch.count('fastpath')}", flush=True)
 
 
@@ -377,6 +382,9 @@ def main() -> None:
     parser.add_argument(
         "--reinsert", action="store_true", help="also the fallback: rows inserted again, merged"
     )
+    parser.add_argument(
+        "--overlapping", action="store_true", help="rows left in four overlapping parts"
+    )
     parser.add_argument("--endpoint")
     parser.add_argument("--url")
     parser.add_argument("--libraries", action="store_true", help="issue 14 item 8 figures only")
@@ -384,7 +392,7 @@ def main() -> None:
     args = parser.parse_args()
     workdir = args.workdir.absolute()
     if args.child == "setup":
-        return child_setup(workdir, args.rows)
+        return child_setup(workdir, args.rows, args.overlapping)
     if args.child == "clickhouse":
         return child_clickhouse(workdir, args.endpoint, args.url)
     if args.child == "serve":
@@ -414,8 +422,10 @@ def main() -> None:
     with moto_s3(BUCKET, SERVER_BUCKET) as (endpoint, s3):
         try:
             me = [sys.executable, __file__, "--workdir", str(workdir)]
-            loaded = time.monotonic()
-            subprocess.run([*me, "--child", "setup", "--rows", str(args.rows)], env=env, check=True)
+            setup = [*me, "--child", "setup", "--rows", str(args.rows)]
+            setup += ["--overlapping"] if args.overlapping else []
+            subprocess.run(setup, env=env, check=True)
+            loaded = time.monotonic()  # the last rows inserted (their update_time) before this
             time.sleep(
                 max(0.0, args.settle - (time.monotonic() - loaded))
             )  # rows older than the lag
