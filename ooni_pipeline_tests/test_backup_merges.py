@@ -254,22 +254,32 @@ def test_no_decision_from_blocks_while_a_mutation_is_pending(
 
 def test_tables_whose_merges_can_change_rows_are_never_decided_from_blocks(ch) -> None:
     """A TTL (a merge deletes expired rows or resets expired values) or lightweight
-    updates (patch parts, applied by merges without a mutation number): such tables
-    are always fingerprinted after their parts moved."""
+    updates (patch parts, applied by merges without a mutation number), or no
+    insertion time (to tell a block number used again): such tables are always
+    fingerprinted after their parts moved."""
     tables = {
         "t_plain": "",
         "t_ttl": "TTL d + INTERVAL 1 YEAR",
         "t_column_ttl": "",
         "t_patches": "SETTINGS enable_block_number_column = 1, enable_block_offset_column = 1",
+        "t_no_insertion_time": "",
     }
     for name, clause in tables.items():
         column = "n UInt64 TTL d + INTERVAL 1 YEAR" if name == "t_column_ttl" else "n UInt64"
+        if name != "t_no_insertion_time":
+            column += ", inserted DateTime MATERIALIZED now()"
         ch.command(
             f"CREATE TABLE {name} (d DateTime, {column}) ENGINE = MergeTree ORDER BY d {clause}"
         )
         ch.command(f"INSERT INTO {name} VALUES (now(), 1)")
     provable = {name: TableParts(ch, BackupTable(name, "d")).provable for name in tables}
-    assert provable == {"t_plain": True, "t_ttl": False, "t_column_ttl": False, "t_patches": False}
+    assert provable == {
+        "t_plain": True,
+        "t_ttl": False,
+        "t_column_ttl": False,
+        "t_patches": False,
+        "t_no_insertion_time": False,
+    }
 
 
 def test_the_months_read_from_the_index_are_those_with_rows(
@@ -295,3 +305,22 @@ def test_the_months_read_from_the_index_are_those_with_rows(
     assert meta["dagster/row_count"] == 200
     meta = _backup(clickhouse, local_store_resource, instance)
     assert meta["objects_skipped_by_parts"] == 2 and meta["objects_fingerprinted"] == 0
+
+
+def test_block_numbers_used_again_after_the_table_is_loaded_again(
+    clickhouse, ch, local_store_resource
+) -> None:
+    """A MergeTree that is not replicated numbers blocks from the highest part it
+    finds when it loads (a server's start, ATTACH TABLE, every chdb process): emptied,
+    loaded again and filled with other rows in as many inserts, it has the same block
+    numbers, row counts, table and definition as before. Every month is written again."""
+    _fill(ch)
+    instance = dg.DagsterInstance.ephemeral()
+    assert _backup(clickhouse, local_store_resource, instance)["written_keys"] == KEYS
+    ch.command("TRUNCATE TABLE fastpath SYNC")
+    ch.command("DETACH TABLE fastpath SYNC")
+    ch.command("ATTACH TABLE fastpath")
+    _fill(ch, cc="DE")
+    ch.command("OPTIMIZE TABLE fastpath FINAL")
+    assert _backup(clickhouse, local_store_resource, instance)["written_keys"] == KEYS
+    _assert_backup_is_the_table(ch, local_store_resource)

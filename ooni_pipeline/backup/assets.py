@@ -106,7 +106,7 @@ def read_chunk(
     if parts is None or not parts.table:
         rows = None
     elif rows is None:
-        rows = rows_by_part(ch, chunk)
+        rows = rows_by_part(ch, chunk, source.snapshot_column)
     return Reading(snapshot, content, parts, rows)
 
 
@@ -192,7 +192,11 @@ def back_up_chunk(
             )
             unchanged = checked.unchanged
             settled = before if unchanged and inside_snapshot(ch, chunk, before, snapshot) else None
-            blocks = blocks_record(settled, reading.rows) if settled and reading.rows else None
+            blocks = (
+                blocks_record(settled, reading.rows, snapshot.snapshot_time)
+                if settled and reading.rows
+                else None
+            )
             return BackedUp(upload, reading.content, settled, blocks)
         except Exception as exc:
             if attempt == config.chunk_attempts:
@@ -321,7 +325,11 @@ def build_backup_asset(spec: BackupTable) -> tuple[dg.AssetsDefinition, dg.Asset
                         )
                         if state and inside_snapshot(ch, chunk, state, known.snapshot):
                             entry = {**previous, "parts": state.signature}
-                            blocks = blocks_record(state, known.rows) if known.rows else None
+                            blocks = (
+                                blocks_record(state, known.rows, known.snapshot.snapshot_time)
+                                if known.rows
+                                else None
+                            )
                             to_refresh.append(
                                 (chunk, state, {**entry, "blocks": blocks} if blocks else entry)
                             )

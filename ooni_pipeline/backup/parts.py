@@ -24,13 +24,22 @@ exporting it, so a rerun first asks ``system.parts``, in two steps:
    the same ``FINAL`` rows: the object stands. When the count moved (a merge dropped
    duplicates), the row fingerprint decides.
 
+Block numbers are unique only while the table stays loaded: a MergeTree that is
+not replicated numbers them on from the highest part it finds when it loads (a
+server's start, ``ATTACH TABLE``, every chdb process), so a table emptied, loaded
+again and filled anew has the same part names, block ranges and counts with other
+rows. The proof therefore also asks that every row of the month was inserted
+before the record's snapshot (``inserted_by``; the table's insertion-time column,
+read by the same count): a row of a block number used again is newer.
+
 The second step is not taken for tables whose merges can change rows otherwise
 (``TTL``; lightweight ``UPDATE``'s patch parts, which merges apply without a new
 mutation number: tables with ``enable_block_number_column``), while a mutation is
 pending (it may be applied to rows as they are read; and a record is made only when
 none was, so that every mutation it does not count comes after it), nor for a table
 without a UUID to tell it from one dropped and created again under the same name
-(block numbers start again at 1).
+(block numbers start again at 1), nor for one without an insertion-time column
+(see above).
 """
 
 from __future__ import annotations
@@ -41,7 +50,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from ooni_pipeline.backup.plan import BackupTable, Chunk, Source, list_chunks
+from ooni_pipeline.backup.plan import (
+    BackupTable,
+    Chunk,
+    Source,
+    insertion_time_column,
+    list_chunks,
+)
 from ooni_pipeline.clickhouse import ClickHouse, quote_identifier
 
 _NO_UUID = "00000000-0000-0000-0000-000000000000"
@@ -50,7 +65,9 @@ _UUID_PATH = re.compile(r"/store/[0-9a-f]{3}/[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-
 _TTL = re.compile(r"\bTTL\b", re.IGNORECASE)
 
 Coverage = dict[str, dict[str, Any]]  # partition -> {"blocks": [[min, max], ...], "mutation": n}
-RowsByPart = dict[tuple[str, str], int]  # (partition, part) -> the chunk's physical rows in it
+# (partition, part) -> the chunk's physical rows in it, and the newest one's insertion
+# time (Unix ms; None if not asked for)
+RowsByPart = dict[tuple[str, str], tuple[int, int | None]]
 
 
 @dataclass(frozen=True)
@@ -123,6 +140,7 @@ class TableParts:
         self.parts: list[_Part] | None = None
         self.mutations: dict[str, int] | None = None
         self.provable = False
+        self.inserted: str | None = None  # the insertion-time column, where provable
         engine, sorting_key, uuid, paths, definition = ch.query_rows(
             "SELECT engine, sorting_key, toString(uuid), data_paths, create_table_query "
             "FROM system.tables WHERE database = currentDatabase() AND name = {t:String}",
@@ -138,6 +156,7 @@ class TableParts:
         self.table = hashlib.sha256(f"{identity}\n{definition}".encode()).hexdigest()[:32]
         if not str(engine).endswith("MergeTree"):
             return
+        sorting = [c.strip() for c in str(sorting_key).split(",")]
         provable = (
             identity is not None
             and not _TTL.search(str(definition))
@@ -151,11 +170,12 @@ class TableParts:
             )
             in ("0", "false")
         )
+        self.inserted = insertion_time_column(ch, spec.table) if provable else None
         # Read before the parts: a mutation begun after this has a higher number.
-        self.mutations = mutation_numbers(ch, spec.table) if provable else None
-        self.provable = provable and self.mutations is not None
+        self.mutations = mutation_numbers(ch, spec.table) if self.inserted else None
+        self.provable = self.mutations is not None
         ranges: dict[str, tuple[int, int | None]] = {}
-        leading = str(sorting_key).split(",")[0].strip()
+        leading = sorting[0]
         if spec.month_column and leading == spec.month_column:
             column = quote_identifier(spec.month_column)
             try:
@@ -255,16 +275,22 @@ def parts_state(ch: ClickHouse, chunk: Chunk) -> PartsState | None:
     return TableParts(ch, chunk.spec).state(chunk)
 
 
-def rows_by_part(ch: ClickHouse, chunk: Chunk) -> RowsByPart:
-    """The chunk's physical rows (no ``FINAL``, every version) in each part, as one
+def rows_by_part(ch: ClickHouse, chunk: Chunk, inserted: str | None = None) -> RowsByPart:
+    """The chunk's physical rows (no ``FINAL``, every version) in each part, and the
+    newest one's ``inserted`` time (the insertion-time column, if given), as one
     query sees them: the parts come from the same snapshot as the counts. Reads the
-    month column alone, only its granules in the month (primary index)."""
+    month column (and ``inserted``) alone, only its granules in the month."""
     where, params = chunk.where()
+    newest = (
+        f"toUnixTimestamp64Milli(toDateTime64(max({quote_identifier(inserted)}), 3, 'UTC'))"
+        if inserted
+        else "NULL"
+    )
     return {
-        (str(partition), str(part)): int(rows)
-        for part, partition, rows in ch.query_rows(  # grouped by the part alone: 2x faster
-            f"SELECT _part, any(_partition_id), count() FROM {quote_identifier(chunk.spec.table)} "
-            f"WHERE {where} GROUP BY _part",
+        (str(partition), str(part)): (int(rows), None if last is None else int(last))
+        for part, partition, rows, last in ch.query_rows(  # grouped by the part alone: 2x faster
+            f"SELECT _part, any(_partition_id), count(), {newest} "
+            f"FROM {quote_identifier(chunk.spec.table)} WHERE {where} GROUP BY _part",
             params,
         )
     }
@@ -286,15 +312,30 @@ def mutation_numbers(ch: ClickHouse, table: str) -> dict[str, int] | None:
     return found
 
 
-def blocks_record(state: PartsState, rows: RowsByPart) -> dict[str, Any] | None:
+def blocks_record(
+    state: PartsState, rows: RowsByPart, inserted_by: str | None
+) -> dict[str, Any] | None:
     """The manifest's ``blocks`` for an object read from ``state``'s parts, whose
-    physical rows were ``rows``; None if the table allows no such record.
+    physical rows were ``rows``, every one inserted by ``inserted_by`` (its snapshot,
+    ``YYYY-MM-DD hh:mm:ss.fff`` UTC); None if the table allows no such record.
 
     Sound when ``state`` was read before the rows were counted, those rows are the
     object's (the same parts, every one inside its snapshot: the callers see to it)."""
-    if state.table is None or state.coverage is None:
+    if state.table is None or state.coverage is None or not inserted_by:
         return None
-    return {"table": state.table, "rows": sum(rows.values()), "partitions": state.coverage}
+    return {
+        "table": state.table,
+        "rows": sum(n for n, _ in rows.values()),
+        "inserted_by": inserted_by,
+        "partitions": state.coverage,
+    }
+
+
+def _unix_ms(text: str) -> int:
+    """``YYYY-MM-DD hh:mm:ss[.fff]`` (UTC) in Unix milliseconds."""
+    whole, _, fraction = text.partition(".")
+    moment = datetime.strptime(whole, "%Y-%m-%d %H:%M:%S").replace(tzinfo=timezone.utc)
+    return int(moment.timestamp()) * 1000 + int((fraction + "000")[:3])
 
 
 def _part_blocks(partition: str, name: str) -> tuple[int, int, int] | None:
@@ -311,13 +352,17 @@ def _part_blocks(partition: str, name: str) -> tuple[int, int, int] | None:
 def proves_unchanged(recorded: Any, table: str | None, rows: RowsByPart) -> bool:
     """Whether ``rows`` (``rows_by_part`` now) are the physical rows ``recorded``
     (a ``blocks`` record) describes: every part holding them covers only blocks
-    covered then, mutated by no mutation begun since, and there are as many."""
+    covered then, mutated by no mutation begun since, holds no row inserted since
+    (a block number used again), and there are as many."""
     try:
         if table is None or recorded.get("table") != table:
             return False
-        if sum(rows.values()) != int(recorded["rows"]):
+        if sum(n for n, _ in rows.values()) != int(recorded["rows"]):
             return False
-        for partition, name in rows:
+        inserted_by = _unix_ms(str(recorded["inserted_by"]))
+        for (partition, name), (_, newest) in rows.items():
+            if newest is None or newest > inserted_by:
+                return False
             then = recorded["partitions"].get(partition)
             blocks = _part_blocks(partition, name)
             if then is None or blocks is None:
@@ -357,7 +402,8 @@ def unchanged_after_merges(
         entry = dict(entry)
         state = before.state(chunk)
         if state is not None:
-            entry["blocks"] = blocks_record(state, rows) or entry["blocks"]
+            refreshed = blocks_record(state, rows, entry["blocks"]["inserted_by"])
+            entry["blocks"] = refreshed or entry["blocks"]
             if now.state(chunk) == state:
                 entry["parts"] = state.signature
         proven[chunk.key] = entry
@@ -397,7 +443,7 @@ def decide_from_parts(
         if chunk.key in present and state is not None and recorded == state.signature:
             by_parts.add(chunk.key)
     counted = {
-        chunk: rows_by_part(ch, chunk)
+        chunk: rows_by_part(ch, chunk, parts.inserted)
         for chunk in candidates
         if parts.parts is not None and chunk.key not in by_parts
     }
