@@ -9,6 +9,7 @@ from __future__ import annotations
 import dagster as dg
 import pytest
 
+from ooni_pipeline.backup.assets import build_backup_asset
 from ooni_pipeline.backup.manifest import load_manifest
 from ooni_pipeline.backup.parts import TableParts
 from ooni_pipeline.backup.plan import (
@@ -324,3 +325,36 @@ def test_block_numbers_used_again_after_the_table_is_loaded_again(
     ch.command("OPTIMIZE TABLE fastpath FINAL")
     assert _backup(clickhouse, local_store_resource, instance)["written_keys"] == KEYS
     _assert_backup_is_the_table(ch, local_store_resource)
+
+
+EVENTS = BackupTable("events", "d")
+events_backup, _events_check = build_backup_asset(EVENTS)
+
+
+def test_a_version_replaced_across_months_is_backed_up(
+    clickhouse, ch, local_store_resource
+) -> None:
+    """A ReplacingMergeTree whose month column is not in its sorting key: a row's
+    versions may lie in different months, and FINAL keeps it in the newest one's.
+    The newest (February) dropped, January's rows are what they were, physically, and
+    its FINAL rows gained the older version: January is written again."""
+    ch.command(
+        "CREATE TABLE events (id UInt64, d DateTime('UTC'), version UInt64, "
+        "inserted DateTime64(3) MATERIALIZED now64()) "
+        "ENGINE = ReplacingMergeTree(version) ORDER BY id"
+    )
+    ch.command(
+        "INSERT INTO events VALUES (1, '2024-01-10 00:00:00', 1), (2, '2024-01-11 00:00:00', 1)"
+    )
+    ch.command("INSERT INTO events VALUES (1, '2024-02-10 00:00:00', 2)")
+    instance = dg.DagsterInstance.ephemeral()
+    store = local_store_resource.get_store()
+    january, february = (f"clickhouse_export/csv/events_2024{m}.csv.zstd" for m in ("01", "02"))
+    result = _run(clickhouse, local_store_resource, [events_backup], instance=instance)
+    assert materialization_metadata(result)["written_keys"] == [january, february]
+    assert [r[0] for r in _read_csv(store, january)[1:]] == ["2"]
+    part = ch.scalar("SELECT _part FROM events WHERE version = 2")
+    ch.command(f"ALTER TABLE events DROP PART '{part}'")
+    result = _run(clickhouse, local_store_resource, [events_backup], instance=instance)
+    assert materialization_metadata(result)["written_keys"] == [january]
+    assert sorted(r[0] for r in _read_csv(store, january)[1:]) == ["1", "2"]

@@ -39,7 +39,10 @@ pending (it may be applied to rows as they are read; and a record is made only w
 none was, so that every mutation it does not count comes after it), nor for a table
 without a UUID to tell it from one dropped and created again under the same name
 (block numbers start again at 1), nor for one without an insertion-time column
-(see above).
+(see above), nor where ``FINAL`` may fold rows of different months (a version of a
+row in February replaces, or stops replacing, its version in January without a
+row of January moving): engines read with ``FINAL`` whose sorting key lacks the
+month column.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from ooni_pipeline.backup.plan import (
     Source,
     insertion_time_column,
     list_chunks,
+    needs_final,
 )
 from ooni_pipeline.clickhouse import ClickHouse, quote_identifier
 
@@ -159,6 +163,11 @@ class TableParts:
         sorting = [c.strip() for c in str(sorting_key).split(",")]
         provable = (
             identity is not None
+            and (
+                not needs_final(str(engine))
+                or not spec.month_column
+                or spec.month_column in sorting
+            )
             and not _TTL.search(str(definition))
             and "enable_block_number_column" not in str(definition)
             and str(
