@@ -327,6 +327,30 @@ def test_block_numbers_used_again_after_the_table_is_loaded_again(
     _assert_backup_is_the_table(ch, local_store_resource)
 
 
+def test_parts_attached_from_another_table_after_a_load_are_backed_up(
+    clickhouse, ch, local_store_resource
+) -> None:
+    """Other rows, inserted into a copy of the table before the backup, attached to it
+    once emptied and loaded again: block numbers used again, the same counts, and no
+    row inserted after the backup's snapshot. Their insertion times differ: every
+    month is written again."""
+    _fill(ch)
+    definition = ch.scalar("SHOW CREATE TABLE fastpath")
+    ch.command(definition.replace("fastpath", "fastpath_copy", 1))
+    for first, count in ((0, 100), (100, 50), (150, 1), (151, 49), (200, 100), (300, 64)):
+        sql = ROWS.replace("INSERT INTO fastpath", "INSERT INTO fastpath_copy")
+        ch.command(sql, {"first": first, "count": count, "cc": "DE"})
+    ch.command("OPTIMIZE TABLE fastpath_copy FINAL")
+    instance = dg.DagsterInstance.ephemeral()
+    assert _backup(clickhouse, local_store_resource, instance)["written_keys"] == KEYS
+    ch.command("TRUNCATE TABLE fastpath SYNC")
+    ch.command("DETACH TABLE fastpath SYNC")
+    ch.command("ATTACH TABLE fastpath")
+    ch.command("ALTER TABLE fastpath ATTACH PARTITION tuple() FROM fastpath_copy")
+    assert _backup(clickhouse, local_store_resource, instance)["written_keys"] == KEYS
+    _assert_backup_is_the_table(ch, local_store_resource)
+
+
 EVENTS = BackupTable("events", "d")
 events_backup, _events_check = build_backup_asset(EVENTS)
 

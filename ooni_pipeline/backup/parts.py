@@ -28,9 +28,12 @@ Block numbers are unique only while the table stays loaded: a MergeTree that is
 not replicated numbers them on from the highest part it finds when it loads (a
 server's start, ``ATTACH TABLE``, every chdb process), so a table emptied, loaded
 again and filled anew has the same part names, block ranges and counts with other
-rows. The proof therefore also asks that every row of the month was inserted
-before the record's snapshot (``inserted_by``; the table's insertion-time column,
-read by the same count): a row of a block number used again is newer.
+rows. The proof therefore also reads the table's insertion-time column in the same
+count: every row of the month inserted before the record's snapshot
+(``inserted_by``: a row of a block number used again is newer), and the sum of
+their insertion times' hashes as recorded (``inserted_hash``: rows copied from
+another table, ``ATTACH PARTITION FROM`` after such a load, were inserted at other
+instants).
 
 The second step is not taken for tables whose merges can change rows otherwise
 (``TTL``; lightweight ``UPDATE``'s patch parts, which merges apply without a new
@@ -51,7 +54,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 from ooni_pipeline.backup.plan import (
     BackupTable,
@@ -69,9 +72,17 @@ _UUID_PATH = re.compile(r"/store/[0-9a-f]{3}/[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-
 _TTL = re.compile(r"\bTTL\b", re.IGNORECASE)
 
 Coverage = dict[str, dict[str, Any]]  # partition -> {"blocks": [[min, max], ...], "mutation": n}
-# (partition, part) -> the chunk's physical rows in it, and the newest one's insertion
-# time (Unix ms; None if not asked for)
-RowsByPart = dict[tuple[str, str], tuple[int, int | None]]
+
+
+class PartRows(NamedTuple):
+    """A chunk's physical rows in one part, and what their insertion times say."""
+
+    rows: int
+    newest_ms: int | None  # the newest row's insertion time (Unix ms); None if not read
+    inserted_hash: int  # the sum of their insertion times' hashes (mod 2^64); 0 if not read
+
+
+RowsByPart = dict[tuple[str, str], PartRows]  # (partition, part) -> the chunk's rows in it
 
 
 @dataclass(frozen=True)
@@ -285,20 +296,23 @@ def parts_state(ch: ClickHouse, chunk: Chunk) -> PartsState | None:
 
 
 def rows_by_part(ch: ClickHouse, chunk: Chunk, inserted: str | None = None) -> RowsByPart:
-    """The chunk's physical rows (no ``FINAL``, every version) in each part, and the
-    newest one's ``inserted`` time (the insertion-time column, if given), as one
+    """The chunk's physical rows (no ``FINAL``, every version) in each part, and what
+    their ``inserted`` times say (the insertion-time column, if given), as one
     query sees them: the parts come from the same snapshot as the counts. Reads the
     month column (and ``inserted``) alone, only its granules in the month."""
     where, params = chunk.where()
-    newest = (
-        f"toUnixTimestamp64Milli(toDateTime64(max({quote_identifier(inserted)}), 3, 'UTC'))"
+    column = quote_identifier(inserted) if inserted else ""
+    times = (
+        f"toUnixTimestamp64Milli(toDateTime64(max({column}), 3, 'UTC')), sum(cityHash64({column}))"
         if inserted
-        else "NULL"
+        else "NULL, 0"
     )
     return {
-        (str(partition), str(part)): (int(rows), None if last is None else int(last))
-        for part, partition, rows, last in ch.query_rows(  # grouped by the part alone: 2x faster
-            f"SELECT _part, any(_partition_id), count(), {newest} "
+        (str(partition), str(part)): PartRows(
+            int(rows), None if last is None else int(last), int(hashes)
+        )
+        for part, partition, rows, last, hashes in ch.query_rows(  # grouped by the part alone
+            f"SELECT _part, any(_partition_id), count(), {times} "
             f"FROM {quote_identifier(chunk.spec.table)} WHERE {where} GROUP BY _part",
             params,
         )
@@ -327,6 +341,7 @@ def blocks_record(
     """The manifest's ``blocks`` for an object read from ``state``'s parts, whose
     physical rows were ``rows``, every one inserted by ``inserted_by`` (its snapshot,
     ``YYYY-MM-DD hh:mm:ss.fff`` UTC); None if the table allows no such record.
+    ``rows`` must have their insertion times read (``rows_by_part``'s ``inserted``).
 
     Sound when ``state`` was read before the rows were counted, those rows are the
     object's (the same parts, every one inside its snapshot: the callers see to it)."""
@@ -334,10 +349,15 @@ def blocks_record(
         return None
     return {
         "table": state.table,
-        "rows": sum(n for n, _ in rows.values()),
+        "rows": sum(r.rows for r in rows.values()),
         "inserted_by": inserted_by,
+        "inserted_hash": _hash_text(rows),
         "partitions": state.coverage,
     }
+
+
+def _hash_text(rows: RowsByPart) -> str:
+    return f"{sum(r.inserted_hash for r in rows.values()) % 2**64:016x}"
 
 
 def _unix_ms(text: str) -> int:
@@ -362,15 +382,17 @@ def proves_unchanged(recorded: Any, table: str | None, rows: RowsByPart) -> bool
     """Whether ``rows`` (``rows_by_part`` now) are the physical rows ``recorded``
     (a ``blocks`` record) describes: every part holding them covers only blocks
     covered then, mutated by no mutation begun since, holds no row inserted since
-    (a block number used again), and there are as many."""
+    (a block number used again), and there are as many, inserted when they were."""
     try:
         if table is None or recorded.get("table") != table:
             return False
-        if sum(n for n, _ in rows.values()) != int(recorded["rows"]):
+        if sum(r.rows for r in rows.values()) != int(recorded["rows"]):
+            return False
+        if _hash_text(rows) != recorded["inserted_hash"]:
             return False
         inserted_by = _unix_ms(str(recorded["inserted_by"]))
-        for (partition, name), (_, newest) in rows.items():
-            if newest is None or newest > inserted_by:
+        for (partition, name), counted in rows.items():
+            if counted.newest_ms is None or counted.newest_ms > inserted_by:
                 return False
             then = recorded["partitions"].get(partition)
             blocks = _part_blocks(partition, name)
