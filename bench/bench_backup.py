@@ -17,6 +17,12 @@ the process's own TMPDIR):
               backup/fastpath`` with no config: the backup step and its restore check,
               as a user runs them (step times read from Dagster's log)
   cli-again   the same command again, nothing changed (the no-change cost)
+  cli-moved   ``OPTIMIZE TABLE fastpath FINAL`` (the merged part merged again under a
+              new name: parts moved, rows unchanged, as a background merge does), then
+              the same command (the cost of proving the months unchanged)
+  cli-reinserted  (``--reinsert``) one month's rows inserted again unchanged, then
+              ``OPTIMIZE TABLE fastpath FINAL``: the merged part holds a new block, so
+              every month is fingerprinted (the fallback's cost)
   server      (``--server``) the same CLI run with OONI_CLICKHOUSE_URL pointing at the
               test rig's ClickHouse HTTP endpoint (the same engine, chdb, served over
               HTTP in its own process) on the same data, into a fresh bucket
@@ -25,7 +31,9 @@ the process's own TMPDIR):
 
 Targets (issue 14): backup step + restore check <= 1.5x clickhouse; peak RSS <= the
 engine's + 300 MB; 0 temporary bytes; no-change step <= 10% of the full step; server
-step <= 1.5x embedded step. The rows are inserted more than a minute before the
+step <= 1.5x embedded step. Issue 27: the parts-moved step <= the full step.
+Each repeat runs baseline, full, nothing new, parts moved (and reinserted) in turn,
+the full backup into a fresh bucket; the best of the repeats is reported. The rows are inserted more than a minute before the
 backups run, as in production, so every row is inside the default 60 s snapshot lag.
 """
 
@@ -55,14 +63,17 @@ SELECT = "backup/fastpath"
 
 
 # -- children -------------------------------------------------------------------------
-def child_setup(workdir: Path, rows: int) -> None:
+def child_setup(workdir: Path, rows: int, overlapping: bool) -> None:
+    """``rows`` over 2024, merged into one part; or (``overlapping``) inserted in four
+    interleaved inserts and left unmerged: parts spanning every month, overlapping in
+    time, as OONI's recent months are, which background merges then move (in every
+    process that opens the table) and over which ``FINAL`` has to merge."""
     from ooni_pipeline.clickhouse import ClickHouse
     from ooni_pipeline.clickhouse.schema import ensure_tables
 
     with ClickHouse(f"chdb://{(workdir / 'clickhouse').absolute()}") as ch:
         ensure_tables(ch, "fastpath")
-        ch.command(
-            """
+        insert = """
             INSERT INTO fastpath (measurement_uid, report_id, input, probe_cc, probe_asn, test_name,
                 test_start_time, measurement_start_time, filename, scores, platform, anomaly, confirmed,
                 msm_failure, domain, software_name, software_version, blocking_general, page_len,
@@ -83,12 +94,37 @@ def child_setup(workdir: Path, rows: int) -> None:
                 'ooniprobe-android', '3.8.0', toFloat32(number % 3), toInt32(number % 50000),
                 '0.4.3', 'arm64', 'ooniprobe-engine', '3.20.0', toFloat32((number % 1000) / 100),
                 ['', 'dns', 'tcp_ip', 'http-diff', 'http-failure'][1 + number % 5]
-            FROM numbers({rows:UInt64})
-            """,
-            {"rows": rows},
-        )
-        ch.command("OPTIMIZE TABLE fastpath FINAL")  # merged, as months past are
+            FROM numbers({rows:UInt64}) WHERE number % {slices:UInt64} = {slice:UInt64}
+            """
+        slices = 4 if overlapping else 1
+        for part in range(slices):
+            ch.command(insert, {"rows": rows, "slices": slices, "slice": part})
+        if not overlapping:
+            ch.command("OPTIMIZE TABLE fastpath FINAL")  # merged, as months past are
         print(f"fastpath rows: {ch.count('fastpath')}", flush=True)
+
+
+def child_merge(workdir: Path, reinsert: bool) -> None:
+    """Move the parts: merge the table's part again (rows unchanged); with
+    ``reinsert``, first insert June's rows again, unchanged and older than the
+    snapshot lag (the merge then drops the older copies)."""
+    from ooni_pipeline.backup.plan import select_star_columns
+    from ooni_pipeline.clickhouse import ClickHouse, quote_identifier
+
+    with ClickHouse(f"chdb://{(workdir / 'clickhouse').absolute()}") as ch:
+        if reinsert:
+            columns = ", ".join(quote_identifier(n) for n, _ in select_star_columns(ch, "fastpath"))
+            ch.command(
+                f"INSERT INTO fastpath ({columns}, update_time) SELECT *, now64(3) - toIntervalSecond(120) "
+                "FROM fastpath WHERE toYYYYMM(measurement_start_time, 'UTC') = 202406 "
+                "SETTINGS insert_allow_materialized_columns = 1"
+            )
+        ch.command("OPTIMIZE TABLE fastpath FINAL")
+        parts = ch.query_rows(
+            "SELECT name, rows FROM system.parts WHERE database = currentDatabase() "
+            "AND table = 'fastpath' AND active"
+        )
+        print(f"parts after the merge: {parts}; rows: {ch.count('fastpath')}", flush=True)
 
 
 def child_clickhouse(workdir: Path, endpoint: str, url: str | None) -> None:
@@ -118,6 +154,11 @@ def child_steps() -> None:
     run = instance.get_runs(limit=1)[0]
     for stat in instance.get_run_step_stats(run.run_id):
         print(f"step {stat.step_key} {stat.end_time - stat.start_time:.3f}")
+    event = instance.get_latest_materialization_event(dg.AssetKey(["backup", "fastpath"]))
+    metadata = event.asset_materialization.metadata if event else {}
+    for name in ("written", "skipped_by_parts", "skipped_after_merges", "fingerprinted"):
+        if f"objects_{name}" in metadata:  # the last two: since #27
+            print(f"meta {name} {metadata[f'objects_{name}'].value}")
 
 
 def libraries(mib: int = 200) -> None:
@@ -317,7 +358,9 @@ def run_cli(env: dict[str, str]) -> dict:
     found = subprocess.run(
         [sys.executable, __file__, "--child", "steps"], env=env, capture_output=True, text=True
     ).stdout
-    steps = {k: float(v) for _, k, v in (line.split() for line in found.splitlines() if line)}
+    fields = [line.split() for line in found.splitlines() if line]
+    steps = {k: float(v) for kind, k, v in fields if kind == "step"}
+    meta = {k: v for kind, k, v in fields if kind == "meta"}
     return {
         "wall": wall,
         "rss": rss,
@@ -325,6 +368,7 @@ def run_cli(env: dict[str, str]) -> dict:
         "step": steps.get("backup__fastpath", float("nan")),
         "check": steps.get("backup__fastpath_restore_check", float("nan")),
         "load": load(),
+        "decided": ", ".join(f"{k} {v}" for k, v in meta.items()),
     }
 
 
@@ -334,7 +378,13 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("bench/out/backup"))
     parser.add_argument("--server", action="store_true", help="also run the CLI over HTTP")
     parser.add_argument("--settle", type=float, default=65.0, help="seconds from insert to backup")
-    parser.add_argument("--child", choices=("setup", "clickhouse", "serve", "steps"))
+    parser.add_argument("--child", choices=("setup", "clickhouse", "serve", "steps", "merge"))
+    parser.add_argument(
+        "--reinsert", action="store_true", help="also the fallback: rows inserted again, merged"
+    )
+    parser.add_argument(
+        "--overlapping", action="store_true", help="rows left in four overlapping parts"
+    )
     parser.add_argument("--endpoint")
     parser.add_argument("--url")
     parser.add_argument("--libraries", action="store_true", help="issue 14 item 8 figures only")
@@ -342,13 +392,15 @@ def main() -> None:
     args = parser.parse_args()
     workdir = args.workdir.absolute()
     if args.child == "setup":
-        return child_setup(workdir, args.rows)
+        return child_setup(workdir, args.rows, args.overlapping)
     if args.child == "clickhouse":
         return child_clickhouse(workdir, args.endpoint, args.url)
     if args.child == "serve":
         return child_serve(workdir)
     if args.child == "steps":
         return child_steps()
+    if args.child == "merge":
+        return child_merge(workdir, args.reinsert)
     if args.libraries:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         return libraries()
@@ -370,8 +422,10 @@ def main() -> None:
     with moto_s3(BUCKET, SERVER_BUCKET) as (endpoint, s3):
         try:
             me = [sys.executable, __file__, "--workdir", str(workdir)]
-            loaded = time.monotonic()
-            subprocess.run([*me, "--child", "setup", "--rows", str(args.rows)], env=env, check=True)
+            setup = [*me, "--child", "setup", "--rows", str(args.rows)]
+            setup += ["--overlapping"] if args.overlapping else []
+            subprocess.run(setup, env=env, check=True)
+            loaded = time.monotonic()  # the last rows inserted (their update_time) before this
             time.sleep(
                 max(0.0, args.settle - (time.monotonic() - loaded))
             )  # rows older than the lag
@@ -393,21 +447,45 @@ def main() -> None:
                     "DAGSTER_HOME": str(dagster_home()),
                 }
 
-            # Baseline and full CLI backup alternate, each full backup into a fresh bucket:
-            # the machine's load drifts, so the best of each is compared.
-            bases, fulls = [], []
+            def merge(reinsert: bool = False) -> None:
+                argv = [*me, "--child", "merge"] + (["--reinsert"] if reinsert else [])
+                print(
+                    subprocess.run(
+                        argv, env=env, check=True, capture_output=True, text=True
+                    ).stdout.strip()
+                )
+
+            # Each repeat: the baseline, a full CLI backup into a fresh bucket, then the
+            # reruns; the machine's load drifts, so the best of each is compared.
+            runs: list[dict[str, dict]] = []
             for number in range(args.repeat):
-                bases.append(baseline())
+                run = {"base": baseline()}
                 cli_env = fresh_cli_env(f"{BUCKET}-{number}")
-                fulls.append(run_cli(cli_env))
-            base = min(bases, key=lambda r: r["queries"])
-            full = min(fulls, key=lambda r: r["step"] + r["check"])
+                run["full"] = run_cli(cli_env)
+                run["again"] = run_cli(cli_env)
+                merge()
+                run["moved"] = run_cli(cli_env)
+                if args.reinsert:
+                    merge(reinsert=True)
+                    run["reinserted"] = run_cli(cli_env)
+                runs.append(run)
+
+            def best(name: str, key=lambda r: r["step"]) -> dict:
+                return min((r[name] for r in runs), key=key)
+
+            base = best("base", key=lambda r: r["queries"])
+            full = best("full", key=lambda r: r["step"] + r["check"])
+            again, moved = best("again"), best("moved")
             runs_note = "; ".join(
-                f"run {i + 1}: clickhouse {b['queries']:.2f} s [load {b['load']}], cli step {f['step']:.2f} s "
-                f"+ check {f['check']:.2f} s [load {f['load']}]"
-                for i, (b, f) in enumerate(zip(bases, fulls, strict=True))
+                f"run {i + 1}: clickhouse {r['base']['queries']:.2f} s [load {r['base']['load']}], "
+                + ", ".join(
+                    f"{name} step {r[name]['step']:.2f} s + check {r[name]['check']:.2f} s "
+                    f"[load {r[name]['load']}]"
+                    for name in ("full", "again", "moved", "reinserted")
+                    if name in r
+                )
+                for i, r in enumerate(runs)
             )
-            again = run_cli(cli_env)
 
             def size(bucket: str, prefix: str) -> tuple[int, int]:
                 pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
@@ -426,14 +504,25 @@ def main() -> None:
                 f"restore check {full['check']:6.2f} s, peak RSS {full['rss']:5.0f} MB, temp {full['tmp']} B, "
                 f"objects {ours_objects[0]} ({ours_objects[1] / 1e6:.1f} MB)  [load {full['load']}]",
                 f"cli nothing new   run {again['wall']:6.2f} s, backup step {again['step']:6.2f} s, "
-                f"restore check {again['check']:6.2f} s  [load {again['load']}]",
+                f"restore check {again['check']:6.2f} s ({again['decided']})  [load {again['load']}]",
+                f"cli parts moved   run {moved['wall']:6.2f} s, backup step {moved['step']:6.2f} s, "
+                f"restore check {moved['check']:6.2f} s ({moved['decided']})  [load {moved['load']}]",
                 f"ratios: (step + check) / clickhouse queries = "
                 f"{(full['step'] + full['check']) / base['queries']:.2f}x (target <= 1.5); "
                 f"step / clickhouse = {full['step'] / base['queries']:.2f}x; "
                 f"RSS cli - clickhouse = {full['rss'] - base['rss']:+.0f} MB (target <= +300); "
                 f"temp {full['tmp']} B (target 0); "
-                f"no-change step / full step = {again['step'] / full['step']:.1%} (target <= 10%)",
+                f"no-change step / full step = {again['step'] / full['step']:.1%} (target <= 10%); "
+                f"parts-moved step / full step = {moved['step'] / full['step']:.1%} (target <= 100%)",
             ]
+            if args.reinsert:
+                fallback = best("reinserted")
+                lines.insert(
+                    5,
+                    f"cli reinserted    run {fallback['wall']:6.2f} s, backup step {fallback['step']:6.2f} s, "
+                    f"restore check {fallback['check']:6.2f} s ({fallback['decided']})  "
+                    f"[load {fallback['load']}]",
+                )
             if args.server:
                 server = subprocess.Popen(
                     [*me, "--child", "serve"],

@@ -10,19 +10,24 @@ from pydantic import Field
 
 from ooni_pipeline.backup.export import export_chunk, progress_logger
 from ooni_pipeline.backup.manifest import load_manifest, record_objects
+from ooni_pipeline.backup.parts import (
+    PartsState,
+    RowsByPart,
+    TableParts,
+    blocks_record,
+    decide_from_parts,
+    inside_snapshot,
+    parts_state,
+    rows_by_part,
+)
 from ooni_pipeline.backup.plan import (
     OBJECT_PREFIX,
     BackupTable,
     Chunk,
     Content,
-    PartsState,
     Source,
-    TableParts,
     fingerprint,
-    inside_snapshot,
-    list_chunks,
     manifest_key,
-    parts_state,
     table_source,
 )
 from ooni_pipeline.backup.verify import verify_object
@@ -75,12 +80,44 @@ class ChunkChangedError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class Reading:
+    """A chunk read before its export: the instant it is read as of, its fingerprint,
+    its parts read before them, and its physical rows by part (for the manifest's
+    ``blocks``; None where the table allows no such record, see ``parts``)."""
+
+    snapshot: Source
+    content: Content
+    parts: PartsState | None
+    rows: RowsByPart | None
+
+
+def read_chunk(
+    ch: ClickHouse,
+    chunk: Chunk,
+    source: Source,
+    lag_s: float,
+    parts: PartsState | None,
+    rows: RowsByPart | None = None,
+) -> Reading:
+    """Fingerprint the chunk as of ``lag_s`` ago, ``parts`` having been read first
+    (and ``rows``, if given, counted after them)."""
+    snapshot = source.at_now(ch, lag_s)
+    content = fingerprint(ch, chunk, snapshot)
+    if parts is None or not parts.table:
+        rows = None
+    elif rows is None:
+        rows = rows_by_part(ch, chunk, source.snapshot_column)
+    return Reading(snapshot, content, parts, rows)
+
+
+@dataclass(frozen=True)
 class BackedUp:
     """A chunk's object as written, and what the manifest records of it."""
 
     upload: UploadResult
     content: Content
     parts: PartsState | None  # may stand for the content (see ``back_up_chunk``)
+    blocks: dict[str, Any] | None  # the manifest's ``blocks`` (see ``parts``)
 
 
 @dataclass
@@ -117,12 +154,12 @@ def back_up_chunk(
     source: Source,
     config: BackupConfig,
     log,
-    known: tuple[Source, Content, PartsState | None] | None = None,
+    known: Reading | None = None,
 ) -> BackedUp:
     """Upload one chunk, retrying on its own.
 
-    Each attempt reads the chunk as of one instant (``known``: the snapshot,
-    fingerprint and parts already taken, for the first) and, before the upload
+    Each attempt reads the chunk as of one instant (``known``: the reading already
+    taken, for the first) and, before the upload
     completes (a failed attempt never replaces the previous object), makes sure the
     object holds exactly the fingerprinted rows: as many lines as they make
     (``export``), and the chunk's parts unchanged since before the fingerprint
@@ -131,17 +168,19 @@ def back_up_chunk(
     fingerprinted again and must match (rows inserted meanwhile are after the
     snapshot; a merge or an insert into a table without an insertion time changes
     it, and the attempt is retried). ``parts`` is returned when it may stand for the
-    chunk's content in the manifest: unchanged, and every row inside the snapshot.
+    chunk's content in the manifest: unchanged, and every row inside the snapshot;
+    ``blocks`` likewise (the rows it counts were counted between the parts read
+    before and after the export).
     """
     for attempt in range(1, config.chunk_attempts + 1):
         try:
-            if known and attempt == 1:
-                snapshot, content, before = known
-            else:
-                before = parts_state(ch, chunk)
-                snapshot = source.at_now(ch, config.snapshot_lag_s)
-                content = fingerprint(ch, chunk, snapshot)
-            checked = _ExportCheck(ch, chunk, snapshot, content, before)
+            reading = (
+                known
+                if known and attempt == 1
+                else read_chunk(ch, chunk, source, config.snapshot_lag_s, parts_state(ch, chunk))
+            )
+            before, snapshot = reading.parts, reading.snapshot
+            checked = _ExportCheck(ch, chunk, snapshot, reading.content, before)
             upload = export_chunk(
                 ch,
                 store,
@@ -153,7 +192,12 @@ def back_up_chunk(
             )
             unchanged = checked.unchanged
             settled = before if unchanged and inside_snapshot(ch, chunk, before, snapshot) else None
-            return BackedUp(upload, content, settled)
+            blocks = (
+                blocks_record(settled, reading.rows, snapshot.snapshot_time)
+                if settled and reading.rows
+                else None
+            )
+            return BackedUp(upload, reading.content, settled, blocks)
         except Exception as exc:
             if attempt == config.chunk_attempts:
                 raise RuntimeError(
@@ -232,46 +276,63 @@ def build_backup_asset(spec: BackupTable) -> tuple[dg.AssetsDefinition, dg.Asset
         manifest = load_manifest(store, spec.table)
         start = time.monotonic()
         written: list[str] = []
-        skipped = skipped_by_parts = rows_total = bytes_total = raw_total = 0
+        skipped = rows_total = bytes_total = raw_total = fingerprinted = 0
         refusals: list[str] = []
         refreshed: dict[str, dict[str, Any]] = {}
+        # Fingerprinted unchanged, their parts to be recorded if still the same at the end.
+        to_refresh: list[tuple[Chunk, PartsState, dict[str, Any]]] = []
         last_export_s = 0.0
         with clickhouse.connect() as ch, one_run_at_a_time(context, ch, f"backup_{spec.table}"):
             if spec.table in KNOWN_TABLES:
                 ensure_tables(ch, spec.table)
-            source = table_source(ch, spec.table)
-            chunks = list_chunks(ch, spec)
             table_parts = TableParts(ch, spec)
             present = set(store.list_keys(f"{OBJECT_PREFIX}{spec.table}"))
+            decided = decide_from_parts(ch, table_parts, manifest, present, config.force)
+            chunks, by_parts, after_merges = decided.chunks, decided.by_parts, decided.after_merges
             context.log.info(f"{spec.table}: {len(chunks)} chunk(s) with rows")
+            refreshed.update(after_merges)
+            source: Source | None = None  # read once a chunk needs reading
             for number, chunk in enumerate(chunks, start=1):
                 known = None
+                if chunk.key in by_parts or chunk.key in after_merges:
+                    skipped += 1
+                    why = (
+                        "parts unchanged"
+                        if chunk.key in by_parts
+                        else "parts moved by merges only, rows unchanged"
+                    )
+                    context.log.info(f"[{number}/{len(chunks)}] {chunk.label}: {why}, skipped")
+                    continue
+                source = source or table_source(ch, spec.table)
                 if not config.force:
                     previous = manifest.get(chunk.key, {})
                     state = table_parts.state(chunk)
                     stored = chunk.key in present
-                    if state and stored and previous.get("parts") == state.signature:
-                        skipped += 1
-                        skipped_by_parts += 1
-                        context.log.info(
-                            f"[{number}/{len(chunks)}] {chunk.label}: parts unchanged, skipped"
-                        )
-                        continue
-                    snapshot = source.at_now(ch, config.snapshot_lag_s)
-                    content = fingerprint(ch, chunk, snapshot)
-                    known = (snapshot, content, state)
-                    rows = content.rows
-                    if previous.get("fingerprint") == content.fingerprint and stored:
+                    known = read_chunk(
+                        ch,
+                        chunk,
+                        source,
+                        config.snapshot_lag_s,
+                        state,
+                        decided.rows.get(chunk.key),
+                    )
+                    fingerprinted += 1
+                    rows = known.content.rows
+                    if previous.get("fingerprint") == known.content.fingerprint and stored:
                         skipped += 1
                         context.log.info(
                             f"[{number}/{len(chunks)}] {chunk.label}: unchanged ({rows} rows), skipped"
                         )
-                        if (
-                            state
-                            and inside_snapshot(ch, chunk, state, snapshot)
-                            and parts_state(ch, chunk) == state
-                        ):
-                            refreshed[chunk.key] = {**previous, "parts": state.signature}
+                        if state and inside_snapshot(ch, chunk, state, known.snapshot):
+                            entry = {**previous, "parts": state.signature}
+                            blocks = (
+                                blocks_record(state, known.rows, known.snapshot.snapshot_time)
+                                if known.rows
+                                else None
+                            )
+                            to_refresh.append(
+                                (chunk, state, {**entry, "blocks": blocks} if blocks else entry)
+                            )
                         continue
                     refusal = shrink_refusal(
                         f"{chunk.label} ({chunk.key})", previous.get("rows"), rows
@@ -304,6 +365,8 @@ def build_backup_asset(spec: BackupTable) -> tuple[dg.AssetsDefinition, dg.Asset
                     entry["etag"] = upload.etag
                 if done.parts:
                     entry["parts"] = done.parts.signature
+                if done.blocks:
+                    entry["blocks"] = done.blocks
                 record_objects(store, spec.table, {chunk.key: entry})
                 written.append(chunk.key)
                 rows_total += rows
@@ -314,6 +377,9 @@ def build_backup_asset(spec: BackupTable) -> tuple[dg.AssetsDefinition, dg.Asset
                     f"{upload.bytes / MB:.1f} MB zstd in {upload.duration_s:.1f} s "
                     f"({upload.raw_bytes / MB / max(upload.duration_s, 1e-6):.1f} MB/s) -> {upload.address}"
                 )
+            if to_refresh:  # the parts read, counted and fingerprinted are still the chunk's
+                now = TableParts(ch, spec)
+                refreshed.update({c.key: e for c, state, e in to_refresh if now.state(c) == state})
             if refreshed:
                 record_objects(store, spec.table, refreshed)
         raise_refusals(refusals)
@@ -321,7 +387,9 @@ def build_backup_asset(spec: BackupTable) -> tuple[dg.AssetsDefinition, dg.Asset
             metadata={
                 "objects_written": len(written),
                 "objects_skipped": skipped,
-                "objects_skipped_by_parts": skipped_by_parts,
+                "objects_skipped_by_parts": len(by_parts),
+                "objects_skipped_after_merges": len(after_merges),
+                "objects_fingerprinted": fingerprinted,
                 "dagster/row_count": rows_total,
                 "bytes": bytes_total,
                 "uncompressed_bytes": raw_total,

@@ -16,7 +16,6 @@ a second fingerprint (see ``assets.back_up_chunk``).
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timezone
@@ -258,128 +257,6 @@ def fingerprint(ch: ClickHouse, chunk: Chunk, source: Source) -> Content:
         fingerprint_sql(rows_sql, f", sum({source.line_breaks})"), params
     )[0]
     return Content(int(rows), fingerprint_text(rows, checksum), int(rows) + int(inside or 0))
-
-
-@dataclass(frozen=True)
-class PartsState:
-    """The active parts that may hold a chunk's rows, in a form cheap to compare.
-
-    Parts are immutable and their names unique, so an equal ``signature`` means the
-    chunk's rows are the ones read last time: deciding "unchanged" costs a look at
-    ``system.parts`` and the primary index (O(parts + marks)), not a scan of the rows.
-    """
-
-    signature: str
-    newest_s: int  # the latest part's modification time (Unix seconds, engine clock)
-
-    def settled_before(self, source: Source) -> bool:
-        """Whether every row of these parts is surely inside ``source``'s snapshot: a
-        row's insertion time precedes its part's modification time (to the second)."""
-        if not (source.snapshot_column and source.snapshot_time):
-            return True
-        snapshot = datetime.strptime(source.snapshot_time[:19], "%Y-%m-%d %H:%M:%S")
-        return self.newest_s + 1 <= int(snapshot.replace(tzinfo=timezone.utc).timestamp())
-
-
-def inside_snapshot(ch: ClickHouse, chunk: Chunk, state: PartsState, source: Source) -> bool:
-    """Whether the chunk's parts hold no row newer than ``source``'s snapshot, so their
-    digest may stand for the fingerprinted content. Parts older than the snapshot
-    settle it for free; fresher ones (a merge a minute ago) by counting the newer rows
-    (two columns, no ``FINAL``), once, after a fingerprint was paid anyway."""
-    if state.settled_before(source):
-        return True
-    where, params = chunk.where()
-    column = quote_identifier(source.snapshot_column or "")
-    newer = ch.scalar(
-        f"SELECT count() FROM {quote_identifier(source.table)} WHERE {where} "
-        f"AND {column} > toDateTime64({{snapshot_time:String}}, 3, 'UTC')",
-        {**params, "snapshot_time": source.snapshot_time},
-    )
-    return int(newer) == 0
-
-
-@dataclass(frozen=True)
-class _Part:
-    name: str
-    rows: int
-    files_hash: str
-    modified_s: int
-    key_min: int | None = None  # the month column's first and last value (Unix s)
-    key_max: int | None = None
-
-
-class TableParts:
-    """A table's active parts, read once; ``state(chunk)`` selects a chunk's.
-
-    A month's parts are those whose range of the month column (first and last value
-    of the primary index, when the column leads the sorting key) meets the month;
-    otherwise every part of the table counts, which is safe, only less often equal.
-    Tables without parts (``EmbeddedRocksDB``...) have no state: always fingerprinted.
-    """
-
-    def __init__(self, ch: ClickHouse, spec: BackupTable):
-        self.spec = spec
-        self.parts: list[_Part] | None = None
-        engine, sorting_key = ch.query_rows(
-            "SELECT engine, sorting_key FROM system.tables "
-            "WHERE database = currentDatabase() AND name = {t:String}",
-            {"t": spec.table},
-        )[0]
-        if not str(engine).endswith("MergeTree"):
-            return
-        ranges: dict[str, tuple[int, int | None]] = {}
-        leading = str(sorting_key).split(",")[0].strip()
-        if spec.month_column and leading == spec.month_column:
-            column = quote_identifier(spec.month_column)
-            try:
-                ranges = {
-                    str(name): (int(low), int(high) if final_mark else None)
-                    for name, low, high, final_mark in ch.query_rows(
-                        f"SELECT part_name, toUnixTimestamp(min({column})), toUnixTimestamp(max({column})), "
-                        "countIf(rows_in_granule = 0) > 0 "
-                        "FROM mergeTreeIndex(currentDatabase(), {t:String}) GROUP BY part_name",
-                        {"t": spec.table},
-                    )
-                }
-            except Exception:  # a server older than mergeTreeIndex (24.4): every part counts
-                ranges = {}
-        self.parts = [
-            _Part(
-                str(name),
-                int(rows),
-                str(files_hash),
-                int(modified),
-                *ranges.get(str(name), (None, None)),
-            )
-            for name, rows, files_hash, modified in ch.query_rows(
-                "SELECT name, rows, hash_of_all_files, toUnixTimestamp(modification_time) "
-                "FROM system.parts WHERE database = currentDatabase() AND table = {t:String} "
-                "AND active AND rows > 0",
-                {"t": spec.table},
-            )
-        ]
-
-    def state(self, chunk: Chunk) -> PartsState | None:
-        if self.parts is None:
-            return None
-        parts = [p for p in self.parts if _may_hold(p, chunk)]
-        text = "\n".join(sorted(f"{p.name}:{p.rows}:{p.files_hash}" for p in parts))
-        return PartsState(
-            hashlib.sha256(text.encode()).hexdigest()[:32],
-            max((p.modified_s for p in parts), default=0),
-        )
-
-
-def _may_hold(part: _Part, chunk: Chunk) -> bool:
-    if not chunk.month or part.key_min is None:
-        return True
-    start, end = chunk.bounds()
-    return part.key_min < end and (part.key_max is None or part.key_max >= start)
-
-
-def parts_state(ch: ClickHouse, chunk: Chunk) -> PartsState | None:
-    """The chunk's parts now (see ``TableParts``)."""
-    return TableParts(ch, chunk.spec).state(chunk)
 
 
 def select_star_columns(ch: ClickHouse, table: str) -> list[tuple[str, str]]:
