@@ -46,7 +46,7 @@ from pathlib import Path
 
 import psutil
 import requests
-from bench_public_fastpath import BUCKET, REGION, generate, ours_env
+from bench_public_fastpath import generate, ours_env, serve_bucket
 from harness import ROOT
 
 INTERNET_SCHEDULES = (
@@ -247,9 +247,6 @@ def main() -> None:
 
     import logging
 
-    import boto3
-    from moto.server import ThreadedMotoServer
-
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"})
     work = args.workdir.absolute()
@@ -260,21 +257,9 @@ def main() -> None:
     }
     total = sum(c[1] for day in days for c in cans[day])
     compressed = sum(c[3] for day in days for c in cans[day]) / 1e6
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{server._server.server_port}"
-    client = boto3.client("s3", endpoint_url=endpoint, region_name=REGION)
-    client.create_bucket(
-        Bucket=BUCKET, ACL="public-read", CreateBucketConfiguration={"LocationConstraint": REGION}
+    server, endpoint = serve_bucket(
+        [(work / "postcans" / day, key) for day in days for key, *_ in cans[day]]
     )
-    for day in days:
-        for key, *_ in cans[day]:
-            client.put_object(
-                Bucket=BUCKET,
-                Key=key,
-                Body=(work / "postcans" / day / key).read_bytes(),
-                ACL="public-read",
-            )
     print(f"{len(days)} upload days, {total} measurements, {compressed:.0f} MB", flush=True)
 
     # a fresh deployment: instance, chdb with the fingerprints and a watchlist

@@ -652,6 +652,24 @@ MODES = {
 CLI_MODES = ("ours", "reference")
 
 
+def serve_bucket(files: list[tuple[Path, str]]):
+    """A moto server on 127.0.0.1 holding OONI's bucket with each ``(root, key)`` file at
+    its key, readable anonymously; (the server, its endpoint)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{server._server.server_port}"
+    client = boto3.client("s3", endpoint_url=endpoint, region_name=REGION)
+    client.create_bucket(
+        Bucket=BUCKET, ACL="public-read", CreateBucketConfiguration={"LocationConstraint": REGION}
+    )
+    for root, key in files:
+        client.put_object(Bucket=BUCKET, Key=key, Body=(root / key).read_bytes(), ACL="public-read")
+    return server, endpoint
+
+
 def _load() -> str:
     return "load {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
 
@@ -671,9 +689,6 @@ def main() -> None:
         MODES[args.run](args.workdir, args.endpoint)
         return None if args.run in CLI_MODES else report_peak()
     import logging
-
-    import boto3
-    from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"})
@@ -698,17 +713,7 @@ def main() -> None:
         lines.append(
             f"reference: {args.reference} = {checkout(args.reference, work / 'reference-src')}"
         )
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{server._server.server_port}"
-    client = boto3.client("s3", endpoint_url=endpoint, region_name=REGION)
-    client.create_bucket(
-        Bucket=BUCKET, ACL="public-read", CreateBucketConfiguration={"LocationConstraint": REGION}
-    )
-    for key, *_ in cans:  # read anonymously
-        client.put_object(
-            Bucket=BUCKET, Key=key, Body=(work / "postcans" / key).read_bytes(), ACL="public-read"
-        )
+    server, endpoint = serve_bucket([(work / "postcans", key) for key, *_ in cans])
     runs: dict[str, list[tuple]] = {mode: [] for mode in modes}
     for round_ in range(1, args.rounds + 1):
         for mode in modes:
