@@ -79,7 +79,9 @@ def upload_days(count: int) -> list[str]:
 
 
 class TreeMemory:
-    """Peak RSS of a process tree, sampled twice a second: sum and largest process."""
+    """Peak memory of a process tree, sampled twice a second: the sum of the processes'
+    unique memory (USS: forked workers share pages, which RSS would count again) and the
+    largest process's RSS."""
 
     def __init__(self, pid: int):
         self.root = psutil.Process(pid)
@@ -90,13 +92,15 @@ class TreeMemory:
 
     def _sample(self) -> None:
         while not self._stop.wait(0.5):
-            rss = []
+            uss, rss = [], []
             for proc in (self.root, *self.root.children(recursive=True)):
                 try:
-                    rss.append(proc.memory_info().rss)
+                    info = proc.memory_full_info()
                 except psutil.Error:
-                    pass
-            self.peak_sum = max(self.peak_sum, sum(rss))
+                    continue
+                uss.append(info.uss)
+                rss.append(info.rss)
+            self.peak_sum = max(self.peak_sum, sum(uss))
             self.peak_one = max(self.peak_one, max(rss, default=0))
 
     def stop(self) -> tuple[float, float]:
@@ -146,20 +150,16 @@ def run_rows(instance, since: float) -> list[dict]:
     rows = []
     for record in instance.get_run_records(RunsFilter(created_after=_dt(since))):
         run = record.dagster_run
-        events = {
-            e.dagster_event_type: e.timestamp
-            for e in instance.all_logs(run.run_id)
-            if e.dagster_event_type
-            in (
-                dg.DagsterEventType.RUN_START,
-                dg.DagsterEventType.STEP_START,
-                dg.DagsterEventType.STEP_SUCCESS,
-                dg.DagsterEventType.STEP_FAILURE,
-            )
-        }
-        step_end = events.get(dg.DagsterEventType.STEP_SUCCESS) or events.get(
-            dg.DagsterEventType.STEP_FAILURE
-        )
+        starts: dict[str, float] = {}
+        steps, run_start = 0.0, None
+        for e in instance.all_logs(run.run_id):
+            kind = e.dagster_event_type
+            if kind == dg.DagsterEventType.RUN_START:
+                run_start = e.timestamp
+            elif kind == dg.DagsterEventType.STEP_START:
+                starts[e.step_key] = e.timestamp
+            elif kind in (dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE):
+                steps += e.timestamp - starts.get(e.step_key, e.timestamp)
         rows.append(
             {
                 "run": run.run_id[:8],
@@ -175,14 +175,9 @@ def run_rows(instance, since: float) -> list[dict]:
                 "created": record.create_timestamp.timestamp(),
                 "started": record.start_time,
                 "ended": record.end_time,
-                "slot_wait": (
-                    events[dg.DagsterEventType.STEP_START] - events[dg.DagsterEventType.RUN_START]
-                )
-                if {dg.DagsterEventType.STEP_START, dg.DagsterEventType.RUN_START} <= events.keys()
-                else None,
-                "step": (step_end - events[dg.DagsterEventType.STEP_START])
-                if step_end and dg.DagsterEventType.STEP_START in events
-                else None,
+                # the worker's start and the wait for the pool's slot
+                "to_first_step": min(starts.values()) - run_start if starts and run_start else None,
+                "step": steps if starts else None,
             }
         )
     return sorted(rows, key=lambda r: r["created"])
@@ -192,6 +187,26 @@ def _dt(ts: float):
     from datetime import UTC, datetime
 
     return datetime.fromtimestamp(ts, UTC)
+
+
+def expected_partitions(days: list[str]) -> dict[str, set[str]]:
+    """The downstream partitions the backfill's rows fall in: the measurement days
+    (one in ten measured the day before its upload day), their months, their hours
+    from the detector's first."""
+    first = date.fromisoformat(days[0]) - timedelta(days=1)
+    measured = [(first + timedelta(days=n)).isoformat() for n in range(len(days) + 1)]
+    hours = {
+        f"{day}-{hour:02d}:00" for day in measured if day >= "2024-01-01" for hour in range(24)
+    }
+    months = {day[:7] for day in measured}
+    return {
+        "website_metrics": set(measured),
+        "website_metrics_daily": set(measured),
+        "website_metrics_parquet": set(measured),
+        "website_metrics_monthly": months,
+        "blocking_status": hours,
+        "blocking_events": hours,
+    }
 
 
 def materializations(instance, since: float) -> dict[str, dict[str, int]]:
@@ -214,11 +229,11 @@ def describe(rows: list[dict], t0: float) -> list[str]:
     for r in rows:
         started = f"{r['started'] - t0:7.1f}" if r["started"] else "      -"
         ended = f"{r['ended'] - t0:7.1f}" if r["ended"] else "      -"
-        wait = f"{r['slot_wait']:6.1f}" if r["slot_wait"] is not None else "     -"
+        wait = f"{r['to_first_step']:6.1f}" if r["to_first_step"] is not None else "     -"
         step = f"{r['step']:6.1f}" if r["step"] is not None else "     -"
         lines.append(
-            f"  {r['run']} {r['status']:8s} start {started} end {ended} slot wait {wait} "
-            f"step {step}  {','.join(r['assets'])} {r['partitions']}"
+            f"  {r['run']} {r['status']:8s} start {started} end {ended} to first step {wait} "
+            f"steps {step}  {','.join(r['assets'])} {r['partitions']}"
             + (f"  [backfill {r['backfill']}]" if r["backfill"] else "")
         )
     return lines
@@ -319,7 +334,6 @@ def main() -> None:
     t1 = time.time()
     print(f"backfill {backfill.status.value} after {t1 - t0:.1f} s", flush=True)
     time.sleep(90)  # the sensors' next ticks, still under the backfill's deployment
-    rows1 = run_rows(instance, t0)
     wait_quiet(instance, t0, quiet_s=120, timeout_s=3600)
     rows1 = run_rows(instance, t0)
     peak_sum, peak_one = memory.stop()
@@ -327,16 +341,18 @@ def main() -> None:
     ours = [r for r in rows1 if r["backfill"] == backfill_id]
     others = [r for r in rows1 if r["backfill"] != backfill_id]
     steps = sum(r["step"] or 0 for r in ours)
+    last = max(r["ended"] for r in ours)
     lines += [
-        f"phase 1, the backfill ({len(ours)} runs, {backfill.status.value}): wall {t1 - t0:.1f} s "
-        f"from the mutation to the backfill's end, {len(days) / (t1 - t0) * 3600:.0f} upload days/hour, "
-        f"{total / (t1 - t0):.0f} measurements/s; the runs' steps {steps:.1f} s "
-        f"({steps / (t1 - t0):.0%} of the wall); peak RSS of the dagster dev tree {peak_sum:.0f} MB, "
-        f"largest process {peak_one:.0f} MB; load after {os.getloadavg()[0]:.2f}",
+        f"phase 1, the backfill ({len(ours)} runs, {backfill.status.value}): its last run ended "
+        f"{last - t0:.1f} s after the mutation ({len(days) / (last - t0) * 3600:.0f} upload days/hour, "
+        f"{total / (last - t0):.0f} measurements/s), the backfill marked done at {t1 - t0:.1f} s; "
+        f"the runs' steps {steps:.1f} s ({steps / (last - t0):.0%} of the first figure); peak "
+        f"memory of the dagster dev tree (USS summed) {peak_sum:.0f} MB, largest process (RSS) "
+        f"{peak_one:.0f} MB, sampled until the runs after it ended; load after {os.getloadavg()[0]:.2f}",
         "  runs (seconds from the mutation):",
         *describe(rows1, t0),
     ]
-    during = [r for r in others if r["created"] < t1]
+    during = [r for r in others if r["created"] < last]
     lines.append(
         f"  other runs created while the backfill ran: {len(during)}; after it, before the "
         f"settle tick: {len(others) - len(during)}"
@@ -356,13 +372,16 @@ def main() -> None:
         *describe(rows2, t2),
         "runs that materialized each downstream partition, both phases:",
     ]
+    expected = expected_partitions(days)
     for name, per in counts.items():
+        missing = len(expected[name] - set(per))
         spread: dict[int, int] = {}
         for n in per.values():
             spread[n] = spread.get(n, 0) + 1
         lines.append(
             f"  {name:24s} {len(per):4d} partitions, "
             + (", ".join(f"{k} by {n} run(s)" for n, k in sorted(spread.items())) or "none")
+            + f"; expected {len(expected[name])}, missing {missing}"
         )
     server.stop()
     text = "\n".join(lines)

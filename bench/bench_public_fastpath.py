@@ -130,9 +130,9 @@ def generate(outdir: Path, measurements: int, day: str = DAY, late_every: int = 
     params = {"measurements": measurements, "countries": list(COUNTRIES), "hours": list(HOURS)}
     if (day, late_every) != (DAY, 0):
         params |= {"day": day, "late_every": late_every}
-    if manifest.is_file() and (day := json.loads(manifest.read_text()))["params"] == params:
+    if manifest.is_file() and (cached := json.loads(manifest.read_text()))["params"] == params:
         print(f"reusing postcans in {outdir}", flush=True)
-        return day
+        return cached
     shutil.rmtree(outdir, ignore_errors=True)
     dirs = [(cc, hour) for hour in HOURS for cc in COUNTRIES]
     bounds = [i * measurements // len(dirs) for i in range(len(dirs) + 1)]
