@@ -21,9 +21,10 @@ countries x 2 hours), one in ten measured the day before it was uploaded (so a m
 day is written by two upload days, as in OONI's bucket). A moto server on 127.0.0.1 serves
 them anonymously.
 
-Phase 1, the backfill: wall from the mutation to the backfill's end, each run's wait for
-its pool slot and its step, peak memory of the whole ``dagster dev`` process tree
-(webserver, daemon, code servers, run workers; sampled twice a second) and of its largest
+Phase 1, the backfill: from the mutation to its last run's end (and to the backfill's
+status), each run's time to its first step (the worker's start and the wait for the pool's
+slot) and its steps, peak memory of the whole ``dagster dev`` process tree
+(webserver, daemon, code servers, run workers; sampled every 2 s) and of its largest
 process, and every other run launched meanwhile (the automation sensors' re-exports and
 re-detections: these must wait for the backfill). Phase 2, the settle tick: ``dagster
 dev`` again with ``OONI_REEXPORT_CRON`` every minute (the daily 04:30 tick, brought
@@ -79,9 +80,9 @@ def upload_days(count: int) -> list[str]:
 
 
 class TreeMemory:
-    """Peak memory of a process tree, sampled twice a second: the sum of the processes'
-    unique memory (USS: forked workers share pages, which RSS would count again) and the
-    largest process's RSS."""
+    """Peak memory of a process tree, sampled every 2 s (reading smaps costs CPU): the
+    sum of the processes' unique memory (USS: forked workers share pages, which RSS would
+    count again) and the largest process's RSS."""
 
     def __init__(self, pid: int):
         self.root = psutil.Process(pid)
@@ -91,7 +92,7 @@ class TreeMemory:
         self._thread.start()
 
     def _sample(self) -> None:
-        while not self._stop.wait(0.5):
+        while not self._stop.wait(2.0):
             uss, rss = [], []
             for proc in (self.root, *self.root.children(recursive=True)):
                 try:
