@@ -46,6 +46,7 @@ import re
 import secrets
 import select
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -102,6 +103,185 @@ class ServerError(Exception):
     def __init__(self, code: int, name: str, text: str):
         super().__init__(text)
         self.code, self.name, self.text = code, name, text
+
+
+# -- the engine ---------------------------------------------------------------------
+
+
+def connect_engine(path: str) -> Any:
+    """A chdb connection to ``path`` with chdb 4's interface, whatever chdb runs here.
+
+    The endpoint also runs under chdb 3.3 (ClickHouse 24.8, the release OONI's cluster
+    runs; see ``serve()``), which has one connection per process, runs one query at a
+    time (a second query while a result streams never returns), binds no parameters
+    and takes no streamed inserts: ``_Chdb3`` gives each request a connection of its
+    own on top of that one."""
+    if _CHDB3:
+        return _Chdb3(path)
+    return chdb.connect(path)
+
+
+_CHDB3 = not hasattr(chdb, "__version__") or chdb.__version__.split(".")[0] in "0123"
+
+
+class _Chdb3:
+    """A request's (or session's) connection on chdb 3's one connection, per process.
+
+    A query runs whole under one lock, with the connection's database, settings and
+    parameters set just before it and the settings reset after, as separate
+    connections would keep them apart. Parameters are bound by the engine as a server
+    binds them (``SET param_x = 'v'``: the value's text, parsed by the placeholder's
+    type); an insert's data is spooled to a file the engine reads (``FROM INFILE``).
+
+    Not served on this engine: results streamed as they are produced (each is
+    produced whole, then sent in blocks) and ``readonly`` (a GET's ``readonly=2``
+    could not be reset on the shared connection): the streaming and the wire are
+    tested against chdb 4's engine, what runs here is the SQL."""
+
+    _lock = threading.Lock()
+    _engine: Any = None
+    _ASSIGNMENT = re.compile(
+        r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*('(?:[^'\\]|\\.)*'|[^,]+?)\s*(?:,|$)", re.S
+    )
+    _DROP = re.compile(r"\s*DROP\s+(TABLE|DATABASE|DICTIONARY|VIEW)\s", re.I)
+    _USE = re.compile(r"\s*USE\s+(.+?)\s*;?\s*$", re.S | re.I)
+
+    def __init__(self, path: str):
+        with self._lock:
+            if _Chdb3._engine is None:
+                _Chdb3._engine = chdb.connect(path)
+        self._database = "default"
+        self._settings: dict[str, str] = {}
+
+    def close(self) -> None:
+        """The engine stays up, as a server does."""
+
+    def _assignments(self, sql: str) -> dict[str, str] | None:
+        if not re.match(r"\s*SET\s", sql, re.I):
+            return None
+        body, values, at = sql.strip().rstrip(";")[3:], {}, 0
+        while at < len(body):
+            match = self._ASSIGNMENT.match(body, at)
+            if match is None:
+                return None  # not a plain list of assignments: let the engine judge it
+            values[match.group(1)] = match.group(2)
+            at = match.end()
+        return values
+
+    def query(self, sql: bytes | str, fmt: str = "TSV", params: dict | None = None) -> Any:
+        text = sql.decode() if isinstance(sql, bytes) else sql
+        assignments = self._assignments(text)
+        if assignments is not None:
+            for name, value in assignments.items():
+                if value.upper() == "DEFAULT":
+                    self._settings.pop(name, None)
+                elif name != "readonly":
+                    self._settings[name] = value
+            self._run("SELECT 1", "TSV", None)  # an unknown setting or bad value fails here
+            return _Result(b"")
+        use = self._USE.match(text)
+        if use:
+            self._run(text, "TSV", None)
+            self._database = use.group(1)
+            return _Result(b"")
+        return self._run(text, fmt, params)
+
+    def _run(self, sql: str, fmt: str, params: dict | None) -> _Result:
+        engine = _Chdb3._engine
+        assignments = [f"{n} = {v}" for n, v in self._settings.items()]
+        assignments += [f"param_{k} = {sql_literal(str(v))}" for k, v in (params or {}).items()]
+        with self._lock:
+            try:
+                engine.query(f"USE {self._database}", "TSV")
+                if assignments:
+                    engine.query("SET " + ", ".join(assignments), "TSV")
+                try:
+                    result = engine.query(sql, fmt)
+                except Exception as exc:
+                    # clickhouse-local has no thread finishing drops: a table dropped
+                    # SYNC is gone but the drop answers UNFINISHED; a server waits and
+                    # answers success.
+                    if not (self._DROP.match(sql) and "Code: 341." in str(exc)):
+                        raise
+                    result = None
+                return _Result(result.bytes() if result is not None else b"", result)
+            finally:
+                if self._settings:
+                    engine.query(
+                        "SET " + ", ".join(f"{n} = DEFAULT" for n in self._settings), "TSV"
+                    )
+
+    def send_query(self, sql: bytes | str, fmt: str, params: dict | None = None) -> _Result:
+        return self.query(sql, fmt, params)
+
+    def send_insert(self, insert_sql: str, fmt: str) -> _Insert3:
+        return _Insert3(self, insert_sql, fmt)
+
+
+class _Result:
+    """A whole result, also iterable as a stream's blocks."""
+
+    def __init__(self, data: bytes, result: Any = None):
+        self.data = data
+        self.rows_read = getattr(result, "rows_read", lambda: 0)() if result is not None else 0
+
+    def bytes(self) -> bytes:
+        return self.data
+
+    def __iter__(self) -> Iterator[_Result]:
+        for at in range(0, len(self.data), BLOCK):
+            yield _Result(self.data[at : at + BLOCK])
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class _Written:
+    rows_written: int
+    bytes_written: int
+    elapsed: float
+
+
+class _Insert3:
+    """An insert's data spooled to a file, then read by the engine whole."""
+
+    _SETTINGS = re.compile(rb"\s+SETTINGS\s+.*$", re.S | re.I)
+
+    def __init__(self, conn: _Chdb3, insert_sql: str, fmt: str):
+        self._conn, self._fmt = conn, fmt
+        head = insert_sql.encode()
+        match = self._SETTINGS.search(head)
+        self._head, self._settings = (
+            (head[: match.start()], head[match.start() :]) if match else (head, b"")
+        )
+        self._file = tempfile.NamedTemporaryFile(prefix="chdb3-insert-", suffix=".data")
+        self._size = 0
+
+    def append(self, data: bytes) -> None:
+        self._file.write(data)
+        self._size += len(data)
+
+    def finish(self) -> _Written:
+        self._file.flush()
+        started = time.monotonic()
+        try:
+            if self._fmt == "Values":  # text, with expressions: parsed as a statement's
+                self._file.seek(0)
+                sql = b"%s%s VALUES %s" % (self._head, self._settings, self._file.read())
+                result = self._conn.query(sql, "TSV")
+                return _Written(result.rows_read, self._size, time.monotonic() - started)
+            sql = b"%s FROM INFILE %s COMPRESSION 'none'%s FORMAT %s" % (
+                self._head, sql_literal(self._file.name).encode(), self._settings,
+                self._fmt.encode(),
+            )  # fmt: skip
+            result = self._conn.query(sql, "TSV")
+            return _Written(result.rows_read, self._size, time.monotonic() - started)
+        finally:
+            self._file.close()
+
+    def cancel(self) -> None:
+        self._file.close()
 
 
 # -- sessions ---------------------------------------------------------------------
@@ -161,7 +341,7 @@ class ClickHouseHTTP:
         ] = {}  # settings of every request, as a server's default profile
         self.statements: list[str] = []
         self._result_faults: list[tuple[bytes, int]] = []
-        conn = chdb.connect(self.path)
+        conn = connect_engine(self.path)
         try:
             version, self.timezone, self.http_compression = (
                 conn.query(
@@ -229,7 +409,7 @@ class ClickHouseHTTP:
         endpoint, and lets it go after, so that embedded tests can take the lock.
         """
         if self._keeper is None:
-            self._keeper = chdb.connect(self.path)
+            self._keeper = connect_engine(self.path)
 
     def release_engine(self, wait_s: float = 30.0) -> None:
         """Let the engine go once the requests still being served end (a request whose
@@ -468,7 +648,7 @@ class ClickHouseHTTP:
     def _connection(self, user: str, params: dict[str, str]) -> tuple[_Session | None, Any]:
         session_id = params.get("session_id")
         if not session_id:
-            return None, chdb.connect(self.path)
+            return None, connect_engine(self.path)
         try:
             timeout = int(params.get("session_timeout", "60"))
         except ValueError:
@@ -485,7 +665,7 @@ class ClickHouseHTTP:
             if session is None:
                 if params.get("session_check") == "1":
                     raise self.error("SESSION_NOT_FOUND", f"Session {session_id} not found")
-                session = self._sessions[(user, session_id)] = _Session(chdb.connect(self.path))
+                session = self._sessions[(user, session_id)] = _Session(connect_engine(self.path))
             if not session.lock.acquire(blocking=False):
                 raise self.error(
                     "SESSION_IS_LOCKED", f"Session {session_id} is locked by a concurrent client"
@@ -814,3 +994,35 @@ class ClickHouseHTTP:
             "elapsed_ns": str(int(result.elapsed * 1e9)),
         }
         self._reply(h, entry, 200, dict(base, **{"X-ClickHouse-Summary": json.dumps(summary)}), b"")
+
+
+def serve(path: str) -> None:
+    """Serve ``path`` until terminated or orphaned: the endpoint as a process of its own.
+
+    This is how the tests reach ClickHouse 24.8, the release OONI's cluster runs
+    (ooni/devops ``ansible/group_vars/clickhouse/vars.yml``: 24.8.6.70): chdb 3.3.0
+    embeds 24.8.4 and cannot share a process with the project's chdb, so the endpoint
+    runs under the interpreter of a virtual environment holding it (``make
+    .venv-ch24``). The users and passwords come as JSON in ``CHDB_HTTP_USERS``, never
+    on the command line; the first line written is ``<port> <version>``. Standard
+    input must not be a pipe: the engine reads an INSERT's data from it when it is."""
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR1)  # kill -USR1 <pid>: every thread's stack
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    parent = os.getppid()
+    users = json.loads(os.environ.get("CHDB_HTTP_USERS", '{"default": ""}'))
+    endpoint = ClickHouseHTTP(path, users)
+    endpoint.keep_engine()
+    print(endpoint.port, endpoint.version, flush=True)
+    try:
+        while not stop.wait(1.0) and os.getppid() == parent:
+            pass
+    finally:
+        endpoint.close()
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1])

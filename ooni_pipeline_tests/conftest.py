@@ -7,7 +7,9 @@ test starts from an empty database (all tables dropped).
 ClickHouse runs on two back ends: ``embedded`` (chdb in-process, ``chdb://``) and
 ``server`` (the same engine behind a ClickHouse HTTP endpoint on 127.0.0.1, reached
 through clickhouse-connect's HTTP client, as production reaches its server; its
-tables live in database ``server`` of the same directory). Tests that use the
+tables live in database ``server`` of the same directory), and ``server-24.8``: the
+endpoint in a process of its own in front of ClickHouse 24.8 (chdb 3.3.0, from
+``.venv-ch24``), the release OONI's cluster runs. Tests that use the
 ``clickhouse`` fixture run on the back ends named by ``--clickhouse`` (or
 ``OONI_TEST_CLICKHOUSE``; default both), unless marked
 ``@pytest.mark.clickhouse_backends(...)``.
@@ -15,11 +17,14 @@ tables live in database ``server`` of the same directory). Tests that use the
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import boto3
 import pytest
@@ -30,21 +35,27 @@ from ooni_pipeline_tests.clickhouse_http import ClickHouseHTTP
 from ooni_pipeline_tests.rig import GitRepo, UpstreamServer
 
 SERVER_USER, SERVER_PASSWORD, SERVER_DATABASE = "ooni", "pw-never-in-errors-7f3a", "server"
-BACKENDS = ("embedded", "server")
+BACKENDS = ("embedded", "server", "server-24.8")
+DEFAULT_BACKENDS = ("embedded", "server", "server-24.8")
+CH24_PYTHON = Path(__file__).resolve().parents[1] / ".venv-ch24" / "bin" / "python"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--clickhouse",
-        default=os.environ.get("OONI_TEST_CLICKHOUSE", ",".join(BACKENDS)),
-        help="ClickHouse back ends for tests using the clickhouse fixture: "
-        "embedded, server, or embedded,server",
+        default=os.environ.get("OONI_TEST_CLICKHOUSE", ",".join(DEFAULT_BACKENDS)),
+        help="ClickHouse back ends for tests using the clickhouse fixture, "
+        f"comma-separated, of {', '.join(BACKENDS)}",
     )
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "clickhouse_backends(*names): the ClickHouse back ends this test runs on"
+    )
+    config.addinivalue_line(
+        "markers",
+        "clickhouse_backends_except(*names, reason): the chosen back ends but these, and why",
     )
 
 
@@ -56,6 +67,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         names = tuple(marker.args)
     else:
         names = tuple(n.strip() for n in metafunc.config.getoption("clickhouse").split(","))
+    excluded = metafunc.definition.get_closest_marker("clickhouse_backends_except")
+    if excluded is not None:
+        if not excluded.kwargs.get("reason"):
+            raise pytest.UsageError("clickhouse_backends_except needs a reason")
+        names = tuple(n for n in names if n not in excluded.args)
     unknown = set(names) - set(BACKENDS)
     if unknown:
         raise pytest.UsageError(f"unknown ClickHouse back end(s): {sorted(unknown)}")
@@ -83,6 +99,45 @@ def clickhouse_server(chdb_path: Path) -> Iterator[ClickHouseHTTP]:
     server.close()
 
 
+class ClickHouse24:
+    """The endpoint in front of ClickHouse 24.8, in a process of its own (see
+    ``clickhouse_http.serve``); it ends when the session does."""
+
+    def __init__(self, path: Path):
+        if not CH24_PYTHON.exists():
+            pytest.fail(f"{CH24_PYTHON} is missing: `make .venv-ch24` makes it (make test does)")
+        env = dict(os.environ, PYTHONPATH=str(CH24_PYTHON.parents[2]))
+        env["CHDB_HTTP_USERS"] = json.dumps({SERVER_USER: SERVER_PASSWORD})
+        self.process = subprocess.Popen(
+            [str(CH24_PYTHON), "-m", "ooni_pipeline_tests.clickhouse_http", str(path)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=env,
+        )  # fmt: skip
+        first = self.process.stdout.readline().decode().split()
+        if len(first) != 2:
+            self.process.kill()
+            pytest.fail(f"the ClickHouse 24.8 endpoint did not start (exit {self.process.wait()})")
+        self.port, self.version = int(first[0]), first[1]
+        with ClickHouse(self.url(SERVER_USER, SERVER_PASSWORD, "default")) as ch:
+            ch.command(f"CREATE DATABASE IF NOT EXISTS {SERVER_DATABASE}")
+
+    def url(self, user: str, password: str, database: str = "default") -> str:
+        return f"http://{quote(user, safe='')}:{quote(password, safe='')}@127.0.0.1:{self.port}/{database}"
+
+    def close(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+@pytest.fixture(scope="session")
+def clickhouse_server_24(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClickHouse24]:
+    server = ClickHouse24(tmp_path_factory.mktemp("chdb-24.8") / "clickhouse")
+    yield server
+    server.close()
+
+
 @pytest.fixture
 def clickhouse_backend() -> str:
     """``embedded`` or ``server``; parametrized by ``pytest_generate_tests``."""
@@ -99,6 +154,10 @@ def clickhouse(
         server.keep_engine()
         request.addfinalizer(server.release_engine)
         url = server.url(SERVER_USER, SERVER_PASSWORD, SERVER_DATABASE)
+    elif clickhouse_backend == "server-24.8":
+        url = request.getfixturevalue("clickhouse_server_24").url(
+            SERVER_USER, SERVER_PASSWORD, SERVER_DATABASE
+        )
     else:
         url = f"chdb://{chdb_path}"
     resource = ClickHouseResource(url=url, lock_timeout_s=60)
@@ -107,7 +166,7 @@ def clickhouse(
             "SELECT name FROM system.tables WHERE database = currentDatabase()"
         ):
             ch.command(f"DROP TABLE IF EXISTS {quote_identifier(table)} SYNC")
-        if clickhouse_backend == "server":
+        if clickhouse_backend != "embedded":
             # A deployed server has OONI's tables, created by OONI with its own DDL and
             # the operator's additions (docs/clickhouse.md, "Tables the operator owns").
             create_operator_tables(ch)

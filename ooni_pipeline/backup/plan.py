@@ -155,6 +155,7 @@ class Source:
     snapshot_column: str | None = None
     snapshot_time: str | None = None  # 'YYYY-MM-DD hh:mm:ss.fff', the engine's clock
     line_breaks: str = "0"  # SQL: the line breaks inside a row's CSV fields (line_breaks_sql)
+    row_hash: str = "cityHash64(*)"  # SQL: a row's hash (row_hash_sql)
 
     def at_now(self, ch: ClickHouse, lag_s: float = 0.0) -> Source:
         """This source as of the engine's clock ``lag_s`` ago (if it has an insertion
@@ -174,17 +175,25 @@ class Source:
         sql = f"{quote_identifier(self.table)}{self.final}"
         if self.snapshot_column and self.snapshot_time:
             column = quote_identifier(self.snapshot_column)
-            sql += f" PREWHERE {column} <= toDateTime64({{snapshot_time:String}}, 3, 'UTC')"
+            as_of = f"{column} <= toDateTime64({{snapshot_time:String}}, 3, 'UTC')"
+            # PREWHERE: before FINAL, so a row changed after the instant is read as it
+            # was then. Repeated in WHERE, where it is always true, because ClickHouse
+            # 24.8 (OONI's cluster) drops a PREWHERE-only column before FINAL needs it
+            # as the version column ("Not found column update_time in block").
+            sql += f" PREWHERE {as_of}"
             params = {**params, "snapshot_time": self.snapshot_time}
+            return f"{sql} WHERE {as_of} AND {where}", params
         return f"{sql} WHERE {where}", params
 
 
 def table_source(ch: ClickHouse, table: str) -> Source:
+    columns = select_star_columns(ch, table)
     return Source(
         table,
         final_clause(ch, table),
         insertion_time_column(ch, table),
-        line_breaks=line_breaks_sql(select_star_columns(ch, table)),
+        line_breaks=line_breaks_sql(columns),
+        row_hash=row_hash_sql(columns),
     )
 
 
@@ -199,17 +208,43 @@ def list_chunks(ch: ClickHouse, spec: BackupTable) -> list[Chunk]:
     return [Chunk(spec, month) for (month,) in months]
 
 
-# A row's hash over every column. ``cityHash64(*)`` is NULL for a row holding a NULL
-# (OONI's fastpath has ``ooni_run_link_id Nullable(UInt64)``), and ``sum`` skips
-# NULLs: such rows would be invisible to the fingerprint. Hashed as a tuple they count
-# (NULL told from 0); rows without NULLs keep the hash they always had.
-ROW_HASH = "ifNull(cityHash64(*), cityHash64(tuple(*)))"
+_NULLABLE = re.compile(r"(LowCardinality\()?Nullable\(")
 
 
-def fingerprint_sql(table_sql: str, extra: str = "") -> str:
+def row_hash_sql(columns: list[tuple[str, str]]) -> str:
+    """SQL: a row's hash over every column of ``SELECT *``'s ``columns`` (name, type).
+
+    ``cityHash64(*)``, the hash of the columns in order, is NULL for a row holding a
+    NULL (OONI's fastpath has ``ooni_run_link_id Nullable(UInt64)``), and ``sum`` skips
+    NULLs: such rows would be invisible to the fingerprint. They are hashed with each
+    nullable column as ``(isNull(c), assumeNotNull(c))`` instead (NULL told from 0).
+    ``cityHash64(tuple(*))`` does that on recent servers, but throws on ClickHouse 24.8
+    (OONI's cluster) for a NULL in a tuple, an array or a map: a column whose type
+    holds a nullable inside another type is hashed as its text, on every row."""
+    plain, safe = [], []
+    for name, kind in columns:
+        column = quote_identifier(name)
+        if _NULLABLE.match(kind):
+            plain.append(column)
+            safe.append(f"tuple(isNull({column}), assumeNotNull({column}))")
+        elif "Nullable(" in kind:
+            plain.append(f"toString({column})")
+            safe.append(f"toString({column})")
+        else:
+            plain.append(column)
+            safe.append(column)
+    if not columns:
+        return "cityHash64(*)"
+    if plain == safe:
+        return f"cityHash64({', '.join(plain)})"
+    return f"ifNull(cityHash64({', '.join(plain)}), cityHash64({', '.join(safe)}))"
+
+
+def fingerprint_sql(table_sql: str, row_hash: str, extra: str = "") -> str:
     """Row count and an order-independent checksum of every column of a row set
-    (then ``extra``, more aggregates over the same rows)."""
-    return f"SELECT count(), sum({ROW_HASH}){extra} FROM {table_sql}"
+    (``row_hash``: ``row_hash_sql`` of its columns), then ``extra``, more aggregates
+    over the same rows."""
+    return f"SELECT count(), sum({row_hash}){extra} FROM {table_sql}"
 
 
 def fingerprint_text(rows: int, checksum: int) -> str:
@@ -254,7 +289,7 @@ def fingerprint(ch: ClickHouse, chunk: Chunk, source: Source) -> Content:
     """The chunk's deduplicated content, stable under merges."""
     rows_sql, params = source.rows(chunk)
     rows, checksum, inside = ch.query_rows(
-        fingerprint_sql(rows_sql, f", sum({source.line_breaks})"), params
+        fingerprint_sql(rows_sql, source.row_hash, f", sum({source.line_breaks})"), params
     )[0]
     return Content(int(rows), fingerprint_text(rows, checksum), int(rows) + int(inside or 0))
 

@@ -36,7 +36,13 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ooni_pipeline.backup.plan import ROW_HASH, fingerprint_sql, fingerprint_text, table_structure
+from ooni_pipeline.backup.plan import (
+    fingerprint_sql,
+    fingerprint_text,
+    row_hash_sql,
+    select_star_columns,
+    table_structure,
+)
 from ooni_pipeline.clickhouse import ClickHouse, ClickHouseError, quote_identifier
 from ooni_pipeline.decompression import DecompressionLimitExceeded, iter_bounded
 from ooni_pipeline.object_store.stores import (
@@ -135,7 +141,8 @@ def verify_object(
     rows = _count(entry, "rows")
     if rows is None:
         return {"match": False, "expected": expected, "error": NO_RECORDED_SIZE}
-    sql = f"SELECT count(), sum(h) FROM (SELECT {ROW_HASH} AS h FROM {{function}} LIMIT {{bound}})"
+    row_hash = row_hash_sql(select_star_columns(ch, table))
+    sql = f"SELECT count(), sum(h) FROM (SELECT {row_hash} AS h FROM {{function}} LIMIT {{bound}})"
     found = _engine_read(
         ch, store, table, key, entry, "CSVWithNames", sql, (rows, "rows"), max_threads, expected
     )
@@ -260,7 +267,8 @@ def restore_and_compare(
                 iter_bounded(raw, "zstd", limit=limit, what=key, chunk_size=4 * MB),
                 fmt="CSVWithNames",
             )
-        rows, checksum = ch.query_rows(fingerprint_sql(scratch))[0]
+        row_hash = row_hash_sql(select_star_columns(ch, table))
+        rows, checksum = ch.query_rows(fingerprint_sql(scratch, row_hash))[0]
     except DecompressionLimitExceeded as exc:
         return {"match": False, "expected": entry["fingerprint"], "error": str(exc)}
     except ClickHouseError as exc:
