@@ -359,6 +359,8 @@ class ClickHouseHTTP:
         finally:
             conn.close()
         self.version = version
+        # A server before 25.11 sends no exception tag (see ``old_server()``).
+        self.exception_tag = tuple(int(x) for x in version.split(".")[:2]) >= (25, 11)
         self.error_names = {
             int(c): n for c, n in (r.split("\t") for r in rows.decode().split("\n") if r)
         }
@@ -432,11 +434,11 @@ class ClickHouseHTTP:
     @contextmanager
     def old_server(self) -> Iterator[None]:
         """Answer as a server before 25.11 for the block (see ``exception_tag``)."""
-        self.exception_tag = False
+        before, self.exception_tag = self.exception_tag, False
         try:
             yield
         finally:
-            self.exception_tag = True
+            self.exception_tag = before
 
     @contextmanager
     def server_timezone(self, zone: str) -> Iterator[None]:

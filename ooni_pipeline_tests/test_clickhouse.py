@@ -42,7 +42,7 @@ from ooni_pipeline.clickhouse.swap import RowBounds, TableUpdateError, replace_t
 from ooni_pipeline_tests.clickhouse_http import ClickHouseHTTP
 from ooni_pipeline_tests.conftest import SERVER_DATABASE, SERVER_PASSWORD, SERVER_USER
 
-pytestmark = pytest.mark.clickhouse_backends("embedded", "server")
+pytestmark = pytest.mark.clickhouse_backends("embedded", "server", "server-24.8")
 
 
 def test_bound_parameters_carry_hostile_values(ch: ClickHouse) -> None:
@@ -430,6 +430,9 @@ def test_a_query_runs_while_a_stream_is_open(ch: ClickHouse) -> None:
     assert (first + rest).count(b"\n") == 5_000_000
 
 
+@pytest.mark.clickhouse_backends_except(
+    "server-24.8", reason="its endpoint produces a result whole before sending it"
+)
 def test_a_failure_after_the_first_rows_reaches_the_consumer_with_the_servers_words(
     ch: ClickHouse,
 ) -> None:
