@@ -121,7 +121,7 @@ def connect_engine(path: str) -> Any:
     return chdb.connect(path)
 
 
-_CHDB3 = not hasattr(chdb, "__version__") or chdb.__version__.split(".")[0] in "0123"
+_CHDB3 = int(getattr(chdb, "__version__", "0").split(".")[0]) <= 3
 
 
 class _Chdb3:
@@ -157,13 +157,17 @@ class _Chdb3:
         """The engine stays up, as a server does."""
 
     def _assignments(self, sql: str) -> dict[str, str] | None:
+        """A ``SET`` statement's assignments; None for another statement. A ``SET``
+        this cannot split is refused: sent as is, it would stay on the shared engine."""
         if not re.match(r"\s*SET\s", sql, re.I):
             return None
         body, values, at = sql.strip().rstrip(";")[3:], {}, 0
         while at < len(body):
             match = self._ASSIGNMENT.match(body, at)
             if match is None:
-                return None  # not a plain list of assignments: let the engine judge it
+                raise ServerError(48, "NOT_IMPLEMENTED", "Code: 48. DB::Exception: this SET is "
+                                  "not served by the 24.8 endpoint (values must be literals). "
+                                  "(NOT_IMPLEMENTED)")  # fmt: skip
             values[match.group(1)] = match.group(2)
             at = match.end()
         return values
@@ -172,12 +176,15 @@ class _Chdb3:
         text = sql.decode() if isinstance(sql, bytes) else sql
         assignments = self._assignments(text)
         if assignments is not None:
+            settings = dict(self._settings)
             for name, value in assignments.items():
                 if value.upper() == "DEFAULT":
-                    self._settings.pop(name, None)
+                    settings.pop(name, None)
                 elif name != "readonly":
-                    self._settings[name] = value
-            self._run("SELECT 1", "TSV", None)  # an unknown setting or bad value fails here
+                    settings[name] = value
+            # an unknown setting or a bad value fails here, and changes nothing
+            self._run("SELECT 1", "TSV", None, settings)
+            self._settings = settings
             return _Result(b"")
         use = self._USE.match(text)
         if use:
@@ -186,9 +193,19 @@ class _Chdb3:
             return _Result(b"")
         return self._run(text, fmt, params)
 
-    def _run(self, sql: str, fmt: str, params: dict | None) -> _Result:
+    def _run(
+        self, sql: str, fmt: str, params: dict | None, settings: dict[str, str] | None = None
+    ) -> _Result:
         engine = _Chdb3._engine
-        assignments = [f"{n} = {v}" for n, v in self._settings.items()]
+        settings = self._settings if settings is None else settings
+        missing = _placeholders(sql) - set(params or {})
+        if missing:  # the engine would bind what an earlier request left set
+            name = sorted(missing)[0]
+            raise Exception(
+                f"Code: 456. DB::Exception: Substitution `{name}` is not set. "
+                "(UNKNOWN_QUERY_PARAMETER)"
+            )
+        assignments = [f"{n} = {v}" for n, v in settings.items()]
         assignments += [f"param_{k} = {sql_literal(str(v))}" for k, v in (params or {}).items()]
         with self._lock:
             try:
@@ -206,16 +223,25 @@ class _Chdb3:
                     result = None
                 return _Result(result.bytes() if result is not None else b"", result)
             finally:
-                if self._settings:
-                    engine.query(
-                        "SET " + ", ".join(f"{n} = DEFAULT" for n in self._settings), "TSV"
-                    )
+                if settings:
+                    engine.query("SET " + ", ".join(f"{n} = DEFAULT" for n in settings), "TSV")
 
     def send_query(self, sql: bytes | str, fmt: str, params: dict | None = None) -> _Result:
         return self.query(sql, fmt, params)
 
     def send_insert(self, insert_sql: str, fmt: str) -> _Insert3:
         return _Insert3(self, insert_sql, fmt)
+
+
+_QUOTED_OR_COMMENT = re.compile(
+    r"'(?:[^'\\]|\\.)*'|`(?:[^`\\]|\\.)*`|\"(?:[^\"\\]|\\.)*\"|--[^\n]*|/\*.*?\*/", re.S
+)
+_PLACEHOLDER = re.compile(r"\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*:")
+
+
+def _placeholders(sql: str) -> set[str]:
+    """The query parameters ``sql`` names (``{name:Type}``), outside quotes and comments."""
+    return set(_PLACEHOLDER.findall(_QUOTED_OR_COMMENT.sub(" ", sql)))
 
 
 class _Result:

@@ -1178,3 +1178,24 @@ def test_command_reading_cancelled_before_the_engine_opens_its_fifo_returns(tmp_
     )
     assert "CANCELLED" in done.stdout, done.stdout + done.stderr[-800:]
     assert set(Path(tempfile.gettempdir()).glob("ooni-stream-*")) <= before
+
+
+def test_the_24_8_endpoint_binds_only_a_requests_own_parameters(clickhouse_server_24) -> None:
+    """The 24.8 endpoint shares one engine connection between requests: a parameter an
+    earlier request bound must not answer for a later one, which a server fails
+    (UNKNOWN_QUERY_PARAMETER), else a test could pass there that fails on OONI's."""
+    auth = "Basic " + base64.b64encode(f"{SERVER_USER}:{SERVER_PASSWORD}".encode()).decode()
+
+    def post(sql: str, **params: str) -> tuple[int, str]:
+        url = f"http://127.0.0.1:{clickhouse_server_24.port}/?" + urllib.parse.urlencode(params)
+        request = urllib.request.Request(url, sql.encode(), {"Authorization": auth})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    assert post("SELECT {earlier:String}", param_earlier="stale") == (200, "stale\n")
+    status, text = post("SELECT {earlier:String}")
+    assert status != 200 and "UNKNOWN_QUERY_PARAMETER" in text, (status, text)
+    assert post("SELECT '{earlier:String}'") == (200, "{earlier:String}\n")

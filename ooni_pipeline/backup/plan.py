@@ -156,6 +156,8 @@ class Source:
     snapshot_time: str | None = None  # 'YYYY-MM-DD hh:mm:ss.fff', the engine's clock
     line_breaks: str = "0"  # SQL: the line breaks inside a row's CSV fields (line_breaks_sql)
     row_hash: str = "cityHash64(*)"  # SQL: a row's hash (row_hash_sql)
+    # The as-of condition repeated in WHERE (servers before 26: see ``rows``).
+    as_of_in_where: bool = True
 
     def at_now(self, ch: ClickHouse, lag_s: float = 0.0) -> Source:
         """This source as of the engine's clock ``lag_s`` ago (if it has an insertion
@@ -179,10 +181,13 @@ class Source:
             # PREWHERE: before FINAL, so a row changed after the instant is read as it
             # was then. Repeated in WHERE, where it is always true, because ClickHouse
             # 24.8 (OONI's cluster) drops a PREWHERE-only column before FINAL needs it
-            # as the version column ("Not found column update_time in block").
+            # as the version column ("Not found column update_time in block"); 26.9
+            # does not, and carrying the column through FINAL costs it ~5 % of a
+            # backup (bench/results/backup.txt), so servers from 26 on are spared.
             sql += f" PREWHERE {as_of}"
             params = {**params, "snapshot_time": self.snapshot_time}
-            return f"{sql} WHERE {as_of} AND {where}", params
+            if self.as_of_in_where:
+                where = f"{as_of} AND {where}"
         return f"{sql} WHERE {where}", params
 
 
@@ -194,6 +199,7 @@ def table_source(ch: ClickHouse, table: str) -> Source:
         insertion_time_column(ch, table),
         line_breaks=line_breaks_sql(columns),
         row_hash=row_hash_sql(columns),
+        as_of_in_where=int(str(ch.scalar("SELECT version()")).split(".")[0]) < 26,
     )
 
 
@@ -209,24 +215,39 @@ def list_chunks(ch: ClickHouse, spec: BackupTable) -> list[Chunk]:
 
 
 _NULLABLE = re.compile(r"(LowCardinality\()?Nullable\(")
+_SEMI_STRUCTURED = re.compile(r"\b(Dynamic|Variant|JSON|Object)\b")
+# The version of ``row_hash_sql`` a manifest entry's fingerprint was made with
+# (``row_hash``); entries without one were made with ``LEGACY_ROW_HASH``.
+ROW_HASH_VERSION = 2
+LEGACY_ROW_HASH = "ifNull(cityHash64(*), cityHash64(tuple(*)))"
 
 
 def row_hash_sql(columns: list[tuple[str, str]]) -> str:
     """SQL: a row's hash over every column of ``SELECT *``'s ``columns`` (name, type).
 
-    ``cityHash64(*)``, the hash of the columns in order, is NULL for a row holding a
-    NULL (OONI's fastpath has ``ooni_run_link_id Nullable(UInt64)``), and ``sum`` skips
-    NULLs: such rows would be invisible to the fingerprint. They are hashed with each
-    nullable column as ``(isNull(c), assumeNotNull(c))`` instead (NULL told from 0).
-    ``cityHash64(tuple(*))`` does that on recent servers, but throws on ClickHouse 24.8
-    (OONI's cluster) for a NULL in a tuple, an array or a map: a column whose type
-    holds a nullable inside another type is hashed as its text, on every row."""
+    ``cityHash64`` of the columns in order, what ``cityHash64(*)`` gives, is NULL for a
+    row holding a NULL (OONI's fastpath has ``ooni_run_link_id Nullable(UInt64)``),
+    and ``sum`` skips NULLs: such rows would be invisible to the fingerprint. They are
+    hashed with each nullable column as ``(isNull(c), c or its type's default)``
+    instead: a NULL differs from 0, and whatever value the engine keeps under a NULL
+    (an ``ALTER UPDATE … = NULL`` keeps the old one) is never read, as a CSV read back
+    has none. ``cityHash64(tuple(*))`` hashed NULLs on recent servers, but throws on
+    ClickHouse 24.8 (OONI's cluster) for a NULL in a tuple, an array or a map: a
+    column whose type holds a nullable inside another type, and a ``Dynamic``,
+    ``Variant`` or ``JSON`` column (NULL inside), is hashed as its text, on every row."""
     plain, safe = [], []
     for name, kind in columns:
         column = quote_identifier(name)
-        if _NULLABLE.match(kind):
+        if _SEMI_STRUCTURED.search(kind):
+            text = f"tuple(isNull(toString({column})), ifNull(toString({column}), ''))"
+            plain.append(text)
+            safe.append(text)
+        elif _NULLABLE.match(kind):
             plain.append(column)
-            safe.append(f"tuple(isNull({column}), assumeNotNull({column}))")
+            safe.append(
+                f"tuple(isNull({column}), "
+                f"ifNull({column}, defaultValueOfArgumentType(assumeNotNull({column}))))"
+            )
         elif "Nullable(" in kind:
             plain.append(f"toString({column})")
             safe.append(f"toString({column})")

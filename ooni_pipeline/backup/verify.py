@@ -37,6 +37,8 @@ import re
 from typing import Any
 
 from ooni_pipeline.backup.plan import (
+    LEGACY_ROW_HASH,
+    ROW_HASH_VERSION,
     fingerprint_sql,
     fingerprint_text,
     row_hash_sql,
@@ -119,6 +121,15 @@ def _count(entry: dict[str, Any], field: str) -> int | None:
     return value
 
 
+def entry_row_hash(ch: ClickHouse, table: str, entry: dict[str, Any]) -> str:
+    """The row hash the entry's fingerprint was made with (``plan.row_hash_sql``, or
+    before its version was recorded ``LEGACY_ROW_HASH``, which ClickHouse 24.8 cannot
+    compute for a row holding a NULL: such an entry there fails its check, saying so)."""
+    if entry.get("row_hash") == ROW_HASH_VERSION:
+        return row_hash_sql(select_star_columns(ch, table))
+    return LEGACY_ROW_HASH
+
+
 def verify_object(
     ch: ClickHouse,
     store: ObjectStore,
@@ -141,7 +152,7 @@ def verify_object(
     rows = _count(entry, "rows")
     if rows is None:
         return {"match": False, "expected": expected, "error": NO_RECORDED_SIZE}
-    row_hash = row_hash_sql(select_star_columns(ch, table))
+    row_hash = entry_row_hash(ch, table, entry)
     sql = f"SELECT count(), sum(h) FROM (SELECT {row_hash} AS h FROM {{function}} LIMIT {{bound}})"
     found = _engine_read(
         ch, store, table, key, entry, "CSVWithNames", sql, (rows, "rows"), max_threads, expected
@@ -267,7 +278,7 @@ def restore_and_compare(
                 iter_bounded(raw, "zstd", limit=limit, what=key, chunk_size=4 * MB),
                 fmt="CSVWithNames",
             )
-        row_hash = row_hash_sql(select_star_columns(ch, table))
+        row_hash = entry_row_hash(ch, table, entry)
         rows, checksum = ch.query_rows(fingerprint_sql(scratch, row_hash))[0]
     except DecompressionLimitExceeded as exc:
         return {"match": False, "expected": entry["fingerprint"], "error": str(exc)}
