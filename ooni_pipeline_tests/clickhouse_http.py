@@ -168,7 +168,11 @@ class _Chdb3:
                 raise ServerError(48, "NOT_IMPLEMENTED", "Code: 48. DB::Exception: this SET is "
                                   "not served by the 24.8 endpoint (values must be literals). "
                                   "(NOT_IMPLEMENTED)")  # fmt: skip
-            values[match.group(1)] = match.group(2)
+            value = match.group(2)
+            if not value.startswith("'") and re.search(r"--|#|/\*", value):
+                raise ServerError(48, "NOT_IMPLEMENTED", "Code: 48. DB::Exception: a comment "
+                                  "in a SET is not served by the 24.8 endpoint. (NOT_IMPLEMENTED)")  # fmt: skip
+            values[match.group(1)] = value
             at = match.end()
         return values
 
@@ -198,7 +202,8 @@ class _Chdb3:
     ) -> _Result:
         engine = _Chdb3._engine
         settings = self._settings if settings is None else settings
-        missing = _placeholders(sql) - set(params or {})
+        bound = set(params or {}) | {n[6:] for n in settings if n.startswith("param_")}
+        missing = _placeholders(sql) - bound
         if missing:  # the engine would bind what an earlier request left set
             name = sorted(missing)[0]
             raise Exception(
@@ -234,7 +239,9 @@ class _Chdb3:
 
 
 _QUOTED_OR_COMMENT = re.compile(
-    r"'(?:[^'\\]|\\.)*'|`(?:[^`\\]|\\.)*`|\"(?:[^\"\\]|\\.)*\"|--[^\n]*|/\*.*?\*/", re.S
+    r"'(?:[^'\\]|\\.)*'|`(?:[^`\\]|\\.)*`|\"(?:[^\"\\]|\\.)*\""
+    r"|\$(\w*)\$.*?\$\1\$|--[^\n]*|#[^\n]*|/\*.*?\*/",
+    re.S,
 )
 _PLACEHOLDER = re.compile(r"\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*:")
 

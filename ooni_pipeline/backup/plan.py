@@ -193,6 +193,12 @@ class Source:
 
 def table_source(ch: ClickHouse, table: str) -> Source:
     columns = select_star_columns(ch, table)
+    unsupported = unsupported_columns(columns)
+    if unsupported:
+        raise ValueError(
+            f"table {table!r} has column(s) {', '.join(unsupported)} of a type CSV cannot give "
+            "back as written (Variant, Dynamic, Tuple): not backed up"
+        )
     return Source(
         table,
         final_clause(ch, table),
@@ -215,11 +221,18 @@ def list_chunks(ch: ClickHouse, spec: BackupTable) -> list[Chunk]:
 
 
 _NULLABLE = re.compile(r"(LowCardinality\()?Nullable\(")
-_SEMI_STRUCTURED = re.compile(r"\b(Dynamic|Variant|JSON|Object)\b")
+# Types whose values CSV does not give back as written (a Variant's '1' and 1 are
+# both read as one of them; a Tuple or a Dynamic holding one is written unquoted).
+_NOT_IN_CSV = re.compile(r"\b(Variant|Dynamic|Tuple)\(|\bDynamic\b")
 # The version of ``row_hash_sql`` a manifest entry's fingerprint was made with
 # (``row_hash``); entries without one were made with ``LEGACY_ROW_HASH``.
 ROW_HASH_VERSION = 2
 LEGACY_ROW_HASH = "ifNull(cityHash64(*), cityHash64(tuple(*)))"
+
+
+def unsupported_columns(columns: list[tuple[str, str]]) -> list[str]:
+    """The columns a CSV backup cannot give back as they are (see ``_NOT_IN_CSV``)."""
+    return [name for name, kind in columns if _NOT_IN_CSV.search(kind)]
 
 
 def row_hash_sql(columns: list[tuple[str, str]]) -> str:
@@ -232,25 +245,26 @@ def row_hash_sql(columns: list[tuple[str, str]]) -> str:
     instead: a NULL differs from 0, and whatever value the engine keeps under a NULL
     (an ``ALTER UPDATE … = NULL`` keeps the old one) is never read, as a CSV read back
     has none. ``cityHash64(tuple(*))`` hashed NULLs on recent servers, but throws on
-    ClickHouse 24.8 (OONI's cluster) for a NULL in a tuple, an array or a map: a
-    column whose type holds a nullable inside another type, and a ``Dynamic``,
-    ``Variant`` or ``JSON`` column (NULL inside), is hashed as its text, on every row."""
+    ClickHouse 24.8 (OONI's cluster) for a NULL in a tuple, an array or a map. Any
+    other column whose type holds a nullable (``Array(Nullable(…))``,
+    ``SimpleAggregateFunction(f, Nullable(…))``, ``JSON``) is hashed on every row as
+    ``(isNull(c), its text, or '' for NULL)``: never NULL, and alike on 24.8 and 26.9
+    (whose texts of a NULL differ)."""
     plain, safe = [], []
     for name, kind in columns:
         column = quote_identifier(name)
-        if _SEMI_STRUCTURED.search(kind):
-            text = f"tuple(isNull(toString({column})), ifNull(toString({column}), ''))"
-            plain.append(text)
-            safe.append(text)
-        elif _NULLABLE.match(kind):
+        if _NULLABLE.match(kind):
             plain.append(column)
             safe.append(
                 f"tuple(isNull({column}), "
                 f"ifNull({column}, defaultValueOfArgumentType(assumeNotNull({column}))))"
             )
-        elif "Nullable(" in kind:
-            plain.append(f"toString({column})")
-            safe.append(f"toString({column})")
+        elif "Nullable(" in kind or re.search(r"\b(JSON|Object|Dynamic|Variant)\b", kind):
+            text = (
+                f"tuple(isNull({column}), if(isNull({column}), '', ifNull(toString({column}), '')))"
+            )
+            plain.append(text)
+            safe.append(text)
         else:
             plain.append(column)
             safe.append(column)
