@@ -423,6 +423,12 @@ def test_a_reader_reads_the_file_while_the_engine_writes_it(ch, local_store_reso
     assert not _engine_file_running()
 
 
+@pytest.mark.clickhouse_backends_except(
+    "server-24.8",
+    reason="before 25.11 a failure midway is data in the gzip stream, which the endpoint "
+    "cannot append to the engine's cut one; test_an_old_servers_stream_failing_midway_"
+    "is_never_published covers that server",
+)
 @pytest.mark.parametrize("failing", ["engine", "reader"])
 def test_a_failure_while_the_file_is_read_keeps_the_published_object(
     ch, local_store_resource, failing
