@@ -18,10 +18,10 @@ dev: $(VENV)/.installed
 	cp dagster.yaml .ooni/dagster_home/dagster.yaml
 	DAGSTER_HOME=$${DAGSTER_HOME:-$(CURDIR)/.ooni/dagster_home} $(VENV)/bin/dagster dev -h 127.0.0.1 -p 3000
 
-$(CH24)/.installed: Makefile
+$(CH24)/.installed: pyproject.toml
 	python3 -m venv $(CH24)
 	$(CH24)/bin/python -m pip install --quiet --upgrade pip
-	$(CH24)/bin/python -m pip install --quiet chdb==3.3.0 lz4 zstandard
+	$(CH24)/bin/python -m pip install --quiet --group clickhouse-24-8
 	touch $@
 
 test: $(VENV)/.installed $(CH24)/.installed
