@@ -97,6 +97,11 @@ STREAMED_FORMATS = {
 _ENGINE_ERROR = re.compile(r"Code: (\d+)\. (DB::Exception: .*?)\s*$", re.S)
 
 
+def endpoint_url(port: int, user: str, password: str, database: str = "default") -> str:
+    """The URL clickhouse-connect takes for the endpoint on ``port``, credentials in it."""
+    return f"http://{quote(user, safe='')}:{quote(password, safe='')}@127.0.0.1:{port}/{database}"
+
+
 class ServerError(Exception):
     """A ClickHouse exception, with its code and the name of its code."""
 
@@ -433,7 +438,7 @@ class ClickHouseHTTP:
         return self.httpd.server_address[1]
 
     def url(self, user: str, password: str, database: str = "default") -> str:
-        return f"http://{quote(user, safe='')}:{quote(password, safe='')}@127.0.0.1:{self.port}/{database}"
+        return endpoint_url(self.port, user, password, database)
 
     def keep_engine(self) -> None:
         """Keep the engine up, as a running server does, until ``release_engine()``.

@@ -24,14 +24,13 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import quote
 
 import boto3
 import pytest
 
 from ooni_pipeline.clickhouse import ClickHouse, ClickHouseResource, quote_identifier
 from ooni_pipeline.object_store import ObjectStoreResource
-from ooni_pipeline_tests.clickhouse_http import ClickHouseHTTP
+from ooni_pipeline_tests.clickhouse_http import ClickHouseHTTP, endpoint_url
 from ooni_pipeline_tests.rig import GitRepo, UpstreamServer
 
 SERVER_USER, SERVER_PASSWORD, SERVER_DATABASE = "ooni", "pw-never-in-errors-7f3a", "server"
@@ -121,7 +120,7 @@ class ClickHouse24:
             ch.command(f"CREATE DATABASE IF NOT EXISTS {SERVER_DATABASE}")
 
     def url(self, user: str, password: str, database: str = "default") -> str:
-        return f"http://{quote(user, safe='')}:{quote(password, safe='')}@127.0.0.1:{self.port}/{database}"
+        return endpoint_url(self.port, user, password, database)
 
     def close(self) -> None:
         self.process.terminate()

@@ -27,6 +27,7 @@ from ooni_pipeline.backup.plan import (
     LEGACY_ROW_HASH,
     ROW_HASH_VERSION,
     BackupTable,
+    fingerprint_text,
     manifest_key,
     needs_final,
     parse_tables,
@@ -902,7 +903,7 @@ def test_an_entry_of_the_old_row_hash_is_checked_with_it_then_fingerprinted_agai
             {"m": int(month)},
         )[0]
         legacy[key] = {k: v for k, v in entry.items() if k != "row_hash"} | {
-            "fingerprint": f"{int(rows)}:{int(checksum):016x}"
+            "fingerprint": fingerprint_text(rows, checksum)
         }
     record_objects(store, "fastpath", legacy)
     january, february = sorted(legacy)
