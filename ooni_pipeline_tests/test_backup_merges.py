@@ -308,6 +308,11 @@ def test_the_months_read_from_the_index_are_those_with_rows(
     assert meta["objects_skipped_by_parts"] == 2 and meta["objects_fingerprinted"] == 0
 
 
+@pytest.mark.clickhouse_backends_except(
+    "server-24.8",
+    reason="chdb 3.3's clickhouse-local, after DETACH and ATTACH, merges a part it reads "
+    "as garbage about one run in two (UNKNOWN_CODEC): an embedding fault, not a server's",
+)
 def test_block_numbers_used_again_after_the_table_is_loaded_again(
     clickhouse, ch, local_store_resource
 ) -> None:
